@@ -1,0 +1,41 @@
+# Subnetscope: the two commands a new user needs are `make run` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+TORCH  := torch==2.13.0
+# Re-install only when requirements.txt (or the torch pin) changes.
+STAMP  := $(VENV)/.installed
+
+PORT ?= 8501
+ADDRESS ?= 127.0.0.1
+
+.PHONY: run test install demo bench clean
+
+install: $(STAMP)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): requirements.txt Makefile | $(PY)
+	$(PIP) install --quiet --upgrade pip
+	# torch first, so nothing below pulls a different build of it
+	$(PIP) install --quiet $(TORCH)
+	$(PIP) install --quiet -r requirements.txt
+	touch $@
+
+demo: $(STAMP)
+	$(PY) -m analysis demo --if-missing
+
+run: demo
+	$(PY) -m streamlit run app.py --server.address $(ADDRESS) --server.port $(PORT) \
+		--server.headless true --browser.gatherUsageStats false
+
+test: demo
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache artifacts
