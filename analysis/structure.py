@@ -1,0 +1,233 @@
+"""Architecture map: tensor name -> (layer index, module kind), per model family.
+
+HF models are never modified; this module only reads names and config fields. Every
+per-family alias lives in the one ``FAMILIES`` dict below, so adding a family is adding
+one entry.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+
+# Prefixes that wrappers put in front of the same tensor (task heads, PEFT, DDP, GPT-2's
+# LMHead, BERT's task heads). Stripped, longest first, to align checkpoints of one family.
+KNOWN_PREFIXES = (
+    "base_model.model.",
+    "module.",
+    "_orig_mod.",
+    "model.",
+    "transformer.",
+    "bert.",
+    "roberta.",
+)
+
+# Module kinds, in the order charts show them.
+KINDS = (
+    "embed", "pos_embed", "type_embed", "embed_norm",
+    "q", "k", "v", "qkv", "o", "qk_norm",
+    "gate", "up", "down",
+    "attn_norm", "mlp_norm", "final_norm",
+    "lm_head", "pooler", "buffer", "other",
+)
+
+# kind -> coarse group (used for scopes: the weight matrices inside the blocks, etc.)
+KIND_GROUP = {
+    "embed": "embedding", "pos_embed": "embedding", "type_embed": "embedding",
+    "embed_norm": "norm",
+    "q": "attention", "k": "attention", "v": "attention", "qkv": "attention", "o": "attention",
+    "qk_norm": "norm",
+    "gate": "mlp", "up": "mlp", "down": "mlp",
+    "attn_norm": "norm", "mlp_norm": "norm", "final_norm": "norm",
+    "lm_head": "head", "pooler": "head", "buffer": "buffer", "other": "other",
+}
+
+# family -> ordered (regex on the prefix-stripped name, kind). First match wins.
+FAMILIES: dict[str, tuple[tuple[str, str], ...]] = {
+    # Llama, Mistral, Qwen2/Qwen3, SmolLM2 ... (HF "LlamaForCausalLM" naming)
+    "llama": (
+        (r"^embed_tokens\.", "embed"),
+        (r"^layers\.\d+\.self_attn\.q_proj\.", "q"),
+        (r"^layers\.\d+\.self_attn\.k_proj\.", "k"),
+        (r"^layers\.\d+\.self_attn\.v_proj\.", "v"),
+        (r"^layers\.\d+\.self_attn\.o_proj\.", "o"),
+        (r"^layers\.\d+\.self_attn\.[qk]_norm\.", "qk_norm"),
+        (r"^layers\.\d+\.self_attn\.rotary_emb\.", "buffer"),
+        (r"^layers\.\d+\.mlp\.gate_proj\.", "gate"),
+        (r"^layers\.\d+\.mlp\.up_proj\.", "up"),
+        (r"^layers\.\d+\.mlp\.down_proj\.", "down"),
+        (r"^layers\.\d+\.input_layernorm\.", "attn_norm"),
+        (r"^layers\.\d+\.post_attention_layernorm\.", "mlp_norm"),
+        (r"^norm\.", "final_norm"),
+        (r"^lm_head\.", "lm_head"),
+        (r"^rotary_emb\.", "buffer"),
+    ),
+    "gpt2": (
+        (r"^wte\.", "embed"),
+        (r"^wpe\.", "pos_embed"),
+        (r"^h\.\d+\.ln_1\.", "attn_norm"),
+        (r"^h\.\d+\.attn\.c_attn\.", "qkv"),
+        (r"^h\.\d+\.attn\.c_proj\.", "o"),
+        (r"^h\.\d+\.attn\.(bias|masked_bias)$", "buffer"),
+        (r"^h\.\d+\.ln_2\.", "mlp_norm"),
+        (r"^h\.\d+\.mlp\.c_fc\.", "up"),
+        (r"^h\.\d+\.mlp\.c_proj\.", "down"),
+        (r"^ln_f\.", "final_norm"),
+        (r"^lm_head\.", "lm_head"),
+    ),
+    "bert": (
+        (r"^embeddings\.word_embeddings\.", "embed"),
+        (r"^embeddings\.position_embeddings\.", "pos_embed"),
+        (r"^embeddings\.token_type_embeddings\.", "type_embed"),
+        (r"^embeddings\.LayerNorm\.", "embed_norm"),
+        (r"^embeddings\.position_ids$", "buffer"),
+        (r"^encoder\.layer\.\d+\.attention\.self\.query\.", "q"),
+        (r"^encoder\.layer\.\d+\.attention\.self\.key\.", "k"),
+        (r"^encoder\.layer\.\d+\.attention\.self\.value\.", "v"),
+        (r"^encoder\.layer\.\d+\.attention\.output\.dense\.", "o"),
+        (r"^encoder\.layer\.\d+\.attention\.output\.LayerNorm\.", "attn_norm"),
+        (r"^encoder\.layer\.\d+\.intermediate\.dense\.", "up"),
+        (r"^encoder\.layer\.\d+\.output\.dense\.", "down"),
+        (r"^encoder\.layer\.\d+\.output\.LayerNorm\.", "mlp_norm"),
+        (r"^pooler\.", "pooler"),
+        (r"^cls\.", "lm_head"),
+    ),
+}
+_COMPILED = {fam: tuple((re.compile(p), k) for p, k in rules) for fam, rules in FAMILIES.items()}
+
+# config.json model_type -> family of tensor names
+MODEL_TYPE_FAMILY = {
+    "llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama",
+    "gemma": "llama", "gemma2": "llama", "phi3": "llama", "olmo": "llama", "olmo2": "llama",
+    "gpt2": "gpt2",
+    "bert": "bert", "roberta": "bert",
+}
+
+_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks)\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class TensorRole:
+    """Where a tensor sits in the architecture."""
+
+    layer: int | None  # transformer block index, None outside the blocks
+    kind: str  # one of KINDS
+    group: str  # KIND_GROUP[kind]
+    param: str  # "weight", "bias", or the last name component
+
+
+def normalize_name(name: str) -> str:
+    """Strips the known wrapper prefixes (``model.``, ``transformer.``, ``bert.`` ...).
+
+    Args:
+        name (str): a tensor name as stored.
+    Returns:
+        str: the name that aligns across wrappers of one family, e.g.
+        ``model.layers.0.mlp.up_proj.weight`` -> ``layers.0.mlp.up_proj.weight``.
+    """
+    changed = True
+    while changed:
+        changed = False
+        for p in KNOWN_PREFIXES:
+            if name.startswith(p) and len(name) > len(p):
+                name = name[len(p):]
+                changed = True
+                break
+    return name
+
+
+def detect_family(names, model_type: str | None = None) -> str | None:
+    """The naming family of a checkpoint: from config's model_type, else by majority of names."""
+    if model_type and model_type in MODEL_TYPE_FAMILY:
+        return MODEL_TYPE_FAMILY[model_type]
+    counts = {fam: 0 for fam in _COMPILED}
+    for n in names:
+        key = normalize_name(n)
+        for fam, rules in _COMPILED.items():
+            if any(r.match(key) for r, _ in rules):
+                counts[fam] += 1
+    best = max(counts, key=counts.get)
+    return best if counts[best] else None
+
+
+def tensor_role(name: str, family: str | None) -> TensorRole:
+    """Maps one tensor name to (layer, kind).
+
+    Args:
+        name (str): the stored or normalized tensor name.
+        family (str or None): a key of ``FAMILIES``; None tries every family.
+    Returns:
+        TensorRole: layer index (None outside blocks), module kind, group and param name.
+    """
+    key = normalize_name(name)
+    m = _LAYER_RE.search(key)
+    layer = int(m.group(1)) if m else None
+    kind = "other"
+    families = [family] if family in _COMPILED else list(_COMPILED)
+    for fam in families:
+        for rule, k in _COMPILED[fam]:
+            if rule.match(key):
+                kind = k
+                break
+        if kind != "other":
+            break
+    return TensorRole(layer=layer, kind=kind, group=KIND_GROUP[kind], param=key.rsplit(".", 1)[-1])
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Architecture fields read from config.json (None where the checkpoint has no config)."""
+
+    model_type: str | None
+    family: str | None
+    num_layers: int | None
+    hidden_size: int | None
+    num_heads: int | None  # query heads
+    num_kv_heads: int | None  # GQA: each kv head serves num_heads // num_kv_heads query heads
+    head_dim: int | None
+    intermediate_size: int | None  # MLP channels
+    vocab_size: int | None
+    tie_word_embeddings: bool | None
+    config_dtype: str | None  # torch_dtype / dtype declared in config.json
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def signature(self) -> tuple:
+        """Fields that must agree for two checkpoints to be compared (vocab may differ)."""
+        return (self.family, self.num_layers, self.hidden_size, self.num_heads,
+                self.num_kv_heads, self.head_dim, self.intermediate_size)
+
+
+def architecture_from_config(cfg, names=()) -> Architecture:
+    """Reads the architecture fields from a transformers ``PretrainedConfig`` (or None).
+
+    transformers' config classes supply the family defaults (GPT-2's n_inner = 4·n_embd,
+    Llama's kv heads = heads, tied embeddings ...) and the attribute aliases (n_layer ->
+    num_hidden_layers), so they are used rather than re-implemented here.
+    """
+    if cfg is None:
+        return Architecture(None, detect_family(names), *([None] * 9))
+    get = lambda *keys: next((getattr(cfg, k) for k in keys if getattr(cfg, k, None) is not None), None)  # noqa: E731
+    model_type = getattr(cfg, "model_type", None) or None
+    hidden = get("hidden_size", "n_embd", "d_model")
+    heads = get("num_attention_heads", "n_head")
+    kv = get("num_key_value_heads") or heads
+    head_dim = get("head_dim") or (hidden // heads if hidden and heads else None)
+    inter = get("intermediate_size", "n_inner", "ffn_dim")
+    if inter is None and model_type == "gpt2" and hidden:
+        inter = 4 * hidden
+    dtype = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)
+    return Architecture(
+        model_type=model_type,
+        family=detect_family(names, model_type),
+        num_layers=get("num_hidden_layers", "n_layer"),
+        hidden_size=hidden,
+        num_heads=heads,
+        num_kv_heads=kv,
+        head_dim=head_dim,
+        intermediate_size=inter,
+        vocab_size=get("vocab_size"),
+        tie_word_embeddings=getattr(cfg, "tie_word_embeddings", None),
+        config_dtype=str(dtype).replace("torch.", "") if dtype is not None else None,
+    )

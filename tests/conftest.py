@@ -1,0 +1,59 @@
+"""Tiny models built from configs (nothing downloaded) and checkpoint writers for tests."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(1)
+
+
+def tiny_llama(vocab: int = 50, seed: int = 0, tie: bool = False):
+    """A 2-layer Llama with GQA (4 query heads, 2 kv heads, head_dim 16)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=vocab, tie_word_embeddings=tie)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_gpt2(seed: int = 0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=40, n_positions=64,
+                                           bos_token_id=0, eos_token_id=0)).eval()
+
+
+def tiny_bert(seed: int = 0):
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    return BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                intermediate_size=48, vocab_size=40, max_position_embeddings=64)).eval()
+
+
+@pytest.fixture
+def llama_dir(tmp_path) -> Path:
+    d = tmp_path / "llama"
+    tiny_llama().save_pretrained(d)
+    return d
+
+
+@pytest.fixture
+def llama_sharded_dir(tmp_path) -> Path:
+    d = tmp_path / "llama-sharded"
+    tiny_llama().save_pretrained(d, max_shard_size="60KB")
+    assert (d / "model.safetensors.index.json").is_file()
+    return d
