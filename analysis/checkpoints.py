@@ -182,6 +182,16 @@ def open_checkpoint(ref: str | os.PathLike, *, revision: str | None = None,
     return ck
 
 
+def fingerprint(ref: str | os.PathLike) -> tuple:
+    """A cheap identity of a reference for caches: (path, [(file, size, mtime_ns)]) of the
+    path and, for a directory, the files directly in it. Reads no tensor data."""
+    p = Path(str(ref)).expanduser()
+    if not p.exists():
+        return (str(ref), ())
+    files = sorted(f for f in p.iterdir() if f.is_file()) if p.is_dir() else [p]
+    return (str(p.resolve()), tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+
+
 def _looks_like_hub_id(ref: str) -> bool:
     return bool(_HUB_ID.match(ref)) and not ref.startswith(".") and not ref.endswith(
         (".safetensors", ".bin", ".pt", ".pth", ".json"))

@@ -1,0 +1,15 @@
+"""Subnetscope: `streamlit run app.py` (the Makefile's `make run` binds it to 127.0.0.1)."""
+
+import streamlit as st
+
+from ui.state import sidebar
+
+st.set_page_config(page_title="Subnetscope", page_icon="🔬", layout="wide")
+
+pages = [
+    st.Page("pages/checkpoints.py", title="Checkpoints", icon="🧩", default=True),
+]
+page = st.navigation(pages)
+st.sidebar.title("🔬 Subnetscope")
+sidebar()
+page.run()

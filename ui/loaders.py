@@ -1,0 +1,39 @@
+"""Cached calls into analysis. Keys include the checkpoint's file fingerprint, so editing a
+checkpoint on disk invalidates its cached numbers."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from analysis.checkpoints import align, fingerprint, open_checkpoint, summarize
+from analysis.errors import SubnetscopeError
+
+
+@st.cache_data(show_spinner="Reading checkpoint metadata…", max_entries=64)
+def _summary(ref: str, fp: tuple) -> dict:
+    return summarize(open_checkpoint(ref))
+
+
+def summary(ref: str) -> dict:
+    """``analysis.checkpoints.summarize`` for a reference, cached by file fingerprint."""
+    return _summary(ref, fingerprint(ref))
+
+
+@st.cache_data(show_spinner="Aligning checkpoints…", max_entries=32)
+def _alignment(refs: tuple[str, ...], fps: tuple) -> dict:
+    d = align([open_checkpoint(r) for r in refs]).to_dict()
+    d.pop("tensors")  # the page shows the report, not the per-tensor list
+    return d
+
+
+def alignment(refs: list[str]) -> dict:
+    return _alignment(tuple(refs), tuple(fingerprint(r) for r in refs))
+
+
+def try_load(fn, *args):
+    """Runs a loader; on a user-facing error shows ``st.error`` and returns None."""
+    try:
+        return fn(*args)
+    except SubnetscopeError as e:
+        st.error(str(e))
+        return None
