@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed
 PORT ?= 8501
 ADDRESS ?= 127.0.0.1
 
-.PHONY: run test install demo bench clean
+.PHONY: run test install demo clean
 
 install: $(STAMP)
 
@@ -36,9 +36,6 @@ run: demo
 
 test: demo
 	$(PY) -m pytest -q $(PYTEST_ARGS)
-
-bench: $(STAMP)
-	$(PY) -m bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache artifacts

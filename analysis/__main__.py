@@ -94,6 +94,91 @@ def cmd_demo(args) -> int:
     return 0
 
 
+class _Progress:
+    """tqdm on stderr over elements; also usable as the ``progress`` callback of analysis."""
+
+    def __init__(self, desc: str, enabled: bool = True):
+        self.bar = None
+        self.desc = desc
+        self.enabled = enabled
+
+    def __call__(self, done: int, total: int, name: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=self.desc, unit="el", unit_scale=True, file=sys.stderr, leave=False)
+        self.bar.n = done
+        self.bar.set_postfix_str(name[-40:], refresh=False)
+        self.bar.refresh()
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def cmd_diff(args) -> int:
+    from analysis.diff import diff_checkpoints
+    from analysis.io import write_json_atomic
+
+    masks = {}
+    prog = _Progress("diff", not args.quiet)
+    try:
+        res = diff_checkpoints(args.base, args.tuned, tol=args.tol, rank=args.rank, device=args.device,
+                               progress=prog, on_mask=masks.__setitem__ if args.mask_out else None)
+    finally:
+        prog.close()
+    d = res.to_json()
+    print(f"{res.base} -> {res.tuned}")
+    print(f"  tolerance {res.tol:g}: {res.changed_params:,} of {res.total_params:,} changed; "
+          f"update sparsity {res.update_sparsity:.4%}")
+    for r in d["tolerance_sweep"]:
+        if r["tolerance"] in (0.0, 1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3):
+            print(f"  sparsity at {r['tolerance']:<7g} {r['update_sparsity']:.4%}")
+    if d["skipped"]:
+        print(f"  skipped {len(d['skipped'])} tensors (see JSON): " + ", ".join(s["name"] for s in d["skipped"][:5]))
+    if args.mask_out:
+        from analysis.masks import save_mask
+
+        save_mask(args.mask_out, masks, source=f"diff {res.base} -> {res.tuned} tol={res.tol:g}")
+        print(f"wrote mask {args.mask_out}")
+    write_json_atomic(args.json, d)
+    print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_overlap(args) -> int:
+    from analysis.io import write_json_atomic
+    from analysis.overlap import overlap
+
+    prog = _Progress("overlap", not args.quiet)
+    try:
+        res = overlap(args.base, args.tuned, tol=args.tol, progress=prog)
+    finally:
+        prog.close()
+    d = res.to_json()
+    print(f"base {res.base}; tolerance {res.tol:g}; {res.total.numel:,} elements")
+    for p in d["pairs"]:
+        print(f"  {p['a']}-{p['b']}: o1 {p['o1']:.3f} (random {p['o1_random']:.3f}, matched {p['o1_matched']:.3f})  "
+              f"o2 {p['o2']:.3f} (random {p['o2_random']:.3f}, matched {p['o2_matched']:.3f})  "
+              f"jaccard {p['jaccard']:.3f} (random {p['jaccard_random']:.3f})")
+    print("  consensus (changed by exactly k runs): " + ", ".join(f"k={k}: {c:,}" for k, c in enumerate(d["consensus"])))
+    write_json_atomic(args.json, d)
+    print(f"wrote {args.json}")
+    return 0
+
+
+def _tolerance(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {s!r}") from None
+    if not (v >= 0 and v < float("inf")):
+        raise argparse.ArgumentTypeError(f"tolerance must be finite and >= 0, got {s}")
+    return v
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m analysis",
                                 description="Subnetscope: parameter importance and update sparsity.")
@@ -111,6 +196,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--trust-remote-code", action="store_true")
     s.set_defaults(func=cmd_align)
 
+    s = sub.add_parser("diff", help="update sparsity of TUNED against BASE (one streaming pass)")
+    s.add_argument("base")
+    s.add_argument("tuned")
+    s.add_argument("--tol", type=_tolerance, default=1e-5, help="tolerance τ (default 1e-5, the paper's)")
+    s.add_argument("--rank", action="store_true", help="also the rank of every 2-D update (costly)")
+    s.add_argument("--device", default="cpu", help="cpu or cuda")
+    s.add_argument("--json", metavar="OUT", required=True)
+    s.add_argument("--mask-out", metavar="M", help="write the changed elements as a mask file")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_diff)
+
+    s = sub.add_parser("overlap", help="overlap of the subnetworks changed by 2+ fine-tunes of BASE")
+    s.add_argument("base")
+    s.add_argument("tuned", nargs="+")
+    s.add_argument("--tol", type=_tolerance, default=1e-5)
+    s.add_argument("--json", metavar="OUT", required=True)
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_overlap)
+
     s = sub.add_parser("demo", help="build the embedded demo family offline (or --real: SmolLM2-135M)")
     s.add_argument("--out", metavar="DIR", help="default: $SUBNETSCOPE_HOME/demo")
     s.add_argument("--if-missing", action="store_true", help="do nothing when an up-to-date family exists")
@@ -123,6 +227,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "command", None) == "align" and len(args.checkpoints) < 2:
         print("error: align needs at least two checkpoints", file=sys.stderr)
+        return EXIT_USAGE
+    if getattr(args, "command", None) == "overlap" and len(args.tuned) < 2:
+        print("error: overlap needs at least two fine-tunes of the base", file=sys.stderr)
         return EXIT_USAGE
     try:
         return args.func(args)

@@ -231,3 +231,58 @@ def architecture_from_config(cfg, names=()) -> Architecture:
         tie_word_embeddings=getattr(cfg, "tie_word_embeddings", None),
         config_dtype=str(dtype).replace("torch.", "") if dtype is not None else None,
     )
+
+
+# ---------------------------------------------------------------------------- heads / channels
+
+@dataclass(frozen=True)
+class UnitSlices:
+    """How one 2-D weight splits into attention heads or MLP channels.
+
+    ``axis`` 0 means rows of the stored matrix, 1 columns; unit u covers
+    ``[start + u*size, start + (u+1)*size)`` along that axis.
+    """
+
+    unit: str  # "head" (query heads), "kv_head", or "channel"
+    component: str  # q | k | v | o | gate | up | down
+    axis: int
+    start: int
+    size: int
+    count: int
+
+
+def unit_slices(kind: str, shape: tuple[int, ...], arch: Architecture) -> list[UnitSlices]:
+    """Head / channel slicing of a weight matrix, GQA-aware.
+
+    Llama family (``nn.Linear`` stores [out, in]): q rows per query head; k and v rows per kv
+    head (kv head g serves query heads g·G .. g·G+G−1, G = heads / kv heads); o columns per
+    query head; gate/up rows and down columns per MLP channel. GPT-2 (``Conv1D`` stores
+    [in, out]): c_attn columns [q | k | v], c_proj rows per head, c_fc columns and mlp c_proj rows
+    per channel. BERT as Llama without GQA.
+
+    Returns:
+        list of UnitSlices ([] when the tensor has no head / channel structure or the
+        architecture is unknown).
+    """
+    if len(shape) != 2 or not arch.num_heads or not arch.head_dim:
+        return []
+    H, KV, hd = arch.num_heads, arch.num_kv_heads or arch.num_heads, arch.head_dim
+    transposed = arch.family == "gpt2"  # Conv1D: [in, out]
+    out_axis, in_axis = (1, 0) if transposed else (0, 1)
+    if kind == "q":
+        return [UnitSlices("head", "q", out_axis, 0, hd, H)]
+    if kind in ("k", "v"):
+        return [UnitSlices("kv_head", kind, out_axis, 0, hd, KV)]
+    if kind == "qkv" and shape[out_axis] == (H + 2 * KV) * hd:
+        return [UnitSlices("head", "q", out_axis, 0, hd, H),
+                UnitSlices("kv_head", "k", out_axis, H * hd, hd, KV),
+                UnitSlices("kv_head", "v", out_axis, (H + KV) * hd, hd, KV)]
+    if kind == "o" and shape[in_axis] == H * hd:
+        return [UnitSlices("head", "o", in_axis, 0, hd, H)]
+    if arch.intermediate_size:
+        C = arch.intermediate_size
+        if kind in ("gate", "up") and shape[out_axis] == C:
+            return [UnitSlices("channel", kind, out_axis, 0, 1, C)]
+        if kind == "down" and shape[in_axis] == C:
+            return [UnitSlices("channel", kind, in_axis, 0, 1, C)]
+    return []

@@ -1,0 +1,167 @@
+"""Overlap of the subnetworks changed by two or more fine-tunes of one base.
+
+Definitions (shared/DESIGN.md §4; Mukherjee et al., arXiv 2505.11711, §5 and App. E): for
+runs a, b with changed sets I_a, I_b and densities d_k = |I_k| / n (sparsity s_k = 1 − d_k):
+o1 = |I_a ∩ I_b| / |I_a|, o2 = |I_a ∩ I_b| / |I_b|, Jaccard = |I_a ∩ I_b| / |I_a ∪ I_b|;
+the paper's random baseline o1_random = d_b, o2_random = d_a, Jaccard_random =
+d_a·d_b / (d_a + d_b − d_a·d_b); and the magnitude-matched baseline, random subnetworks of
+the same sizes drawn within each stratum s = (tensor, IEEE exponent field of θ⁰):
+E|I_a ∩ I_b| = Σ_s n_s·d_as·d_bs = Σ_s c_as·c_bs / n_s, exact, no sampling.
+The consensus histogram counts elements changed by exactly k of the N runs, k = 0..N.
+All in one streaming pass over the aligned tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from analysis.checkpoints import Checkpoint, align, iter_aligned, open_checkpoint
+from analysis.diff import PAPER_TOL, changed_mask
+from analysis.errors import SubnetscopeError
+
+SCHEMA = "subnetscope.overlap/1"
+
+
+@dataclass
+class _Acc:
+    """Counts for one group of elements (all, a layer, a module kind)."""
+
+    n_runs: int
+    numel: int = 0
+    changed: np.ndarray = None  # [N] |I_k|
+    inter: np.ndarray = None  # [N, N] |I_a ∩ I_b|
+    matched: np.ndarray = None  # [N, N] Σ_s c_as c_bs / n_s
+
+    def __post_init__(self):
+        N = self.n_runs
+        self.changed = np.zeros(N, np.int64)
+        self.inter = np.zeros((N, N), np.int64)
+        self.matched = np.zeros((N, N), np.float64)
+
+
+@dataclass
+class OverlapResult:
+    base: str
+    tuned: list[str]
+    tol: float
+    total: _Acc
+    layers: dict[int, _Acc]
+    kinds: dict[str, _Acc]
+    consensus: list[int]  # [N+1]: elements changed by exactly k runs
+    skipped: list[dict] = field(default_factory=list)
+
+    def pairs(self, acc: _Acc | None = None) -> list[dict]:
+        """Every pair (a < b) with the paper's fields and the magnitude-matched baseline."""
+        acc = acc or self.total
+        n, out = acc.numel, []
+        for a in range(acc.n_runs):
+            for b in range(a + 1, acc.n_runs):
+                ca, cb, i = int(acc.changed[a]), int(acc.changed[b]), int(acc.inter[a, b])
+                da, db = ca / n, cb / n
+                union = ca + cb - i
+                m = float(acc.matched[a, b])
+                out.append({
+                    "a": a, "b": b, "sparsity_a": 1 - da, "sparsity_b": 1 - db,
+                    "changed_a": ca, "changed_b": cb, "intersection": i,
+                    "o1": _div(i, ca), "o2": _div(i, cb),
+                    "o1_random": db, "o2_random": da,
+                    "o1_matched": _div(m, ca), "o2_matched": _div(m, cb),
+                    "jaccard": _div(i, union),
+                    "jaccard_random": _div(da * db, da + db - da * db),
+                })
+        return out
+
+    def to_json(self) -> dict:
+        return {
+            "schema": SCHEMA,
+            "base": self.base,
+            "tuned": self.tuned,
+            "tolerance": self.tol,
+            "total_params": self.total.numel,
+            "pairs": self.pairs(),
+            "consensus": self.consensus,
+            "layers": [{"layer": L, "numel": acc.numel, "pairs": self.pairs(acc)} for L, acc in sorted(self.layers.items())],
+            "kinds": [{"kind": k, "numel": acc.numel, "pairs": self.pairs(acc)} for k, acc in self.kinds.items()],
+            "skipped": self.skipped,
+        }
+
+
+def _div(x, y):
+    return x / y if y else None
+
+
+def overlap(base: str | Checkpoint, tuned: list[str | Checkpoint], *, tol: float = PAPER_TOL,
+            progress: Callable[[int, int, str], None] | None = None,
+            should_stop: Callable[[], bool] | None = None) -> OverlapResult:
+    """Measures how the changed subnetworks of N ≥ 2 fine-tunes of one base overlap.
+
+    Args:
+        base: θ⁰ (path, hub id or Checkpoint).
+        tuned: the fine-tunes (at least two).
+        tol (float): τ of "changed". Default: 1e-5.
+        progress (callable, optional): progress(done_elements, total_elements, name).
+        should_stop (callable, optional): polled between tensors; True cancels.
+    Returns:
+        OverlapResult
+    """
+    if len(tuned) < 2:
+        raise SubnetscopeError("overlap needs at least two fine-tunes of the same base")
+    cks = [c if isinstance(c, Checkpoint) else open_checkpoint(c) for c in [base, *tuned]]
+    al = align(cks)
+    N = len(tuned)
+    total, layers, kinds = _Acc(N), {}, {}
+    consensus = np.zeros(N + 1, np.int64)
+    skipped = [{"name": m["key"], "reason": "missing in " + ", ".join(str(i) for i in m["missing_in"])}
+               for m in al.missing]
+    skipped += [{"name": m["key"], "reason": "shapes " + str(m["shapes"])} for m in al.mismatched]
+    done = 0
+    for at, values in iter_aligned(al, cks):
+        if should_stop is not None and should_stop():
+            raise SubnetscopeError("overlap cancelled")
+        x, ys = values[0], values[1:]
+        if not all(v.is_floating_point() for v in values):
+            skipped.append({"name": at.key, "reason": "not floating point"})
+            continue
+        masks = torch.stack([changed_mask(x, y, tol).reshape(-1) for y in ys])  # [N, n]
+        exps = ((x.detach().float().reshape(-1).view(torch.int32) >> 23) & 0xFF).long()
+        n_s = torch.bincount(exps, minlength=256).double()
+        c_s = torch.stack([torch.bincount(exps[m], minlength=256) for m in masks]).double()  # [N, 256]
+        safe = torch.where(n_s > 0, n_s, 1)
+        matched = ((c_s / safe) @ c_s.T).numpy()  # Σ_s c_as c_bs / n_s
+        inter = _intersections(masks)
+        changed = masks.sum(1).numpy()
+        consensus += np.bincount(masks.sum(0).numpy(), minlength=N + 1)
+        groups = [total, layers.setdefault(at.layer, _Acc(N)) if at.layer is not None else None,
+                  kinds.setdefault(at.kind, _Acc(N))]
+        for acc in groups:
+            if acc is None:
+                continue
+            acc.numel += masks.shape[1]
+            acc.changed += changed
+            acc.inter += inter
+            acc.matched += matched
+        done += at.numel
+        if progress is not None:
+            progress(done, al.compared_params, at.key)
+    return OverlapResult(str(cks[0].ref), [str(c.ref) for c in cks[1:]], float(tol), total, layers, kinds,
+                         consensus.tolist(), skipped)
+
+
+def _intersections(masks: torch.Tensor) -> np.ndarray:
+    """Pairwise intersection counts |I_a ∩ I_b| in integers, [N, N]."""
+    N = masks.shape[0]
+    out = np.zeros((N, N), np.int64)
+    for a in range(N):
+        for b in range(a, N):
+            out[a, b] = out[b, a] = int((masks[a] & masks[b]).sum())
+    return out
+
+
+def chance_overlap(da: float, db: float) -> dict:
+    """The paper's random baseline for densities da, db (for display next to measured values)."""
+    return {"o1_random": db, "o2_random": da, "jaccard_random": da * db / (da + db - da * db)}
+
