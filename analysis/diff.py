@@ -113,20 +113,18 @@ class DiffResult:
     def by_unit(self) -> list[dict]:
         """Changed counts per attention head (GQA: k/v per kv head) and per MLP channel, at τ.
 
-        Returns rows {layer, unit, component, index, numel, changed, update_sparsity}."""
+        Returns one row per (layer, component): {layer, unit ("head" | "kv_head" |
+        "channel"), component (q k v o gate up down), numel (elements per unit), changed
+        ([count per unit])} — arrays, so a 7B model's 350k channels stay compact."""
         rows = []
         for t in self.tensors:
             if t.layer is None or t.stats.row_changed is None:
                 continue
             for sl in unit_slices(t.kind, t.shape, self.arch):
                 per_line = t.stats.row_changed if sl.axis == 0 else t.stats.col_changed
-                other = t.shape[1 - sl.axis]
                 seg = per_line[sl.start: sl.start + sl.size * sl.count].reshape(sl.count, sl.size).sum(1)
-                for u in range(sl.count):
-                    numel = sl.size * other
-                    rows.append({"layer": t.layer, "unit": sl.unit, "component": sl.component, "index": u,
-                                 "numel": numel, "changed": int(seg[u]),
-                                 "update_sparsity": 1 - int(seg[u]) / numel})
+                rows.append({"layer": t.layer, "unit": sl.unit, "component": sl.component,
+                             "numel": sl.size * t.shape[1 - sl.axis], "changed": seg.astype(int).tolist()})
         return rows
 
     def absorption(self) -> list[dict]:

@@ -138,79 +138,6 @@ def _bits(x: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------ CPU: fused numba loop
 
-_numba_loop = None
-
-
-def _get_numba_loop():
-    """Compiles the fused loop on first use (cached on disk by numba)."""
-    global _numba_loop
-    if _numba_loop is not None:
-        return _numba_loop
-    import numba
-
-    @numba.njit(cache=True, nogil=True, fastmath=False)
-    def loop(b32, t32, bb, tb, ncols, row0, tol32, edges32, lut, hist, rows, cols, exp_total,
-             exp_changed, acc):
-        # b32/t32: float32 upcasts of one chunk; bb/tb: their bits (int32 views of the stored
-        # values' upcast — the upcast is injective, so equal bits <=> equal stored bits)
-        n_edges = edges32.shape[0]
-        identical = 0
-        zero = 0
-        nonfinite = 0
-        changed = 0
-        ssd = 0.0
-        ssb = 0.0
-        mx = 0.0
-        for i in range(b32.shape[0]):
-            bv = b32[i]
-            e = (bb[i] >> 23) & 0xFF
-            exp_total[e] += 1
-            ssb += np.float64(bv) * np.float64(bv)
-            if bb[i] == tb[i]:
-                identical += 1
-                continue
-            d = np.float32(abs(t32[i] - bv))
-            if d <= tol32:
-                if d == 0:
-                    zero += 1
-                else:
-                    ssd += np.float64(d) * np.float64(d)
-                    if d > mx:
-                        mx = d
-                    k = lut[np.int32(np.float32(d).view(np.int32)) >> 15]
-                    if k < n_edges and d > edges32[k]:
-                        k += 1
-                    hist[k] += 1
-                continue
-            # changed at tol (NaN lands here: NaN <= tol is False)
-            changed += 1
-            exp_changed[e] += 1
-            if ncols > 0:
-                rows[row0 + i // ncols] += 1
-                cols[i % ncols] += 1
-            if d != d or d == np.inf:
-                nonfinite += 1
-            else:
-                ssd += np.float64(d) * np.float64(d)
-                if d > mx:
-                    mx = d
-                k = lut[np.int32(np.float32(d).view(np.int32)) >> 15]
-                if k < n_edges and d > edges32[k]:
-                    k += 1
-                hist[k] += 1
-        acc[0] += identical
-        acc[1] += zero
-        acc[2] += nonfinite
-        acc[3] += changed
-        acc[4] += ssd
-        acc[5] += ssb
-        if mx > acc[6]:
-            acc[6] = mx
-
-    _numba_loop = loop
-    return loop
-
-
 def _bucket_lut() -> np.ndarray:
     """For every float32 with a given top 17 bits (sign 0, exponent, 8 mantissa bits) the
     bucket of the smallest such value; one edge can lie inside a cell (edges are 10^0.1 ≈
@@ -222,38 +149,66 @@ def _bucket_lut() -> np.ndarray:
 
 
 _LUT = None
-CHUNK = 1 << 20  # elements per chunk: the upcasts of a chunk stay in cache-friendly sizes
+CHUNK = 1 << 22  # elements per fp16 upcast chunk
 
 
 def diff_stats_cpu(base: torch.Tensor, tuned: torch.Tensor, tol: float) -> DiffStats:
-    """Fused single pass on CPU (numba), chunked so memory stays at a few MB per chunk."""
+    """Fused single pass on CPU (numba, threads over row blocks). bf16 is read as raw bits
+    with no upcast copy; fp32 in place; fp16 is upcast in chunks."""
     global _LUT
     _prepare(base, tuned)
     if _LUT is None:
         _LUT = _bucket_lut()
-    loop = _get_numba_loop()
-    b = base.detach().reshape(-1)
-    t = tuned.detach().reshape(-1)
-    ncols = base.shape[1] if base.dim() == 2 else 0
-    nrows = base.shape[0] if base.dim() == 2 else 0
-    hist = np.zeros(N_BINS, np.int64)
-    rows = np.zeros(max(nrows, 1), np.int64)
-    cols = np.zeros(max(ncols, 1), np.int64)
-    exp_total = np.zeros(256, np.int64)
-    exp_changed = np.zeros(256, np.int64)
-    acc = np.zeros(7, np.float64)
-    step = CHUNK if ncols == 0 else max(1, CHUNK // ncols) * ncols
+    import numba
+
+    from kernels._diff_stats_numba import loop  # compiled on first use, cached on disk
+
+    two_d = base.dim() == 2
+    R, C = (base.shape if two_d else (1, base.numel())) if base.numel() else (0, 1)
+    if not two_d and C > 4096:  # 1-D and N-D: fold into rows so threads share the work
+        R, C = _fold(base.numel())
+    nb = max(1, min(numba.get_num_threads(), R))
+    hist = np.zeros((nb, N_BINS), np.int64)
+    rows = np.zeros(R, np.int64)
+    cols = np.zeros((nb, C), np.int64)
+    exp_total = np.zeros((nb, 256), np.int64)
+    exp_changed = np.zeros((nb, 256), np.int64)
+    acc = np.zeros((nb, 6), np.float64)
     tol32 = f32_floor(tol)
-    for s in range(0, b.numel(), step):
-        b32 = b[s: s + step].float().numpy()
-        t32 = t[s: s + step].float().numpy()
-        loop(b32, t32, b32.view(np.int32), t32.view(np.int32), ncols, s // ncols if ncols else 0, tol32,
-             EDGES32, _LUT, hist, rows, cols, exp_total, exp_changed, acc)
+    b = base.detach().contiguous()
+    t = tuned.detach().contiguous()
+    if b.dtype == torch.bfloat16 and t.dtype == torch.bfloat16:
+        loop(_np_bits16(b).reshape(R, C), _np_bits16(t).reshape(R, C), tol32, EDGES32, _LUT, hist, rows,
+                  cols, exp_total, exp_changed, acc)
+    elif b.dtype == torch.float32 and t.dtype == torch.float32:
+        loop(b.numpy().reshape(R, C), t.numpy().reshape(R, C), tol32, EDGES32, _LUT, hist, rows, cols,
+                 exp_total, exp_changed, acc)
+    else:
+        step = max(1, CHUNK // C)
+        bf, tf = b.reshape(R, C), t.reshape(R, C)
+        for r0 in range(0, R, step):
+            part = rows[r0: r0 + step]
+            loop(bf[r0: r0 + step].float().numpy(), tf[r0: r0 + step].float().numpy(), tol32, EDGES32, _LUT,
+                     hist, part, cols, exp_total, exp_changed, acc)
+    changed = int(rows.sum())
     return DiffStats(
-        numel=b.numel(), tol=float(tol), identical=int(acc[0]), zero=int(acc[1]), nonfinite=int(acc[2]),
-        changed=int(acc[3]), hist=hist, row_changed=rows if nrows else None, col_changed=cols if ncols else None,
-        exp_total=exp_total, exp_changed=exp_changed, sum_sq_delta=float(acc[4]), sum_sq_base=float(acc[5]),
-        max_abs_delta=float(acc[6]))
+        numel=base.numel(), tol=float(tol), identical=int(acc[:, 0].sum()), zero=int(acc[:, 1].sum()),
+        nonfinite=int(acc[:, 2].sum()), changed=changed, hist=hist.sum(0),
+        row_changed=rows if two_d else None, col_changed=cols.sum(0) if two_d else None,
+        exp_total=exp_total.sum(0), exp_changed=exp_changed.sum(0), sum_sq_delta=float(acc[:, 3].sum()),
+        sum_sq_base=float(acc[:, 4].sum()), max_abs_delta=float(acc[:, 5].max()) if base.numel() else 0.0)
+
+
+def _np_bits16(x: torch.Tensor) -> np.ndarray:
+    return x.view(torch.int16).numpy().view(np.uint16)
+
+
+def _fold(n: int) -> tuple[int, int]:
+    """A [R, C] view of n elements with C dividing n, C ≤ 4096 (for threads over rows)."""
+    for c in range(min(4096, n), 0, -1):
+        if n % c == 0:
+            return n // c, c
+    return 1, n
 
 
 def diff_stats(base: torch.Tensor, tuned: torch.Tensor, tol: float) -> DiffStats:

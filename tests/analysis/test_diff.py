@@ -103,12 +103,12 @@ def test_layers_kinds_heads_channels(planted):
     kinds = {x["kind"]: x["changed"] for x in r.by_kind()}
     assert kinds == {"embed": 64, "q": 7, "k": 2, "v": 0, "o": 1, "gate": 0, "up": 6, "down": 0,
                      "attn_norm": 0, "mlp_norm": 0, "final_norm": 0, "lm_head": 0}
-    units = {(u["layer"], u["component"], u["index"]): u["changed"] for u in r.by_unit()}
-    assert units[(0, "q", 2)] == 7 and units[(0, "q", 0)] == 0
-    assert units[(1, "k", 1)] == 2 and units[(1, "k", 0)] == 0  # GQA: 2 kv heads
-    assert units[(1, "o", 1)] == 1  # column 17 belongs to head 1
-    assert [units[(0, "up", c)] for c in range(3, 8)] == [0, 2, 2, 2, 0]
-    assert sum(1 for u in r.by_unit() if u["unit"] == "head" and u["layer"] == 0 and u["component"] == "q") == 4
+    units = {(u["layer"], u["component"]): u for u in r.by_unit()}
+    assert units[(0, "q")]["changed"] == [0, 0, 7, 0] and units[(0, "q")]["numel"] == 16 * 64
+    assert units[(1, "k")]["changed"] == [0, 2] and units[(1, "k")]["unit"] == "kv_head"  # GQA: 2 kv heads
+    assert units[(1, "o")]["changed"] == [0, 1, 0, 0]  # column 17 belongs to head 1
+    assert units[(0, "up")]["changed"][3:8] == [0, 2, 2, 2, 0] and len(units[(0, "up")]["changed"]) == 96
+    assert units[(0, "down")]["unit"] == "channel" and units[(0, "down")]["numel"] == 64
 
 
 def test_sharded_prefixed_pair_and_resized_vocab(tmp_path):
