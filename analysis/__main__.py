@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import time
 
 from analysis.errors import SubnetscopeError
 
@@ -95,14 +97,21 @@ def cmd_demo(args) -> int:
 
 
 class _Progress:
-    """tqdm on stderr over elements; also usable as the ``progress`` callback of analysis."""
+    """Progress over elements: tqdm on stderr, and/or a JSON file a page polls (``--progress-file``).
 
-    def __init__(self, desc: str, enabled: bool = True):
+    Used as the ``progress(done, total, name)`` callback of analysis functions."""
+
+    def __init__(self, desc: str, enabled: bool = True, file: str | None = None):
         self.bar = None
         self.desc = desc
         self.enabled = enabled
+        self.file = file
+        self._last = 0.0
 
     def __call__(self, done: int, total: int, name: str) -> None:
+        if self.file and (time.monotonic() - self._last > 0.25 or done == total):
+            self._last = time.monotonic()
+            self.write("running", done=done, total=total, current=name)
         if not self.enabled:
             return
         if self.bar is None:
@@ -112,6 +121,12 @@ class _Progress:
         self.bar.n = done
         self.bar.set_postfix_str(name[-40:], refresh=False)
         self.bar.refresh()
+
+    def write(self, status: str, **fields) -> None:
+        if self.file:
+            from analysis.io import write_json_atomic
+
+            write_json_atomic(self.file, {"status": status, **fields})
 
     def close(self):
         if self.bar is not None:
@@ -123,7 +138,7 @@ def cmd_diff(args) -> int:
     from analysis.io import write_json_atomic
 
     masks = {}
-    prog = _Progress("diff", not args.quiet)
+    prog = _Progress("diff", not args.quiet, args.progress_file)
     try:
         res = diff_checkpoints(args.base, args.tuned, tol=args.tol, rank=args.rank, device=args.device,
                                progress=prog, on_mask=masks.__setitem__ if args.mask_out else None)
@@ -152,7 +167,7 @@ def cmd_overlap(args) -> int:
     from analysis.io import write_json_atomic
     from analysis.overlap import overlap
 
-    prog = _Progress("overlap", not args.quiet)
+    prog = _Progress("overlap", not args.quiet, args.progress_file)
     try:
         res = overlap(args.base, args.tuned, tol=args.tol, progress=prog)
     finally:
@@ -205,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", metavar="OUT", required=True)
     s.add_argument("--mask-out", metavar="M", help="write the changed elements as a mask file")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.add_argument("--progress-file", metavar="P", help=argparse.SUPPRESS)  # polled by the app's jobs
     s.set_defaults(func=cmd_diff)
 
     s = sub.add_parser("overlap", help="overlap of the subnetworks changed by 2+ fine-tunes of BASE")
@@ -213,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tol", type=_tolerance, default=1e-5)
     s.add_argument("--json", metavar="OUT", required=True)
     s.add_argument("--quiet", action="store_true")
+    s.add_argument("--progress-file", metavar="P", help=argparse.SUPPRESS)
     s.set_defaults(func=cmd_overlap)
 
     s = sub.add_parser("demo", help="build the embedded demo family offline (or --real: SmolLM2-135M)")
@@ -223,6 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _terminate(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "command", None) == "align" and len(args.checkpoints) < 2:
@@ -231,14 +252,22 @@ def main(argv=None) -> int:
     if getattr(args, "command", None) == "overlap" and len(args.tuned) < 2:
         print("error: overlap needs at least two fine-tunes of the base", file=sys.stderr)
         return EXIT_USAGE
+    status = _Progress("", False, getattr(args, "progress_file", None))
+    if status.file:  # a background job: SIGTERM is a cancel
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         return args.func(args)
     except SubnetscopeError as e:
         print(f"error: {e}", file=sys.stderr)
+        status.write("failed", error=str(e))
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("cancelled", file=sys.stderr)
+        status.write("cancelled")
         return 130
+    except BaseException as e:
+        status.write("failed", error=f"{type(e).__name__}: {e}")
+        raise
 
 
 if __name__ == "__main__":
