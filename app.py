@@ -8,6 +8,8 @@ st.set_page_config(page_title="Subnetscope", page_icon="🔬", layout="wide")
 
 pages = [
     st.Page("pages/checkpoints.py", title="Checkpoints", icon="🧩", default=True),
+    st.Page("pages/update_sparsity.py", title="Update sparsity", icon="🔥"),
+    st.Page("pages/overlap.py", title="Overlap", icon="🔗"),
 ]
 page = st.navigation(pages)
 st.sidebar.title("🔬 Subnetscope")

@@ -29,6 +29,11 @@ PAPER_TOL = 1e-5
 SWEEP_TOLS = (0.0, 1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3)
 
 
+def tolerance_grid() -> list[float]:
+    """Every tolerance whose sparsity is a lookup: 0 and the log grid 1e-10 .. 1."""
+    return [0.0, *EDGES.tolist()]
+
+
 @dataclass
 class TensorDiff:
     """One aligned tensor pair."""
@@ -79,7 +84,7 @@ class DiffResult:
 
     def sweep(self, tols=None) -> list[dict]:
         """Sparsity at each grid tolerance (default: every grid point and 0)."""
-        tols = [0.0, *EDGES.tolist()] if tols is None else tols
+        tols = tolerance_grid() if tols is None else tols
         n = self.total_params
         out = []
         for tol in tols:
@@ -177,6 +182,7 @@ class DiffResult:
             } for t in self.tensors],
             "layers": self.by_layer(),
             "kinds": self.by_kind(),
+            "layer_kinds": self.by_layer_kind(),
             "units": self.by_unit(),
             "delta_histogram": self.delta_histogram(),
             "absorption": self.absorption(),

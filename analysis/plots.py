@@ -40,3 +40,138 @@ def params_by_layer(summary: dict, label: str = "") -> go.Figure:
                     hovertemplate="layer %{x} " + k + ": %{y:,}<extra></extra>")
     fig.update_layout(barmode="stack")
     return _layout(fig, f"Parameters by layer{' — ' + label if label else ''}", "layer", "parameters")
+
+
+# ---------------------------------------------------------------------------- update sparsity
+
+PAPER_TOL = 1e-5
+
+
+def sparsity_sweep(sweeps: dict[str, list[dict]], tol: float | None = None) -> go.Figure:
+    """Update sparsity against tolerance (log x), one line per fine-tune, the paper's τ marked.
+
+    Args:
+        sweeps (dict): label -> [{tolerance, update_sparsity}] (tolerance 0 is drawn as a
+            separate marker at the left edge, since a log axis has no 0).
+        tol (float, optional): the tolerance chosen on the page, marked too.
+    """
+    fig = go.Figure()
+    for label, rows in sweeps.items():
+        pos = [r for r in rows if r["tolerance"] > 0]
+        fig.add_scatter(x=[r["tolerance"] for r in pos], y=[r["update_sparsity"] for r in pos], mode="lines",
+                        name=label, hovertemplate="τ=%{x:.1e}: %{y:.2%}<extra>" + label + "</extra>")
+    fig.add_vline(x=PAPER_TOL, line_dash="dash", line_color="gray",
+                  annotation_text="paper τ = 1e-5", annotation_position="top left")
+    if tol and tol != PAPER_TOL:
+        fig.add_vline(x=tol, line_dash="dot", line_color="firebrick", annotation_text=f"τ = {tol:g}")
+    fig.update_xaxes(type="log", exponentformat="power")
+    fig.update_yaxes(tickformat=".0%", range=[0, 1.02])
+    return _layout(fig, "Update sparsity vs tolerance", "tolerance τ", "unchanged elements")
+
+
+def layer_kind_heatmap(rows: list[dict], value: str = "update_sparsity") -> go.Figure:
+    """Layer × module-kind heatmap from ``DiffResult.by_layer_kind()`` rows (layer not None)."""
+    from analysis.structure import KINDS
+
+    rows = [r for r in rows if r["layer"] is not None]
+    layers = sorted({r["layer"] for r in rows})
+    kinds = [k for k in KINDS if any(r["kind"] == k for r in rows)]
+    z = [[None] * len(kinds) for _ in layers]
+    for r in rows:
+        z[layers.index(r["layer"])][kinds.index(r["kind"])] = r[value]
+    fig = go.Figure(go.Heatmap(z=z, x=kinds, y=layers, colorscale="Viridis", zmin=0, zmax=1,
+                               colorbar=dict(tickformat=".0%"),
+                               hovertemplate="layer %{y} %{x}: %{z:.2%}<extra></extra>"))
+    fig.update_yaxes(autorange="reversed", dtick=1)
+    fig.update_layout(height=max(260, 28 * len(layers) + 90))
+    return _layout(fig, "Update sparsity by layer and module kind", "module kind", "layer")
+
+
+def unit_heatmap(units: list[dict], component: str, title: str) -> go.Figure:
+    """Layer × unit (head or channel) heatmap of update sparsity for one component."""
+    rows = sorted((u for u in units if u["component"] == component), key=lambda u: u["layer"])
+    z = [[1 - c / u["numel"] for c in u["changed"]] for u in rows]
+    fig = go.Figure(go.Heatmap(z=z, y=[u["layer"] for u in rows], colorscale="Viridis", zmin=0, zmax=1,
+                               colorbar=dict(tickformat=".0%"),
+                               hovertemplate="layer %{y} unit %{x}: %{z:.2%}<extra></extra>"))
+    fig.update_yaxes(autorange="reversed", dtick=1)
+    fig.update_layout(height=max(260, 28 * len(rows) + 90))
+    unit = rows[0]["unit"].replace("_", " ") if rows else "unit"
+    return _layout(fig, title, unit, "layer")
+
+
+def delta_histogram(h: dict) -> go.Figure:
+    """|Δ| over the log grid (bars at upper bin edges), with bit-identical / zero / non-finite
+    counts in the title."""
+    edges, counts = h["edges"], h["counts"]
+    x = [f"≤{e:.0e}" for e in edges] + [">1"]
+    fig = go.Figure(go.Bar(x=x, y=counts, marker_color="#2b8cbe",
+                           hovertemplate="|Δ| %{x}: %{y:,}<extra></extra>"))
+    fig.update_yaxes(type="log")
+    title = (f"|Δ| of changed-bit elements — bit-identical {h['identical']:,}, "
+             f"±0 {h['zero']:,}, non-finite {h['nonfinite']:,}")
+    return _layout(fig, title, "|θ¹ − θ⁰| bin (upper edge)", "elements")
+
+
+def absorption(rows: list[dict], tol: float) -> go.Figure:
+    """Fraction unchanged per |θ⁰| binade, with the bf16 half-ulp of each binade on a second
+    axis and τ marked: where half an ulp exceeds the typical update, bf16 absorbs it."""
+    rows = [r for r in rows if r["abs_base_low"] > 0]
+    x = [r["abs_base_low"] for r in rows]
+    fig = go.Figure()
+    fig.add_bar(x=x, y=[r["unchanged_fraction"] for r in rows], name="unchanged fraction",
+                customdata=[[r["numel"], r["unchanged"]] for r in rows],
+                hovertemplate="|θ⁰| ≥ %{x:.1e}: %{y:.1%} unchanged (%{customdata[1]:,} of %{customdata[0]:,})"
+                              "<extra></extra>")
+    fig.add_scatter(x=x, y=[r["bf16_half_ulp"] for r in rows], yaxis="y2", mode="lines+markers",
+                    name="bf16 half-ulp", line=dict(color="firebrick"))
+    if tol > 0:
+        fig.add_hline(y=tol, yref="y2", line_dash="dot", line_color="firebrick", annotation_text=f"τ = {tol:g}")
+    fig.update_layout(xaxis=dict(type="log", exponentformat="power"), yaxis=dict(tickformat=".0%", range=[0, 1.02]),
+                      yaxis2=dict(type="log", overlaying="y", side="right", title="bf16 half-ulp",
+                                  exponentformat="power"),
+                      legend=dict(orientation="h", y=-0.25))
+    return _layout(fig, "Unchanged elements by |θ⁰| (bf16 absorption)", "|θ⁰| (binade lower edge)",
+                   "unchanged fraction")
+
+
+# ---------------------------------------------------------------------------- overlap
+
+def overlap_matrix(pairs: list[dict], labels: list[str], field: str = "o1") -> go.Figure:
+    """N × N matrix: cell (a, b) = |I_a ∩ I_b| / |I_a| (o1 above the diagonal, o2 below), the
+    text showing the measured value over its random and magnitude-matched baselines."""
+    N = len(labels)
+    z = [[1.0 if i == j else None for j in range(N)] for i in range(N)]
+    text = [["" for _ in range(N)] for _ in range(N)]
+    for p in pairs:
+        a, b = p["a"], p["b"]
+        z[a][b] = p["o1"]
+        z[b][a] = p["o2"]
+        text[a][b] = f"{p['o1']:.2f}<br>rand {p['o1_random']:.2f}<br>matched {p['o1_matched']:.2f}"
+        text[b][a] = f"{p['o2']:.2f}<br>rand {p['o2_random']:.2f}<br>matched {p['o2_matched']:.2f}"
+    fig = go.Figure(go.Heatmap(z=z, x=labels, y=labels, text=text, texttemplate="%{text}", colorscale="Blues",
+                               zmin=0, zmax=1, hovertemplate="%{y} ∩ %{x} / |%{y}|: %{z:.3f}<extra></extra>"))
+    fig.update_yaxes(autorange="reversed")
+    fig.update_layout(height=120 * N + 120)
+    return _layout(fig, "Overlap |I_row ∩ I_col| / |I_row| (o1 / o2) vs chance", "run", "run")
+
+
+def overlap_by_layer(layers: list[dict], pair_index: int) -> go.Figure:
+    """o1 per layer for one pair, with the random and magnitude-matched baselines."""
+    xs = [L["layer"] for L in layers]
+    ps = [L["pairs"][pair_index] for L in layers]
+    fig = go.Figure()
+    for key, name, dash in (("o1", "o1 measured", None), ("o1_matched", "magnitude-matched", "dash"),
+                            ("o1_random", "random (paper)", "dot")):
+        fig.add_scatter(x=xs, y=[p[key] for p in ps], mode="lines+markers", name=name, line=dict(dash=dash))
+    fig.update_yaxes(range=[0, 1.02])
+    return _layout(fig, "Overlap o1 by layer", "layer", "o1")
+
+
+def consensus_bar(consensus: list[int]) -> go.Figure:
+    """Elements changed by exactly k of the N runs."""
+    fig = go.Figure(go.Bar(x=list(range(len(consensus))), y=consensus, marker_color="#756bb1",
+                           hovertemplate="%{y:,} elements changed by exactly %{x} runs<extra></extra>"))
+    fig.update_yaxes(type="log")
+    fig.update_xaxes(dtick=1)
+    return _layout(fig, "Consensus: elements changed by exactly k runs", "k runs", "elements")

@@ -1,0 +1,99 @@
+"""Update sparsity: which parameters a fine-tune changed, where, and at which tolerance."""
+
+import json
+
+import pandas as pd
+import streamlit as st
+
+from analysis import plots
+from analysis.diff import tolerance_grid
+from analysis.errors import SubnetscopeError
+from ui import work
+from ui.loaders import summary, try_load
+from ui.state import label_of, selection
+
+st.header("Update sparsity")
+base, tuned = selection()
+if not base or not tuned:
+    st.info("Choose a base and at least one fine-tune in the sidebar.")
+    st.stop()
+
+c1, c2, c3 = st.columns([3, 2, 1])
+tol = c1.select_slider("Tolerance τ", options=tolerance_grid(), value=1e-5, format_func=lambda t: f"{t:g}",
+                       help="Element i is unchanged iff its stored values are bit-identical or |θ¹ᵢ − θ⁰ᵢ| ≤ τ "
+                            "(float32 difference). The paper (arXiv 2505.11711) uses 1e-5 on bf16 weights.")
+focus = c2.selectbox("Details for", tuned, format_func=label_of)
+rank = c3.checkbox("Update rank", help="rank(ΔW) / min(m, n) per matrix (torch.linalg.matrix_rank; costly).")
+
+base_summary = try_load(summary, base)
+if base_summary is None:
+    st.stop()
+results: dict[str, dict] = {}
+for ref in tuned:
+    with st.container():
+        try:
+            r = work.diff(base, ref, tol, rank and ref == focus, base_summary["total_params"], key=f"diff_{ref}")
+        except SubnetscopeError as e:
+            st.error(f"{label_of(ref)}: {e}")
+            continue
+    if r is not None:
+        results[ref] = r
+if not results:
+    st.stop()
+
+cols = st.columns(len(results))
+for col, (ref, r) in zip(cols, results.items()):
+    col.metric(f"{label_of(ref)} — update sparsity at τ = {tol:g}", f"{r['update_sparsity']:.2%}",
+               help=f"{r['changed_params']:,} of {r['total_params']:,} elements changed")
+    col.caption(f"{r['changed_params']:,} of {r['total_params']:,} changed")
+
+st.plotly_chart(plots.sparsity_sweep({label_of(k): v["tolerance_sweep"] for k, v in results.items()}, tol),
+                key="sweep")
+
+if focus not in results:
+    st.stop()
+r = results[focus]
+st.subheader(f"{label_of(base)} → {label_of(focus)}")
+left, right = st.columns(2)
+left.plotly_chart(plots.layer_kind_heatmap(r["layer_kinds"]), key="layer_kind")
+components = [c for c in ("q", "k", "v", "o") if any(u["component"] == c for u in r["units"])]
+if components:
+    comp = right.radio("Heads of", components, horizontal=True, key="head_comp",
+                       help="q/o: query heads; k/v: kv heads (GQA: each serves a group of query heads).")
+    right.plotly_chart(plots.unit_heatmap(r["units"], comp, f"Update sparsity per head ({comp})"), key="heads")
+
+left, right = st.columns(2)
+left.plotly_chart(plots.delta_histogram(r["delta_histogram"]), key="hist")
+right.plotly_chart(plots.absorption(r["absorption"], tol), key="absorption")
+channels = [c for c in ("gate", "up", "down") if any(u["component"] == c for u in r["units"])]
+if channels:
+    ch = st.radio("MLP channels of", channels, horizontal=True, key="chan_comp")
+    st.plotly_chart(plots.unit_heatmap(r["units"], ch, f"Update sparsity per MLP channel ({ch})"), key="channels")
+
+layers = pd.DataFrame(r["layers"])
+if not layers.empty:
+    st.caption("Per layer: *update_sparsity* is weighted by element count; *update_sparsity_unweighted* is the "
+               "mean over tensors, as the paper's script averages.")
+    st.dataframe(layers, hide_index=True)
+
+tensors = pd.DataFrame(r["tensors"])
+show = ["name", "kind", "layer", "shape", "numel", "changed", "update_sparsity", "delta_fro", "max_abs_delta"]
+show += [c for c in ("rank", "rank_fraction") if c in tensors]
+t1, t2 = st.columns(2)
+t1.caption("Most changed tensors")
+t1.dataframe(tensors.sort_values("update_sparsity").head(10)[show], hide_index=True)
+t2.caption("Least changed tensors")
+t2.dataframe(tensors.sort_values("update_sparsity", ascending=False).head(10)[show], hide_index=True)
+if r["skipped"]:
+    st.warning(f"{len(r['skipped'])} tensors not compared: " + "; ".join(f"{s['name']} ({s['reason']})"
+                                                                      for s in r["skipped"][:10]))
+
+d1, d2, d3 = st.columns(3)
+stem = f"diff-{label_of(base)}-{label_of(focus)}-tol{tol:g}".replace("/", "_")
+d1.download_button("Download JSON", json.dumps(r, indent=1), f"{stem}.json", "application/json")
+d2.download_button("Download CSV (tensors)", tensors[show].to_csv(index=False), f"{stem}.csv", "text/csv")
+if base_summary["total_params"] < work.INLINE_LIMIT:
+    d3.download_button("Download mask", work.mask_bytes(base, focus, tol), f"{stem}-mask.safetensors",
+                       "application/octet-stream", help="Changed elements as a packed-bits mask file.")
+else:
+    d3.caption(f"Mask of a large model: `python -m analysis diff BASE TUNED --tol {tol:g} --json OUT --mask-out M`")

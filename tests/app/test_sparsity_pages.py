@@ -1,0 +1,99 @@
+"""AppTest of the Update sparsity and Overlap pages on a crafted family of tiny checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from streamlit.testing.v1 import AppTest
+
+from analysis.diff import diff_checkpoints
+from analysis.overlap import overlap
+from conftest import ROOT, tiny_llama
+from plotly_data import traces
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    """base + two runs, changes planted in known places (run 2 also changes 5 of run 1's)."""
+    d = tmp_path_factory.mktemp("family")
+    model = tiny_llama()
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    paths = {}
+    plants = {"r1": [(0, 0), (1, 1), (2, 2), (3, 3), (4, 4), (5, 5), (6, 6), (7, 7)],
+              "r2": [(0, 0), (1, 1), (2, 2), (3, 3), (4, 4), (40, 1), (41, 2)]}
+    q = "model.layers.1.self_attn.q_proj.weight"
+    for name, sd_t in [("base", sd)] + [(n, None) for n in plants]:
+        p = d / name
+        p.mkdir()
+        if sd_t is None:
+            sd_t = {k: v.clone() for k, v in sd.items()}
+            for i, j in plants[name]:
+                sd_t[q][i, j] += 0.1
+        save_file(sd_t, p / "model.safetensors")
+        model.config.to_json_file(p / "config.json")
+        paths[name] = str(p)
+    return paths
+
+
+def _run(page, base, tuned):
+    at = AppTest.from_file(str(ROOT / "pages" / page), default_timeout=120)
+    at.session_state["base_ref"] = base
+    at.session_state["tuned_refs"] = tuned
+    return at.run()
+
+
+def test_update_sparsity_page(family):
+    at = _run("update_sparsity.py", family["base"], [family["r1"], family["r2"]])
+    assert not at.exception, at.exception
+    assert not at.error
+    metrics = [m.value for m in at.metric]
+    n = 68_160
+    assert metrics == [f"{(n - 8) / n:.2%}", f"{(n - 7) / n:.2%}"]
+    charts = at.get("plotly_chart")
+    sweep = traces(charts[0].proto.spec)
+    assert len(sweep) == 2
+    xs, ys = sweep[0]["x"], sweep[0]["y"]
+    assert ys[xs.index(1e-5)] == pytest.approx((n - 8) / n)
+    assert ys[xs.index(1.0)] == pytest.approx(1.0)
+    # layer × kind heatmap: layer 1, q has 8 changed of 4096
+    heat = traces(charts[1].proto.spec)[0]
+    q = heat["x"].index("q")
+    assert heat["z"][1][q] == pytest.approx(1 - 8 / 4096)
+    assert heat["z"][0][q] == pytest.approx(1.0)
+    # head heatmap (q): row 40, 41 -> head 2 of layer 1; rows 0..7 -> head 0
+    heads = traces(charts[2].proto.spec)[0]
+    assert heads["z"][1][0] == pytest.approx(1 - 8 / 1024) and heads["z"][1][2] == pytest.approx(1.0)
+
+
+def test_update_sparsity_tolerance_changes_counts(family):
+    at = _run("update_sparsity.py", family["base"], [family["r1"]])
+    at.select_slider[0].set_value(1.0).run()
+    assert not at.exception
+    assert at.metric[0].value == "100.00%"
+
+
+def test_update_sparsity_bad_fine_tune(family, tmp_path):
+    at = _run("update_sparsity.py", family["base"], [str(tmp_path / "missing"), family["r1"]])
+    assert not at.exception
+    assert any("missing: no such file or directory" in e.value for e in at.error)
+    assert len(at.metric) == 1
+
+
+def test_overlap_page(family):
+    at = _run("overlap.py", family["base"], [family["r1"], family["r2"]])
+    assert not at.exception, at.exception
+    assert not at.error
+    ref = overlap(family["base"], [family["r1"], family["r2"]], tol=1e-5).pairs()[0]
+    assert (ref["intersection"], ref["o1"], ref["o2"]) == (5, 5 / 8, 5 / 7)
+    matrix = traces(at.get("plotly_chart")[0].proto.spec)[0]
+    assert matrix["z"][0][1] == pytest.approx(5 / 8) and matrix["z"][1][0] == pytest.approx(5 / 7)
+    consensus = traces(at.get("plotly_chart")[2].proto.spec)[0]
+    assert consensus["y"] == [68_160 - 10, 5, 5]
+    assert diff_checkpoints(family["base"], family["r2"]).changed_params == 7
+
+
+def test_overlap_page_needs_two_runs(family):
+    at = _run("overlap.py", family["base"], [family["r1"]])
+    assert not at.exception
+    assert "at least two fine-tunes" in at.info[0].value

@@ -1,0 +1,91 @@
+"""Analyses for the pages: small checkpoints inline (cached), large ones as background jobs.
+
+A diff or overlap of a large checkpoint never runs inside the page rerun: it is a job (the
+CLI in a subprocess, analysis/jobs.py) that a fragment polls every second with a progress bar
+and a cancel button; the finished result is read from the job directory.
+"""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from analysis import jobs
+from analysis.checkpoints import fingerprint
+from analysis.diff import diff_checkpoints
+from analysis.overlap import overlap
+
+INLINE_LIMIT = 20_000_000  # parameters: below this the analysis runs inline (well under a second per pair)
+
+
+@st.cache_data(show_spinner="Diffing…", max_entries=64)
+def _diff_inline(base: str, tuned: str, tol: float, rank: bool, fps: tuple) -> dict:
+    return diff_checkpoints(base, tuned, tol=tol, rank=rank).to_json()
+
+
+@st.cache_data(show_spinner="Measuring overlap…", max_entries=32)
+def _overlap_inline(base: str, tuned: tuple[str, ...], tol: float, fps: tuple) -> dict:
+    return overlap(base, list(tuned), tol=tol).to_json()
+
+
+def diff(base: str, tuned: str, tol: float, rank: bool, total_params: int, key: str) -> dict | None:
+    """The diff JSON of base → tuned, or None while its background job runs."""
+    refs = [base, tuned]
+    if total_params < INLINE_LIMIT:
+        return _diff_inline(base, tuned, tol, rank, tuple(fingerprint(r) for r in refs))
+    argv = ["diff", base, tuned, "--tol", repr(tol), "--quiet", *(["--rank"] if rank else [])]
+    return _job(argv, refs, key)
+
+
+def overlap_of(base: str, tuned: list[str], tol: float, total_params: int, key: str) -> dict | None:
+    refs = [base, *tuned]
+    if total_params < INLINE_LIMIT:
+        return _overlap_inline(base, tuple(tuned), tol, tuple(fingerprint(r) for r in refs))
+    return _job(["overlap", base, *tuned, "--tol", repr(tol), "--quiet"], refs, key)
+
+
+def _job(argv: list[str], refs: list[str], key: str) -> dict | None:
+    d = jobs.jobs_dir() / jobs.job_id(argv, refs)
+    stt = jobs.state(d)
+    if stt.status == "done":
+        return stt.result()
+    if stt.status in ("failed", "died", "cancelled", "missing"):
+        if stt.status != "missing":
+            st.error(f"{argv[0]} job {stt.status}: {stt.error or 'no result'}")
+        if st.button(f"Run {argv[0]} in the background", key=f"start_{key}", type="primary"):
+            jobs.start(argv, refs)
+            st.rerun()
+        return None
+    _poll(d, key)
+    return None
+
+
+def _poll(d, key: str) -> None:
+    @st.fragment(run_every=1.0)
+    def progress():
+        s = jobs.state(d)
+        if s.status != "running":
+            st.rerun()  # the whole page: it now shows the result (or the error)
+        st.progress(s.fraction, text=f"{s.done:,} of {s.total:,} elements — {s.current}")
+        if st.button("Cancel", key=f"cancel_{key}"):
+            jobs.cancel(d)
+
+    progress()
+
+
+@st.cache_data(show_spinner="Building the mask…", max_entries=8)
+def _mask_bytes(base: str, tuned: str, tol: float, fps: tuple) -> bytes:
+    import tempfile
+    from pathlib import Path
+
+    from analysis.masks import save_mask
+
+    masks = {}
+    diff_checkpoints(base, tuned, tol=tol, on_mask=masks.__setitem__)
+    with tempfile.TemporaryDirectory() as tmp:
+        f = save_mask(Path(tmp) / "mask.safetensors", masks, source=f"diff {base} -> {tuned} tol={tol:g}")
+        return f.read_bytes()
+
+
+def mask_bytes(base: str, tuned: str, tol: float) -> bytes:
+    """The changed elements of base → tuned at τ as a packed-bits mask file (small models)."""
+    return _mask_bytes(base, tuned, tol, (fingerprint(base), fingerprint(tuned)))
