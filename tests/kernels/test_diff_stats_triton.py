@@ -1,0 +1,43 @@
+"""The fused Triton kernel against the torch reference: on CUDA when there is one, otherwise
+on CPU under TRITON_INTERPRET=1 (small shapes: the interpreter is slow)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+ON_CUDA = torch.cuda.is_available()
+if not ON_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must be set before the kernel is defined
+
+from kernels.diff_stats import diff_stats, diff_stats_reference  # noqa: E402
+from kernels.diff_stats_triton import available, diff_stats_triton  # noqa: E402
+from test_diff_stats import _pair, _same  # noqa: E402
+
+DEVICE = "cuda" if ON_CUDA else "cpu"
+SHAPES = [(1,), (7,), (3, 5), (37, 129), (2, 3, 17), (1031,)] + ([(300, 4099), (4097, 1023)] if ON_CUDA else [])
+
+
+def test_triton_is_installed():
+    assert available()  # the Makefile installs triton (torch's CUDA wheel brings its own)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("tol", [0.0, 1e-5])
+def test_kernel_matches_reference(dtype, shape, tol):
+    b, t = _pair(shape, dtype, seed=len(shape) * 7 + shape[0])
+    _same(diff_stats_reference(b, t, tol), diff_stats_triton(b.to(DEVICE), t.to(DEVICE), tol, block=256))
+
+
+def test_blocks_spanning_rows():
+    b, t = _pair((19, 33), torch.bfloat16, seed=5)  # 627 elements: blocks of 128 cut rows
+    _same(diff_stats_reference(b, t, 1e-5), diff_stats_triton(b.to(DEVICE), t.to(DEVICE), 1e-5, block=128))
+
+
+def test_dispatch_by_device():
+    """diff_stats picks Triton for CUDA tensors and the CPU loop otherwise; both match."""
+    b, t = _pair((64, 65), torch.bfloat16, seed=9)
+    _same(diff_stats_reference(b, t, 1e-5), diff_stats(b.to(DEVICE), t.to(DEVICE), 1e-5))
