@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import time
@@ -145,6 +146,11 @@ def cmd_diff(args) -> int:
     finally:
         prog.close()
     d = res.to_json()
+    if args.mask_out:
+        from analysis.masks import save_mask
+
+        save_mask(args.mask_out, masks, source=f"diff {res.base} -> {res.tuned} tol={res.tol:g}")
+    write_json_atomic(args.json, d)
     print(f"{res.base} -> {res.tuned}")
     print(f"  tolerance {res.tol:g}: {res.changed_params:,} of {res.total_params:,} changed; "
           f"update sparsity {res.update_sparsity:.4%}")
@@ -154,11 +160,7 @@ def cmd_diff(args) -> int:
     if d["skipped"]:
         print(f"  skipped {len(d['skipped'])} tensors (see JSON): " + ", ".join(s["name"] for s in d["skipped"][:5]))
     if args.mask_out:
-        from analysis.masks import save_mask
-
-        save_mask(args.mask_out, masks, source=f"diff {res.base} -> {res.tuned} tol={res.tol:g}")
         print(f"wrote mask {args.mask_out}")
-    write_json_atomic(args.json, d)
     print(f"wrote {args.json}")
     return 0
 
@@ -173,13 +175,13 @@ def cmd_overlap(args) -> int:
     finally:
         prog.close()
     d = res.to_json()
+    write_json_atomic(args.json, d)
     print(f"base {res.base}; tolerance {res.tol:g}; {res.total.numel:,} elements")
     for p in d["pairs"]:
         print(f"  {p['a']}-{p['b']}: o1 {p['o1']:.3f} (random {p['o1_random']:.3f}, matched {p['o1_matched']:.3f})  "
               f"o2 {p['o2']:.3f} (random {p['o2_random']:.3f}, matched {p['o2_matched']:.3f})  "
               f"jaccard {p['jaccard']:.3f} (random {p['jaccard_random']:.3f})")
     print("  consensus (changed by exactly k runs): " + ", ".join(f"k={k}: {c:,}" for k, c in enumerate(d["consensus"])))
-    write_json_atomic(args.json, d)
     print(f"wrote {args.json}")
     return 0
 
@@ -265,6 +267,9 @@ def main(argv=None) -> int:
         print("cancelled", file=sys.stderr)
         status.write("cancelled")
         return 130
+    except BrokenPipeError:  # e.g. `python -m analysis diff ... | head`: outputs are already written
+        sys.stdout = open(os.devnull, "w")
+        return 0
     except BaseException as e:
         status.write("failed", error=f"{type(e).__name__}: {e}")
         raise
