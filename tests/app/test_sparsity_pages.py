@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from safetensors.torch import save_file
 from streamlit.testing.v1 import AppTest
 
