@@ -10,7 +10,7 @@ from analysis.diff import tolerance_grid
 from analysis.errors import SubnetscopeError
 from ui import work
 from ui.loaders import summary, try_load
-from ui.state import label_of, selection
+from ui.state import label_of, parent_of, selection
 
 st.header("Subnetwork overlap")
 base, tuned = selection()
@@ -18,13 +18,24 @@ if not base or len(tuned) < 2:
     st.info("Choose a base and at least two fine-tunes of it in the sidebar.")
     st.stop()
 
-c1, c2 = st.columns([3, 2])
+# the runs must share a base: the demo's RL runs come from its SFT model, not from its base
+shared = [parent_of(t) for t in tuned]
+common = max(set(shared) - {None}, key=shared.count, default=None)
+default_base = common if common in [base, *tuned] and shared.count(common) >= 2 else base
+c1, c2, c3 = st.columns([3, 2, 2])
 tol = c1.select_slider("Tolerance τ", options=tolerance_grid(), value=1e-5, format_func=lambda t: f"{t:g}",
                        key="overlap_tol")
-runs = c2.multiselect("Runs", tuned, default=tuned, format_func=label_of)
+options = [base, *tuned]
+run_base = c2.selectbox("Base of the runs", options, index=options.index(default_base), format_func=label_of,
+                        help="The checkpoint every run was fine-tuned from.")
+candidates = [t for t in tuned if t != run_base]
+default_runs = [t for t in candidates if parent_of(t) == run_base] if common == run_base else candidates
+runs = c3.multiselect("Runs", candidates, default=default_runs if len(default_runs) >= 2 else candidates,
+                      format_func=label_of)
 if len(runs) < 2:
-    st.info("Pick at least two runs.")
+    st.info("Pick at least two runs fine-tuned from the chosen base.")
     st.stop()
+base = run_base
 base_summary = try_load(summary, base)
 if base_summary is None:
     st.stop()
@@ -37,6 +48,7 @@ if r is None:
     st.stop()
 
 labels = [label_of(x) for x in runs]
+st.caption(f"Runs fine-tuned from **{label_of(base)}**; {r['total_params']:,} elements compared at τ = {tol:g}.")
 st.markdown(
     "For runs *a*, *b* with changed sets I_a, I_b: **o1** = |I_a ∩ I_b| / |I_a|, **o2** = |I_a ∩ I_b| / |I_b|. "
     "*Random* is the paper's baseline (independent subnetworks of the same sizes: o1 = 1 − s_b); "

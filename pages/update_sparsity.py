@@ -10,7 +10,7 @@ from analysis.diff import tolerance_grid
 from analysis.errors import SubnetscopeError
 from ui import work
 from ui.loaders import summary, try_load
-from ui.state import label_of, selection
+from ui.state import label_of, parent_of, selection
 
 st.header("Update sparsity")
 base, tuned = selection()
@@ -25,17 +25,33 @@ tol = c1.select_slider("Tolerance τ", options=tolerance_grid(), value=1e-5, for
 focus = c2.selectbox("Details for", tuned, format_func=label_of)
 rank = c3.checkbox("Update rank", help="rank(ΔW) / min(m, n) per matrix (torch.linalg.matrix_rank; costly).")
 
+# each fine-tune is compared with the checkpoint it was trained from: the base unless known
+# otherwise (the demo's RL runs come from its SFT model) or chosen here
+refs = [base, *tuned]
+with st.expander("Compared pairs", expanded=False):
+    parents = {}
+    for t in tuned:
+        known = parent_of(t)
+        default = known if known in refs and known != t else base
+        options = [r for r in refs if r != t]
+        parents[t] = st.selectbox(f"{label_of(t)} is compared with", options, index=options.index(default),
+                                  format_func=label_of, key=f"parent_{t}")
+
+
+def pair_label(t: str) -> str:
+    return f"{label_of(parents[t])} → {label_of(t)}"
+
+
 base_summary = try_load(summary, base)
 if base_summary is None:
     st.stop()
 results: dict[str, dict] = {}
 for ref in tuned:
-    with st.container():
-        try:
-            r = work.diff(base, ref, tol, rank and ref == focus, base_summary["total_params"], key=f"diff_{ref}")
-        except SubnetscopeError as e:
-            st.error(f"{label_of(ref)}: {e}")
-            continue
+    try:
+        r = work.diff(parents[ref], ref, tol, rank and ref == focus, base_summary["total_params"], key=f"diff_{ref}")
+    except SubnetscopeError as e:
+        st.error(f"{label_of(ref)}: {e}")
+        continue
     if r is not None:
         results[ref] = r
 if not results:
@@ -43,17 +59,17 @@ if not results:
 
 cols = st.columns(len(results))
 for col, (ref, r) in zip(cols, results.items()):
-    col.metric(f"{label_of(ref)} — update sparsity at τ = {tol:g}", f"{r['update_sparsity']:.2%}",
+    col.metric(f"{pair_label(ref)}: update sparsity at τ = {tol:g}", f"{r['update_sparsity']:.2%}",
                help=f"{r['changed_params']:,} of {r['total_params']:,} elements changed")
     col.caption(f"{r['changed_params']:,} of {r['total_params']:,} changed")
 
-st.plotly_chart(plots.sparsity_sweep({label_of(k): v["tolerance_sweep"] for k, v in results.items()}, tol),
+st.plotly_chart(plots.sparsity_sweep({pair_label(k): v["tolerance_sweep"] for k, v in results.items()}, tol),
                 key="sweep")
 
 if focus not in results:
     st.stop()
 r = results[focus]
-st.subheader(f"{label_of(base)} → {label_of(focus)}")
+st.subheader(pair_label(focus))
 left, right = st.columns(2)
 left.plotly_chart(plots.layer_kind_heatmap(r["layer_kinds"]), key="layer_kind")
 components = [c for c in ("q", "k", "v", "o") if any(u["component"] == c for u in r["units"])]
@@ -89,11 +105,11 @@ if r["skipped"]:
                                                                       for s in r["skipped"][:10]))
 
 d1, d2, d3 = st.columns(3)
-stem = f"diff-{label_of(base)}-{label_of(focus)}-tol{tol:g}".replace("/", "_")
+stem = f"diff-{label_of(parents[focus])}-{label_of(focus)}-tol{tol:g}".replace("/", "_")
 d1.download_button("Download JSON", json.dumps(r, indent=1), f"{stem}.json", "application/json")
 d2.download_button("Download CSV (tensors)", tensors[show].to_csv(index=False), f"{stem}.csv", "text/csv")
 if base_summary["total_params"] < work.INLINE_LIMIT:
-    d3.download_button("Download mask", work.mask_bytes(base, focus, tol), f"{stem}-mask.safetensors",
+    d3.download_button("Download mask", work.mask_bytes(parents[focus], focus, tol), f"{stem}-mask.safetensors",
                        "application/octet-stream", help="Changed elements as a packed-bits mask file.")
 else:
     d3.caption(f"Mask of a large model: `python -m analysis diff BASE TUNED --tol {tol:g} --json OUT --mask-out M`")

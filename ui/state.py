@@ -48,6 +48,19 @@ def demo_refs() -> dict[str, str]:
     return {f"demo/{n}": str(d / n) for n in names if (d / n).is_dir()}
 
 
+def parent_of(ref: str) -> str | None:
+    """The checkpoint a fine-tune was trained from, when known (the demo manifest's parents)."""
+    d = demo.default_demo_dir()
+    try:
+        models = json.loads((d / "manifest.json").read_text())["models"]
+    except (OSError, ValueError, KeyError):
+        return None
+    for name, m in models.items():
+        if str(d / name) == ref and m.get("parent"):
+            return str(d / m["parent"])
+    return None
+
+
 def _label(ref: str, labels: dict[str, str]) -> str:
     return next((lab for lab, r in labels.items() if r == ref), ref)
 

@@ -1,7 +1,7 @@
 """Real-browser test: the app started as a user starts it, headless Chromium driven by Playwright.
 
-Opens the app with no input (the demo family is the default) and asserts the Checkpoints
-page shows the base's exact total parameter count. The screenshot is kept in artifacts/.
+Opens the app with no input (the demo family is the default) and asserts each page shows the
+numbers the backend computes for the demo family. Screenshots are kept in artifacts/.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import pytest
 
 from analysis.checkpoints import open_checkpoint
 from analysis.demo import default_demo_dir, demo_is_current
+from analysis.diff import diff_checkpoints
+from analysis.overlap import overlap
 from conftest import ROOT
 
 CHROMIUM = "/usr/bin/chromium"
@@ -60,25 +62,59 @@ def app_url():
             proc.kill()
 
 
-def test_checkpoints_page_in_chromium(app_url):
+@pytest.fixture(scope="module")
+def browser_page(app_url):
     from playwright.sync_api import sync_playwright
 
-    expected = open_checkpoint(default_demo_dir() / "base").total_params
-    shot = ROOT / "artifacts" / "checkpoints-page.png"
-    shot.parent.mkdir(exist_ok=True)
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1100})
-            page.goto(app_url, wait_until="domcontentloaded")
-            metric = page.get_by_test_id("stMetricValue").first
-            metric.wait_for(timeout=90_000)
-            page.wait_for_timeout(1500)  # let charts render for the screenshot
-            page.screenshot(path=str(shot), full_page=True)
-            values = page.get_by_test_id("stMetricValue").all_inner_texts()
-            body = page.inner_text("body")
+            yield browser.new_page(viewport={"width": 1400, "height": 2200})
         finally:
             browser.close()
-    assert values[0] == f"{expected:,}"
-    assert "Checkpoints" in body and "demo/base" in body and "demo/rl-seed2" in body
+
+
+def _open(page, url: str, shot: str) -> list[str]:
+    """Opens a page, waits for its metrics and charts, keeps a screenshot, returns metric values."""
+    page.goto(url, wait_until="domcontentloaded")
+    page.get_by_test_id("stMetricValue").first.wait_for(timeout=90_000)
+    page.locator(".js-plotly-plot").first.wait_for(timeout=60_000)
+    page.wait_for_timeout(1500)  # let the charts finish drawing for the screenshot
+    out = ROOT / "artifacts" / shot
+    out.parent.mkdir(exist_ok=True)
+    page.screenshot(path=str(out), full_page=True)
+    body = page.inner_text("body")
     assert "Traceback" not in body and "Error" not in body
+    return page.get_by_test_id("stMetricValue").all_inner_texts()
+
+
+def test_checkpoints_page_in_chromium(app_url, browser_page):
+    """With no input the app opens on the demo family and shows the exact parameter count."""
+    expected = open_checkpoint(default_demo_dir() / "base").total_params
+    values = _open(browser_page, app_url, "checkpoints-page.png")
+    assert values[0] == f"{expected:,}"
+    body = browser_page.inner_text("body")
+    assert "demo/base" in body and "demo/rl-seed2" in body
+
+
+def test_update_sparsity_page_in_chromium(app_url, browser_page):
+    d = default_demo_dir()
+    # each fine-tune against its parent: base -> sft, sft -> rl-seed1, sft -> rl-seed2
+    expected = [f"{diff_checkpoints(d / parent, d / run, tol=1e-5).update_sparsity:.2%}"
+                for parent, run in (("base", "sft"), ("sft", "rl-seed1"), ("sft", "rl-seed2"))]
+    values = _open(browser_page, app_url + "/update_sparsity", "update-sparsity-page.png")
+    assert values == expected
+    assert browser_page.locator(".js-plotly-plot").count() >= 5
+
+
+def test_overlap_page_in_chromium(app_url, browser_page):
+    d = default_demo_dir()
+    (pair,) = pairs = overlap(d / "sft", [d / "rl-seed1", d / "rl-seed2"], tol=1e-5).pairs()  # RL runs of sft
+    assert pair["o1"] > pair["o1_random"]
+    browser_page.goto(app_url + "/overlap", wait_until="domcontentloaded")
+    browser_page.locator(".js-plotly-plot").first.wait_for(timeout=90_000)
+    browser_page.wait_for_timeout(1500)
+    browser_page.screenshot(path=str(ROOT / "artifacts" / "overlap-page.png"), full_page=True)
+    texts = " ".join(browser_page.locator(".js-plotly-plot svg text").all_text_contents())
+    for p in pairs:  # the matrix cells show each measured o1 and its random baseline
+        assert f"{p['o1']:.2f}" in texts and f"rand {p['o1_random']:.2f}" in texts

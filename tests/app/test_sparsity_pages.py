@@ -72,6 +72,17 @@ def test_update_sparsity_tolerance_changes_counts(family):
     assert at.metric[0].value == "100.00%"
 
 
+def test_update_sparsity_compare_with_another_fine_tune(family):
+    at = _run("update_sparsity.py", family["base"], [family["r1"], family["r2"]])
+    at.selectbox(key=f"parent_{family['r2']}").set_value(family["r1"]).run()
+    assert not at.exception
+    # r1 -> r2: r1's 8 changes minus the 5 shared, plus r2's own 2 elsewhere = 5 elements differ
+    expected = diff_checkpoints(family["r1"], family["r2"], tol=1e-5)
+    assert expected.changed_params == 5
+    assert at.metric[1].value == f"{expected.update_sparsity:.2%}"
+    assert "→" in at.metric[1].label
+
+
 def test_update_sparsity_bad_fine_tune(family, tmp_path):
     at = _run("update_sparsity.py", family["base"], [str(tmp_path / "missing"), family["r1"]])
     assert not at.exception
