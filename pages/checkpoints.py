@@ -62,7 +62,7 @@ if summaries:
             with st.expander(f"All {len(s['tensors'])} tensors"):
                 st.dataframe(pd.DataFrame(s["tensors"]), hide_index=True)
 
-if base and tuned:
+if base and tuned and label_of(base) in summaries:  # a base that failed is reported above
     st.subheader("Alignment with the base")
     for ref in tuned:
         rep = try_load(alignment, [base, ref])

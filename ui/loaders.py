@@ -7,6 +7,7 @@ import streamlit as st
 
 from analysis.checkpoints import align, fingerprint, open_checkpoint, summarize
 from analysis.errors import SubnetscopeError
+from ui.state import remember
 
 
 @st.cache_data(show_spinner="Reading checkpoint metadata…", max_entries=64)
@@ -15,8 +16,11 @@ def _summary(ref: str, fp: tuple) -> dict:
 
 
 def summary(ref: str) -> dict:
-    """``analysis.checkpoints.summarize`` for a reference, cached by file fingerprint."""
-    return _summary(ref, fingerprint(ref))
+    """``analysis.checkpoints.summarize`` for a reference, cached by file fingerprint. A
+    reference that opens is remembered for the sidebar's recent list."""
+    s = _summary(ref, fingerprint(ref))
+    remember(ref)
+    return s
 
 
 @st.cache_data(show_spinner="Aligning checkpoints…", max_entries=32)

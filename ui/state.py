@@ -31,8 +31,11 @@ def recent_refs() -> list[str]:
 
 
 def remember(ref: str) -> None:
-    """Adds a reference that opened successfully to the recent list."""
-    refs = [ref] + [r for r in recent_refs() if r != ref]
+    """Adds a reference that opened successfully to the recent list (the demo's are not listed)."""
+    recent = recent_refs()
+    if ref in demo_refs().values() or (recent and recent[0] == ref):
+        return
+    refs = [ref] + [r for r in recent if r != ref]
     try:
         write_json_atomic(_recent_file(), refs[:20])
     except OSError:

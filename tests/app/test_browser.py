@@ -97,6 +97,25 @@ def test_checkpoints_page_in_chromium(app_url, browser_page):
     assert "demo/base" in body and "demo/rl-seed2" in body
 
 
+def test_typed_bad_path_shows_error_rest_works(app_url, browser_page, tmp_path):
+    """A user types a path that does not exist as the base and presses Enter: a red box names it,
+    the three fine-tunes are still shown."""
+    d = default_demo_dir()
+    _open(browser_page, app_url, "checkpoints-page.png")
+    bad = str(tmp_path / "no-such-model")
+    box = browser_page.get_by_test_id("stSelectbox").locator("input")
+    box.click()
+    box.fill(bad)
+    box.press("Enter")
+    alert = browser_page.get_by_test_id("stAlertContentError").first
+    alert.wait_for(timeout=60_000)
+    browser_page.wait_for_timeout(1000)
+    browser_page.screenshot(path=str(ROOT / "artifacts" / "bad-path.png"), full_page=True)
+    assert f"{bad}: no such file or directory" in alert.inner_text()
+    values = browser_page.get_by_test_id("stMetricValue").all_inner_texts()
+    assert values[0] == f"{open_checkpoint(d / 'sft').total_params:,}" and len(values) == 3 * 4
+
+
 def test_update_sparsity_page_in_chromium(app_url, browser_page):
     d = default_demo_dir()
     # each fine-tune against its parent: base -> sft, sft -> rl-seed1, sft -> rl-seed2
