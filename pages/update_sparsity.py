@@ -59,9 +59,9 @@ if not results:
 
 cols = st.columns(len(results))
 for col, (ref, r) in zip(cols, results.items()):
-    col.metric(f"{pair_label(ref)}: update sparsity at τ = {tol:g}", f"{r['update_sparsity']:.2%}",
-               help=f"{r['changed_params']:,} of {r['total_params']:,} elements changed")
-    col.caption(f"{r['changed_params']:,} of {r['total_params']:,} changed")
+    col.metric(pair_label(ref), f"{r['update_sparsity']:.2%}",
+               help="Update sparsity: the fraction of elements unchanged at τ (DESIGN.md §3).")
+    col.caption(f"unchanged at τ = {tol:g}: {r['changed_params']:,} of {r['total_params']:,} changed")
 
 st.plotly_chart(plots.sparsity_sweep({pair_label(k): v["tolerance_sweep"] for k, v in results.items()}, tol),
                 key="sweep")

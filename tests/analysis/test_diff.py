@@ -177,3 +177,20 @@ def test_cli_diff_bad_tolerance(planted, capsys):
     assert ei.value.code == 2
     assert main(["diff", str(base), "/no/such/dir", "--json", "x.json", "--quiet"]) == 2
     assert "/no/such/dir: no such file or directory" in capsys.readouterr().err
+
+
+def test_update_rank(tmp_path):
+    """rank(ΔW) with torch.linalg.matrix_rank's default tolerance: a planted rank-2 update."""
+    model = tiny_llama()
+    sd = _base_sd()
+    t = {k: v.clone() for k, v in sd.items()}
+    g = torch.Generator().manual_seed(0)
+    u, v = torch.randn(64, 2, generator=g), torch.randn(2, 64, generator=g)
+    t[Q] += 0.1 * (u @ v)
+    b, d = _write_dir(tmp_path / "b", sd, model), _write_dir(tmp_path / "t", t, model)
+    r = diff_checkpoints(b, d, tol=1e-5, rank=True)
+    ranks = {x.name: x.rank for x in r.tensors}
+    assert ranks[Q] == 2 and ranks[O] == 0 and ranks[EMB] == 0
+    assert ranks["model.norm.weight"] is None  # 1-D: no rank
+    q = next(x for x in r.to_json()["tensors"] if x["name"] == Q)
+    assert q["rank_fraction"] == 2 / 64
