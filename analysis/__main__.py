@@ -36,6 +36,8 @@ def cmd_inspect(args) -> int:
 
     ck = open_checkpoint(args.checkpoint, trust_remote_code=args.trust_remote_code)
     s = summarize(ck)
+    if args.json:  # outputs first: the summary below may go to a closed pipe
+        write_json_atomic(args.json, s)
     print(f"{ck.ref}  [{ck.source}]  {ck.path}")
     arch = ("model_type", "num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim",
             "intermediate_size", "vocab_size", "tie_word_embeddings", "config_dtype")
@@ -49,7 +51,6 @@ def cmd_inspect(args) -> int:
     for k, n in s["params_by_kind"].items():
         print(f"    {k:<12} {n:>14,}")
     if args.json:
-        write_json_atomic(args.json, s)
         print(f"wrote {args.json}")
     return 0
 
@@ -61,6 +62,8 @@ def cmd_align(args) -> int:
     cks = [open_checkpoint(r, trust_remote_code=args.trust_remote_code) for r in args.checkpoints]
     al = align(cks)
     d = al.to_dict()
+    if args.json:
+        write_json_atomic(args.json, d)
     print(f"aligned tensors: {d['aligned']}  compared params: {_fmt_int(d['compared_params'])}")
     for label, rows in (("missing", d["missing"]), ("shape mismatches", d["shape_mismatches"]),
                         ("resized (compared on shared rows)", d["resized"])):
@@ -71,7 +74,6 @@ def cmd_align(args) -> int:
         if len(rows) > 20:
             print(f"  ... {len(rows) - 20} more (see --json)")
     if args.json:
-        write_json_atomic(args.json, d)
         print(f"wrote {args.json}")
     return 0
 
