@@ -108,7 +108,7 @@ d1, d2, d3 = st.columns(3)
 stem = f"diff-{label_of(parents[focus])}-{label_of(focus)}-tol{tol:g}".replace("/", "_")
 d1.download_button("Download JSON", json.dumps(r, indent=1), f"{stem}.json", "application/json")
 d2.download_button("Download CSV (tensors)", tensors[show].to_csv(index=False), f"{stem}.csv", "text/csv")
-if base_summary["total_params"] < work.INLINE_LIMIT:
+if base_summary["total_params"] < work.inline_limit():
     d3.download_button("Download mask", work.mask_bytes(parents[focus], focus, tol), f"{stem}-mask.safetensors",
                        "application/octet-stream", help="Changed elements as a packed-bits mask file.")
 else:

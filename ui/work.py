@@ -14,7 +14,13 @@ from analysis.checkpoints import fingerprint
 from analysis.diff import diff_checkpoints
 from analysis.overlap import overlap
 
-INLINE_LIMIT = 20_000_000  # parameters: below this the analysis runs inline (well under a second per pair)
+import os
+
+
+def inline_limit() -> int:
+    """Parameters below which an analysis runs inline (well under a second per pair); above it
+    runs as a job. ``SUBNETSCOPE_INLINE_LIMIT`` overrides the default of 20M."""
+    return int(os.environ.get("SUBNETSCOPE_INLINE_LIMIT", 20_000_000))
 
 
 @st.cache_data(show_spinner="Diffing…", max_entries=64)
@@ -30,7 +36,7 @@ def _overlap_inline(base: str, tuned: tuple[str, ...], tol: float, fps: tuple) -
 def diff(base: str, tuned: str, tol: float, rank: bool, total_params: int, key: str) -> dict | None:
     """The diff JSON of base → tuned, or None while its background job runs."""
     refs = [base, tuned]
-    if total_params < INLINE_LIMIT:
+    if total_params < inline_limit():
         return _diff_inline(base, tuned, tol, rank, tuple(fingerprint(r) for r in refs))
     argv = ["diff", base, tuned, "--tol", repr(tol), "--quiet", *(["--rank"] if rank else [])]
     return _job(argv, refs, key)
@@ -38,7 +44,7 @@ def diff(base: str, tuned: str, tol: float, rank: bool, total_params: int, key: 
 
 def overlap_of(base: str, tuned: list[str], tol: float, total_params: int, key: str) -> dict | None:
     refs = [base, *tuned]
-    if total_params < INLINE_LIMIT:
+    if total_params < inline_limit():
         return _overlap_inline(base, tuple(tuned), tol, tuple(fingerprint(r) for r in refs))
     return _job(["overlap", base, *tuned, "--tol", repr(tol), "--quiet"], refs, key)
 

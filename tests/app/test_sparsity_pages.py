@@ -107,3 +107,28 @@ def test_overlap_page_needs_two_runs(family):
     at = _run("overlap.py", family["base"], [family["r1"]])
     assert not at.exception
     assert "at least two fine-tunes" in at.info[0].value
+
+
+def test_large_checkpoint_runs_as_background_job(family, tmp_path, monkeypatch):
+    """Above the inline limit the page never diffs in the rerun: a button starts a job (the CLI in
+    a subprocess); while it runs the page shows progress; once done, its result."""
+    import time
+
+    from analysis import jobs
+
+    monkeypatch.setenv("SUBNETSCOPE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("SUBNETSCOPE_INLINE_LIMIT", "0")
+    at = _run("update_sparsity.py", family["base"], [family["r1"]])
+    assert not at.exception and not at.metric
+    (button,) = [b for b in at.button if b.label == "Run diff in the background"]
+    button.click().run()
+    assert not at.exception
+    job_dirs = list((tmp_path / "home" / "jobs").iterdir())
+    assert len(job_dirs) == 1
+    deadline = time.time() + 120
+    while jobs.state(job_dirs[0]).status == "running" and time.time() < deadline:
+        time.sleep(0.3)
+    assert jobs.state(job_dirs[0]).status == "done"
+    at.run()
+    assert not at.exception
+    assert at.metric[0].value == f"{(68_160 - 8) / 68_160:.2%}"
