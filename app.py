@@ -10,6 +10,7 @@ pages = [
     st.Page("pages/checkpoints.py", title="Checkpoints", icon=":material/inventory_2:", default=True),
     st.Page("pages/update_sparsity.py", title="Update sparsity", icon=":material/grid_on:"),
     st.Page("pages/overlap.py", title="Overlap", icon=":material/join_inner:"),
+    st.Page("pages/importance.py", title="Importance", icon=":material/leaderboard:"),
 ]
 page = st.navigation(pages)
 st.sidebar.title(":material/biotech: Subnetscope")

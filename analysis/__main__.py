@@ -188,6 +188,182 @@ def cmd_overlap(args) -> int:
     return 0
 
 
+def _options(pairs: list[str]) -> dict:
+    """``--option key=value`` pairs; numbers and true/false are converted."""
+    out = {}
+    for p in pairs or []:
+        if "=" not in p:
+            raise SubnetscopeError(f"--option {p!r}: expected key=value")
+        k, v = p.split("=", 1)
+        low = v.lower()
+        if low in ("true", "false"):
+            out[k] = low == "true"
+            continue
+        for conv in (int, float):
+            try:
+                out[k] = conv(v)
+                break
+            except ValueError:
+                continue
+        else:
+            out[k] = v
+    return out
+
+
+def _calibration(args, tokenizer, offset: int = 0):
+    from analysis.calibration import calibration_batches
+
+    return calibration_batches(args.data, tokenizer, samples=args.samples, seq_len=args.seq_len,
+                               batch_size=args.batch_size, offset=offset, seed=args.seed)
+
+
+def cmd_selectors(args) -> int:
+    from analysis.selectors import SELECTORS
+
+    for name, e in SELECTORS.items():
+        print(f"{name:<18} {e.label}")
+        print(f"{'':<18} {e.description}")
+        print(f"{'':<18} granularity: {', '.join(e.granularities)}; data: {'yes' if e.needs_data else 'no'}; "
+              f"cost: {e.cost}")
+        print(f"{'':<18} paper: {e.paper}")
+        for opt, help_ in e.options.items():
+            print(f"{'':<18} --option {opt}=…  {help_}")
+    return 0
+
+
+def cmd_importance(args) -> int:
+    from analysis.importance import compute_scores, scores_to_mask, summarize
+    from analysis.io import write_atomic, write_json_atomic
+    from analysis.masks import count, save_mask
+    from analysis.models import load_model
+    from analysis.selectors import get_selector
+
+    entry = get_selector(args.selector)
+    options = _options(args.option)
+    model, tokenizer = load_model(args.checkpoint, device=args.device)
+    batches = _calibration(args, tokenizer) if entry.needs_data else None
+    prog = _Progress(args.selector, not args.quiet, args.progress_file)
+    try:
+        scores = compute_scores(model, args.selector, batches, granularity=args.granularity, seed=args.seed,
+                                progress=prog, **options)
+    finally:
+        prog.close()
+    out = {"checkpoint": args.checkpoint, **summarize(scores, scope=args.scope),
+           "data": args.data if batches else None, "samples": args.samples if batches else None,
+           "seq_len": args.seq_len if batches else None, "options": options, "info": _plain(scores.info)}
+    if args.density is not None:
+        mask = scores_to_mask(scores, args.density, budget=args.budget, scope=args.scope)
+        k, n = count(mask)
+        out["mask"] = {"density": args.density, "budget": args.budget or "default", "selected": k,
+                       "elements": n, "file": args.mask_out}
+        if args.mask_out:
+            save_mask(args.mask_out, mask, source=f"{args.selector} {scores.granularity} density={args.density} "
+                                                  f"scope={args.scope} of {args.checkpoint}")
+    if args.scores_out:
+        from safetensors.torch import save
+
+        values = scores.values if isinstance(scores.values, dict) else {scores.granularity: scores.values}
+        write_atomic(args.scores_out, save({k: v.contiguous() for k, v in values.items()},
+                                           metadata={"selector": args.selector, "granularity": scores.granularity}))
+    write_json_atomic(args.json, out)
+    print(f"{args.selector} on {args.checkpoint}: {scores.granularity} scores, scope {args.scope}")
+    for row in out.get("layers") or []:
+        if isinstance(row, dict):
+            print(f"  layer {row['layer']:>3}  mean {row['mean']:.4g}  sum {row['sum']:.4g}")
+    if "mask" in out:
+        print(f"  mask: {out['mask']['selected']:,} of {out['mask']['elements']:,} elements selected")
+    print(f"wrote {args.json}")
+    return 0
+
+
+def _plain(obj):
+    """info dicts may hold tensors or tuples: keep what JSON can say."""
+    try:
+        json.dumps(obj)
+        return obj
+    except TypeError:
+        return {k: (v if isinstance(v, (str, int, float, bool, type(None), list)) else str(v)) for k, v in obj.items()}
+
+
+def cmd_evaluate_selectors(args) -> int:
+    from analysis.diff import diff_checkpoints
+    from analysis.importance import compute_scores
+    from analysis.io import write_json_atomic
+    from analysis.models import load_model
+    from analysis.selector_eval import agreement, predictive_power, topk_jaccard
+    from analysis.selectors import get_selector
+
+    names = [n.strip() for n in args.selectors.split(",") if n.strip()]
+    if len(names) < 1:
+        raise SubnetscopeError("--selectors needs at least one selector name")
+    entries = {n: get_selector(n) for n in names}
+    model, tokenizer = load_model(args.checkpoint, device=args.device)
+    needs_data = any(e.needs_data for e in entries.values())
+    batches = _calibration(args, tokenizer) if needs_data else None
+    held_out = _calibration(args, tokenizer, offset=args.samples) if needs_data and args.stability else None
+    scores, stability = {}, {}
+    for n, e in entries.items():
+        prog = _Progress(n, not args.quiet, args.progress_file)
+        try:
+            opts = {}
+            if n == "diff":  # the changed elements themselves: an oracle row beside the predictors
+                if not args.against_diff:
+                    raise SubnetscopeError("the diff selector needs --against-diff BASE TUNED")
+                opts = {"base": args.against_diff[0], "tuned": args.against_diff[1], "tol": args.tol}
+            scores[n] = compute_scores(model, n, batches if e.needs_data else None, seed=args.seed, progress=prog,
+                                       **opts)
+            if held_out and e.needs_data:
+                other = compute_scores(model, n, held_out, seed=args.seed, progress=prog)
+                stability[n] = topk_jaccard(scores[n], other, args.density, scope=args.scope)
+        finally:
+            prog.close()
+    out = {"checkpoint": args.checkpoint, "selectors": names, "density": args.density, "scope": args.scope,
+           "data": args.data if needs_data else None, "samples": args.samples if needs_data else None}
+    out["agreement"] = agreement(scores, args.density, scope=args.scope).to_dict() if len(names) > 1 else None
+    out["stability"] = stability or None
+    if args.against_diff:
+        changed = {}
+        diff_checkpoints(args.against_diff[0], args.against_diff[1], tol=args.tol, on_mask=changed.__setitem__)
+        preds = [predictive_power(scores[n], changed, scope=args.scope) for n in names]
+        out["against_diff"] = {"base": args.against_diff[0], "tuned": args.against_diff[1], "tol": args.tol}
+        out["prediction"] = [p.to_dict() for p in preds]
+    write_json_atomic(args.json, out)
+    if out["agreement"]:
+        print("Spearman / top-k Jaccard:")
+        for i, a in enumerate(names):
+            print("  " + a.ljust(18) + "  ".join(f"{out['agreement']['spearman'][i][j] or 0:+.2f}/"
+                                                 f"{out['agreement']['jaccard'][i][j] or 0:.2f}"
+                                                 for j in range(len(names))))
+    for p in out.get("prediction") or []:
+        print(f"  {p['selector']:<18} precision@k {p['precision_at_k']:.3f} (chance {p['base_rate']:.3f})  "
+              f"AUROC {p['auroc']:.3f}")
+    for n, j in stability.items():
+        print(f"  {n:<18} stability (top-k Jaccard across disjoint data) {j:.3f}")
+    print(f"wrote {args.json}")
+    return 0
+
+
+def _add_data_args(s) -> None:
+    s.add_argument("--data", default="demo", help="demo (the arithmetic task), a .txt/.jsonl file, or a dataset name")
+    s.add_argument("--samples", type=int, default=32, help="calibration sequences (default 32)")
+    s.add_argument("--seq-len", type=int, default=64, help="tokens per sequence at most (default 64)")
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--scope", default="blocks", choices=("blocks", "all"),
+                   help="blocks: the attention and MLP matrices of the transformer blocks; all: every parameter")
+
+
+def _density(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {s!r}") from None
+    if not 0 < v <= 1:
+        raise argparse.ArgumentTypeError(f"density must be in (0, 1], got {s}")
+    return v
+
+
 def _tolerance(s: str) -> float:
     try:
         v = float(s)
@@ -236,6 +412,38 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--progress-file", metavar="P", help=argparse.SUPPRESS)
     s.set_defaults(func=cmd_overlap)
 
+    s = sub.add_parser("selectors", help="list the importance selectors")
+    s.set_defaults(func=cmd_selectors)
+
+    s = sub.add_parser("importance", help="importance scores of a checkpoint's parameters by one selector")
+    s.add_argument("checkpoint")
+    s.add_argument("--selector", required=True)
+    s.add_argument("--granularity", choices=("element", "row", "head", "channel", "layer"))
+    _add_data_args(s)
+    s.add_argument("--option", action="append", metavar="KEY=VALUE", help="a selector option (see `selectors`)")
+    s.add_argument("--density", type=_density, help="select this fraction of the scope as a mask")
+    s.add_argument("--budget", choices=("global", "per_layer", "structured"),
+                   help="global top-k, per-layer uniform top-k, or whole heads/channels/layers")
+    s.add_argument("--mask-out", metavar="M", help="write the selected elements as a mask file (needs --density)")
+    s.add_argument("--scores-out", metavar="S", help="write the raw scores as safetensors")
+    s.add_argument("--json", metavar="OUT", required=True)
+    s.add_argument("--quiet", action="store_true")
+    s.add_argument("--progress-file", metavar="P", help=argparse.SUPPRESS)
+    s.set_defaults(func=cmd_importance)
+
+    s = sub.add_parser("evaluate-selectors", help="agreement of selectors, and how well they predict a real update")
+    s.add_argument("checkpoint")
+    s.add_argument("--selectors", required=True, help="comma-separated names, e.g. magnitude,wanda,fisher")
+    s.add_argument("--against-diff", nargs=2, metavar=("BASE", "TUNED"), help="the fine-tune whose changes to predict")
+    s.add_argument("--tol", type=_tolerance, default=1e-5)
+    s.add_argument("--density", type=_density, required=True, help="top-k density of the Jaccard")
+    s.add_argument("--stability", action="store_true", help="also rescore on a disjoint calibration set")
+    _add_data_args(s)
+    s.add_argument("--json", metavar="OUT", required=True)
+    s.add_argument("--quiet", action="store_true")
+    s.add_argument("--progress-file", metavar="P", help=argparse.SUPPRESS)
+    s.set_defaults(func=cmd_evaluate_selectors)
+
     s = sub.add_parser("demo", help="build the embedded demo family offline (or --real: SmolLM2-135M)")
     s.add_argument("--out", metavar="DIR", help="default: $SUBNETSCOPE_HOME/demo")
     s.add_argument("--if-missing", action="store_true", help="do nothing when an up-to-date family exists")
@@ -255,6 +463,9 @@ def main(argv=None) -> int:
         return EXIT_USAGE
     if getattr(args, "command", None) == "overlap" and len(args.tuned) < 2:
         print("error: overlap needs at least two fine-tunes of the base", file=sys.stderr)
+        return EXIT_USAGE
+    if getattr(args, "command", None) == "importance" and args.mask_out and args.density is None:
+        print("error: --mask-out needs --density", file=sys.stderr)
         return EXIT_USAGE
     status = _Progress("", False, getattr(args, "progress_file", None))
     if status.file:  # a background job: SIGTERM is a cancel

@@ -139,6 +139,20 @@ def _qa_prompt(problem: str) -> str:
     return f"Q:{problem}\nA:"
 
 
+def qa_examples(split: str = "train") -> list[tuple[str, str]]:
+    """The demo task as ``(prompt, answer)`` texts in the Q/A format the SFT and RL models learn.
+
+    Args:
+        split (str): ``train`` (19,744 problems) or ``held_out`` (the 256 every model is evaluated
+            on). Default: ``train``.
+
+    Returns:
+        list[tuple[str, str]]: e.g. ``("Q:12+07\\nA:", "19")``, in the fixed shuffled order.
+    """
+    train, held_out = _problems()
+    return [(_qa_prompt(p), a) for p, a in (train if split == "train" else held_out)]
+
+
 def _lm_batch(examples: list[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor]:
     """(prompt, target) texts -> ``<bos> prompt target <eos>`` ids and labels, right-padded.
 

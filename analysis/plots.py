@@ -175,3 +175,60 @@ def consensus_bar(consensus: list[int]) -> go.Figure:
     fig.update_yaxes(type="log")
     fig.update_xaxes(dtick=1)
     return _layout(fig, "Consensus: elements changed by exactly k runs", "k runs", "elements")
+
+
+# ---------------------------------------------------------------------------- importance
+
+def score_heatmap(z, x, y, title: str, xtitle: str, ytitle: str = "layer") -> go.Figure:
+    """A plain heatmap of scores (auto range), layers down the y axis."""
+    fig = go.Figure(go.Heatmap(z=z, x=x, y=y, colorscale="Magma",
+                               hovertemplate=ytitle + " %{y} " + xtitle + " %{x}: %{z:.4g}<extra></extra>"))
+    fig.update_yaxes(autorange="reversed", dtick=1)
+    fig.update_layout(height=max(260, 28 * len(y) + 90))
+    return _layout(fig, title, xtitle, ytitle)
+
+
+def score_histogram(values, title: str, log_y: bool = True) -> go.Figure:
+    """Distribution of (a sample of) element scores."""
+    fig = go.Figure(go.Histogram(x=list(values), nbinsx=80, marker_color="#e6550d"))
+    if log_y:
+        fig.update_yaxes(type="log")
+    return _layout(fig, title, "score", "elements")
+
+
+def roc_curves(curves: dict[str, dict]) -> go.Figure:
+    """ROC curves {label: {"fpr": [...], "tpr": [...], "auroc": float}} with the chance diagonal."""
+    fig = go.Figure()
+    for label, c in curves.items():
+        fig.add_scatter(x=c["fpr"], y=c["tpr"], mode="lines", name=f"{label} (AUROC {c['auroc']:.3f})")
+    fig.add_scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(dash="dot", color="gray"), name="chance")
+    fig.update_xaxes(range=[0, 1])
+    fig.update_yaxes(range=[0, 1])
+    fig.update_layout(height=380)
+    return _layout(fig, "Does it predict the update? ROC against the changed elements", "false positive rate",
+                   "true positive rate")
+
+
+def selector_bars(rows: list[dict]) -> go.Figure:
+    """AUROC and precision@k per selector (rows: {selector, auroc, precision_at_k, base_rate})."""
+    rows = sorted(rows, key=lambda r: -(r["auroc"] or 0))
+    names = [r["selector"] for r in rows]
+    fig = go.Figure()
+    fig.add_bar(x=names, y=[r["auroc"] for r in rows], name="AUROC")
+    fig.add_bar(x=names, y=[r["precision_at_k"] for r in rows], name="precision@k")
+    if rows:
+        fig.add_hline(y=0.5, line_dash="dot", line_color="gray", annotation_text="AUROC chance")
+        fig.add_hline(y=rows[0]["base_rate"], line_dash="dash", line_color="firebrick",
+                      annotation_text="precision@k chance", annotation_position="bottom right")
+    fig.update_layout(barmode="group")
+    fig.update_yaxes(range=[0, 1])
+    return _layout(fig, "Which selector predicts the fine-tune's changed elements?", "selector", "")
+
+
+def agreement_matrix(names: list[str], matrix, title: str) -> go.Figure:
+    fig = go.Figure(go.Heatmap(z=matrix, x=names, y=names, colorscale="RdBu", zmin=-1, zmax=1,
+                               text=[[f"{v:.2f}" if v is not None else "" for v in row] for row in matrix],
+                               texttemplate="%{text}", hovertemplate="%{y} vs %{x}: %{z:.3f}<extra></extra>"))
+    fig.update_yaxes(autorange="reversed")
+    fig.update_layout(height=90 + 40 * len(names))
+    return _layout(fig, title, "", "")

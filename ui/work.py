@@ -95,3 +95,45 @@ def _mask_bytes(base: str, tuned: str, tol: float, fps: tuple) -> bytes:
 def mask_bytes(base: str, tuned: str, tol: float) -> bytes:
     """The changed elements of base → tuned at τ as a packed-bits mask file (small models)."""
     return _mask_bytes(base, tuned, tol, (fingerprint(base), fingerprint(tuned)))
+
+
+# ---------------------------------------------------------------------------- importance
+
+@st.cache_resource(show_spinner="Loading the model…", max_entries=4)
+def _model(ref: str, fp: tuple):
+    from analysis.models import load_model
+
+    return load_model(ref, device="auto")
+
+
+@st.cache_resource(show_spinner="Scoring…", max_entries=32)
+def _scores(ref: str, fp: tuple, selector: str, granularity: str | None, data: str, samples: int, seq_len: int,
+            seed: int, options: tuple):
+    from analysis.calibration import calibration_batches
+    from analysis.importance import compute_scores
+    from analysis.selectors import get_selector
+
+    model, tokenizer = _model(ref, fp)
+    batches = None
+    if get_selector(selector).needs_data:
+        batches = calibration_batches(data, tokenizer, samples=samples, seq_len=seq_len, seed=seed)
+    return compute_scores(model, selector, batches, granularity=granularity, seed=seed, **dict(options))
+
+
+def scores(ref: str, selector: str, granularity: str | None, data: str, samples: int, seq_len: int, seed: int = 0,
+           **options):
+    """Importance scores of a checkpoint (cached per file fingerprint and every parameter)."""
+    return _scores(ref, fingerprint(ref), selector, granularity, data, samples, seq_len, seed,
+                   tuple(sorted(options.items())))
+
+
+@st.cache_resource(show_spinner="Diffing for the changed elements…", max_entries=8)
+def _changed(base: str, tuned: str, tol: float, fps: tuple) -> dict:
+    masks = {}
+    diff_checkpoints(base, tuned, tol=tol, on_mask=masks.__setitem__)
+    return masks
+
+
+def changed_mask(base: str, tuned: str, tol: float) -> dict:
+    """name -> BoolTensor of the elements base → tuned changed at τ (cached)."""
+    return _changed(base, tuned, tol, (fingerprint(base), fingerprint(tuned)))

@@ -1,0 +1,69 @@
+"""Loading a checkpoint as a model for the analyses that run it (selectors, attribution).
+
+Models are loaded in float32, in eval mode, with ``trust_remote_code=False`` unless the user asks;
+they are never modified afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from analysis.checkpoints import _one_line, open_checkpoint
+from analysis.errors import SubnetscopeError
+
+
+class ModelLoadError(SubnetscopeError):
+    """A checkpoint that cannot be loaded as a model, in one line."""
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``"auto"`` (or None) -> ``cuda`` when available, else ``cpu``; anything else as given.
+
+    Raises:
+        ModelLoadError: for ``cuda`` on a machine without CUDA, or an unknown device string.
+    """
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ModelLoadError(f"unknown device {device!r} (auto, cpu, cuda, cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("device 'cuda' asked for, but CUDA is not available on this machine")
+    return dev
+
+
+def load_model(ref: str | os.PathLike, *, device: str | torch.device | None = "auto",
+               trust_remote_code: bool = False):
+    """Opens a checkpoint directory as an eval-mode float32 model and its tokenizer.
+
+    Args:
+        ref (str or PathLike): a Hugging Face model directory (or a hub id in the local cache).
+        device (str, optional): ``auto``, ``cpu``, ``cuda`` ... Default: ``auto``.
+        trust_remote_code (bool): allow code shipped with the checkpoint. Default: False.
+    Returns:
+        tuple: (``AutoModelForCausalLM`` — ``AutoModel`` for BERT-family encoders — in eval mode,
+        the tokenizer, or None when the directory has none).
+    Raises:
+        ModelLoadError / CheckpointError: one line naming the checkpoint and the problem.
+    """
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    dev = resolve_device(device)
+    ck = open_checkpoint(ref, trust_remote_code=trust_remote_code)
+    if not ck.source.startswith("hf-dir") or ck.config is None:
+        raise ModelLoadError(f"{ck.path}: running a model needs a Hugging Face model directory with "
+                             f"config.json (this is a {ck.source} checkpoint)")
+    cls = AutoModel if ck.arch.family == "bert" else AutoModelForCausalLM
+    try:
+        model = cls.from_pretrained(ck.path, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    except Exception as e:  # transformers raises many types; the user gets one line
+        raise ModelLoadError(f"{ck.path}: cannot load as {cls.__name__}: {_one_line(e)}") from None
+    model.to(dev).eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(ck.path, trust_remote_code=trust_remote_code)
+    except Exception:  # no tokenizer files: calibration data then says so
+        tokenizer = None
+    return model, tokenizer

@@ -1,0 +1,169 @@
+"""Importance: which parameters matter by each selector, and which selector predicts a real update."""
+
+import io
+import json
+
+import pandas as pd
+import streamlit as st
+
+from analysis import plots
+from analysis.errors import SubnetscopeError
+from analysis.importance import flatten, scores_to_mask, summarize
+from analysis.selector_eval import predictive_power, spearman, topk_jaccard
+from analysis.selectors import SELECTORS
+from ui import work
+from ui.state import label_of, parent_of, selection
+
+st.header("Importance")
+base, tuned = selection()
+refs = [r for r in [base, *tuned] if r]
+if not refs:
+    st.info("Choose a checkpoint in the sidebar.")
+    st.stop()
+# the model whose parameters are scored: by default the parent of the first fine-tune, so that the
+# scores can be checked against what that fine-tune then changed
+default_model = parent_of(tuned[0]) if tuned and parent_of(tuned[0]) in refs else refs[0]
+c1, c2, c3 = st.columns(3)
+ref = c1.selectbox("Model to score", refs, index=refs.index(default_model), format_func=label_of)
+name = c2.selectbox("Selector", list(SELECTORS), format_func=lambda n: SELECTORS[n].label,
+                    index=list(SELECTORS).index("magnitude"))
+entry = SELECTORS[name]
+c2.caption(f"{entry.description} — *{entry.paper}*. Cost: {entry.cost}.")
+coarser = [g for g in ("element", "row", "head", "channel", "layer")
+           if g in entry.granularities or entry.granularities[0] == "element"]
+granularity = c3.selectbox("Granularity", coarser, index=coarser.index(entry.granularities[0]),
+                           help="Element scores can be summed to rows, heads (GQA aware), channels or layers.")
+c4, c5, c6, c7 = st.columns(4)
+density = c4.number_input("Density (fraction selected)", 0.001, 1.0, 0.05, step=0.01, format="%.3f")
+scope = c5.radio("Scope", ["blocks", "all"], horizontal=True,
+                 help="blocks: the attention and MLP matrices of the transformer blocks; all: every parameter.")
+data = c6.text_input("Calibration data", "demo", help="demo (the arithmetic task), or a .txt / .jsonl file path",
+                     disabled=not entry.needs_data)
+samples = c7.number_input("Samples", 4, 4096, 32, step=4, disabled=not entry.needs_data)
+seq_len = 64
+options = {}
+if name == "diff":
+    pair_tuned = tuned[0] if tuned else None
+    if not pair_tuned:
+        st.info("The diff selector needs a fine-tune in the sidebar.")
+        st.stop()
+    options = {"base": parent_of(pair_tuned) or base, "tuned": pair_tuned}
+
+try:
+    scores = work.scores(ref, name, granularity, data, int(samples), seq_len, **options)
+    summary = summarize(scores, scope=scope)
+except SubnetscopeError as e:
+    st.error(str(e))
+    st.stop()
+
+st.subheader(f"{entry.label} on {label_of(ref)} ({scores.granularity})")
+left, right = st.columns(2)
+if scores.granularity == "element":
+    rows = [r for r in summary["layer_kinds"] if r["layer"] is not None]
+    layers = sorted({r["layer"] for r in rows})
+    kinds = list(dict.fromkeys(r["kind"] for r in rows))
+    z = [[next((r["mean"] for r in rows if r["layer"] == L and r["kind"] == k), None) for k in kinds] for L in layers]
+    left.plotly_chart(plots.score_heatmap(z, kinds, layers, "Mean score by layer and module kind", "module kind"),
+                      key="imp_layer_kind")
+    if summary["heads"]:
+        heads = summary["heads"]["mean"]
+        right.plotly_chart(plots.score_heatmap(heads, list(range(len(heads[0]))), list(range(len(heads))),
+                                               "Mean score per attention head (q rows, o columns, shared kv)",
+                                               "head"), key="imp_heads")
+    flat = flatten(scores, scope)
+    sample = flat[:: max(1, flat.numel() // 50_000)]
+    st.plotly_chart(plots.score_histogram(sample.tolist(), f"Score distribution ({flat.numel():,} elements in scope)"),
+                    key="imp_hist")
+elif scores.granularity in ("head", "channel"):
+    key = "heads" if scores.granularity == "head" else "channels"
+    z = summary[key]
+    left.plotly_chart(plots.score_heatmap(z, list(range(len(z[0]))), list(range(len(z))),
+                                          f"Score per {scores.granularity}", scores.granularity), key="imp_units")
+elif scores.granularity == "layer":
+    left.bar_chart(pd.DataFrame({"score": summary["layers"]}))
+else:  # row
+    left.caption("Row scores: see the download.")
+
+try:
+    mask = scores_to_mask(scores, density, scope=scope)
+except SubnetscopeError as e:
+    st.error(str(e))
+    st.stop()
+per_tensor = pd.DataFrame([{"tensor": n, "selected": int(m.sum()), "numel": m.numel(),
+                            "fraction selected": float(m.float().mean())} for n, m in mask.items() if m.any()])
+selected = int(per_tensor["selected"].sum()) if len(per_tensor) else 0
+right.metric("Selected elements", f"{selected:,}", help=f"density {density:g} of the {scope} scope")
+right.caption("Where the top-k lands")
+right.dataframe(per_tensor.sort_values("selected", ascending=False).head(15), hide_index=True)
+
+
+def _mask_file() -> bytes:
+    import tempfile
+    from pathlib import Path
+
+    from analysis.masks import save_mask
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return save_mask(Path(tmp) / "m.safetensors", mask,
+                         source=f"{name} {scores.granularity} density={density} scope={scope}").read_bytes()
+
+
+d1, d2 = st.columns(2)
+d1.download_button("Download mask", _mask_file(), f"mask-{name}-{density:g}.safetensors", "application/octet-stream")
+d2.download_button("Download scores summary (JSON)", json.dumps(summary), f"scores-{name}.json", "application/json")
+
+# ------------------------------------------------------------------ compare two selectors
+st.subheader("Compare with another selector")
+element_selectors = [n for n, e in SELECTORS.items() if e.granularities[0] == "element" and n != "diff"]
+other = st.selectbox("Second selector", [n for n in element_selectors if n != name],
+                     format_func=lambda n: SELECTORS[n].label)
+if scores.granularity == "element":
+    try:
+        second = work.scores(ref, other, "element", data, int(samples), seq_len)
+        cmp1, cmp2 = st.columns(2)
+        cmp1.metric("Spearman ρ", f"{spearman(scores, second, scope=scope):+.3f}")
+        cmp2.metric(f"Top-k Jaccard at density {density:g}", f"{topk_jaccard(scores, second, density, scope=scope):.3f}")
+    except SubnetscopeError as e:
+        st.error(str(e))
+else:
+    st.caption("Comparison works on element scores: choose the element granularity.")
+
+# ------------------------------------------------------------------ does it predict the update?
+st.subheader("Does it predict the update?")
+if not tuned:
+    st.info("Add a fine-tune in the sidebar to compare the scores with what it changed.")
+    st.stop()
+target = st.selectbox("Fine-tune", tuned, format_func=label_of, key="imp_target")
+parent = parent_of(target) or base
+st.caption(f"Changed elements of {label_of(parent)} → {label_of(target)} at τ = 1e-5 (the paper's RL subnetwork), "
+           f"predicted from the scores of {label_of(ref)}.")
+try:
+    changed = work.changed_mask(parent, target, 1e-5)
+    preds = {}
+    chosen = st.multiselect("Selectors", [n for n in SELECTORS if n != "diff"],
+                            default=["magnitude", "smallest_magnitude", "random", "wanda", "taylor", "fisher",
+                                     "sensitivity"], format_func=lambda n: SELECTORS[n].label)
+    bar = st.progress(0.0, text="Scoring selectors…")
+    for i, n in enumerate(chosen):
+        sc = work.scores(ref, n, None if SELECTORS[n].granularities[0] != "element" else "element", data,
+                         int(samples), seq_len)
+        preds[n] = predictive_power(sc, changed, scope=scope).to_dict()
+        bar.progress((i + 1) / len(chosen), text=f"Scored {SELECTORS[n].label}")
+    bar.empty()
+except SubnetscopeError as e:
+    st.error(str(e))
+    st.stop()
+if preds:
+    best = max(preds.values(), key=lambda p: p["auroc"] or 0)
+    st.success(f"Best predictor of {label_of(target)}'s changed elements: **{SELECTORS[best['selector']].label}** "
+               f"(AUROC {best['auroc']:.3f}, precision@k {best['precision_at_k']:.3f} against a chance of "
+               f"{best['base_rate']:.3f}, k = {best['k']:,} changed of {best['n']:,}).")
+    left, right = st.columns(2)
+    left.plotly_chart(plots.selector_bars(list(preds.values())), key="imp_bars")
+    right.plotly_chart(plots.roc_curves({SELECTORS[n].label: {**p["roc"], "auroc": p["auroc"]}
+                                         for n, p in preds.items()}), key="imp_roc")
+    table = pd.DataFrame([{k: v for k, v in p.items() if k != "roc"} for p in preds.values()])
+    st.dataframe(table.sort_values("auroc", ascending=False), hide_index=True)
+    buf = io.StringIO()
+    table.to_csv(buf, index=False)
+    st.download_button("Download (CSV)", buf.getvalue(), "selector-prediction.csv", "text/csv")

@@ -1,0 +1,76 @@
+"""CLI contracts of `selectors`, `importance` and `evaluate-selectors` on the demo family."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from analysis.__main__ import main
+from analysis.demo import build_demo, default_demo_dir, demo_is_current
+from analysis.masks import count, load_mask
+from analysis.selectors import SELECTORS
+
+
+@pytest.fixture(scope="module")
+def demo():
+    d = default_demo_dir()
+    if not demo_is_current(d):
+        build_demo(d, progress=False)
+    return d
+
+
+def test_selectors_lists_registry(capsys):
+    assert main(["selectors"]) == 0
+    out = capsys.readouterr().out
+    for name, e in SELECTORS.items():
+        assert name in out and e.paper in out
+
+
+def test_importance_json_and_mask(demo, tmp_path):
+    out, mask = tmp_path / "w.json", tmp_path / "w.safetensors"
+    assert main(["importance", str(demo / "sft"), "--selector", "wanda", "--samples", "8", "--density", "0.05",
+                 "--mask-out", str(mask), "--json", str(out), "--quiet"]) == 0
+    d = json.loads(out.read_text())
+    assert (d["selector"], d["granularity"], d["scope"]) == ("wanda", "element", "blocks")
+    assert [r["layer"] for r in d["layers"]] == [0, 1, 2, 3]
+    assert {r["kind"] for r in d["kinds"]} == {"q", "k", "v", "o", "gate", "up", "down"}
+    assert len(d["heads"]["mean"]) == 4 and len(d["heads"]["mean"][0]) == 4  # [layers, query heads]
+    scope_n = sum(r["numel"] for r in d["kinds"])
+    k, _ = count(load_mask(mask))
+    assert k == round(0.05 * scope_n) == d["mask"]["selected"]
+
+
+def test_importance_layer_selector(demo, tmp_path):
+    out = tmp_path / "b.json"
+    assert main(["importance", str(demo / "base"), "--selector", "block_influence", "--samples", "8",
+                 "--json", str(out), "--quiet"]) == 0
+    d = json.loads(out.read_text())
+    assert d["granularity"] == "layer" and len(d["layers"]) == 4
+
+
+def test_importance_bad_input(demo, tmp_path, capsys):
+    out = tmp_path / "x.json"
+    assert main(["importance", str(demo / "sft"), "--selector", "nope", "--json", str(out)]) == 2
+    assert "unknown selector 'nope'" in capsys.readouterr().err
+    assert main(["importance", str(demo / "sft"), "--selector", "wanda", "--data", str(tmp_path / "none.jsonl"),
+                 "--json", str(out), "--quiet"]) == 2
+    assert "none.jsonl" in capsys.readouterr().err
+    assert main(["importance", str(demo / "sft"), "--selector", "magnitude", "--mask-out", "m", "--json",
+                 str(out)]) == 2
+    assert not out.exists()
+
+
+def test_evaluate_selectors_contract(demo, tmp_path):
+    out = tmp_path / "e.json"
+    assert main(["evaluate-selectors", str(demo / "sft"), "--selectors", "magnitude,random,taylor",
+                 "--against-diff", str(demo / "sft"), str(demo / "rl-seed1"), "--density", "0.05",
+                 "--samples", "8", "--stability", "--json", str(out), "--quiet"]) == 0
+    d = json.loads(out.read_text())
+    assert d["agreement"]["names"] == ["magnitude", "random", "taylor"]
+    rho = d["agreement"]["spearman"]
+    assert rho[0][0] == 1.0 and abs(rho[0][1]) < 0.05  # random is uncorrelated with magnitude
+    preds = {p["selector"]: p for p in d["prediction"]}
+    assert preds["random"]["auroc"] == pytest.approx(0.5, abs=0.02)
+    assert preds["magnitude"]["k"] == preds["taylor"]["k"] > 0
+    assert set(d["stability"]) == {"taylor"} and 0 <= d["stability"]["taylor"] <= 1

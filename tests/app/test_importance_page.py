@@ -1,0 +1,47 @@
+"""AppTest of the Importance page on the demo family: scores, mask, comparison and the
+"does it predict the update?" panel against the diff sft -> rl-seed1."""
+
+from __future__ import annotations
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from analysis.demo import build_demo, default_demo_dir, demo_is_current
+from analysis.diff import diff_checkpoints
+from analysis.importance import compute_scores
+from analysis.models import load_model
+from analysis.selector_eval import predictive_power
+from conftest import ROOT
+from plotly_data import traces
+
+
+@pytest.fixture(scope="module")
+def demo():
+    d = default_demo_dir()
+    if not demo_is_current(d):
+        build_demo(d, progress=False)
+    return d
+
+
+def test_importance_page_on_demo(demo):
+    at = AppTest.from_file(str(ROOT / "pages" / "importance.py"), default_timeout=300)
+    at.session_state["base_ref"] = str(demo / "base")
+    at.session_state["tuned_refs"] = [str(demo / "rl-seed1")]
+    at.run()
+    assert not at.exception, at.exception
+    assert not at.error, [e.value for e in at.error]
+    # the scored model defaults to the fine-tune's parent... which is not selected here: the base
+    assert at.selectbox[0].value == str(demo / "base")
+    # 5% of the blocks scope selected, exactly
+    blocks = sum(p.numel() for n, p in load_model(demo / "base", device="cpu")[0].named_parameters()
+                 if ".layers." in n and p.dim() == 2)
+    assert at.metric[0].value == f"{round(0.05 * blocks):,}"
+    # the prediction panel: magnitude's AUROC equals the backend's on the same diff
+    changed = {}
+    diff_checkpoints(demo / "sft", demo / "rl-seed1", tol=1e-5, on_mask=changed.__setitem__)
+    model, _ = load_model(demo / "base", device="cpu")
+    expected = predictive_power(compute_scores(model, "magnitude"), changed).auroc
+    bars = traces(at.get("plotly_chart")[-2].proto.spec)
+    auroc = dict(zip(bars[0]["x"], bars[0]["y"]))
+    assert auroc["magnitude"] == pytest.approx(expected)
+    assert "Best predictor" in at.success[0].value
