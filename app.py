@@ -1,4 +1,8 @@
-"""Subnetscope: `streamlit run app.py` (the Makefile's `make run` binds it to 127.0.0.1)."""
+"""Subnetscope: `streamlit run app.py` (the Makefile's `make run` binds it to 127.0.0.1).
+
+The pages live in app_pages/, not pages/: with a pages/ directory Streamlit serves a server's first
+visit to a page URL (e.g. a bookmark of /importance) as a legacy multipage app, skipping this file.
+"""
 
 import streamlit as st
 
@@ -7,10 +11,10 @@ from ui.state import sidebar
 st.set_page_config(page_title="Subnetscope", page_icon=":material/biotech:", layout="wide")
 
 pages = [
-    st.Page("pages/checkpoints.py", title="Checkpoints", icon=":material/inventory_2:", default=True),
-    st.Page("pages/update_sparsity.py", title="Update sparsity", icon=":material/grid_on:"),
-    st.Page("pages/overlap.py", title="Overlap", icon=":material/join_inner:"),
-    st.Page("pages/importance.py", title="Importance", icon=":material/leaderboard:"),
+    st.Page("app_pages/checkpoints.py", title="Checkpoints", icon=":material/inventory_2:", default=True),
+    st.Page("app_pages/update_sparsity.py", title="Update sparsity", icon=":material/grid_on:"),
+    st.Page("app_pages/overlap.py", title="Overlap", icon=":material/join_inner:"),
+    st.Page("app_pages/importance.py", title="Importance", icon=":material/leaderboard:"),
 ]
 page = st.navigation(pages)
 st.sidebar.title(":material/biotech: Subnetscope")

@@ -33,7 +33,7 @@ def test_opened_path_is_remembered(tmp_path, monkeypatch):
     assert not at.exception
     assert at.selectbox[0].value is None and at.selectbox[0].options == []
     assert "Choose a base checkpoint" in at.info[0].value
-    page = AppTest.from_file(str(ROOT / "pages" / "checkpoints.py"), default_timeout=120)
+    page = AppTest.from_file(str(ROOT / "app_pages" / "checkpoints.py"), default_timeout=120)
     page.session_state["base_ref"] = str(a)
     page.session_state["tuned_refs"] = []
     page.run()

@@ -137,3 +137,23 @@ def test_overlap_page_in_chromium(app_url, browser_page):
     texts = " ".join(browser_page.locator(".js-plotly-plot svg text").all_text_contents())
     for p in pairs:  # the matrix cells show each measured o1 and its random baseline
         assert f"{p['o1']:.2f}" in texts and f"rand {p['o1_random']:.2f}" in texts
+
+
+def test_importance_page_in_chromium(app_url, browser_page):
+    """The page answers, for the demo's RL run, which selector best predicts its subnetwork."""
+    from analysis.importance import compute_scores
+    from analysis.models import load_model
+
+    d = default_demo_dir()
+    changed = {}
+    diff_checkpoints(d / "sft", d / "rl-seed1", tol=1e-5, on_mask=changed.__setitem__)
+    model, _ = load_model(d / "sft", device="cpu")
+    from analysis.selector_eval import predictive_power
+    auroc = predictive_power(compute_scores(model, "smallest_magnitude"), changed).auroc
+    browser_page.goto(app_url + "/importance", wait_until="domcontentloaded")
+    ok = browser_page.get_by_test_id("stAlertContentSuccess").first
+    ok.wait_for(timeout=180_000)
+    browser_page.wait_for_timeout(1500)
+    browser_page.screenshot(path=str(ROOT / "artifacts" / "importance-page.png"), full_page=True)
+    text = ok.inner_text()
+    assert "Smallest magnitude (SaRA)" in text and f"AUROC {auroc:.3f}" in text

@@ -9,7 +9,7 @@ from plotly_data import traces
 
 
 def _page(base, tuned):
-    at = AppTest.from_file(str(ROOT / "pages" / "checkpoints.py"), default_timeout=120)
+    at = AppTest.from_file(str(ROOT / "app_pages" / "checkpoints.py"), default_timeout=120)
     at.session_state["base_ref"] = base
     at.session_state["tuned_refs"] = tuned
     return at.run()

@@ -24,7 +24,7 @@ def demo():
 
 
 def test_importance_page_on_demo(demo):
-    at = AppTest.from_file(str(ROOT / "pages" / "importance.py"), default_timeout=300)
+    at = AppTest.from_file(str(ROOT / "app_pages" / "importance.py"), default_timeout=300)
     at.session_state["base_ref"] = str(demo / "base")
     at.session_state["tuned_refs"] = [str(demo / "rl-seed1")]
     at.run()

@@ -36,7 +36,7 @@ def family(tmp_path_factory):
 
 
 def _run(page, base, tuned):
-    at = AppTest.from_file(str(ROOT / "pages" / page), default_timeout=120)
+    at = AppTest.from_file(str(ROOT / "app_pages" / page), default_timeout=120)
     at.session_state["base_ref"] = base
     at.session_state["tuned_refs"] = tuned
     return at.run()

@@ -20,9 +20,11 @@ refs = [r for r in [base, *tuned] if r]
 if not refs:
     st.info("Choose a checkpoint in the sidebar.")
     st.stop()
-# the model whose parameters are scored: by default the parent of the first fine-tune, so that the
-# scores can be checked against what that fine-tune then changed
-default_model = parent_of(tuned[0]) if tuned and parent_of(tuned[0]) in refs else refs[0]
+# the fine-tune whose update the scores should predict: by default one trained from another selected
+# fine-tune (the demo's RL runs, from its SFT model), and the model scored is its parent
+chained = [t for t in tuned if parent_of(t) in tuned]
+default_target = (chained or tuned or [None])[0]
+default_model = parent_of(default_target) if default_target and parent_of(default_target) in refs else refs[0]
 c1, c2, c3 = st.columns(3)
 ref = c1.selectbox("Model to score", refs, index=refs.index(default_model), format_func=label_of)
 name = c2.selectbox("Selector", list(SELECTORS), format_func=lambda n: SELECTORS[n].label,
@@ -133,7 +135,8 @@ st.subheader("Does it predict the update?")
 if not tuned:
     st.info("Add a fine-tune in the sidebar to compare the scores with what it changed.")
     st.stop()
-target = st.selectbox("Fine-tune", tuned, format_func=label_of, key="imp_target")
+target = st.selectbox("Fine-tune", tuned, index=tuned.index(default_target), format_func=label_of,
+                      key="imp_target")
 parent = parent_of(target) or base
 st.caption(f"Changed elements of {label_of(parent)} → {label_of(target)} at τ = 1e-5 (the paper's RL subnetwork), "
            f"predicted from the scores of {label_of(ref)}.")
