@@ -240,6 +240,7 @@ def cmd_importance(args) -> int:
 
     entry = get_selector(args.selector)
     options = _options(args.option)
+    _quiet_transformers(args.quiet)
     model, tokenizer = load_model(args.checkpoint, device=args.device)
     batches = _calibration(args, tokenizer) if entry.needs_data else None
     prog = _Progress(args.selector, not args.quiet, args.progress_file)
@@ -276,6 +277,13 @@ def cmd_importance(args) -> int:
     return 0
 
 
+def _quiet_transformers(quiet: bool) -> None:
+    if quiet:
+        from transformers.utils import logging
+
+        logging.disable_progress_bar()
+
+
 def _plain(obj):
     """info dicts may hold tensors or tuples: keep what JSON can say."""
     try:
@@ -297,6 +305,7 @@ def cmd_evaluate_selectors(args) -> int:
     if len(names) < 1:
         raise SubnetscopeError("--selectors needs at least one selector name")
     entries = {n: get_selector(n) for n in names}
+    _quiet_transformers(args.quiet)
     model, tokenizer = load_model(args.checkpoint, device=args.device)
     needs_data = any(e.needs_data for e in entries.values())
     batches = _calibration(args, tokenizer) if needs_data else None

@@ -74,3 +74,26 @@ def test_evaluate_selectors_contract(demo, tmp_path):
     assert preds["random"]["auroc"] == pytest.approx(0.5, abs=0.02)
     assert preds["magnitude"]["k"] == preds["taylor"]["k"] > 0
     assert set(d["stability"]) == {"taylor"} and 0 <= d["stability"]["taylor"] <= 1
+
+
+def test_importance_granularity_and_scores_out(demo, tmp_path):
+    from safetensors import safe_open
+
+    out, raw, m = tmp_path / "t.json", tmp_path / "t.safetensors", tmp_path / "m.safetensors"
+    assert main(["importance", str(demo / "sft"), "--selector", "taylor", "--granularity", "head", "--samples", "8",
+                 "--density", "0.25", "--mask-out", str(m), "--scores-out", str(raw), "--json", str(out),
+                 "--quiet"]) == 0
+    d = json.loads(out.read_text())
+    assert d["granularity"] == "head" and len(d["heads"]) == 4 and len(d["heads"][0]) == 4
+    # structured: 25% of the 16 query heads, whole heads (all 16 q rows of a head, or none)
+    mask = load_mask(m)
+    heads = 0
+    for L in range(4):
+        rows = mask[f"model.layers.{L}.self_attn.q_proj.weight"].reshape(4, 16, -1)
+        per_head = rows.flatten(1).sum(1)
+        assert all(int(c) in (0, 16 * 64) for c in per_head)
+        heads += int((per_head > 0).sum())
+    assert heads == 4
+    with safe_open(str(raw), "pt") as f:
+        assert list(f.keys()) == ["head"] and tuple(f.get_tensor("head").shape) == (4, 4)
+        assert f.metadata()["selector"] == "taylor"
