@@ -44,8 +44,10 @@ def score(model, batches, *, seed: int = 0, progress=None, beta1: float = 0.85,
         for grads in gradient_steps(model, batches, params, progress=progress, what="sensitivity"):
             steps += 1
             for n, g in grads.items():
-                now = (params[n].detach().float() * g.float()).abs()
-                ipt[n].mul_(beta1).add_(now, alpha=1 - beta1)
-                unc[n].mul_(beta2).add_((now - ipt[n]).abs(), alpha=1 - beta2)
+                # in place, one temporary per parameter: the elementwise work is several passes
+                # over every parameter per batch, comparable to the backward itself on a CPU
+                now = torch.mul(params[n].detach(), g).abs_().float()
+                ipt[n].lerp_(now, 1 - beta1)  # β₁ Ī + (1 − β₁) I
+                unc[n].lerp_(now.sub_(ipt[n]).abs_(), 1 - beta2)  # β₂ Ū + (1 − β₂) |I − Ī|
         values = {n: ipt[n] * unc[n] for n in params}
     return make_scores("sensitivity", "element", values, model, beta1=beta1, beta2=beta2, steps=steps)
