@@ -57,3 +57,14 @@ def llama_sharded_dir(tmp_path) -> Path:
     tiny_llama().save_pretrained(d, max_shard_size="60KB")
     assert (d / "model.safetensors.index.json").is_file()
     return d
+
+
+@pytest.fixture(scope="session")
+def demo():
+    """The demo family at its default location; `make test` builds it first, built here when missing."""
+    from analysis.demo import build_demo, default_demo_dir, demo_is_current
+
+    d = default_demo_dir()
+    if not demo_is_current(d):
+        build_demo(d, progress=False)
+    return d

@@ -7,17 +7,8 @@ import json
 import pytest
 
 from analysis.__main__ import main
-from analysis.demo import build_demo, default_demo_dir, demo_is_current
 from analysis.masks import count, load_mask
 from analysis.selectors import SELECTORS
-
-
-@pytest.fixture(scope="module")
-def demo():
-    d = default_demo_dir()
-    if not demo_is_current(d):
-        build_demo(d, progress=False)
-    return d
 
 
 def test_selectors_lists_registry(capsys):

@@ -3,19 +3,9 @@ RL updates are far sparser than SFT's, and two RL runs overlap more than chance.
 
 from __future__ import annotations
 
-import pytest
 
-from analysis.demo import build_demo, default_demo_dir, demo_is_current
 from analysis.diff import diff_checkpoints
 from analysis.overlap import overlap
-
-
-@pytest.fixture(scope="module")
-def demo():
-    d = default_demo_dir()
-    if not demo_is_current(d):  # `make test` builds it first; build here when run alone
-        build_demo(d, progress=False)
-    return d
 
 
 def test_rl_is_sparser_than_sft(demo):

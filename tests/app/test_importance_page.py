@@ -6,21 +6,12 @@ from __future__ import annotations
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from analysis.demo import build_demo, default_demo_dir, demo_is_current
 from analysis.diff import diff_checkpoints
 from analysis.importance import compute_scores
 from analysis.models import load_model
 from analysis.selector_eval import predictive_power
 from conftest import ROOT
 from plotly_data import traces
-
-
-@pytest.fixture(scope="module")
-def demo():
-    d = default_demo_dir()
-    if not demo_is_current(d):
-        build_demo(d, progress=False)
-    return d
 
 
 def test_importance_page_on_demo(demo):
