@@ -352,6 +352,36 @@ def cmd_evaluate_selectors(args) -> int:
     return 0
 
 
+def cmd_finetune(args) -> int:
+    from analysis.finetune.config import FinetuneConfig
+    from analysis.finetune.run import run_finetune
+
+    config = FinetuneConfig(checkpoint=args.checkpoint, task=args.task, mask=args.mask, diff=args.diff,
+                            diff_tol=args.diff_tol, random=args.random, full=args.full, steps=args.steps, lr=args.lr,
+                            batch_size=args.batch_size, seed=args.seed, eval_every=args.eval_every,
+                            optimizer=args.optimizer)
+    stop = {"flag": False}
+
+    def _stop(signum, frame):  # a cancel: finish the current step, keep every metric, status cancelled
+        stop["flag"] = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    _quiet_transformers(args.quiet)
+    prog = _Progress("finetune", not args.quiet, args.progress_file)
+    try:
+        summary = run_finetune(config, args.out, should_stop=lambda: stop["flag"], progress=prog)
+    finally:
+        prog.close()
+    final = summary.get("final", {})
+    print(f"{summary['status']}: {summary['steps_done']} steps, {summary['trainable']:,} trainable elements "
+          f"({config.mask_source}); loss {final.get('loss', float('nan')):.4f}, "
+          f"accuracy {final.get('accuracy', float('nan')):.3f}")
+    if summary.get("outside_mask_changed") is not None:
+        print(f"  elements changed outside the mask: {summary['outside_mask_changed']}")
+    print(f"run directory: {args.out}")
+    return 0
+
+
 def _add_data_args(s) -> None:
     s.add_argument("--data", default="demo", help="demo (the arithmetic task), a .txt/.jsonl file, or a dataset name")
     s.add_argument("--samples", type=int, default=32, help="calibration sequences (default 32)")
@@ -453,6 +483,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--progress-file", metavar="P", help=argparse.SUPPRESS)
     s.set_defaults(func=cmd_evaluate_selectors)
 
+    s = sub.add_parser("finetune", help="train only a subnetwork (mask, diff, random) or all of it")
+    s.add_argument("checkpoint")
+    s.add_argument("--task", default="demo-sft", choices=("demo-sft",))
+    src = s.add_mutually_exclusive_group(required=True)
+    src.add_argument("--mask", metavar="M", help="a mask file (packed bits, keyed by parameter names)")
+    src.add_argument("--diff", nargs=2, metavar=("BASE", "TUNED"), help="the elements BASE -> TUNED changed")
+    src.add_argument("--random", type=_density, metavar="D", help="a random mask of density D")
+    src.add_argument("--full", action="store_true", help="train every parameter")
+    s.add_argument("--diff-tol", type=_tolerance, default=1e-5)
+    s.add_argument("--steps", type=int, default=50)
+    s.add_argument("--lr", type=float, default=1e-4)
+    s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--eval-every", type=int, default=25)
+    s.add_argument("--optimizer", default="sparse", choices=("sparse", "reference"))
+    s.add_argument("--out", metavar="RUN_DIR", required=True)
+    s.add_argument("--quiet", action="store_true")
+    s.add_argument("--progress-file", metavar="P", help=argparse.SUPPRESS)
+    s.set_defaults(func=cmd_finetune)
+
     s = sub.add_parser("demo", help="build the embedded demo family offline (or --real: SmolLM2-135M)")
     s.add_argument("--out", metavar="DIR", help="default: $SUBNETSCOPE_HOME/demo")
     s.add_argument("--if-missing", action="store_true", help="do nothing when an up-to-date family exists")
@@ -477,7 +527,7 @@ def main(argv=None) -> int:
         print("error: --mask-out needs --density", file=sys.stderr)
         return EXIT_USAGE
     status = _Progress("", False, getattr(args, "progress_file", None))
-    if status.file:  # a background job: SIGTERM is a cancel
+    if status.file and args.command != "finetune":  # a background job: SIGTERM is a cancel
         signal.signal(signal.SIGTERM, _terminate)
     try:
         return args.func(args)

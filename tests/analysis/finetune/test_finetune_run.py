@@ -1,0 +1,70 @@
+"""A masked fine-tuning run on the demo: the run directory, the inside-mask check, cancel, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from safetensors.torch import load_file
+
+from analysis.__main__ import main
+from analysis.finetune.config import FinetuneConfig, FinetuneConfigError
+from analysis.finetune.run import run_finetune
+
+
+def test_random_mask_run_directory(demo, tmp_path):
+    out = tmp_path / "run"
+    s = run_finetune(FinetuneConfig(checkpoint=str(demo / "sft"), random=0.05, steps=4, eval_every=2,
+                                    batch_size=8, lr=1e-3), out)
+    assert s["status"] == "finished" and s["steps_done"] == 4
+    assert s["outside_mask_changed"] == 0
+    blocks = sum(v.numel() for k, v in load_file(demo / "sft" / "model.safetensors").items()
+                 if ".layers." in k and v.dim() == 2)
+    assert s["trainable"] == round(0.05 * blocks)
+    assert s["optimizer_state_bytes"] == 20 * s["trainable"]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "trainable"} <= set(rows[0])
+    assert "accuracy" in rows[1] and "accuracy" not in rows[0]
+    assert json.loads((out / "summary.json").read_text())["status"] == "finished"
+    before, after = load_file(demo / "sft" / "model.safetensors"), load_file(out / "model" / "model.safetensors")
+    assert {k: v.dtype for k, v in after.items()} == {k: v.dtype for k, v in before.items()}  # bf16 kept
+    assert sum(int((before[k] != after[k]).sum()) for k in before) > 0
+
+
+def test_sparse_and_reference_modes_agree(demo, tmp_path):
+    outs = {}
+    for opt in ("sparse", "reference"):
+        outs[opt] = tmp_path / opt
+        run_finetune(FinetuneConfig(checkpoint=str(demo / "sft"), diff=[str(demo / "sft"), str(demo / "rl-seed1")],
+                                    steps=3, eval_every=3, batch_size=8, lr=1e-3, optimizer=opt), outs[opt])
+    a, b = (load_file(outs[o] / "model" / "model.safetensors") for o in ("sparse", "reference"))
+    assert all((a[k] == b[k]).all() for k in a)
+
+
+def test_cancel_keeps_metrics(demo, tmp_path):
+    out = tmp_path / "run"
+    calls = {"n": 0}
+
+    def stop():
+        calls["n"] += 1
+        return calls["n"] > 2
+
+    s = run_finetune(FinetuneConfig(checkpoint=str(demo / "sft"), full=True, steps=10, batch_size=4), out,
+                     should_stop=stop)
+    assert s["status"] == "cancelled" and s["steps_done"] == 2
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    assert s["outside_mask_changed"] is None  # a full fine-tune has no mask
+
+
+def test_config_errors(demo, tmp_path, capsys):
+    with pytest.raises(FinetuneConfigError, match="exactly one of"):
+        FinetuneConfig(checkpoint="x", full=True, random=0.1)
+    with pytest.raises(FinetuneConfigError, match="steps must be"):
+        FinetuneConfig(checkpoint="x", full=True, steps=0)
+    assert main(["finetune", str(demo / "sft"), "--mask", str(tmp_path / "none.safetensors"), "--steps", "1",
+                 "--out", str(tmp_path / "r"), "--quiet"]) == 2
+    assert "no such mask file" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as ei:
+        main(["finetune", str(demo / "sft"), "--out", str(tmp_path / "r")])  # no mask source
+    assert ei.value.code == 2
