@@ -357,7 +357,7 @@ def cmd_finetune(args) -> int:
     from analysis.finetune.run import run_finetune
 
     config = FinetuneConfig(checkpoint=args.checkpoint, task=args.task, mask=args.mask, diff=args.diff,
-                            diff_tol=args.diff_tol, random=args.random, full=args.full, steps=args.steps, lr=args.lr,
+                            diff_tol=args.diff_tol, random=args.random, full=args.full, lora=args.lora, steps=args.steps, lr=args.lr,
                             batch_size=args.batch_size, seed=args.seed, eval_every=args.eval_every,
                             optimizer=args.optimizer)
     stop = {"flag": False}
@@ -379,6 +379,23 @@ def cmd_finetune(args) -> int:
     if summary.get("outside_mask_changed") is not None:
         print(f"  elements changed outside the mask: {summary['outside_mask_changed']}")
     print(f"run directory: {args.out}")
+    return 0
+
+
+def cmd_compare_runs(args) -> int:
+    from analysis.finetune.compare import compare_runs
+    from analysis.io import write_json_atomic
+
+    d = compare_runs(args.runs, reference=args.reference, tol=args.tol)
+    write_json_atomic(args.json, d)
+    for r in d["runs"]:
+        extra = ""
+        if "to_reference_identical_fraction" in r:
+            extra = (f"  identical to reference {r['to_reference_identical_fraction']:.3f}, "
+                     f"update cosine {r['to_reference_cosine'] if r['to_reference_cosine'] is None else round(r['to_reference_cosine'], 3)}")
+        print(f"{r['run']}: {r['status']}, {r['mask_source']}, accuracy {r['accuracy']}, "
+              f"outside mask {r['outside_mask_changed']}{extra}")
+    print(f"wrote {args.json}")
     return 0
 
 
@@ -491,6 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--diff", nargs=2, metavar=("BASE", "TUNED"), help="the elements BASE -> TUNED changed")
     src.add_argument("--random", type=_density, metavar="D", help="a random mask of density D")
     src.add_argument("--full", action="store_true", help="train every parameter")
+    src.add_argument("--lora", type=int, metavar="R", help="a LoRA of rank R (PEFT), merged at the end")
     s.add_argument("--diff-tol", type=_tolerance, default=1e-5)
     s.add_argument("--steps", type=int, default=50)
     s.add_argument("--lr", type=float, default=1e-4)
@@ -502,6 +520,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true")
     s.add_argument("--progress-file", metavar="P", help=argparse.SUPPRESS)
     s.set_defaults(func=cmd_finetune)
+
+    s = sub.add_parser("compare-runs", help="metrics, inside-mask counts and distance to a reference run")
+    s.add_argument("runs", nargs="+", metavar="RUN")
+    s.add_argument("--reference", metavar="RUN", help="e.g. the full fine-tune of the same task")
+    s.add_argument("--tol", type=_tolerance, default=1e-5)
+    s.add_argument("--json", metavar="OUT", required=True)
+    s.set_defaults(func=cmd_compare_runs)
 
     s = sub.add_parser("demo", help="build the embedded demo family offline (or --real: SmolLM2-135M)")
     s.add_argument("--out", metavar="DIR", help="default: $SUBNETSCOPE_HOME/demo")

@@ -29,6 +29,8 @@ class FinetuneConfig:
     random: float | None = field(default=None, metadata={
         "help": "Train a random mask of this density over the blocks' weight matrices (the control)."})
     full: bool = field(default=False, metadata={"help": "Train every parameter (full fine-tuning)."})
+    lora: int | None = field(default=None, metadata={
+        "help": "Train a LoRA of this rank on every attention and MLP projection (PEFT), merged at the end."})
     steps: int = field(default=50, metadata={"help": "Optimizer steps."})
     lr: float = field(default=1e-4, metadata={"help": "Peak learning rate (AdamW, weight decay 0)."})
     batch_size: int = field(default=32, metadata={"help": "Sequences per step."})
@@ -39,9 +41,12 @@ class FinetuneConfig:
                 "gradients zeroed outside the mask."})
 
     def __post_init__(self) -> None:
-        sources = [self.mask is not None, self.diff is not None, self.random is not None, self.full]
+        sources = [self.mask is not None, self.diff is not None, self.random is not None, self.full,
+                   self.lora is not None]
         if sum(sources) != 1:
-            raise FinetuneConfigError("choose exactly one of --mask, --diff, --random, --full")
+            raise FinetuneConfigError("choose exactly one of --mask, --diff, --random, --full, --lora")
+        if self.lora is not None and self.lora < 1:
+            raise FinetuneConfigError(f"--lora rank must be ≥ 1, got {self.lora}")
         if self.task not in TASKS:
             raise FinetuneConfigError(f"unknown task {self.task!r}; one of {', '.join(TASKS)}")
         if self.optimizer not in OPTIMIZERS:
@@ -60,6 +65,8 @@ class FinetuneConfig:
     def mask_source(self) -> str:
         if self.full:
             return "full"
+        if self.lora is not None:
+            return f"lora r={self.lora}"
         if self.mask is not None:
             return f"mask {self.mask}"
         if self.diff is not None:

@@ -28,7 +28,7 @@ from analysis.io import write_json_atomic
 def build_mask(config: FinetuneConfig, model) -> dict[str, torch.Tensor] | None:
     """The elements to train (None: all of them)."""
     params = dict(model.named_parameters())
-    if config.full:
+    if config.full or config.lora is not None:
         return None
     if config.mask is not None:
         from analysis.masks import load_mask
@@ -81,10 +81,15 @@ def _train(config, out: Path, metrics_file, should_stop, progress) -> dict:
     torch.manual_seed(config.seed)
     model, tokenizer = load_model(config.checkpoint, device="cpu")
     stored_dtype = next(iter(_stored_dtypes(config.checkpoint)), torch.float32)
+    mask = build_mask(config, model)
+    if config.lora is not None:
+        model = _with_lora(model, config.lora)
     model.train()
     params = dict(model.named_parameters())
-    mask = build_mask(config, model)
-    if mask is None:
+    if config.lora is not None:
+        opt = torch.optim.AdamW([p for p in params.values() if p.requires_grad], lr=config.lr, weight_decay=0.0)
+        trainable, state_bytes = sum(p.numel() for p in params.values() if p.requires_grad), None
+    elif mask is None:
         opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
         trainable, state_bytes = sum(p.numel() for p in params.values()), None
     elif config.optimizer == "sparse":
@@ -110,7 +115,7 @@ def _train(config, out: Path, metrics_file, should_stop, progress) -> dict:
         logits = model(input_ids=ids, use_cache=False).logits
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
         loss.backward()
-        grad_norm = _grad_norm(params, mask)
+        grad_norm = _grad_norm({n: p for n, p in params.items() if p.requires_grad}, mask)
         if mask is None or config.optimizer == "sparse":
             opt.step()
         else:
@@ -126,6 +131,8 @@ def _train(config, out: Path, metrics_file, should_stop, progress) -> dict:
         if progress is not None:
             progress(step, config.steps, f"loss {row['loss']:.3f}")
     model.eval()
+    if config.lora is not None:
+        model = model.merge_and_unload()  # the merged dense weights, comparable with any other run
     model.to(stored_dtype).save_pretrained(out / "model", safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(out / "model")
@@ -133,6 +140,15 @@ def _train(config, out: Path, metrics_file, should_stop, progress) -> dict:
               "optimizer_state_bytes": state_bytes}
     result["outside_mask_changed"] = outside_mask_changed(config.checkpoint, out / "model", mask)
     return result
+
+
+def _with_lora(model, rank: int):
+    """PEFT LoRA on the attention and MLP projections (the LoRA control of DESIGN.md §8)."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+                      and ".layers." in n})
+    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=targets))
 
 
 def outside_mask_changed(start: str | Path, final: str | Path, mask) -> int | None:

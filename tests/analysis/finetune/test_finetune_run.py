@@ -68,3 +68,28 @@ def test_config_errors(demo, tmp_path, capsys):
     with pytest.raises(SystemExit) as ei:
         main(["finetune", str(demo / "sft"), "--out", str(tmp_path / "r")])  # no mask source
     assert ei.value.code == 2
+
+
+def test_lora_and_compare_runs(demo, tmp_path):
+    from analysis.finetune.compare import RunError, compare_runs, update_distance
+
+    common = dict(checkpoint=str(demo / "sft"), steps=3, eval_every=3, batch_size=8, lr=1e-3)
+    full, lora, diff = tmp_path / "full", tmp_path / "lora", tmp_path / "diff"
+    run_finetune(FinetuneConfig(full=True, **common), full)
+    s = run_finetune(FinetuneConfig(lora=2, **common), lora)
+    assert s["status"] == "finished" and 0 < s["trainable"] < 20_000  # LoRA factors only
+    run_finetune(FinetuneConfig(diff=[str(demo / "sft"), str(demo / "rl-seed1")], **common), diff)
+    # a run against itself: every element identical, cosine 1
+    self_dist = update_distance(demo / "sft", full / "model", full / "model")
+    assert self_dist["identical_fraction"] == 1.0 and self_dist["cosine"] == pytest.approx(1.0)
+    out = tmp_path / "cmp.json"
+    assert main(["compare-runs", str(full), str(lora), str(diff), "--reference", str(full), "--json", str(out)]) == 0
+    d = json.loads(out.read_text())
+    rows = {r["run"]: r for r in d["runs"]}
+    assert rows[str(diff)]["outside_mask_changed"] == 0
+    assert 0 <= rows[str(diff)]["to_reference_identical_fraction"] < 1
+    assert -1 <= rows[str(lora)]["to_reference_cosine"] <= 1
+    assert "to_reference_cosine" not in rows[str(full)]
+    assert [r["step"] for r in d["curves"][str(lora)]] == [1, 2, 3]
+    with pytest.raises(RunError, match="not a run directory"):
+        compare_runs([tmp_path])

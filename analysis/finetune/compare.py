@@ -1,0 +1,86 @@
+"""Compare run directories: metrics and curves, inside-mask counts, and how close each run's
+weights end up to a reference run (the paper's §4: the subnetwork run was 94% identical to the
+full fine-tune at τ = 1e-5)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from analysis.errors import SubnetscopeError
+
+
+class RunError(SubnetscopeError):
+    """A run directory that cannot be read, in one line."""
+
+
+def read_run(run_dir: str | Path) -> dict:
+    """config, summary and the metric rows of one run directory."""
+    d = Path(run_dir)
+    try:
+        config = json.loads((d / "config.json").read_text())
+        summary = json.loads((d / "summary.json").read_text())
+    except FileNotFoundError as e:
+        raise RunError(f"{d}: not a run directory (missing {Path(e.filename).name})") from None
+    except ValueError as e:
+        raise RunError(f"{d}: unreadable run file ({e})") from None
+    rows = []
+    metrics = d / "metrics.jsonl"
+    if metrics.is_file():
+        for line in metrics.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                break  # a line cut by a crash ends the record
+    return {"run": str(d), "config": config, "summary": summary, "metrics": rows}
+
+
+def update_distance(start: str | Path, a: str | Path, b: str | Path, tol: float = 1e-5) -> dict:
+    """How close two runs from the same start ended up: the fraction of elements whose final
+    values are unchanged at τ between the runs, and the cosine between their update vectors
+    (θ_a − θ_start and θ_b − θ_start), in one streaming pass."""
+    from analysis.checkpoints import align, iter_aligned, open_checkpoint
+    from analysis.diff import changed_mask
+
+    cks = [open_checkpoint(p) for p in (start, a, b)]
+    al = align(cks)
+    n = same = 0
+    dot = na = nb = 0.0
+    for _, (s, x, y) in iter_aligned(al, cks):
+        if not s.is_floating_point():
+            continue
+        same += int((~changed_mask(x, y, tol)).sum())
+        n += s.numel()
+        da, db = (x.double() - s.double()).reshape(-1), (y.double() - s.double()).reshape(-1)
+        dot += float(da @ db)
+        na += float(da @ da)
+        nb += float(db @ db)
+    cosine = dot / math.sqrt(na * nb) if na > 0 and nb > 0 else None
+    return {"identical_fraction": same / n if n else None, "cosine": cosine, "elements": n, "tol": tol}
+
+
+def compare_runs(run_dirs: list[str | Path], *, reference: str | Path | None = None, tol: float = 1e-5) -> dict:
+    """Metrics table, curves and, with a reference run, each run's distance to it."""
+    runs = [read_run(r) for r in run_dirs]
+    ref = read_run(reference) if reference is not None else None
+    table = []
+    for r in runs:
+        s, final = r["summary"], r["summary"].get("final", {})
+        row = {"run": r["run"], "mask_source": s.get("mask_source"), "status": s.get("status"),
+               "steps": s.get("steps_done"), "trainable": s.get("trainable"), "loss": final.get("loss"),
+               "accuracy": final.get("accuracy"), "outside_mask_changed": s.get("outside_mask_changed"),
+               "wall_s": s.get("wall_s"), "peak_rss_bytes": s.get("peak_rss_bytes"),
+               "optimizer_state_bytes": s.get("optimizer_state_bytes")}
+        if ref is not None and Path(r["run"]).resolve() != Path(ref["run"]).resolve():
+            if r["config"].get("checkpoint") != ref["config"].get("checkpoint"):
+                raise RunError(f"{r['run']}: started from {r['config'].get('checkpoint')}, the reference from "
+                               f"{ref['config'].get('checkpoint')}")
+            dist = update_distance(r["config"]["checkpoint"], Path(r["run"]) / "model", Path(ref["run"]) / "model", tol)
+            row.update({f"to_reference_{k}": v for k, v in dist.items() if k in ("identical_fraction", "cosine")})
+            ref_acc = ref["summary"].get("final", {}).get("accuracy")
+            if ref_acc is not None and row["accuracy"] is not None:
+                row["accuracy_gap"] = row["accuracy"] - ref_acc
+        table.append(row)
+    return {"reference": str(reference) if reference is not None else None, "tol": tol, "runs": table,
+            "curves": {r["run"]: r["metrics"] for r in runs}}
