@@ -358,7 +358,7 @@ def cmd_finetune(args) -> int:
 
     config = FinetuneConfig(checkpoint=args.checkpoint, task=args.task, mask=args.mask, diff=args.diff,
                             diff_tol=args.diff_tol, random=args.random, full=args.full, lora=args.lora, steps=args.steps, lr=args.lr,
-                            batch_size=args.batch_size, seed=args.seed, eval_every=args.eval_every,
+                            batch_size=args.batch_size, seed=args.seed, eval_every=args.eval_every, warmup_steps=args.warmup_steps,
                             optimizer=args.optimizer)
     stop = {"flag": False}
 
@@ -502,7 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("finetune", help="train only a subnetwork (mask, diff, random) or all of it")
     s.add_argument("checkpoint")
-    s.add_argument("--task", default="demo-sft", choices=("demo-sft",))
+    s.add_argument("--task", default="demo-sft", choices=("demo-sft", "demo-rl"))
     src = s.add_mutually_exclusive_group(required=True)
     src.add_argument("--mask", metavar="M", help="a mask file (packed bits, keyed by parameter names)")
     src.add_argument("--diff", nargs=2, metavar=("BASE", "TUNED"), help="the elements BASE -> TUNED changed")
@@ -515,6 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=32)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--eval-every", type=int, default=25)
+    s.add_argument("--warmup-steps", type=int, default=0)
     s.add_argument("--optimizer", default="sparse", choices=("sparse", "reference"))
     s.add_argument("--out", metavar="RUN_DIR", required=True)
     s.add_argument("--quiet", action="store_true")

@@ -286,21 +286,34 @@ def train_rl(model, problems: list[tuple[str, str]], stage: Stage, *, progress: 
     opt = torch.optim.AdamW(model.parameters(), lr=stage.lr, weight_decay=0.0)
     for _ in tqdm(range(stage.steps), desc=stage.name, disable=not progress, file=sys.stderr):
         _check_stop(should_stop)
-        batch = rng.sample(problems, stage.batch)
-        prompts = _qa_prompts(batch).repeat_interleave(RL_GROUP, dim=0)  # [n, prompt_len]
-        model.eval()
-        completions = generate(model, prompts, generator=gen)  # [n, MAX_ANSWER]
-        reward = _rewards(completions, [a for _, a in batch for _ in range(RL_GROUP)]).view(-1, RL_GROUP)
-        advantage = (reward - reward.mean(1, keepdim=True)).flatten()  # [n]
-        model.train()
-        logits = model(input_ids=torch.cat([prompts, completions], 1), use_cache=False).logits
-        logp = logits[:, prompts.shape[1] - 1:-1].log_softmax(-1)  # [n, MAX_ANSWER, vocab]
-        logp = logp.gather(-1, completions[..., None]).squeeze(-1)
-        logp = logp.masked_fill(_after_eos(completions), 0.0).sum(1)  # up to the first <eos>
-        loss = -(advantage * logp).mean()
+        loss, _ = rl_loss(model, rng.sample(problems, stage.batch), gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+
+
+def rl_loss(model, batch: list[tuple[str, str]], gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """One policy-gradient loss: ``RL_GROUP`` sampled completions per prompt, exact-match reward,
+    advantage = reward − the group's mean, loss = −mean(advantage · log p(completion)).
+
+    Args:
+        model (LlamaForCausalLM): the policy (left in train mode).
+        batch (list[tuple[str, str]]): ``(problem, answer)`` pairs.
+        gen (torch.Generator): the sampling generator.
+    Returns:
+        tuple[Tensor, Tensor]: the loss (scalar, with grad) and the rewards ``# [prompts, RL_GROUP]``.
+    """
+    prompts = _qa_prompts(batch).repeat_interleave(RL_GROUP, dim=0)  # [n, prompt_len]
+    model.eval()
+    completions = generate(model, prompts, generator=gen)  # [n, MAX_ANSWER]
+    reward = _rewards(completions, [a for _, a in batch for _ in range(RL_GROUP)]).view(-1, RL_GROUP)
+    advantage = (reward - reward.mean(1, keepdim=True)).flatten()  # [n]
+    model.train()
+    logits = model(input_ids=torch.cat([prompts, completions], 1), use_cache=False).logits
+    logp = logits[:, prompts.shape[1] - 1:-1].log_softmax(-1)  # [n, MAX_ANSWER, vocab]
+    logp = logp.gather(-1, completions[..., None]).squeeze(-1)
+    logp = logp.masked_fill(_after_eos(completions), 0.0).sum(1)  # up to the first <eos>
+    return -(advantage * logp).mean(), reward
 
 
 def _check_stop(should_stop) -> None:

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 
 from analysis.errors import SubnetscopeError
 
-TASKS = ("demo-sft",)
+TASKS = ("demo-sft", "demo-rl")
 OPTIMIZERS = ("sparse", "reference")
 
 
@@ -20,8 +20,9 @@ class FinetuneConfigError(SubnetscopeError):
 class FinetuneConfig:
     checkpoint: str = field(metadata={"help": "Checkpoint to fine-tune (a model directory)."})
     task: str = field(default="demo-sft", metadata={
-        "help": "demo-sft: supervised Q/A arithmetic of the demo family, exact-match accuracy on its "
-                "256 held-out problems."})
+        "help": "demo-sft: supervised Q/A arithmetic of the demo family; demo-rl: the demo's policy gradient "
+                "with exact-match reward (8 samples a prompt), as its RL runs were trained. Metric: exact-match "
+                "accuracy on the 256 held-out problems."})
     mask: str | None = field(default=None, metadata={"help": "Train only the elements of this mask file."})
     diff: list[str] | None = field(default=None, metadata={
         "help": "Train only the elements changed between these two checkpoints [BASE, TUNED] (the RL subnetwork)."})
@@ -33,7 +34,8 @@ class FinetuneConfig:
         "help": "Train a LoRA of this rank on every attention and MLP projection (PEFT), merged at the end."})
     steps: int = field(default=50, metadata={"help": "Optimizer steps."})
     lr: float = field(default=1e-4, metadata={"help": "Peak learning rate (AdamW, weight decay 0)."})
-    batch_size: int = field(default=32, metadata={"help": "Sequences per step."})
+    batch_size: int = field(default=32, metadata={"help": "Sequences per step (demo-rl: prompts per step)."})
+    warmup_steps: int = field(default=0, metadata={"help": "Linear learning-rate warm-up steps (0: constant)."})
     seed: int = field(default=0, metadata={"help": "Seed of the data order and the random mask."})
     eval_every: int = field(default=25, metadata={"help": "Evaluate every N steps (and at the end)."})
     optimizer: str = field(default="sparse", metadata={

@@ -99,21 +99,29 @@ def _train(config, out: Path, metrics_file, should_stop, progress) -> dict:
         opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0, foreach=False)
         trainable, state_bytes = sum(int(m.sum()) for m in mask.values()), None
     examples = demo.qa_examples("train")
-    held_out = demo._problems()[1]
+    train_problems, held_out = demo._problems()
     rng = random.Random(config.seed)
+    gen = torch.Generator().manual_seed(config.seed)  # demo-rl sampling, as the demo's RL runs
     last = {}
     status = "finished"
     for step in range(1, config.steps + 1):
         if should_stop is not None and should_stop():
             status = "cancelled"
             break
-        lr = config.lr * min(1.0, step / max(1, config.steps // 10))  # short linear warm-up
+        lr = config.lr * min(1.0, step / config.warmup_steps) if config.warmup_steps else config.lr
         _set_lr(opt, lr)
-        ids, labels = demo._lm_batch(rng.sample(examples, config.batch_size))
         t = time.perf_counter()
+        extra = {}
+        if config.task == "demo-sft":
+            ids, labels = demo._lm_batch(rng.sample(examples, config.batch_size))
+            logits = model(input_ids=ids, use_cache=False).logits
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+            tokens = int((ids != demo.PAD).sum())
+        else:
+            loss, reward = demo.rl_loss(model, rng.sample(train_problems, config.batch_size), gen)
+            extra["reward"] = reward.mean().item()
+            tokens = reward.numel() * (demo.MAX_ANSWER + 8)
         opt.zero_grad()
-        logits = model(input_ids=ids, use_cache=False).logits
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
         loss.backward()
         grad_norm = _grad_norm({n: p for n, p in params.items() if p.requires_grad}, mask)
         if mask is None or config.optimizer == "sparse":
@@ -121,7 +129,7 @@ def _train(config, out: Path, metrics_file, should_stop, progress) -> dict:
         else:
             masked_reference_step(opt, params, mask)
         row = {"step": step, "loss": loss.item(), "lr": lr, "grad_norm": grad_norm, "trainable": trainable,
-               "tokens_per_s": int((ids != demo.PAD).sum()) / (time.perf_counter() - t)}
+               "tokens_per_s": tokens / (time.perf_counter() - t), **extra}
         if step % config.eval_every == 0 or step == config.steps:
             row["accuracy"] = demo.evaluate(model, held_out)
             model.train()
