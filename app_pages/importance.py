@@ -146,6 +146,11 @@ try:
     chosen = st.multiselect("Selectors", [n for n in SELECTORS if n != "diff"],
                             default=["magnitude", "smallest_magnitude", "random", "wanda", "taylor", "fisher",
                                      "sensitivity"], format_func=lambda n: SELECTORS[n].label)
+    n_params = sum(int(v.numel()) for v in changed.values())
+    if n_params >= work.inline_limit() and not st.button(f"Score {len(chosen)} selectors on this "
+                                                          f"{n_params / 1e6:.0f}M-parameter model", type="primary"):
+        st.caption("Large model: scoring every selector takes a while on a CPU, so it starts on request.")
+        st.stop()
     bar = st.progress(0.0, text="Scoring selectors…")
     for i, n in enumerate(chosen):
         sc = work.scores(ref, n, None if SELECTORS[n].granularities[0] != "element" else "element", data,
