@@ -44,6 +44,14 @@ def tiny_bert(seed: int = 0):
                                 intermediate_size=48, vocab_size=40, max_position_embeddings=64)).eval()
 
 
+@pytest.fixture(autouse=True)
+def _private_recent_list(tmp_path, monkeypatch):
+    """Tests open many temporary checkpoints: keep them out of the user's recent list."""
+    import ui.state
+
+    monkeypatch.setattr(ui.state, "_recent_file", lambda: tmp_path / "recent.json")
+
+
 @pytest.fixture
 def llama_dir(tmp_path) -> Path:
     d = tmp_path / "llama"

@@ -25,9 +25,12 @@ def recent_refs() -> list[str]:
     """Paths / hub ids that opened successfully before (most recent first)."""
     try:
         refs = json.loads(_recent_file().read_text())
-        return [r for r in refs if isinstance(r, str)][:20]
     except (OSError, ValueError):
         return []
+    from pathlib import Path
+
+    # a local path that has gone away is dropped; a hub id (org/name, not on disk) is kept
+    return [r for r in refs if isinstance(r, str) and (Path(r).exists() or not r.startswith(("/", ".", "~")))][:20]
 
 
 def remember(ref: str) -> None:

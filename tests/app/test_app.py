@@ -38,6 +38,15 @@ def test_opened_path_is_remembered(tmp_path, monkeypatch):
     page.session_state["tuned_refs"] = []
     page.run()
     assert [m.value for m in page.metric if m.label == "Total parameters"] == ["68,160"]
-    assert json.loads((tmp_path / "home" / "recent.json").read_text()) == [str(a)]
+    assert json.loads((tmp_path / "recent.json").read_text()) == [str(a)]  # conftest keeps it in tmp_path
     at2 = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120).run()
     assert at2.selectbox[0].options == [str(a)]
+
+
+def test_recent_list_drops_vanished_paths(tmp_path):
+    import ui.state
+
+    keep = tmp_path / "still-here"
+    keep.mkdir()
+    (tmp_path / "recent.json").write_text(json.dumps([str(tmp_path / "gone"), str(keep), "acme/tiny-llama"]))
+    assert ui.state.recent_refs() == [str(keep), "acme/tiny-llama"]
