@@ -98,6 +98,10 @@ def _train(config, out: Path, metrics_file, should_stop, progress) -> dict:
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0, foreach=False)
         trainable, state_bytes = sum(int(m.sum()) for m in mask.values()), None
+    if mask is not None:  # a parameter with nothing selected needs no weight gradient at all
+        for n, p in params.items():
+            if n not in mask or not mask[n].any():
+                p.requires_grad_(False)
     examples = demo.qa_examples("train")
     train_problems, held_out = demo._problems()
     rng = random.Random(config.seed)
