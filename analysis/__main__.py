@@ -399,6 +399,13 @@ def cmd_compare_runs(args) -> int:
     return 0
 
 
+def _add_run_args(s) -> None:
+    """--json OUT, --quiet, and the hidden --progress-file a page's background job polls."""
+    s.add_argument("--json", metavar="OUT", required=True)
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.add_argument("--progress-file", metavar="P", help=argparse.SUPPRESS)
+
+
 def _add_data_args(s) -> None:
     s.add_argument("--data", default="demo", help="demo (the arithmetic task), a .txt/.jsonl file, or a dataset name")
     s.add_argument("--samples", type=int, default=32, help="calibration sequences (default 32)")
@@ -453,19 +460,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tol", type=_tolerance, default=1e-5, help="tolerance τ (default 1e-5, the paper's)")
     s.add_argument("--rank", action="store_true", help="also the rank of every 2-D update (costly)")
     s.add_argument("--device", default="cpu", help="cpu or cuda")
-    s.add_argument("--json", metavar="OUT", required=True)
     s.add_argument("--mask-out", metavar="M", help="write the changed elements as a mask file")
-    s.add_argument("--quiet", action="store_true", help="no progress bar")
-    s.add_argument("--progress-file", metavar="P", help=argparse.SUPPRESS)  # polled by the app's jobs
+    _add_run_args(s)
     s.set_defaults(func=cmd_diff)
 
     s = sub.add_parser("overlap", help="overlap of the subnetworks changed by 2+ fine-tunes of BASE")
     s.add_argument("base")
     s.add_argument("tuned", nargs="+")
     s.add_argument("--tol", type=_tolerance, default=1e-5)
-    s.add_argument("--json", metavar="OUT", required=True)
-    s.add_argument("--quiet", action="store_true")
-    s.add_argument("--progress-file", metavar="P", help=argparse.SUPPRESS)
+    _add_run_args(s)
     s.set_defaults(func=cmd_overlap)
 
     s = sub.add_parser("selectors", help="list the importance selectors")
@@ -482,9 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="global top-k, per-layer uniform top-k, or whole heads/channels/layers")
     s.add_argument("--mask-out", metavar="M", help="write the selected elements as a mask file (needs --density)")
     s.add_argument("--scores-out", metavar="S", help="write the raw scores as safetensors")
-    s.add_argument("--json", metavar="OUT", required=True)
-    s.add_argument("--quiet", action="store_true")
-    s.add_argument("--progress-file", metavar="P", help=argparse.SUPPRESS)
+    _add_run_args(s)
     s.set_defaults(func=cmd_importance)
 
     s = sub.add_parser("evaluate-selectors", help="agreement of selectors, and how well they predict a real update")
@@ -495,9 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--density", type=_density, required=True, help="top-k density of the Jaccard")
     s.add_argument("--stability", action="store_true", help="also rescore on a disjoint calibration set")
     _add_data_args(s)
-    s.add_argument("--json", metavar="OUT", required=True)
-    s.add_argument("--quiet", action="store_true")
-    s.add_argument("--progress-file", metavar="P", help=argparse.SUPPRESS)
+    _add_run_args(s)
     s.set_defaults(func=cmd_evaluate_selectors)
 
     s = sub.add_parser("finetune", help="train only a subnetwork (mask, diff, random) or all of it")
