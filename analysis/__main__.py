@@ -354,12 +354,8 @@ def cmd_evaluate_selectors(args) -> int:
 
 def cmd_finetune(args) -> int:
     from analysis.finetune.config import FinetuneConfig
-    from analysis.finetune.run import run_finetune
+    from analysis.finetune.run import resume_finetune, run_finetune
 
-    config = FinetuneConfig(checkpoint=args.checkpoint, task=args.task, mask=args.mask, diff=args.diff,
-                            diff_tol=args.diff_tol, random=args.random, full=args.full, lora=args.lora, steps=args.steps, lr=args.lr,
-                            batch_size=args.batch_size, seed=args.seed, eval_every=args.eval_every, warmup_steps=args.warmup_steps,
-                            optimizer=args.optimizer)
     stop = {"flag": False}
 
     def _stop(signum, frame):  # a cancel: finish the current step, keep every metric, status cancelled
@@ -367,19 +363,44 @@ def cmd_finetune(args) -> int:
 
     signal.signal(signal.SIGTERM, _stop)
     _quiet_transformers(args.quiet)
-    prog = _Progress("finetune", not args.quiet, args.progress_file)
+    prog = _Progress("finetune", not args.quiet and int(os.environ.get("RANK", "0")) == 0, args.progress_file)
     try:
-        summary = run_finetune(config, args.out, should_stop=lambda: stop["flag"], progress=prog)
+        if args.resume:
+            summary = resume_finetune(args.resume, steps=args.steps, should_stop=lambda: stop["flag"],
+                                      progress=prog)
+            out, source = args.resume, summary["mask_source"]
+        else:
+            if args.checkpoint is None or args.out is None:
+                raise FinetuneArgsError("finetune needs CKPT and --out RUN_DIR (or --resume RUN_DIR)")
+            config = FinetuneConfig(**{k: getattr(args, k) for k in _FINETUNE_FIELDS if getattr(args, k) is not None})
+            summary = run_finetune(config, args.out, should_stop=lambda: stop["flag"], progress=prog)
+            out, source = args.out, config.mask_source
     finally:
         prog.close()
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
     final = summary.get("final", {})
+    metric = summary.get("metric", "accuracy")
+    value = final.get(metric)
     print(f"{summary['status']}: {summary['steps_done']} steps, {summary['trainable']:,} trainable elements "
-          f"({config.mask_source}); loss {final.get('loss', float('nan')):.4f}, "
-          f"accuracy {final.get('accuracy', float('nan')):.3f}")
+          f"({source}); loss {final.get('loss', float('nan')):.4f}, {metric} "
+          f"{'n/a' if value is None else f'{value:.4g}'}")
     if summary.get("outside_mask_changed") is not None:
         print(f"  elements changed outside the mask: {summary['outside_mask_changed']}")
-    print(f"run directory: {args.out}")
+    if "ranks_identical" in summary:
+        print(f"  {summary['processes']} processes; final weights identical on every rank: {summary['ranks_identical']}")
+    print(f"run directory: {out}")
     return 0
+
+
+class FinetuneArgsError(SubnetscopeError):
+    pass
+
+
+_FINETUNE_FIELDS = ("checkpoint", "task", "data", "seq_len", "eval_samples", "mask", "mask_combine", "selector",
+                    "density", "granularity", "budget", "diff", "diff_tol", "random", "id3", "id3_exp", "id3_eps",
+                    "full", "lora", "schedule", "lisa_layers", "lisa_interval", "steps", "lr", "lr_schedule",
+                    "warmup_steps", "batch_size", "seed", "eval_every", "save_every", "optimizer", "dtype", "device")
 
 
 def cmd_compare_runs(args) -> int:
@@ -499,24 +520,48 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_args(s)
     s.set_defaults(func=cmd_evaluate_selectors)
 
-    s = sub.add_parser("finetune", help="train only a subnetwork (mask, diff, random) or all of it")
-    s.add_argument("checkpoint")
-    s.add_argument("--task", default="demo-sft", choices=("demo-sft", "demo-rl"))
-    src = s.add_mutually_exclusive_group(required=True)
-    src.add_argument("--mask", metavar="M", help="a mask file (packed bits, keyed by parameter names)")
-    src.add_argument("--diff", nargs=2, metavar=("BASE", "TUNED"), help="the elements BASE -> TUNED changed")
-    src.add_argument("--random", type=_density, metavar="D", help="a random mask of density D")
-    src.add_argument("--full", action="store_true", help="train every parameter")
-    src.add_argument("--lora", type=int, metavar="R", help="a LoRA of rank R (PEFT), merged at the end")
-    s.add_argument("--diff-tol", type=_tolerance, default=1e-5)
-    s.add_argument("--steps", type=int, default=50)
-    s.add_argument("--lr", type=float, default=1e-4)
-    s.add_argument("--batch-size", type=int, default=32)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--eval-every", type=int, default=25)
-    s.add_argument("--warmup-steps", type=int, default=0)
-    s.add_argument("--optimizer", default="sparse", choices=("sparse", "reference"))
-    s.add_argument("--out", metavar="RUN_DIR", required=True)
+    s = sub.add_parser("finetune", help="train only a subnetwork (mask, selector, diff, random, ID3) or all of it",
+                       description="Masked fine-tuning. Runs data-parallel unchanged under `torchrun "
+                                   "--standalone --nproc_per_node N -m analysis finetune ...` or `accelerate launch`.")
+    from analysis.finetune.config import FinetuneConfig
+
+    h = FinetuneConfig.help()
+    s.add_argument("checkpoint", nargs="?", help=h["checkpoint"])
+    s.add_argument("--task", choices=("demo-sft", "demo-rl", "lm"), help=h["task"] + " Default: demo-sft.")
+    s.add_argument("--data", metavar="FILE", help=h["data"])
+    s.add_argument("--seq-len", type=int, help=h["seq_len"])
+    s.add_argument("--eval-samples", type=int, help=h["eval_samples"])
+    src = s.add_mutually_exclusive_group()
+    src.add_argument("--mask", metavar="M", nargs="+", help=h["mask"])
+    src.add_argument("--selector", metavar="S", help=h["selector"])
+    src.add_argument("--diff", nargs=2, metavar=("BASE", "TUNED"), help=h["diff"])
+    src.add_argument("--random", type=_density, metavar="D", help=h["random"])
+    src.add_argument("--id3", type=_density, metavar="D", help=h["id3"])
+    src.add_argument("--full", action="store_true", default=None, help=h["full"])
+    src.add_argument("--lora", type=int, metavar="R", help=h["lora"])
+    src.add_argument("--resume", metavar="RUN_DIR", help="continue this run directory from its saved state")
+    s.add_argument("--combine", dest="mask_combine", metavar="OP", help=h["mask_combine"])
+    s.add_argument("--density", type=_density, help=h["density"])
+    s.add_argument("--granularity", choices=("element", "row", "head", "channel", "layer"), help=h["granularity"])
+    s.add_argument("--budget", choices=("global", "per_layer", "structured"), help=h["budget"])
+    s.add_argument("--diff-tol", type=_tolerance, help=h["diff_tol"])
+    s.add_argument("--id3-exp", type=float, help=h["id3_exp"])
+    s.add_argument("--id3-eps", type=float, help=h["id3_eps"])
+    s.add_argument("--schedule", choices=("static", "lisa"), help=h["schedule"])
+    s.add_argument("--lisa-layers", type=int, help=h["lisa_layers"])
+    s.add_argument("--lisa-interval", type=int, help=h["lisa_interval"])
+    s.add_argument("--steps", type=int, help=h["steps"] + " Default: 50 (with --resume: the saved run's).")
+    s.add_argument("--lr", type=float, help=h["lr"] + " Default: 1e-4.")
+    s.add_argument("--lr-schedule", choices=("constant", "linear", "cosine"), help=h["lr_schedule"])
+    s.add_argument("--warmup-steps", type=int, help=h["warmup_steps"])
+    s.add_argument("--batch-size", type=int, help=h["batch_size"] + " Default: 32.")
+    s.add_argument("--seed", type=int, help=h["seed"])
+    s.add_argument("--eval-every", type=int, help=h["eval_every"])
+    s.add_argument("--save-every", type=int, help=h["save_every"])
+    s.add_argument("--optimizer", choices=("sparse", "reference"), help=h["optimizer"])
+    s.add_argument("--dtype", choices=("float32", "bfloat16"), help=h["dtype"])
+    s.add_argument("--device", help=h["device"])
+    s.add_argument("--out", metavar="RUN_DIR", help="the run directory to write")
     s.add_argument("--quiet", action="store_true")
     s.add_argument("--progress-file", metavar="P", help=argparse.SUPPRESS)
     s.set_defaults(func=cmd_finetune)

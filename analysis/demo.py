@@ -227,13 +227,14 @@ def generate(model, prompts: torch.Tensor, *, generator: torch.Generator | None 
     Returns:
         Tensor: ``# [batch, MAX_ANSWER]`` new tokens; everything after the first ``<eos>`` is pad.
     """
-    seq = prompts
+    dev = next(model.parameters()).device
+    seq = prompts.to(dev)
     for _ in range(MAX_ANSWER):
         logits = model(input_ids=seq, use_cache=False).logits[:, -1].float()  # [batch, vocab]
         if generator is None:
             nxt = logits.argmax(-1)
-        else:
-            nxt = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
+        else:  # sampled on the CPU generator wherever the model is (one random stream)
+            nxt = torch.multinomial(logits.softmax(-1).cpu(), 1, generator=generator).squeeze(1).to(dev)
         seq = torch.cat([seq, nxt[:, None]], dim=1)
     new = seq[:, prompts.shape[1]:]
     return new.masked_fill(_after_eos(new), PAD)
@@ -303,17 +304,39 @@ def rl_loss(model, batch: list[tuple[str, str]], gen: torch.Generator) -> tuple[
     Returns:
         tuple[Tensor, Tensor]: the loss (scalar, with grad) and the rewards ``# [prompts, RL_GROUP]``.
     """
-    prompts = _qa_prompts(batch).repeat_interleave(RL_GROUP, dim=0)  # [n, prompt_len]
+    prompts = _qa_prompts(batch).repeat_interleave(RL_GROUP, dim=0).to(next(model.parameters()).device)
     model.eval()
     completions = generate(model, prompts, generator=gen)  # [n, MAX_ANSWER]
     reward = _rewards(completions, [a for _, a in batch for _ in range(RL_GROUP)]).view(-1, RL_GROUP)
-    advantage = (reward - reward.mean(1, keepdim=True)).flatten()  # [n]
+    advantage = (reward - reward.mean(1, keepdim=True)).flatten().to(prompts.device)  # [n]
     model.train()
     logits = model(input_ids=torch.cat([prompts, completions], 1), use_cache=False).logits
     logp = logits[:, prompts.shape[1] - 1:-1].log_softmax(-1)  # [n, MAX_ANSWER, vocab]
     logp = logp.gather(-1, completions[..., None]).squeeze(-1)
     logp = logp.masked_fill(_after_eos(completions), 0.0).sum(1)  # up to the first <eos>
     return -(advantage * logp).mean(), reward
+
+
+@torch.no_grad()
+def sampled_rewards(model, problems: list[tuple[str, str]], samples: int, *, seed: int = 0,
+                    chunk: int = 1024) -> torch.Tensor:
+    """Exact-match rewards of temperature-1 samples, as the RL runs were rewarded.
+
+    Args:
+        problems (list[tuple[str, str]]): ``(problem, answer)`` pairs.
+        samples (int): completions sampled per problem.
+        seed (int): sampling seed. Default: 0.
+        chunk (int): sequences generated at once. Default: 1024.
+    Returns:
+        Tensor: ``# [problems, samples]`` rewards in {0, 1}.
+    """
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    prompts = _qa_prompts(problems).repeat_interleave(samples, dim=0)  # [problems · samples, prompt_len]
+    answers = [a for _, a in problems for _ in range(samples)]
+    out = [_rewards(generate(model, prompts[i:i + chunk], generator=gen), answers[i:i + chunk])
+           for i in range(0, prompts.shape[0], chunk)]
+    return torch.cat(out).view(len(problems), samples)
 
 
 def _check_stop(should_stop) -> None:

@@ -4,12 +4,17 @@ the page's form (PEFT's config style: ``field(metadata={"help": ...})``, checks 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 from analysis.errors import SubnetscopeError
 
-TASKS = ("demo-sft", "demo-rl")
+TASKS = ("demo-sft", "demo-rl", "lm")
 OPTIMIZERS = ("sparse", "reference")
+SCHEDULES = ("static", "lisa")
+LR_SCHEDULES = ("constant", "linear", "cosine")
+DTYPES = ("float32", "bfloat16")
+COMBINE = ("union", "intersect", "minus")  # plus "consensus:K"
+SOURCES = ("mask", "selector", "diff", "random", "id3", "full", "lora")
 
 
 class FinetuneConfigError(SubnetscopeError):
@@ -20,60 +25,163 @@ class FinetuneConfigError(SubnetscopeError):
 class FinetuneConfig:
     checkpoint: str = field(metadata={"help": "Checkpoint to fine-tune (a model directory)."})
     task: str = field(default="demo-sft", metadata={
-        "help": "demo-sft: supervised Q/A arithmetic of the demo family; demo-rl: the demo's policy gradient "
-                "with exact-match reward (8 samples a prompt), as its RL runs were trained. Metric: exact-match "
-                "accuracy on the 256 held-out problems."})
-    mask: str | None = field(default=None, metadata={"help": "Train only the elements of this mask file."})
+        "help": "demo-sft: supervised Q/A arithmetic of the demo family (metric: exact-match accuracy on its 256 "
+                "held-out problems); demo-rl: the demo's policy gradient with exact-match reward (8 samples a "
+                "prompt), as its RL runs were trained; lm: causal-LM loss on --data (metric: held-out loss and "
+                "perplexity)."})
+    data: str | None = field(default=None, metadata={
+        "help": "lm task: a .txt (one example per line, or chunks) or .jsonl (text, or prompt+completion) file, "
+                "or a dataset name when online."})
+    seq_len: int = field(default=128, metadata={"help": "lm task: tokens per sequence at most."})
+    eval_samples: int = field(default=64, metadata={
+        "help": "lm task: sequences held out for the eval loss; demo tasks: sampled completions per held-out "
+                "problem in the final sampled-reward evaluation (0: none)."})
+    # ---- the mask: exactly one source
+    mask: list[str] | None = field(default=None, metadata={
+        "help": "Train only the elements of this mask file (several files: combined by mask_combine)."})
+    mask_combine: str = field(default="union", metadata={
+        "help": "How several mask files combine: union, intersect, minus (the first without the others), or "
+                "consensus:K (selected by at least K)."})
+    selector: str | None = field(default=None, metadata={
+        "help": "Train the top --density of this importance selector's scores (see `python -m analysis "
+                "selectors`), calibrated on the task's data."})
+    density: float | None = field(default=None, metadata={"help": "Fraction of the blocks' weights a selector "
+                                                                   "mask (or, structured, of the units) selects."})
+    granularity: str | None = field(default=None, metadata={
+        "help": "Selector granularity: element, row, head, channel or layer (head/channel/layer: a structured "
+                "S2FT-style mask of whole units)."})
+    budget: str | None = field(default=None, metadata={
+        "help": "global top-k, per_layer top-k, or structured (whole units); default global for element "
+                "scores, structured otherwise."})
     diff: list[str] | None = field(default=None, metadata={
         "help": "Train only the elements changed between these two checkpoints [BASE, TUNED] (the RL subnetwork)."})
     diff_tol: float = field(default=1e-5, metadata={"help": "Tolerance τ of the diff mask."})
     random: float | None = field(default=None, metadata={
         "help": "Train a random mask of this density over the blocks' weight matrices (the control)."})
+    id3: float | None = field(default=None, metadata={
+        "help": "ID3 incremental unmasking to this density of the blocks' weights: the mask starts empty and "
+                "grows linearly over the run, each step unmasking the elements of highest D3 = |g| / (|θ| + ε)^exp "
+                "(Agarwal et al., TACL 2025)."})
+    id3_exp: float = field(default=1.0, metadata={"help": "ID3: the exponent of |θ| + ε in D3 (0: gradient magnitude)."})
+    id3_eps: float = field(default=1e-3, metadata={"help": "ID3: the ε of D3."})
     full: bool = field(default=False, metadata={"help": "Train every parameter (full fine-tuning)."})
     lora: int | None = field(default=None, metadata={
         "help": "Train a LoRA of this rank on every attention and MLP projection (PEFT), merged at the end."})
+    # ---- schedule
+    schedule: str = field(default="static", metadata={
+        "help": "static: the mask as built; lisa: every lisa_interval steps train only lisa_layers randomly "
+                "sampled blocks of it (plus any embedding or head elements), as LISA (Pan et al., 2024)."})
+    lisa_layers: int = field(default=2, metadata={"help": "LISA: blocks trained at a time."})
+    lisa_interval: int = field(default=10, metadata={"help": "LISA: steps between resamplings."})
+    # ---- optimization
     steps: int = field(default=50, metadata={"help": "Optimizer steps."})
     lr: float = field(default=1e-4, metadata={"help": "Peak learning rate (AdamW, weight decay 0)."})
-    batch_size: int = field(default=32, metadata={"help": "Sequences per step (demo-rl: prompts per step)."})
-    warmup_steps: int = field(default=0, metadata={"help": "Linear learning-rate warm-up steps (0: constant)."})
-    seed: int = field(default=0, metadata={"help": "Seed of the data order and the random mask."})
+    lr_schedule: str = field(default="constant", metadata={
+        "help": "After warm-up: constant, linear decay to 0, or cosine decay to 0."})
+    warmup_steps: int = field(default=0, metadata={"help": "Linear learning-rate warm-up steps (0: none)."})
+    batch_size: int = field(default=32, metadata={
+        "help": "Sequences per step (demo-rl: prompts per step), over all processes together."})
+    seed: int = field(default=0, metadata={"help": "Seed of the data order, the sampling and the random mask."})
     eval_every: int = field(default=25, metadata={"help": "Evaluate every N steps (and at the end)."})
+    save_every: int = field(default=0, metadata={
+        "help": "Save a resumable state every N steps (0: at evaluations); always at a cancel."})
     optimizer: str = field(default="sparse", metadata={
         "help": "sparse: AdamW on compact fp32 copies of the masked elements; reference: full AdamW on "
                 "gradients zeroed outside the mask."})
+    dtype: str = field(default="float32", metadata={
+        "help": "Weights during training: float32, or bfloat16 (the sparse optimizer's fp32 copies keep the "
+                "small updates bf16 would round away). The final weights are saved in the checkpoint's dtype."})
+    device: str = field(default="auto", metadata={"help": "auto (cuda when available), cpu or cuda."})
 
     def __post_init__(self) -> None:
-        sources = [self.mask is not None, self.diff is not None, self.random is not None, self.full,
-                   self.lora is not None]
-        if sum(sources) != 1:
-            raise FinetuneConfigError("choose exactly one of --mask, --diff, --random, --full, --lora")
+        if isinstance(self.mask, str):
+            self.mask = [self.mask]
+        chosen = [s for s in SOURCES if (getattr(self, s) not in (None, False))]
+        if len(chosen) != 1:
+            raise FinetuneConfigError("choose exactly one of --mask, --selector, --diff, --random, --id3, --full, "
+                                      f"--lora (got {', '.join(chosen) or 'none'})")
         if self.lora is not None and self.lora < 1:
             raise FinetuneConfigError(f"--lora rank must be ≥ 1, got {self.lora}")
-        if self.task not in TASKS:
-            raise FinetuneConfigError(f"unknown task {self.task!r}; one of {', '.join(TASKS)}")
-        if self.optimizer not in OPTIMIZERS:
-            raise FinetuneConfigError(f"unknown optimizer {self.optimizer!r}; one of {', '.join(OPTIMIZERS)}")
+        for name, allowed in (("task", TASKS), ("optimizer", OPTIMIZERS), ("schedule", SCHEDULES),
+                              ("lr_schedule", LR_SCHEDULES), ("dtype", DTYPES)):
+            if getattr(self, name) not in allowed:
+                raise FinetuneConfigError(f"unknown {name} {getattr(self, name)!r}; one of {', '.join(allowed)}")
+        if self.task == "lm" and not self.data:
+            raise FinetuneConfigError("the lm task needs --data (a .txt or .jsonl file, or a dataset name)")
+        if self.mask is not None and not self.mask:
+            raise FinetuneConfigError("--mask needs at least one mask file")
+        if not (self.mask_combine in COMBINE or self.mask_combine.startswith("consensus:")):
+            raise FinetuneConfigError(f"unknown mask_combine {self.mask_combine!r}; one of "
+                                      f"{', '.join(COMBINE)}, consensus:K")
+        if self.mask_combine.startswith("consensus:"):
+            k = self.mask_combine.split(":", 1)[1]
+            if not k.isdigit() or not 1 <= int(k) <= len(self.mask or [None]):
+                raise FinetuneConfigError(f"mask_combine {self.mask_combine!r}: K must be 1 … the number of masks")
         if self.diff is not None and len(self.diff) != 2:
             raise FinetuneConfigError("--diff takes two checkpoints: BASE TUNED")
-        if self.random is not None and not 0 < self.random <= 1:
-            raise FinetuneConfigError(f"--random density must be in (0, 1], got {self.random}")
-        for name in ("steps", "batch_size", "eval_every"):
+        for name in ("random", "id3", "density"):
+            v = getattr(self, name)
+            if v is not None and not 0 < v <= 1:
+                raise FinetuneConfigError(f"--{name} density must be in (0, 1], got {v}")
+        if self.selector is not None and self.density is None:
+            raise FinetuneConfigError("--selector needs --density")
+        if self.density is not None and self.selector is None:
+            raise FinetuneConfigError("--density goes with --selector")
+        if self.id3 is not None and self.optimizer != "sparse":
+            raise FinetuneConfigError("ID3's growing mask needs the sparse optimizer")
+        if self.schedule == "lisa" and self.lora is not None:
+            raise FinetuneConfigError("the LISA schedule samples blocks of a mask; it does not apply to LoRA")
+        for name in ("steps", "batch_size", "eval_every", "lisa_layers", "lisa_interval", "seq_len"):
             if getattr(self, name) < 1:
                 raise FinetuneConfigError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "save_every", "eval_samples"):
+            if getattr(self, name) < 0:
+                raise FinetuneConfigError(f"{name} must be ≥ 0, got {getattr(self, name)}")
         if not self.lr > 0:
             raise FinetuneConfigError(f"lr must be > 0, got {self.lr}")
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            raise FinetuneConfigError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+
+    @property
+    def source(self) -> str:
+        """Which mask source: mask, selector, diff, random, id3, full or lora."""
+        return next(s for s in SOURCES if getattr(self, s) not in (None, False))
 
     @property
     def mask_source(self) -> str:
-        if self.full:
-            return "full"
-        if self.lora is not None:
-            return f"lora r={self.lora}"
-        if self.mask is not None:
-            return f"mask {self.mask}"
-        if self.diff is not None:
-            return f"diff {self.diff[0]} -> {self.diff[1]} tol={self.diff_tol:g}"
-        return f"random density={self.random:g} seed={self.seed}"
+        """The mask source in words, e.g. ``random density=0.05 seed=0``."""
+        lisa = f" + LISA {self.lisa_layers} layers/{self.lisa_interval} steps" if self.schedule == "lisa" else ""
+        s = self.source
+        if s == "full":
+            text = "full"
+        elif s == "lora":
+            text = f"lora r={self.lora}"
+        elif s == "mask":
+            text = f"mask {self.mask[0]}" if len(self.mask) == 1 else f"mask {self.mask_combine} of {', '.join(self.mask)}"
+        elif s == "selector":
+            text = (f"selector {self.selector} density={self.density:g}"
+                    + (f" {self.granularity}" if self.granularity else "") + (f" {self.budget}" if self.budget else ""))
+        elif s == "diff":
+            text = f"diff {self.diff[0]} -> {self.diff[1]} tol={self.diff_tol:g}"
+        elif s == "id3":
+            text = f"id3 density={self.id3:g} exp={self.id3_exp:g}"
+        else:
+            text = f"random density={self.random:g} seed={self.seed}"
+        return text + lisa
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FinetuneConfig":
+        """From ``config.json`` (unknown keys are an error, missing ones take their defaults)."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise FinetuneConfigError(f"unknown configuration key {unknown[0]!r}")
+        return cls(**d)
+
+    @classmethod
+    def help(cls) -> dict[str, str]:
+        """Field name -> help text (the page's tooltips)."""
+        return {f.name: f.metadata.get("help", "") for f in fields(cls)}

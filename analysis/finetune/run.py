@@ -1,47 +1,89 @@
 """One masked fine-tuning run, written to a run directory.
 
 ``RUN_DIR/config.json``, ``metrics.jsonl`` (one line per step, flushed: step, loss, lr,
-grad_norm, tokens_per_s, trainable; ``accuracy`` when evaluated), ``model/`` (the final
-weights as a safetensors HF directory, in the checkpoint's dtype) and ``summary.json`` (status
+grad_norm, tokens_per_s, trainable; the task's metrics when evaluated), ``model/`` (the final
+weights as a safetensors HF directory, in the checkpoint's dtype), ``summary.json`` (status
 finished / cancelled / failed with the error, final metrics, wall time, peak memory, the
-inside-mask check). JSON files are written atomically; a cancel (``should_stop``) stops after
-the current step with every metric kept.
+inside-mask check), ``eval.json`` (per-problem results of the final evaluation, demo tasks) and
+``state/`` (what :func:`resume_finetune` continues from: optimizer state, trained weights, random
+streams). JSON and state files are written atomically; a cancel (``should_stop``, SIGTERM in the
+CLI) stops after the current step with every metric kept and the state saved.
+
+Run under ``torchrun`` / ``accelerate launch`` it trains data-parallel (see
+:mod:`analysis.finetune.distributed`); rank 0 writes the run directory.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import resource
+import shutil
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from analysis.finetune.config import FinetuneConfig
+from analysis.finetune.config import FinetuneConfig, FinetuneConfigError
+from analysis.finetune.distributed import Distributed
 from analysis.finetune.sparse_adamw import SparseMaskedAdamW, masked_reference_step
+from analysis.finetune.tasks import Task, make_task
 from analysis.io import write_json_atomic
 
+Mask = dict[str, torch.Tensor]
 
-def build_mask(config: FinetuneConfig, model) -> dict[str, torch.Tensor] | None:
-    """The elements to train (None: all of them)."""
+
+# ----------------------------------------------------------------------------- masks
+
+def block_weights(model) -> list[str]:
+    """The 2-D weight matrices inside the transformer blocks (the universe of random and ID3 masks)."""
+    return [n for n, p in model.named_parameters() if ".layers." in n and p.dim() == 2]
+
+
+def build_mask(config: FinetuneConfig, model, task: Task | None = None) -> Mask | None:
+    """The elements to train (None: all of them; an empty dict: ID3's mask, grown during the run)."""
     params = dict(model.named_parameters())
-    if config.full or config.lora is not None:
+    source = config.source
+    if source in ("full", "lora"):
         return None
-    if config.mask is not None:
-        from analysis.masks import load_mask
+    if source == "id3":
+        return {}
+    if source == "mask":
+        from analysis import masks as M
 
-        return load_mask(config.mask)
-    if config.diff is not None:
+        loaded = [M.load_mask(p) for p in config.mask]
+        if len(loaded) == 1:
+            mask = loaded[0]
+        elif config.mask_combine == "union":
+            mask = M.union(*loaded)
+        elif config.mask_combine == "intersect":
+            mask = M.intersect(*loaded)
+        elif config.mask_combine == "minus":
+            rest = M.union(*loaded[1:])
+            M.intersect(loaded[0], rest)  # the same compatibility check
+            mask = {n: loaded[0][n] & ~rest[n] for n in loaded[0]}
+        else:
+            mask = M.consensus(loaded, int(config.mask_combine.split(":")[1]))
+        return _fit(mask, params, " ".join(config.mask))
+    if source == "diff":
         from analysis.diff import diff_checkpoints
 
-        masks: dict[str, torch.Tensor] = {}
+        masks: Mask = {}
         diff_checkpoints(config.diff[0], config.diff[1], tol=config.diff_tol, on_mask=masks.__setitem__)
-        return {n: m for n, m in masks.items() if n in params}
+        return _fit(masks, params, f"the diff {config.diff[0]} -> {config.diff[1]}")
+    if source == "selector":
+        from analysis.importance import compute_scores, scores_to_mask
+
+        if task is None:
+            raise FinetuneConfigError("a selector mask needs the task's calibration data")
+        scores = compute_scores(model, config.selector, task.calibration(), granularity=config.granularity,
+                                seed=config.seed)
+        return _fit(scores_to_mask(scores, config.density, budget=config.budget), params, config.selector)
     # random, over the weight matrices inside the blocks: exactly round(density · n) elements
-    names = [n for n, p in params.items() if ".layers." in n and p.dim() == 2]
+    names = block_weights(model)
     sizes = [params[n].numel() for n in names]
     n = sum(sizes)
     g = torch.Generator().manual_seed(config.seed)
@@ -50,108 +92,425 @@ def build_mask(config: FinetuneConfig, model) -> dict[str, torch.Tensor] | None:
     return {name: part.reshape(params[name].shape) for name, part in zip(names, flat.split(sizes))}
 
 
+def _fit(mask: Mask, params: dict, what: str) -> Mask:
+    """Keeps the entries of the model's parameters; a mask naming none of them is an error."""
+    kept = {n: m for n, m in mask.items() if n in params}
+    if mask and not kept:
+        raise FinetuneConfigError(f"{what}: the mask names none of the checkpoint's parameters "
+                                  f"(e.g. {next(iter(mask))})")
+    for n, m in kept.items():
+        if tuple(m.shape) != tuple(params[n].shape):
+            raise FinetuneConfigError(f"{what}: mask {n} has shape {tuple(m.shape)}, the parameter "
+                                      f"{tuple(params[n].shape)}")
+    return kept
+
+
+def d3_scores(param: torch.nn.Parameter, exp: float, eps: float) -> torch.Tensor:
+    """ID3's D3 importance of each element: |g| / (|θ| + ε)^exp (float32, shaped like the parameter)."""
+    g = param.grad.float().abs()
+    return g if exp == 0 else g / (param.detach().float().abs() + eps).pow(exp)
+
+
+def _layer_of(name: str) -> int | None:
+    parts = name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part == "layers" and parts[i + 1].isdigit():
+            return int(parts[i + 1])
+    return None
+
+
+# ----------------------------------------------------------------------------- the run
+
 def run_finetune(config: FinetuneConfig, out_dir: str | Path, *, should_stop: Callable[[], bool] | None = None,
-                 progress: Callable[[int, int, str], None] | None = None) -> dict:
-    """Trains per ``config`` and writes the run directory. Returns the summary."""
+                 progress: Callable[[int, int, str], None] | None = None, resume: bool = False) -> dict:
+    """Trains per ``config`` and writes the run directory (rank 0). Returns the summary.
+
+    Args:
+        config (FinetuneConfig): the run.
+        out_dir (str or Path): the run directory.
+        should_stop (callable, optional): polled before every step; True cancels.
+        progress (callable, optional): ``progress(step, steps, what)``.
+        resume (bool): continue from ``out_dir/state`` (see :func:`resume_finetune`). Default: False.
+    """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "config.json", config.to_dict())
+    if not resume:
+        preflight(config)
+    device = _device(config.device)
+    dist = Distributed.from_env(device)
     t0 = time.time()
-    summary = {"status": "running", "mask_source": config.mask_source}
-    write_json_atomic(out / "summary.json", summary)
-    metrics_file = open(out / "metrics.jsonl", "a", encoding="utf-8")
+    summary = {"status": "running", "mask_source": config.mask_source, "task": config.task,
+               "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "processes": dist.world}
+    metrics_file = None
+    if dist.main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out / "config.json", config.to_dict())
+        write_json_atomic(out / "summary.json", summary)
+        if resume:
+            _truncate_metrics(out / "metrics.jsonl", json.loads((out / "state" / "meta.json").read_text())["step"])
+        metrics_file = open(out / "metrics.jsonl", "a", encoding="utf-8")
     try:
-        summary.update(_train(config, out, metrics_file, should_stop, progress))
+        summary.update(_Trainer(config, out, dist, device, metrics_file, should_stop, progress).run(resume))
     except BaseException as e:  # a crash keeps every metric written so far and records the error
         summary.update(status="cancelled" if isinstance(e, KeyboardInterrupt) else "failed",
                        error=f"{type(e).__name__}: {e}")
         raise
     finally:
-        metrics_file.close()
+        if metrics_file is not None:
+            metrics_file.close()
         summary["wall_s"] = round(time.time() - t0, 3)
         summary["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        write_json_atomic(out / "summary.json", summary)
+        if device.type == "cuda":
+            summary["peak_cuda_bytes"] = torch.cuda.max_memory_allocated(device)
+        if dist.main:
+            write_json_atomic(out / "summary.json", summary)
+        dist.close()
     return summary
 
 
-def _train(config, out: Path, metrics_file, should_stop, progress) -> dict:
-    from analysis import demo
-    from analysis.models import load_model
+def preflight(config: FinetuneConfig) -> None:
+    """Checks the inputs a run names before anything is written: the checkpoint, mask files, diff
+    checkpoints and the lm data file (a bad one is a one-line error and no run directory)."""
+    from analysis.checkpoints import open_checkpoint
 
-    torch.manual_seed(config.seed)
-    model, tokenizer = load_model(config.checkpoint, device="cpu")
-    stored_dtype = next(iter(_stored_dtypes(config.checkpoint)), torch.float32)
-    mask = build_mask(config, model)
-    if config.lora is not None:
-        model = _with_lora(model, config.lora)
-    model.train()
-    params = dict(model.named_parameters())
-    if config.lora is not None:
-        opt = torch.optim.AdamW([p for p in params.values() if p.requires_grad], lr=config.lr, weight_decay=0.0)
-        trainable, state_bytes = sum(p.numel() for p in params.values() if p.requires_grad), None
-    elif mask is None:
-        opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
-        trainable, state_bytes = sum(p.numel() for p in params.values()), None
-    elif config.optimizer == "sparse":
-        opt = SparseMaskedAdamW(params, mask, lr=config.lr)
-        trainable, state_bytes = opt.trainable, opt.state_bytes()
-    else:
-        opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0, foreach=False)
-        trainable, state_bytes = sum(int(m.sum()) for m in mask.values()), None
-    if mask is not None:  # a parameter with nothing selected needs no weight gradient at all
-        for n, p in params.items():
-            if n not in mask or not mask[n].any():
-                p.requires_grad_(False)
-    examples = demo.qa_examples("train")
-    train_problems, held_out = demo._problems()
-    rng = random.Random(config.seed)
-    gen = torch.Generator().manual_seed(config.seed)  # demo-rl sampling, as the demo's RL runs
-    last = {}
-    status = "finished"
-    for step in range(1, config.steps + 1):
-        if should_stop is not None and should_stop():
-            status = "cancelled"
-            break
-        lr = config.lr * min(1.0, step / config.warmup_steps) if config.warmup_steps else config.lr
-        _set_lr(opt, lr)
+    open_checkpoint(config.checkpoint)
+    for path in config.mask or []:
+        from analysis.masks import load_mask
+
+        load_mask(path)  # a missing or foreign file is a MaskError
+    for ref in config.diff or []:
+        open_checkpoint(ref)
+    if config.task == "lm":
+        p = Path(config.data).expanduser()
+        if (p.suffix in (".txt", ".jsonl") or os.sep in config.data) and not p.is_file():
+            raise FinetuneConfigError(f"{p}: no such data file")
+
+
+def resume_finetune(run_dir: str | Path, *, steps: int | None = None, **kwargs) -> dict:
+    """Continues a run directory from its saved state (after a cancel or a crash), optionally to a
+    new number of steps. The metrics after the saved step are dropped and recomputed, so a resumed
+    run gives the weights and metrics an uninterrupted one would."""
+    from analysis.finetune.compare import RunError
+
+    d = Path(run_dir)
+    try:
+        saved = json.loads((d / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise RunError(f"{d}: not a run directory ({e})") from None
+    if not (d / "state" / "meta.json").is_file():
+        raise RunError(f"{d}: no saved state to resume from")
+    if steps is not None:
+        saved["steps"] = steps
+    return run_finetune(FinetuneConfig.from_dict(saved), d, resume=True, **kwargs)
+
+
+def _device(name: str) -> torch.device:
+    from analysis.models import resolve_device
+
+    return resolve_device(name)
+
+
+class _Trainer:
+    def __init__(self, config, out, dist, device, metrics_file, should_stop, progress):
+        self.config, self.out, self.dist, self.device = config, out, dist, device
+        self.metrics_file, self.should_stop, self.progress = metrics_file, should_stop, progress
+
+    # ---- set-up
+    def setup(self) -> None:
+        from analysis.models import load_model
+
+        c = self.config
+        torch.manual_seed(c.seed)
+        model, self.tokenizer = load_model(c.checkpoint, device=self.device)
+        self.stored_dtype = _stored_dtype(c.checkpoint)
+        if c.dtype == "bfloat16":
+            model.to(torch.bfloat16)
+        self.task = make_task(c, self.tokenizer, self.dist, self.device)
+        self.mask = build_mask(c, model, self.task)
+        if self.mask is not None and self.dist.world > 1:
+            self._check_same_mask()
+        if c.lora is not None:
+            model = _with_lora(model, c.lora)
+        model.train()
+        self.model = model
+        self.params = dict(model.named_parameters())
+        self.lisa_rng = random.Random(c.seed + 1)
+        self.universe: list[str] = block_weights(model) if c.source == "id3" else []
+        if c.source == "id3":
+            n = sum(self.params[k].numel() for k in self.universe)
+            self.id3_budget = round(c.id3 * n)
+        if c.lora is not None:
+            self.opt = torch.optim.AdamW([p for p in self.params.values() if p.requires_grad], lr=c.lr,
+                                         weight_decay=0.0)
+            self.trained_names = [n for n, p in self.params.items() if p.requires_grad]
+        elif self.mask is None:
+            self.opt = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=0.0)
+            self.trained_names = list(self.params)
+        elif c.optimizer == "sparse":
+            self.opt = SparseMaskedAdamW(self.params, self.mask, lr=c.lr)
+            self.trained_names = [n for n in self.params if n in self.mask and self.mask[n].any()]
+        else:
+            self.opt = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=0.0, foreach=False)
+            self.trained_names = [n for n in self.params if n in self.mask and self.mask[n].any()]
+        if c.source != "lora" and c.source != "id3" and not self.trained_names:
+            raise FinetuneConfigError("the mask selects no element of the model")
+        self._set_trainable(self.trained_names if c.source != "id3" else self.universe)
+
+    def _check_same_mask(self) -> None:
+        digests = self.dist.gather(_mask_digest(self.mask))
+        if len(set(digests)) != 1:
+            raise FinetuneConfigError("the processes built different masks (a nondeterministic selector?)")
+
+    def _set_trainable(self, names) -> None:
+        """Only these parameters get a weight gradient (a parameter with nothing selected needs none)."""
+        if self.config.lora is not None:
+            return
+        names = set(names)
+        for n, p in self.params.items():
+            p.requires_grad_(n in names)
+
+    @property
+    def trainable(self) -> int:
+        if isinstance(self.opt, SparseMaskedAdamW):
+            return self.opt.trainable
+        if self.mask is not None:
+            return sum(int(m.sum()) for m in self.mask.values())
+        return sum(self.params[n].numel() for n in self.trained_names)
+
+    # ---- schedules
+    def lisa(self, step: int) -> None:
+        """Every ``lisa_interval`` steps: train only ``lisa_layers`` sampled blocks of the mask."""
+        c = self.config
+        if (step - 1) % c.lisa_interval:
+            return
+        layers = sorted({_layer_of(n) for n in self.trained_names} - {None})
+        self._apply_lisa(sorted(self.lisa_rng.sample(layers, min(c.lisa_layers, len(layers)))))
+
+    def _apply_lisa(self, chosen: list[int]) -> None:
+        self.lisa_layers = chosen
+        active = {n for n in self.trained_names if _layer_of(n) is None or _layer_of(n) in chosen}
+        if isinstance(self.opt, SparseMaskedAdamW):
+            self.opt.set_active(active)
+        self._set_trainable(active)
+
+    def id3_target(self, step: int) -> int:
+        """increment-S: the mask grows linearly to the budget over the run."""
+        return round(self.id3_budget * step / self.config.steps)
+
+    def id3_grow(self, step: int) -> int:
+        """Unmasks the elements of highest D3 among those not trained yet (gradients averaged)."""
+        c = self.config
+        want = self.id3_target(step) - self.opt.trainable
+        if want <= 0:
+            return 0
+        have = self.opt.mask()
+        names = [n for n in self.universe if self.params[n].grad is not None]
+        flat = torch.cat([d3_scores(self.params[n], c.id3_exp, c.id3_eps).reshape(-1) for n in names])
+        taken = torch.cat([have[n].reshape(-1) if n in have else torch.zeros(self.params[n].numel(), dtype=torch.bool,
+                                                                               device=flat.device) for n in names])
+        flat[taken] = -1.0  # D3 ≥ 0: never re-picks a trained element
+        top = torch.topk(flat, min(want, int((~taken).sum())), sorted=False).indices
+        chosen = torch.zeros_like(taken)
+        chosen[top] = True
+        new, at = {}, 0
+        for n in names:
+            k = self.params[n].numel()
+            part = chosen[at:at + k]
+            if part.any():
+                new[n] = part.view(self.params[n].shape)
+            at += k
+        added = self.opt.add(new)
+        if self.opt.trainable >= self.id3_budget:  # done growing: the rest needs no gradient any more
+            self.trained_names = [n for n in self.universe if n in self.opt.mask()]
+            self._set_trainable(self.trained_names)
+        return added
+
+    def lr_at(self, step: int) -> float:
+        c = self.config
+        if c.warmup_steps and step <= c.warmup_steps:
+            return c.lr * step / c.warmup_steps
+        if c.lr_schedule == "constant":
+            return c.lr
+        frac = (step - c.warmup_steps) / max(1, c.steps - c.warmup_steps)
+        if c.lr_schedule == "linear":
+            return c.lr * (1 - frac)
+        return c.lr * 0.5 * (1 + math.cos(math.pi * frac))
+
+    # ---- one step
+    def step(self, step: int) -> dict:
+        c = self.config
+        lr = self.lr_at(step)
+        _set_lr(self.opt, lr)
+        if c.schedule == "lisa":
+            self.lisa(step)
         t = time.perf_counter()
-        extra = {}
-        if config.task == "demo-sft":
-            ids, labels = demo._lm_batch(rng.sample(examples, config.batch_size))
-            logits = model(input_ids=ids, use_cache=False).logits
-            loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
-            tokens = int((ids != demo.PAD).sum())
-        else:
-            loss, reward = demo.rl_loss(model, rng.sample(train_problems, config.batch_size), gen)
-            extra["reward"] = reward.mean().item()
-            tokens = reward.numel() * (demo.MAX_ANSWER + 8)
-        opt.zero_grad()
+        self.model.train()
+        loss, tokens, extra = self.task.loss(self.model)
+        if isinstance(self.opt, SparseMaskedAdamW):
+            self.opt.zero_grad()
+        self.model.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = _grad_norm({n: p for n, p in params.items() if p.requires_grad}, mask)
-        if mask is None or config.optimizer == "sparse":
-            opt.step()
+        row = {"step": step}
+        if isinstance(self.opt, SparseMaskedAdamW):
+            growing = c.source == "id3" and self.opt.trainable < self.id3_budget
+            if growing:  # D3 needs the full (averaged) gradients of the candidates
+                self.dist.average_grads([self.params[n] for n in self.universe])
+                row["unmasked"] = self.id3_grow(step)
+            grads = self.opt.gather_grads()  # after backward, never in a hook
+            if not growing:
+                keys = [k for k, g in grads.items() if g is not None]
+                grads.update(zip(keys, self.dist.average([grads[k] for k in keys])))
+            grad_norm = math.sqrt(sum(float(g.pow(2).sum()) for g in grads.values() if g is not None))
+            self.opt.step(grads)
         else:
-            masked_reference_step(opt, params, mask)
-        row = {"step": step, "loss": loss.item(), "lr": lr, "grad_norm": grad_norm, "trainable": trainable,
-               "tokens_per_s": tokens / (time.perf_counter() - t), **extra}
-        if step % config.eval_every == 0 or step == config.steps:
-            row["accuracy"] = demo.evaluate(model, held_out)
-            model.train()
-        metrics_file.write(json.dumps(row) + "\n")
-        metrics_file.flush()
-        last = row
-        if progress is not None:
-            progress(step, config.steps, f"loss {row['loss']:.3f}")
-    model.eval()
-    if config.lora is not None:
-        model = model.merge_and_unload()  # the merged dense weights, comparable with any other run
-    model.to(stored_dtype).save_pretrained(out / "model", safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out / "model")
-    result = {"status": status, "steps_done": last.get("step", 0), "final": last, "trainable": trainable,
-              "optimizer_state_bytes": state_bytes}
-    result["outside_mask_changed"] = outside_mask_changed(config.checkpoint, out / "model", mask)
-    return result
+            trained = [p for p in self.params.values() if p.requires_grad]
+            self.dist.average_grads(trained)
+            if self.mask is None:
+                grad_norm = _grad_norm(self.params, None)
+                self.opt.step()
+            else:
+                grad_norm = _grad_norm(self.params, self.mask)
+                masked_reference_step(self.opt, self.params, self.mask)
+        mean_loss, *rest = self.dist.average([loss.detach().float().reshape(1)] +
+                                             [torch.tensor([v]) for v in extra.values()])
+        tokens_all = tokens * self.dist.world
+        row.update(loss=float(mean_loss), lr=lr, grad_norm=grad_norm, trainable=self.trainable,
+                   tokens_per_s=tokens_all / (time.perf_counter() - t),
+                   **{k: float(v) for k, v in zip(extra, rest)})
+        if c.schedule == "lisa":
+            row["lisa_layers"] = self.lisa_layers
+        return row
+
+    # ---- state
+    def save_state(self, step: int) -> None:
+        """``state/state.pt`` (tensors only: ``torch.load(weights_only=True)`` reads it back) and
+        ``state/meta.json`` (the step it belongs to, written last)."""
+        if not self.dist.main:
+            return
+        d = self.out / "state"
+        d.mkdir(exist_ok=True)
+        if isinstance(self.opt, SparseMaskedAdamW):
+            weights = {}  # the masked weights are the masters: nothing else moved
+        else:
+            weights = {n: self.params[n].detach().cpu().clone() for n in self.trained_names}
+        blob = {"step": step, "optimizer": self.opt.state_dict(), "weights": weights,
+                "torch_rng": torch.get_rng_state(), "task": self.task.state(),
+                "lisa_rng": json.dumps(self.lisa_rng.getstate()),
+                "lisa_layers": list(getattr(self, "lisa_layers", []))}
+        tmp = d / "state.pt.tmp"
+        torch.save(blob, tmp)
+        os.replace(tmp, d / "state.pt")
+        write_json_atomic(d / "meta.json", {"step": step, "mask_source": self.config.mask_source})
+
+    def load_state(self) -> int:
+        d = self.out / "state"
+        meta = json.loads((d / "meta.json").read_text())
+        blob = torch.load(d / "state.pt", weights_only=True, map_location="cpu")
+        if blob["step"] != meta["step"]:
+            raise FinetuneConfigError(f"{d}: state.pt and meta.json disagree on the step")
+        with torch.no_grad():
+            for n, w in blob["weights"].items():
+                self.params[n].copy_(w)
+        if isinstance(self.opt, SparseMaskedAdamW):
+            self.opt.load_state_dict(blob["optimizer"])
+            if self.config.source == "id3":
+                self.trained_names = [n for n in self.universe if n in self.opt.mask()]
+                if self.opt.trainable >= self.id3_budget:
+                    self._set_trainable(self.trained_names)
+        else:
+            self.opt.load_state_dict(blob["optimizer"])
+        torch.set_rng_state(blob["torch_rng"])
+        self.task.load_state(blob["task"])
+        self.lisa_rng.setstate(_tupled(json.loads(blob["lisa_rng"])))
+        if self.config.schedule == "lisa" and blob["step"] % self.config.lisa_interval:
+            self._apply_lisa(list(blob["lisa_layers"]))  # mid-interval: the same blocks as before
+        return int(blob["step"])
+
+    # ---- the loop
+    def run(self, resume: bool) -> dict:
+        c = self.config
+        self.setup()
+        start = 0
+        if resume:
+            start = self.load_state()
+        elif self.dist.main and (self.out / "state").exists():
+            shutil.rmtree(self.out / "state")
+        save_every = c.save_every or c.eval_every
+        status, last = "finished", {}
+        step = start
+        for step in range(start + 1, c.steps + 1):
+            if self.dist.any(self.should_stop is not None and self.should_stop()):
+                status, step = "cancelled", step - 1
+                break
+            row = self.step(step)
+            if (step % c.eval_every == 0 or step == c.steps) and self.dist.main:
+                row.update(self.task.evaluate(self.model))
+            if self.metrics_file is not None:
+                self.metrics_file.write(json.dumps(row) + "\n")
+                self.metrics_file.flush()
+            last = row
+            if step % save_every == 0 and step < c.steps:
+                self.save_state(step)
+            if self.progress is not None:
+                self.progress(step, c.steps, f"loss {row['loss']:.3f}")
+        if status == "cancelled" and step > start:
+            self.save_state(step)
+        return self.finish(status, step, last)
+
+    def finish(self, status: str, step: int, last: dict) -> dict:
+        c = self.config
+        model = self.model
+        model.eval()
+        digests = self.dist.gather(Distributed.digest(model))
+        result = {"status": status, "steps_done": step, "final": last, "trainable": self.trainable,
+                  "optimizer_state_bytes": self.opt.state_bytes() if isinstance(self.opt, SparseMaskedAdamW)
+                  else _torch_state_bytes(self.opt), "metric": self.task.metric}
+        if self.dist.world > 1:
+            result["ranks_identical"] = len(set(digests)) == 1
+        if not self.dist.main:
+            return result
+        if status == "finished" and c.task != "lm":
+            ev = self.task.final_evaluate(model)
+            per = {k: ev.pop(k) for k in list(ev) if k.startswith("per_problem")}
+            write_json_atomic(self.out / "eval.json", {**ev, **per})
+            result["final_eval"] = ev
+        mask = self.mask
+        if c.source == "id3":
+            mask = self.opt.mask()
+            from analysis.masks import save_mask
+
+            save_mask(self.out / "mask.safetensors", {n: mask.get(n, torch.zeros(p.shape, dtype=torch.bool))
+                                                      for n, p in self.params.items()}, source=c.mask_source)
+        if c.lora is not None:
+            model = model.merge_and_unload()  # the merged dense weights, comparable with any other run
+        tmp = self.out / "model.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.to(self.stored_dtype).save_pretrained(tmp, safe_serialization=True)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(tmp)
+        shutil.rmtree(self.out / "model", ignore_errors=True)
+        os.replace(tmp, self.out / "model")
+        result["outside_mask_changed"] = outside_mask_changed(c.checkpoint, self.out / "model",
+                                                              None if mask is None else {k: v.cpu() for k, v in mask.items()})
+        if status == "finished":
+            shutil.rmtree(self.out / "state", ignore_errors=True)
+        return result
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keeps the metric rows up to ``step`` (the resumed run rewrites the rest)."""
+    if not path.is_file():
+        return
+    from analysis.io import write_atomic
+
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            break  # a line cut by a crash ends the record
+        if row.get("step", 0) <= step:
+            keep.append(line)
+    write_atomic(path, "".join(k + "\n" for k in keep))
 
 
 def _with_lora(model, rank: int):
@@ -186,10 +545,25 @@ def _grad_norm(params, mask) -> float:
     for n, p in params.items():
         if p.grad is None:
             continue
-        g = p.grad if mask is None else (p.grad[mask[n]] if n in mask else None)
+        g = p.grad if mask is None else (p.grad[mask[n].to(p.grad.device)] if n in mask else None)
         if g is not None:
             total += float(g.float().pow(2).sum())
     return math.sqrt(total)
+
+
+def _torch_state_bytes(opt) -> int:
+    return sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
+               if isinstance(v, torch.Tensor))
+
+
+def _mask_digest(mask: Mask) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for n in sorted(mask):
+        h.update(n.encode())
+        h.update(mask[n].cpu().numpy().tobytes())
+    return h.hexdigest()
 
 
 def _set_lr(opt, lr: float) -> None:
@@ -200,8 +574,12 @@ def _set_lr(opt, lr: float) -> None:
             group["lr"] = lr
 
 
-def _stored_dtypes(ref) -> list:
+def _stored_dtype(ref) -> torch.dtype:
     from analysis.checkpoints import open_checkpoint
 
-    names = {t.dtype for t in open_checkpoint(ref).tensors.values()}
-    return [getattr(torch, d) for d in sorted(names)]
+    names = sorted({t.dtype for t in open_checkpoint(ref).tensors.values()})
+    return getattr(torch, names[0]) if names else torch.float32
+
+
+def _tupled(x):
+    return tuple(_tupled(v) for v in x) if isinstance(x, list) else x

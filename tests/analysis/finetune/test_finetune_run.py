@@ -65,9 +65,18 @@ def test_config_errors(demo, tmp_path, capsys):
     assert main(["finetune", str(demo / "sft"), "--mask", str(tmp_path / "none.safetensors"), "--steps", "1",
                  "--out", str(tmp_path / "r"), "--quiet"]) == 2
     assert "no such mask file" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as ei:
-        main(["finetune", str(demo / "sft"), "--out", str(tmp_path / "r")])  # no mask source
+    assert main(["finetune", str(demo / "sft"), "--out", str(tmp_path / "r")]) == 2  # no mask source
+    assert "choose exactly one of" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as ei:  # two sources: argparse's own usage error
+        main(["finetune", str(demo / "sft"), "--full", "--random", "0.1", "--out", str(tmp_path / "r")])
     assert ei.value.code == 2
+    assert main(["finetune", str(demo / "sft"), "--selector", "magnitude", "--out", str(tmp_path / "r")]) == 2
+    assert "--selector needs --density" in capsys.readouterr().err
+    assert main(["finetune", str(demo / "sft"), "--task", "lm", "--full", "--out", str(tmp_path / "r")]) == 2
+    assert "needs --data" in capsys.readouterr().err
+    assert main(["finetune", "--resume", str(tmp_path / "nothing")]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()  # nothing half-written
 
 
 def test_lora_and_compare_runs(demo, tmp_path):

@@ -1,0 +1,186 @@
+"""The training tasks of a run: one loss per step, and the task's held-out metric.
+
+- ``demo-sft``: the demo's Q/A arithmetic, loss on the answer and ``<eos>``; metric: exact-match
+  greedy accuracy on the 256 held-out problems;
+- ``demo-rl``: the demo's policy gradient (:func:`analysis.demo.rl_loss`, 8 samples a prompt,
+  exact-match reward), so a full run reproduces the demo's RL runs; same metric, and at the end
+  the sampled reward over ``eval_samples`` completions a problem;
+- ``lm``: causal-LM loss on a ``.txt`` / ``.jsonl`` file or dataset (read as calibration data is,
+  :mod:`analysis.calibration`); ``eval_samples`` sequences are held out; metric: held-out loss per
+  token and its perplexity.
+
+Every process draws the same global batch from the same seeded order and trains on its slice
+(``batch[rank::world]``), so N processes see the data one process would.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import torch
+
+from analysis.finetune.config import FinetuneConfig, FinetuneConfigError
+from analysis.finetune.distributed import Distributed
+
+
+class Task:
+    name = ""
+    metric = ""  # the metric that the runs table shows ("accuracy" or "perplexity")
+
+    def __init__(self, config: FinetuneConfig, tokenizer, dist: Distributed, device: torch.device):
+        self.config, self.tokenizer, self.dist, self.device = config, tokenizer, dist, device
+        if config.batch_size < dist.world:
+            raise FinetuneConfigError(f"batch_size {config.batch_size} is smaller than the {dist.world} processes")
+        self.rng = random.Random(config.seed)
+
+    def local(self, batch: list) -> list:
+        return batch[self.dist.rank::self.dist.world]
+
+    def loss(self, model) -> tuple[torch.Tensor, int, dict]:
+        """(loss on this rank's slice, tokens processed, extra metrics) for one step."""
+        raise NotImplementedError
+
+    def evaluate(self, model) -> dict:
+        raise NotImplementedError
+
+    def final_evaluate(self, model) -> dict:
+        return {}
+
+    def calibration(self, samples: int = 32, seq_len: int = 64, batch_size: int = 8) -> list:
+        """Calibration batches for a selector mask, from the task's own training data."""
+        from analysis.calibration import calibration_batches
+
+        data = self.config.data if self.name == "lm" else "demo"
+        return calibration_batches(data, self.tokenizer, samples=samples, seq_len=min(seq_len, self.config.seq_len),
+                                   batch_size=batch_size, seed=self.config.seed)
+
+    def state(self) -> dict:
+        return {"rng": _jsonable(self.rng.getstate())}
+
+    def load_state(self, state: dict) -> None:
+        self.rng.setstate(_tupled(state["rng"]))
+
+
+class DemoSFT(Task):
+    name, metric = "demo-sft", "accuracy"
+
+    def __init__(self, *a):
+        super().__init__(*a)
+        from analysis import demo
+
+        self.examples = demo.qa_examples("train")
+        self.held_out = demo._problems()[1]
+
+    def loss(self, model):
+        from analysis import demo
+
+        ids, labels = demo._lm_batch(self.local(self.rng.sample(self.examples, self.config.batch_size)))
+        ids, labels = ids.to(self.device), labels.to(self.device)
+        logits = model(input_ids=ids, use_cache=False).logits
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten())
+        return loss, int((ids != demo.PAD).sum()), {}
+
+    def evaluate(self, model):
+        from analysis import demo
+
+        return {"accuracy": demo.evaluate(model, self.held_out)}
+
+    def final_evaluate(self, model):
+        """Greedy correctness per held-out problem and, with ``eval_samples``, the sampled reward per
+        problem (the mean of its samples), for confidence intervals across runs."""
+        from analysis import demo
+
+        model.eval()
+        greedy = demo._rewards(demo.generate(model, demo._qa_prompts(self.held_out)), [a for _, a in self.held_out])
+        out = {"accuracy": greedy.mean().item(), "per_problem_accuracy": greedy.tolist()}
+        if self.config.eval_samples:
+            r = demo.sampled_rewards(model, self.held_out, self.config.eval_samples, seed=self.config.seed)
+            out.update(reward_sampled=r.mean().item(), samples_per_problem=self.config.eval_samples,
+                       per_problem_reward=r.mean(1).tolist())
+        return out
+
+
+class DemoRL(DemoSFT):
+    name = "demo-rl"
+
+    def __init__(self, *a):
+        super().__init__(*a)
+        from analysis import demo
+
+        self.problems = demo._problems()[0]
+        # rank 0 samples as the demo's own RL runs did (a one-process full run reproduces them)
+        self.gen = torch.Generator().manual_seed(self.config.seed + 7919 * self.dist.rank)
+
+    def loss(self, model):
+        from analysis import demo
+
+        loss, reward = demo.rl_loss(model, self.local(self.rng.sample(self.problems, self.config.batch_size)),
+                                    self.gen)
+        return loss, reward.numel() * (demo.MAX_ANSWER + 8), {"reward": reward.mean().item()}
+
+    def state(self):
+        return {**super().state(), "gen": self.gen.get_state()}
+
+    def load_state(self, state):
+        super().load_state(state)
+        self.gen.set_state(state["gen"])
+
+
+class LanguageModeling(Task):
+    name, metric = "lm", "perplexity"
+
+    def __init__(self, *a):
+        super().__init__(*a)
+        from analysis.calibration import _collate, _sequences
+
+        if self.tokenizer is None:
+            raise FinetuneConfigError(f"{self.config.checkpoint}: the lm task needs the checkpoint's tokenizer")
+        seqs = [s for s in _sequences(self.config.data, self.tokenizer, 10**9, self.config.seq_len, 0,
+                                      self.config.seed, "auto") if any(t != -100 for t in s[1][1:])]
+        held = min(self.config.eval_samples, len(seqs) // 5) if self.config.eval_samples else 0
+        if len(seqs) - held < 1:
+            raise FinetuneConfigError(f"{self.config.data}: no training sequences (found {len(seqs)})")
+        self.held_out, self.train = seqs[:held], seqs[held:]
+        pad = next((t for t in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id) if t is not None), 0)
+        self.collate = lambda s: _collate(s, pad)
+
+    def _batch_loss(self, model, seqs) -> tuple[torch.Tensor, int]:
+        """(summed next-token loss, tokens with a label) of some sequences."""
+        b = {k: v.to(self.device) for k, v in self.collate(seqs).items()}
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
+        labels = b["labels"][:, 1:]
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
+                                                 ignore_index=-100, reduction="sum")
+        return loss, int((labels != -100).sum())
+
+    def loss(self, model):
+        batch = self.local([self.train[self.rng.randrange(len(self.train))] for _ in range(self.config.batch_size)])
+        total, n = self._batch_loss(model, batch)
+        return total / max(n, 1), n, {}
+
+    @torch.no_grad()
+    def evaluate(self, model):
+        if not self.held_out:
+            return {}
+        model.eval()
+        total, n = 0.0, 0
+        for i in range(0, len(self.held_out), 16):
+            loss, count = self._batch_loss(model, self.held_out[i:i + 16])
+            total, n = total + float(loss), n + count
+        return {"eval_loss": total / n, "perplexity": math.exp(min(total / n, 700))}
+
+
+TASK_CLASSES = {"demo-sft": DemoSFT, "demo-rl": DemoRL, "lm": LanguageModeling}
+
+
+def make_task(config: FinetuneConfig, tokenizer, dist: Distributed, device: torch.device) -> Task:
+    return TASK_CLASSES[config.task](config, tokenizer, dist, device)
+
+
+def _jsonable(x):
+    return [_jsonable(v) for v in x] if isinstance(x, (tuple, list)) else x
+
+
+def _tupled(x):
+    return tuple(_tupled(v) for v in x) if isinstance(x, list) else x
