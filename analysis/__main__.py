@@ -397,7 +397,7 @@ class FinetuneArgsError(SubnetscopeError):
     pass
 
 
-_FINETUNE_FIELDS = ("checkpoint", "task", "data", "seq_len", "eval_samples", "mask", "mask_combine", "selector",
+_FINETUNE_FIELDS = ("checkpoint", "task", "data", "seq_len", "eval_samples", "reward_samples", "mask", "mask_combine", "selector",
                     "density", "granularity", "budget", "diff", "diff_tol", "random", "id3", "id3_exp", "id3_eps",
                     "full", "lora", "schedule", "lisa_layers", "lisa_interval", "steps", "lr", "lr_schedule",
                     "warmup_steps", "batch_size", "seed", "eval_every", "save_every", "optimizer", "dtype", "device")
@@ -531,6 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", metavar="FILE", help=h["data"])
     s.add_argument("--seq-len", type=int, help=h["seq_len"])
     s.add_argument("--eval-samples", type=int, help=h["eval_samples"])
+    s.add_argument("--reward-samples", type=int, help=h["reward_samples"])
     src = s.add_mutually_exclusive_group()
     src.add_argument("--mask", metavar="M", nargs="+", help=h["mask"])
     src.add_argument("--selector", metavar="S", help=h["selector"])

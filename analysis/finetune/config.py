@@ -34,8 +34,10 @@ class FinetuneConfig:
                 "or a dataset name when online."})
     seq_len: int = field(default=128, metadata={"help": "lm task: tokens per sequence at most."})
     eval_samples: int = field(default=64, metadata={
-        "help": "lm task: sequences held out for the eval loss; demo tasks: sampled completions per held-out "
-                "problem in the final sampled-reward evaluation (0: none)."})
+        "help": "lm task: sequences held out for the eval loss (at most a fifth of the data)."})
+    reward_samples: int = field(default=8, metadata={
+        "help": "Demo tasks: completions sampled per held-out problem in the final evaluation of the sampled "
+                "reward (0: greedy accuracy only)."})
     # ---- the mask: exactly one source
     mask: list[str] | None = field(default=None, metadata={
         "help": "Train only the elements of this mask file (several files: combined by mask_combine)."})
@@ -134,7 +136,7 @@ class FinetuneConfig:
         for name in ("steps", "batch_size", "eval_every", "lisa_layers", "lisa_interval", "seq_len"):
             if getattr(self, name) < 1:
                 raise FinetuneConfigError(f"{name} must be ≥ 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "save_every", "eval_samples"):
+        for name in ("warmup_steps", "save_every", "eval_samples", "reward_samples"):
             if getattr(self, name) < 0:
                 raise FinetuneConfigError(f"{name} must be ≥ 0, got {getattr(self, name)}")
         if not self.lr > 0:

@@ -466,6 +466,7 @@ class _Trainer:
                   else _torch_state_bytes(self.opt), "metric": self.task.metric}
         if self.dist.world > 1:
             result["ranks_identical"] = len(set(digests)) == 1
+            result["rank_digests"] = digests  # SHA-256 of each rank's final weights
         if not self.dist.main:
             return result
         if status == "finished" and c.task != "lm":

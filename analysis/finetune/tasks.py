@@ -4,7 +4,7 @@
   greedy accuracy on the 256 held-out problems;
 - ``demo-rl``: the demo's policy gradient (:func:`analysis.demo.rl_loss`, 8 samples a prompt,
   exact-match reward), so a full run reproduces the demo's RL runs; same metric, and at the end
-  the sampled reward over ``eval_samples`` completions a problem;
+  the sampled reward over ``reward_samples`` completions a problem;
 - ``lm``: causal-LM loss on a ``.txt`` / ``.jsonl`` file or dataset (read as calibration data is,
   :mod:`analysis.calibration`); ``eval_samples`` sequences are held out; metric: held-out loss per
   token and its perplexity.
@@ -94,9 +94,9 @@ class DemoSFT(Task):
         model.eval()
         greedy = demo._rewards(demo.generate(model, demo._qa_prompts(self.held_out)), [a for _, a in self.held_out])
         out = {"accuracy": greedy.mean().item(), "per_problem_accuracy": greedy.tolist()}
-        if self.config.eval_samples:
-            r = demo.sampled_rewards(model, self.held_out, self.config.eval_samples, seed=self.config.seed)
-            out.update(reward_sampled=r.mean().item(), samples_per_problem=self.config.eval_samples,
+        if self.config.reward_samples:
+            r = demo.sampled_rewards(model, self.held_out, self.config.reward_samples, seed=self.config.seed)
+            out.update(reward_sampled=r.mean().item(), samples_per_problem=self.config.reward_samples,
                        per_problem_reward=r.mean(1).tolist())
         return out
 
