@@ -15,6 +15,7 @@ pages = [
     st.Page("app_pages/update_sparsity.py", title="Update sparsity", icon=":material/grid_on:"),
     st.Page("app_pages/overlap.py", title="Overlap", icon=":material/join_inner:"),
     st.Page("app_pages/importance.py", title="Importance", icon=":material/leaderboard:"),
+    st.Page("app_pages/finetune.py", title="Masked fine-tune", icon=":material/model_training:"),
 ]
 page = st.navigation(pages)
 st.sidebar.title(":material/biotech: Subnetscope")

@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 from analysis.errors import SubnetscopeError
 
@@ -370,9 +371,21 @@ def cmd_finetune(args) -> int:
                                       progress=prog)
             out, source = args.resume, summary["mask_source"]
         else:
-            if args.checkpoint is None or args.out is None:
-                raise FinetuneArgsError("finetune needs CKPT and --out RUN_DIR (or --resume RUN_DIR)")
-            config = FinetuneConfig(**{k: getattr(args, k) for k in _FINETUNE_FIELDS if getattr(args, k) is not None})
+            if args.out is None or (args.checkpoint is None) == (args.config is None):
+                raise FinetuneArgsError("finetune needs CKPT (or --config FILE) and --out RUN_DIR, or --resume RUN_DIR")
+            if args.config is not None:
+                try:
+                    saved = json.loads(Path(args.config).read_text())
+                except (OSError, ValueError) as e:
+                    raise FinetuneArgsError(f"{args.config}: unreadable run configuration ({e})") from None
+                config = FinetuneConfig.from_dict(saved)
+            else:
+                config = FinetuneConfig(**{k: getattr(args, k) for k in _FINETUNE_FIELDS
+                                           if getattr(args, k) is not None})
+            if int(os.environ.get("RANK", "0")) == 0:
+                from analysis.finetune.queue import register
+
+                register(args.out)  # the page lists runs started from the CLI too
             summary = run_finetune(config, args.out, should_stop=lambda: stop["flag"], progress=prog)
             out, source = args.out, config.mask_source
     finally:
@@ -401,6 +414,14 @@ _FINETUNE_FIELDS = ("checkpoint", "task", "data", "seq_len", "eval_samples", "re
                     "density", "granularity", "budget", "diff", "diff_tol", "random", "id3", "id3_exp", "id3_eps",
                     "full", "lora", "schedule", "lisa_layers", "lisa_interval", "steps", "lr", "lr_schedule",
                     "warmup_steps", "batch_size", "seed", "eval_every", "save_every", "optimizer", "dtype", "device")
+
+
+def cmd_run_queue(args) -> int:
+    from analysis.finetune.queue import work
+
+    n = work()
+    print(f"trained {n} queued run(s)")
+    return 0
 
 
 def cmd_compare_runs(args) -> int:
@@ -562,10 +583,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--optimizer", choices=("sparse", "reference"), help=h["optimizer"])
     s.add_argument("--dtype", choices=("float32", "bfloat16"), help=h["dtype"])
     s.add_argument("--device", help=h["device"])
+    s.add_argument("--config", metavar="FILE", help="take the whole configuration from a run's config.json")
     s.add_argument("--out", metavar="RUN_DIR", help="the run directory to write")
     s.add_argument("--quiet", action="store_true")
     s.add_argument("--progress-file", metavar="P", help=argparse.SUPPRESS)
     s.set_defaults(func=cmd_finetune)
+
+    s = sub.add_parser("run-queue", help="train the queued runs of the app one at a time (started by the app)")
+    s.set_defaults(func=cmd_run_queue)
 
     s = sub.add_parser("compare-runs", help="metrics, inside-mask counts and distance to a reference run")
     s.add_argument("runs", nargs="+", metavar="RUN")

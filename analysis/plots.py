@@ -232,3 +232,41 @@ def agreement_matrix(names: list[str], matrix, title: str) -> go.Figure:
     fig.update_yaxes(autorange="reversed")
     fig.update_layout(height=90 + 40 * len(names))
     return _layout(fig, title, "", "")
+
+
+def training_curves(curves: dict[str, list[dict]], y: str = "loss", title: str | None = None,
+                    smooth: int = 1) -> go.Figure:
+    """Lines of one metric against the step, one trace per run (points only where the metric was
+    recorded, e.g. evaluations).
+
+    Args:
+        curves (dict): run label -> metric rows (``metrics.jsonl``).
+        y (str): the metric. Default: ``loss``.
+        smooth (int): trailing moving-average window (1: raw). Default: 1.
+    """
+    fig = go.Figure()
+    for label, rows in curves.items():
+        pts = [(r["step"], r[y]) for r in rows if r.get(y) is not None]
+        if not pts:
+            continue
+        xs, ys = zip(*pts)
+        if smooth > 1:
+            ys = [sum(ys[max(0, i - smooth + 1):i + 1]) / len(ys[max(0, i - smooth + 1):i + 1]) for i in range(len(ys))]
+        fig.add_scatter(x=list(xs), y=list(ys), name=label, mode="lines+markers" if len(xs) < 30 else "lines",
+                        hovertemplate="step %{x}: %{y:.4g}<extra>" + label + "</extra>")
+    return _layout(fig, title or y, "step", y)
+
+
+def interval_bars(rows: list[dict], value: str, title: str) -> go.Figure:
+    """Horizontal points with 95% intervals, one per run (e.g. the sampled reward of each run).
+
+    Args:
+        rows (list[dict]): ``{"label", value, value + "_ci": [lo, hi]}``.
+    """
+    rows = [r for r in rows if r.get(value) is not None and r.get(value + "_ci")]
+    fig = go.Figure()
+    fig.add_scatter(x=[r[value] for r in rows], y=[r["label"] for r in rows], mode="markers",
+                    error_x=dict(type="data", symmetric=False, array=[r[value + "_ci"][1] - r[value] for r in rows],
+                                 arrayminus=[r[value] - r[value + "_ci"][0] for r in rows]),
+                    hovertemplate="%{y}: %{x:.4f}<extra></extra>")
+    return _layout(fig, title, value, "")

@@ -50,6 +50,11 @@ def _private_recent_list(tmp_path, monkeypatch):
     import ui.state
 
     monkeypatch.setattr(ui.state, "_recent_file", lambda: tmp_path / "recent.json")
+    monkeypatch.setenv("SUBNETSCOPE_RUNS", str(tmp_path / "runs"))  # and their runs out of the user's list
+    yield
+    from analysis.finetune import queue
+
+    queue.shutdown()  # a failed test must not leave a run training in the background
 
 
 @pytest.fixture

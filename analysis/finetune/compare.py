@@ -60,6 +60,45 @@ def update_distance(start: str | Path, a: str | Path, b: str | Path, tol: float 
     return {"identical_fraction": same / n if n else None, "cosine": cosine, "elements": n, "tol": tol}
 
 
+Z95 = 1.959963984540054  # two-sided 95% normal quantile
+
+
+def mean_ci(values: list[float]) -> dict:
+    """Mean and 95% normal-approximation confidence interval of per-problem values (a problem's
+    sampled rewards are averaged first, so the interval accounts for the problems drawn, not
+    only the samples)."""
+    n = len(values)
+    if n == 0:
+        return {"mean": None, "ci": None, "n": 0}
+    m = sum(values) / n
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    half = Z95 * sd / math.sqrt(n)
+    return {"mean": m, "ci": [m - half, m + half], "n": n}
+
+
+def read_eval(run_dir: str | Path) -> dict | None:
+    """``eval.json`` of a finished demo-task run (per-problem accuracy and sampled reward), or None."""
+    try:
+        return json.loads((Path(run_dir) / "eval.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def eval_intervals(ev: dict, ref: dict | None = None) -> dict:
+    """Accuracy and sampled reward of a run with 95% intervals, and — against a reference run
+    evaluated on the same problems — the paired per-problem gaps with theirs."""
+    out = {}
+    for key, name in (("per_problem_accuracy", "accuracy"), ("per_problem_reward", "reward_sampled")):
+        if key not in ev:
+            continue
+        out[f"{name}_ci"] = mean_ci(ev[key])["ci"]
+        out[name] = mean_ci(ev[key])["mean"]
+        if ref is not None and key in ref and len(ref[key]) == len(ev[key]):
+            gap = mean_ci([a - b for a, b in zip(ev[key], ref[key])])
+            out[f"{name}_gap"], out[f"{name}_gap_ci"] = gap["mean"], gap["ci"]
+    return out
+
+
 def compare_runs(run_dirs: list[str | Path], *, reference: str | Path | None = None, tol: float = 1e-5) -> dict:
     """Metrics table, curves and, with a reference run, each run's distance to it."""
     runs = [read_run(r) for r in run_dirs]
@@ -69,7 +108,8 @@ def compare_runs(run_dirs: list[str | Path], *, reference: str | Path | None = N
         s, final = r["summary"], r["summary"].get("final", {})
         row = {"run": r["run"], "mask_source": s.get("mask_source"), "status": s.get("status"),
                "steps": s.get("steps_done"), "trainable": s.get("trainable"), "loss": final.get("loss"),
-               "accuracy": final.get("accuracy"), "outside_mask_changed": s.get("outside_mask_changed"),
+               "accuracy": final.get("accuracy"), "perplexity": final.get("perplexity"),
+               "outside_mask_changed": s.get("outside_mask_changed"),
                "wall_s": s.get("wall_s"), "peak_rss_bytes": s.get("peak_rss_bytes"),
                "optimizer_state_bytes": s.get("optimizer_state_bytes")}
         if ref is not None and Path(r["run"]).resolve() != Path(ref["run"]).resolve():
@@ -81,6 +121,10 @@ def compare_runs(run_dirs: list[str | Path], *, reference: str | Path | None = N
             ref_acc = ref["summary"].get("final", {}).get("accuracy")
             if ref_acc is not None and row["accuracy"] is not None:
                 row["accuracy_gap"] = row["accuracy"] - ref_acc
+        ev = read_eval(r["run"])
+        if ev is not None:
+            ref_ev = read_eval(ref["run"]) if ref is not None and Path(r["run"]).resolve() != Path(ref["run"]).resolve() else None
+            row.update(eval_intervals(ev, ref_ev))
         table.append(row)
     return {"reference": str(reference) if reference is not None else None, "tol": tol, "runs": table,
             "curves": {r["run"]: r["metrics"] for r in runs}}

@@ -175,7 +175,7 @@ class FinetuneConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "FinetuneConfig":
+    def from_dict(cls, d: dict) -> FinetuneConfig:
         """From ``config.json`` (unknown keys are an error, missing ones take their defaults)."""
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - names)

@@ -26,7 +26,7 @@ class Distributed:
     world: int = 1
 
     @classmethod
-    def from_env(cls, device: torch.device) -> "Distributed":
+    def from_env(cls, device: torch.device) -> Distributed:
         """Joins the process group when launched with ``WORLD_SIZE`` > 1, else a single process."""
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world <= 1:

@@ -22,8 +22,8 @@ import random
 import resource
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -139,11 +139,12 @@ def run_finetune(config: FinetuneConfig, out_dir: str | Path, *, should_stop: Ca
     dist = Distributed.from_env(device)
     t0 = time.time()
     summary = {"status": "running", "mask_source": config.mask_source, "task": config.task,
-               "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "processes": dist.world}
+               "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "processes": dist.world, "pid": os.getpid()}
     metrics_file = None
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(out / "config.json", config.to_dict())
+        if _read_json(out / "config.json") != config.to_dict():  # unchanged: keep its time (the runs' order)
+            write_json_atomic(out / "config.json", config.to_dict())
         write_json_atomic(out / "summary.json", summary)
         if resume:
             _truncate_metrics(out / "metrics.jsonl", json.loads((out / "state" / "meta.json").read_text())["step"])
@@ -373,8 +374,9 @@ class _Trainer:
         mean_loss, *rest = self.dist.average([loss.detach().float().reshape(1)] +
                                              [torch.tensor([v]) for v in extra.values()])
         tokens_all = tokens * self.dist.world
+        elapsed = time.perf_counter() - t
         row.update(loss=float(mean_loss), lr=lr, grad_norm=grad_norm, trainable=self.trainable,
-                   tokens_per_s=tokens_all / (time.perf_counter() - t),
+                   tokens_per_s=tokens_all / elapsed, step_s=elapsed,
                    **{k: float(v) for k, v in zip(extra, rest)})
         if c.schedule == "lisa":
             row["lisa_layers"] = self.lisa_layers
@@ -495,6 +497,13 @@ class _Trainer:
         if status == "finished":
             shutil.rmtree(self.out / "state", ignore_errors=True)
         return result
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

@@ -19,7 +19,6 @@ sparse embedding gradients, not a gather from dense ones.
 
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 
@@ -225,4 +224,4 @@ def masked_reference_step(optimizer: torch.optim.Optimizer, params: dict[str, nn
     optimizer.step()
 
 
-__all__ = ["SparseMaskedAdamW", "MaskedOptimizerError", "masked_reference_step", "full_adamw_state_bytes"]
+__all__ = ["MaskedOptimizerError", "SparseMaskedAdamW", "full_adamw_state_bytes", "masked_reference_step"]

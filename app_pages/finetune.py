@@ -1,0 +1,283 @@
+"""Masked fine-tune: train only a subnetwork, next to full fine-tuning, a random mask and LoRA.
+
+Runs are queued and trained one at a time by a background worker (analysis/finetune/queue.py);
+they live on disk, so they survive a reload or an app restart, and runs started from the CLI show
+up here too. The curves update while runs train.
+"""
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+from analysis import plots
+from analysis.errors import SubnetscopeError
+from analysis.finetune import queue
+from analysis.finetune.compare import compare_runs, read_run
+from analysis.finetune.config import TASKS, FinetuneConfig
+from analysis.selectors import SELECTORS
+from ui.state import demo_refs, label_of, parent_of, selection
+
+HELP = FinetuneConfig.help()
+SOURCE_LABELS = {"diff": "Diff mask (what a fine-tune changed)", "selector": "Importance selector",
+                 "random": "Random mask", "full": "Full fine-tune", "lora": "LoRA",
+                 "mask": "Mask file(s)", "id3": "ID3 incremental unmasking"}
+STATUS_ICONS = {"queued": "⏳", "running": "▶️", "finished": "✅", "cancelled": "⏹️", "failed": "❌", "died": "💀"}
+
+st.header("Masked fine-tune")
+st.caption("Train only a subnetwork — the elements an RL run changed, the top of a selector, whole heads, a random "
+           "mask — and compare it with full fine-tuning and LoRA at the same budget (arXiv 2505.11711 §4; "
+           "shared/DESIGN.md §8). Only masked elements can change: every run checks it.")
+
+base, tuned = selection()
+refs = [r for r in [base, *tuned] if r]
+demo = demo_refs()
+
+
+def _paper_experiment() -> list[FinetuneConfig]:
+    """The paper's experiment on the demo: the demo's RL training from SFT with the SFT → rl-seed1
+    diff mask, a random mask of the same density, in full, and a LoRA control."""
+    from ui import work
+
+    sft, rl = demo["demo/sft"], demo["demo/rl-seed1"]
+    changed = work.changed_mask(sft, rl, 1e-5)
+    blocks = {n: m for n, m in changed.items() if ".layers." in n and m.dim() == 2}
+    density = sum(int(m.sum()) for m in blocks.values()) / sum(m.numel() for m in blocks.values())
+    rl_args = dict(checkpoint=sft, task="demo-rl", steps=50, lr=1e-5, batch_size=16, seed=1, eval_every=10)
+    return [FinetuneConfig(diff=[sft, rl], **rl_args), FinetuneConfig(random=round(density, 4), **rl_args),
+            FinetuneConfig(full=True, **rl_args), FinetuneConfig(lora=4, **{**rl_args, "lr": 1e-4})]
+
+
+with st.expander("New run", expanded=not queue.list_runs()):
+    if not refs:
+        st.info("Choose a checkpoint in the sidebar.")
+    else:
+        c1, c2, c3 = st.columns(3)
+        default = demo.get("demo/sft") if demo.get("demo/sft") in refs else refs[0]
+        checkpoint = c1.selectbox("Start from", refs, index=refs.index(default), format_func=label_of,
+                                  help=HELP["checkpoint"])
+        task = c2.selectbox("Task", TASKS, index=1 if checkpoint == demo.get("demo/sft") else 0, help=HELP["task"])
+        data = c3.text_input("Data file", "", help=HELP["data"], disabled=task != "lm", placeholder="a .txt or .jsonl")
+        source = st.radio("Train", list(SOURCE_LABELS), format_func=SOURCE_LABELS.get, horizontal=True)
+        src: dict = {}
+        s1, s2, s3, s4 = st.columns(4)
+        if source == "diff":
+            pairs = [t for t in refs if t != checkpoint]
+            default_tuned = next((t for t in pairs if parent_of(t) == checkpoint), pairs[0] if pairs else None)
+            tuned_ref = s1.selectbox("Changed by", pairs, index=pairs.index(default_tuned) if default_tuned else None,
+                                     format_func=label_of, help="The fine-tune whose changed elements form the mask.")
+            diff_base = s2.selectbox("…relative to", refs, index=refs.index(parent_of(tuned_ref) or checkpoint)
+                                     if tuned_ref and (parent_of(tuned_ref) or checkpoint) in refs else 0,
+                                     format_func=label_of)
+            tol = s3.select_slider("τ", [0.0, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3], value=1e-5, help=HELP["diff_tol"])
+            src = {"diff": [diff_base, tuned_ref] if tuned_ref else None, "diff_tol": tol}
+        elif source == "selector":
+            names = [n for n in SELECTORS if n != "diff"]
+            sel = s1.selectbox("Selector", names, index=names.index("fisher"), format_func=lambda n: SELECTORS[n].label)
+            gran = s2.selectbox("Granularity", ["element", "row", "head", "channel", "layer"], help=HELP["granularity"])
+            dens = s3.number_input("Density", 0.001, 1.0, 0.05, format="%.3f", help=HELP["density"])
+            budget = s4.selectbox("Budget", ["auto", "global", "per_layer", "structured"], help=HELP["budget"])
+            src = {"selector": sel, "granularity": gran, "density": dens, "budget": None if budget == "auto" else budget}
+        elif source == "random":
+            src = {"random": s1.number_input("Density", 0.001, 1.0, 0.05, format="%.3f", help=HELP["random"])}
+        elif source == "lora":
+            src = {"lora": int(s1.number_input("Rank r", 1, 256, 8, help=HELP["lora"]))}
+        elif source == "full":
+            src = {"full": True}
+        elif source == "mask":
+            files = s1.text_area("Mask files (one path a line)", help=HELP["mask"])
+            combine = s2.selectbox("Combine", ["union", "intersect", "minus", "consensus:2"], help=HELP["mask_combine"])
+            src = {"mask": [f.strip() for f in files.splitlines() if f.strip()] or None, "mask_combine": combine}
+        else:
+            src = {"id3": s1.number_input("Final density", 0.001, 1.0, 0.05, format="%.3f", help=HELP["id3"]),
+                   "id3_exp": s2.number_input("exp", 0.0, 4.0, 1.0, help=HELP["id3_exp"])}
+        o1, o2, o3, o4, o5, o6 = st.columns(6)
+        steps = int(o1.number_input("Steps", 1, 100_000, 50, help=HELP["steps"]))
+        lr = o2.number_input("Learning rate", 1e-7, 1.0, 1e-5 if task == "demo-rl" else 1e-4, format="%.0e",
+                             help=HELP["lr"])
+        batch = int(o3.number_input("Batch size", 1, 4096, 16 if task == "demo-rl" else 32, help=HELP["batch_size"]))
+        seed = int(o4.number_input("Seed", 0, 2**31 - 1, 1 if task == "demo-rl" else 0, help=HELP["seed"]))
+        eval_every = int(o5.number_input("Evaluate every", 1, 100_000, 10, help=HELP["eval_every"]))
+        optimizer = o6.selectbox("Optimizer", ["sparse", "reference"], help=HELP["optimizer"],
+                                 disabled=source in ("full", "lora"))
+        lisa = st.toggle("LISA layer sampling", help=HELP["schedule"], disabled=source in ("lora", "id3"))
+        sched = {}
+        if lisa:
+            l1, l2 = st.columns(2)
+            sched = {"schedule": "lisa",
+                     "lisa_layers": int(l1.number_input("Blocks at a time", 1, 256, 2, help=HELP["lisa_layers"])),
+                     "lisa_interval": int(l2.number_input("Resample every", 1, 10_000, 10, help=HELP["lisa_interval"]))}
+        b1, b2 = st.columns([1, 3])
+        if b1.button("Add to queue", type="primary", icon=":material/playlist_add:"):
+            try:
+                cfg = FinetuneConfig(checkpoint=checkpoint, task=task, data=data or None, steps=steps, lr=lr,
+                                     batch_size=batch, seed=seed, eval_every=eval_every, optimizer=optimizer,
+                                     **sched, **src)
+                queue.enqueue(cfg)
+                queue.ensure_worker()
+                st.toast(f"Queued: {cfg.mask_source}")
+            except SubnetscopeError as e:
+                st.error(str(e))
+        if "demo/sft" in demo and "demo/rl-seed1" in demo and b2.button(
+                "Queue the paper's experiment on the demo", icon=":material/science:",
+                help="From demo/sft, the demo's RL training (50 steps, lr 1e-5, 16 prompts × 8 samples, seed 1) "
+                     "four ways: the SFT → rl-seed1 diff mask, a random mask of the same density, full, and "
+                     "LoRA r=4 (lr 1e-4)."):
+            try:
+                for cfg in _paper_experiment():
+                    queue.enqueue(cfg)
+                queue.ensure_worker()
+                st.toast("Queued four runs")
+            except SubnetscopeError as e:
+                st.error(str(e))
+
+
+def _load(d: Path) -> dict | None:
+    try:
+        return read_run(d)
+    except SubnetscopeError:
+        return None
+
+
+def _table(runs: dict[str, dict]) -> pd.DataFrame:
+    rows = []
+    for name, r in runs.items():
+        s, m, cfg = r["summary"], r["metrics"], r["config"]
+        final = s.get("final") or (m[-1] if m else {})
+        metric = "perplexity" if cfg.get("task") == "lm" else "accuracy"
+        evals = [x[metric] for x in m if x.get(metric) is not None]
+        step_s = sorted(x["step_s"] for x in m if "step_s" in x)
+        rows.append({"run": name, "status": f"{STATUS_ICONS.get(r['status'], '')} {r['status']}",
+                     "task": cfg.get("task"), "mask source": s.get("mask_source"),
+                     "steps": f"{m[-1]['step'] if m else 0}/{cfg.get('steps')}",
+                     "trainable": (final or {}).get("trainable", s.get("trainable")),
+                     "step time (s)": step_s[len(step_s) // 2] if step_s else None,
+                     "peak memory (MB)": s["peak_rss_bytes"] / 2**20 if s.get("peak_rss_bytes") else None,
+                     f"final {metric}": evals[-1] if evals else None,
+                     "outside mask": s.get("outside_mask_changed"), "error": s.get("error", "")})
+    return pd.DataFrame(rows)
+
+
+active_any = any(queue.status(d) in queue.ACTIVE for d in queue.list_runs())
+if queue.queued():
+    queue.ensure_worker()  # e.g. after an app restart with runs still waiting
+
+
+@st.fragment(run_every=2.0 if active_any else None)
+def live():
+    dirs = queue.list_runs()
+    if not dirs:
+        st.info("No runs yet. Add one above; runs started with `python -m analysis finetune … --out DIR` show up "
+                "here too.")
+        return
+    runs = {}
+    for d in dirs:
+        r = _load(d)
+        if r is not None:
+            r["status"] = queue.status(d)
+            runs[d.name] = r | {"dir": d}
+    if any(r["status"] in queue.ACTIVE for r in runs.values()) != active_any:
+        st.rerun()  # start or stop the live refresh
+    st.subheader("Runs")
+    st.dataframe(_table(runs), hide_index=True, width="stretch")
+    for name, r in runs.items():
+        if r["status"] not in queue.ACTIVE:
+            continue
+        c1, c2 = st.columns([5, 1])
+        done = r["metrics"][-1]["step"] if r["metrics"] else 0
+        total = r["config"].get("steps") or 1
+        c1.progress(done / total, text=f"{name}: {r['status']}, step {done} of {total}")
+        if c2.button("Cancel", key=f"cancel_{name}", icon=":material/stop:"):
+            queue.cancel(r["dir"])
+            st.toast(f"Cancelling {name}")
+    names = list(runs)
+    # new runs join the overlay as they appear; runs the user removed stay removed
+    seen = st.session_state.get("ft_seen", [])
+    pick = [n for n in st.session_state.get("ft_pick", []) if n in names]
+    new = [n for n in names if n not in seen]
+    if new or "ft_pick" not in st.session_state:
+        st.session_state["ft_pick"] = (pick + new)[-6:]
+    st.session_state["ft_seen"] = names
+    chosen = st.multiselect("Overlay", names, key="ft_pick")
+    curves = {n: runs[n]["metrics"] for n in chosen}
+    left, right = st.columns(2)
+    smooth = left.slider("Smoothing (steps)", 1, 25, 5, key="ft_smooth")
+    left.plotly_chart(plots.training_curves(curves, "loss", "Training loss", smooth=smooth), key="ft_loss")
+    metrics = [m for m in ("accuracy", "reward", "eval_loss", "perplexity")
+               if any(m in row for rows in curves.values() for row in rows)]
+    if metrics:
+        metric = right.selectbox("Metric", metrics, key="ft_metric")
+        right.plotly_chart(plots.training_curves(curves, metric, metric, smooth=smooth if metric == "reward" else 1),
+                           key="ft_metric_chart")
+
+
+live()
+
+# ---------------------------------------------------------------- inside-mask and distance to full
+st.subheader("Against a reference run")
+finished = [d for d in queue.list_runs() if queue.status(d) in ("finished", "cancelled") and (d / "model").is_dir()]
+if len(finished) < 2:
+    st.caption("When two runs from the same checkpoint have finished, compare them here: elements changed "
+               "outside each mask (must be 0), the fraction of elements identical to the reference at τ, the "
+               "cosine of the two updates, and the metric gaps with 95% intervals.")
+    st.stop()
+by_name = {d.name: d for d in finished}
+configs = {n: json.loads((d / "config.json").read_text()) for n, d in by_name.items()}
+fulls = [n for n, c in configs.items() if c.get("full")]
+c1, c2, c3 = st.columns([2, 3, 1])
+ref = c1.selectbox("Reference", list(by_name), index=list(by_name).index(fulls[-1]) if fulls else 0,
+                   help="Usually the full fine-tune of the same task (the paper compares with it).")
+same = [n for n in by_name if n != ref and configs[n].get("checkpoint") == configs[ref].get("checkpoint")]
+others = c2.multiselect("Runs", same, default=same[-4:], key="ft_cmp_runs")
+tol = c3.select_slider("τ", [0.0, 1e-7, 1e-6, 1e-5, 1e-4], value=1e-5, key="ft_cmp_tol")
+if not others:
+    st.info("No other finished run starts from the reference's checkpoint.")
+    st.stop()
+
+
+@st.cache_data(show_spinner="Comparing runs…", max_entries=16)
+def _compare(dirs: tuple[str, ...], reference: str, tol: float, stamp: tuple) -> dict:
+    return compare_runs(list(dirs), reference=reference, tol=tol)
+
+
+dirs = tuple(str(by_name[n]) for n in [ref, *others])
+stamp = tuple((Path(d) / "summary.json").stat().st_mtime for d in dirs)
+try:
+    cmp = _compare(dirs, str(by_name[ref]), tol, stamp)
+except SubnetscopeError as e:
+    st.error(str(e))
+    st.stop()
+def _fmt_ci(ci) -> str:
+    return "" if not ci else f"[{ci[0]:+.3f}, {ci[1]:+.3f}]"
+
+
+rows, intervals = [], []
+for r in cmp["runs"]:
+    name = Path(r["run"]).name
+    rows.append({"run": name + (" (reference)" if r["run"] == str(by_name[ref]) else ""),
+                 "mask source": r["mask_source"], "trainable": r["trainable"],
+                 "outside mask": r["outside_mask_changed"],
+                 f"identical to reference at τ={tol:g}": r.get("to_reference_identical_fraction"),
+                 "update cosine": r.get("to_reference_cosine"),
+                 "accuracy": r.get("accuracy"), "accuracy gap (95%)": _fmt_ci(r.get("accuracy_gap_ci")),
+                 "sampled reward": r.get("reward_sampled"),
+                 "reward gap (95%)": _fmt_ci(r.get("reward_sampled_gap_ci")),
+                 "perplexity": r.get("perplexity")})
+    intervals.append({"label": name, **{k: r.get(k) for k in ("reward_sampled", "reward_sampled_ci",
+                                                               "accuracy", "accuracy_ci")}})
+st.dataframe(pd.DataFrame(rows).dropna(axis=1, how="all"), hide_index=True, width="stretch")
+bad = [x["run"] for x in rows if x["outside mask"]]
+if bad:
+    st.error(f"Elements changed outside the mask in {', '.join(bad)} — this must never happen; please report it.")
+else:
+    st.success("Every masked run changed only elements inside its mask.")
+st.caption("Identical: elements whose final values agree with the reference's within τ (the paper: 94% for the "
+           "subnetwork run against full fine-tuning). Gaps are paired per held-out problem, run − reference, with "
+           "95% normal intervals; the sampled reward averages each problem's samples first.")
+i1, i2 = st.columns(2)
+if any(x.get("reward_sampled_ci") for x in intervals):
+    i1.plotly_chart(plots.interval_bars(intervals, "reward_sampled", "Sampled reward (95% interval)"), key="ft_ci_r")
+if any(x.get("accuracy_ci") for x in intervals):
+    i2.plotly_chart(plots.interval_bars(intervals, "accuracy", "Greedy accuracy (95% interval)"), key="ft_ci_a")
+st.download_button("Download comparison JSON", json.dumps(cmp, indent=1), "compare-runs.json", "application/json")

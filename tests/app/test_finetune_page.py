@@ -1,0 +1,133 @@
+"""AppTest of the Masked fine-tune page: queue runs from the form (the worker trains them one at a
+time), see them in the runs table with curves, a CLI-started run showing up, the comparison panel
+against the full run, cancel, and a bad input."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from analysis.finetune import queue
+from analysis.finetune.compare import compare_runs
+from analysis.finetune.config import FinetuneConfig
+from analysis.finetune.run import run_finetune
+from conftest import ROOT
+from plotly_data import traces
+
+
+def _page(demo) -> AppTest:
+    at = AppTest.from_file(str(ROOT / "app_pages" / "finetune.py"), default_timeout=300)
+    at.session_state["base_ref"] = str(demo / "base")
+    at.session_state["tuned_refs"] = [str(demo / "sft"), str(demo / "rl-seed1")]
+    return at
+
+
+def _wait_idle(timeout: float = 180) -> None:
+    t = time.time()
+    while any(queue.status(d) in queue.ACTIVE for d in queue.list_runs()):
+        assert time.time() - t < timeout, [(d.name, queue.status(d)) for d in queue.list_runs()]
+        time.sleep(0.5)
+
+
+def _set(at: AppTest, label: str, value) -> None:
+    next(w for w in at.number_input if w.label == label).set_value(value)
+
+
+def _queue(at: AppTest, source: str, steps: int = 3) -> None:
+    at.radio[0].set_value(source).run()
+    _set(at, "Steps", steps)
+    _set(at, "Batch size", 4)
+    _set(at, "Evaluate every", 3)
+    at.run()
+    next(b for b in at.button if b.label == "Add to queue").click().run()
+    assert not at.error, [e.value for e in at.error]
+
+
+def test_queue_runs_compare_and_cli_run(demo, tmp_path):
+    at = _page(demo)
+    at.run()
+    assert not at.exception, at.exception
+    assert any("No runs yet" in i.value for i in at.info)
+    assert at.selectbox[0].value == str(demo / "sft") and at.selectbox[1].value == "demo-rl"
+    _queue(at, "random")
+    _queue(at, "full")
+    _wait_idle()
+    # a run started from the CLI (anywhere on disk) shows up too
+    cli = tmp_path / "elsewhere" / "cli-run"
+    from analysis.__main__ import main
+
+    assert main(["finetune", str(demo / "sft"), "--task", "demo-sft", "--lora", "2", "--steps", "2",
+                 "--batch-size", "4", "--reward-samples", "0", "--out", str(cli), "--quiet"]) == 0
+    at.run()
+    assert not at.exception, at.exception
+    table = at.dataframe[0].value
+    assert len(table) == 3 and all("finished" in s for s in table["status"])
+    assert set(table["run"]) >= {"cli-run"}
+    rand = table[table["mask source"].str.startswith("random")].iloc[0]
+    assert rand["steps"] == "3/3" and rand["outside mask"] == 0
+    assert rand["trainable"] == json.loads((queue.list_runs()[0] / "summary.json").read_text())["trainable"]
+    # curves: one trace per overlaid run, the loss of every step
+    loss = traces(at.get("plotly_chart")[0].proto.spec)
+    assert len(loss) == 3 and sorted(len(t["x"]) for t in loss) == [2, 3, 3]
+    # the comparison panel: the full run is the reference; numbers as compare_runs computes them
+    panel = at.dataframe[1].value
+    full, rand_dir = (next(d for d in queue.list_runs() if d.name.endswith(s)) for s in ("full", "seed-1"))
+    expected = compare_runs([full, rand_dir], reference=full)["runs"][1]
+    row = panel[panel["mask source"].str.startswith("random")].iloc[0]
+    assert row["outside mask"] == 0
+    assert row["identical to reference at τ=1e-05"] == pytest.approx(expected["to_reference_identical_fraction"])
+    assert row["update cosine"] == pytest.approx(expected["to_reference_cosine"])
+    assert "Every masked run changed only elements inside its mask." in at.success[0].value
+
+
+def test_cancel_a_running_run_and_a_queued_one(demo):
+    long = FinetuneConfig(checkpoint=str(demo / "sft"), task="demo-sft", random=0.05, steps=100_000, batch_size=4,
+                          eval_every=100_000, reward_samples=0)
+    first, second = queue.enqueue(long, "first"), queue.enqueue(long, "second")
+    queue.ensure_worker()
+    t = time.time()
+    while not (first / "metrics.jsonl").is_file() or not (first / "metrics.jsonl").read_text():
+        assert time.time() - t < 60
+        time.sleep(0.2)
+    at = _page(demo)
+    at.run()
+    cancels = [b for b in at.button if b.label == "Cancel"]
+    assert len(cancels) == 2  # the running and the queued run
+    assert [b.key for b in cancels] == [f"cancel_{first.name}", f"cancel_{second.name}"]
+    cancels[1].click().run()  # the queued one: never starts
+    assert queue.status(second) == "cancelled", [b.key for b in at.button]
+    next(b for b in at.button if b.label == "Cancel").click().run()
+    t = time.time()
+    while queue.status(first) == "running":
+        assert time.time() - t < 10
+        time.sleep(0.1)
+    stopped = time.time() - t
+    s = json.loads((first / "summary.json").read_text())
+    assert s["status"] == "cancelled" and stopped < 2.0 + 1.0  # the signal stops it after the current step
+    rows = (first / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == s["steps_done"] and s["outside_mask_changed"] == 0
+    assert (first / "state" / "meta.json").is_file()  # resumable
+    _wait_idle(30)
+
+
+def test_bad_data_file_is_an_error_and_queues_nothing(demo, tmp_path):
+    at = _page(demo)
+    at.run()
+    at.selectbox[1].set_value("lm").run()
+    at.text_input[0].set_value(str(tmp_path / "missing.txt")).run()
+    at.radio[0].set_value("full").run()
+    next(b for b in at.button if b.label == "Add to queue").click().run()
+    assert not at.exception
+    assert any("missing.txt" in e.value and "no such data file" in e.value for e in at.error)
+    assert queue.list_runs() == []
+
+
+def test_cli_run_directory_is_listed(demo, tmp_path):
+    run = tmp_path / "somewhere" / "r"
+    run_finetune(FinetuneConfig(checkpoint=str(demo / "sft"), full=True, steps=1, batch_size=4, reward_samples=0), run)
+    assert queue.list_runs() == []  # the API does not register; the CLI does
+    queue.register(run)
+    assert queue.list_runs() == [run.resolve()] or [p.resolve() for p in queue.list_runs()] == [run.resolve()]
