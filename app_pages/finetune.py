@@ -23,7 +23,6 @@ HELP = FinetuneConfig.help()
 SOURCE_LABELS = {"diff": "Diff mask (what a fine-tune changed)", "selector": "Importance selector",
                  "random": "Random mask", "full": "Full fine-tune", "lora": "LoRA",
                  "mask": "Mask file(s)", "id3": "ID3 incremental unmasking"}
-STATUS_ICONS = {"queued": "⏳", "running": "▶️", "finished": "✅", "cancelled": "⏹️", "failed": "❌", "died": "💀"}
 
 st.header("Masked fine-tune")
 st.caption("Train only a subnetwork — the elements an RL run changed, the top of a selector, whole heads, a random "
@@ -49,7 +48,7 @@ def _paper_experiment() -> list[FinetuneConfig]:
             FinetuneConfig(full=True, **rl_args), FinetuneConfig(lora=4, **{**rl_args, "lr": 1e-4})]
 
 
-with st.expander("New run", expanded=not queue.list_runs()):
+with st.expander("New run", expanded=True):
     if not refs:
         st.info("Choose a checkpoint in the sidebar.")
     else:
@@ -148,7 +147,7 @@ def _table(runs: dict[str, dict]) -> pd.DataFrame:
         metric = "perplexity" if cfg.get("task") == "lm" else "accuracy"
         evals = [x[metric] for x in m if x.get(metric) is not None]
         step_s = sorted(x["step_s"] for x in m if "step_s" in x)
-        rows.append({"run": name, "status": f"{STATUS_ICONS.get(r['status'], '')} {r['status']}",
+        rows.append({"run": name, "status": r["status"],
                      "task": cfg.get("task"), "mask source": s.get("mask_source"),
                      "steps": f"{m[-1]['step'] if m else 0}/{cfg.get('steps')}",
                      "trainable": (final or {}).get("trainable", s.get("trainable")),

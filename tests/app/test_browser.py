@@ -33,10 +33,11 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def app_url():
+def app_url(tmp_path_factory):
     assert demo_is_current(default_demo_dir()), "build the demo first: make demo"
     port = _free_port()
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    runs = tmp_path_factory.mktemp("runs")  # the fine-tune runs this test launches stay out of the user's list
+    env = dict(os.environ, HF_HUB_OFFLINE="1", SUBNETSCOPE_RUNS=str(runs))
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", "app.py", "--server.address", "127.0.0.1",
          "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false"],
@@ -55,6 +56,12 @@ def app_url():
             pytest.fail("streamlit did not start within 90 s")
         yield url
     finally:
+        from analysis.finetune import queue
+
+        os.environ["SUBNETSCOPE_RUNS"], saved = str(runs), os.environ.get("SUBNETSCOPE_RUNS")
+        queue.shutdown()  # the worker the page started, if any
+        if saved is not None:
+            os.environ["SUBNETSCOPE_RUNS"] = saved
         proc.terminate()
         try:
             proc.wait(timeout=10)
@@ -157,3 +164,28 @@ def test_importance_page_in_chromium(app_url, browser_page):
     browser_page.screenshot(path=str(ROOT / "artifacts" / "importance-page.png"), full_page=True)
     text = ok.inner_text()
     assert "Smallest magnitude (SaRA)" in text and f"AUROC {auroc:.3f}" in text
+
+
+def test_finetune_page_in_chromium(app_url, browser_page):
+    """Queue a random-mask run and a full run from the form; the page follows them live (no reload)
+    until both finish and the comparison panel confirms nothing moved outside the mask."""
+    page = browser_page
+    page.goto(app_url + "/finetune", wait_until="domcontentloaded")
+    page.get_by_role("button", name="Add to queue").wait_for(timeout=90_000)
+    for source in ("Random mask", "Full fine-tune"):
+        page.get_by_text(source, exact=True).click()
+        page.wait_for_timeout(800)
+        for label, value in (("Steps", "3"), ("Batch size", "4"), ("Evaluate every", "3")):
+            box = page.get_by_label(label, exact=True)
+            box.fill(value)
+            box.press("Tab")
+            page.wait_for_timeout(400)
+        page.get_by_role("button", name="Add to queue").click()
+        page.get_by_text("Queued:").first.wait_for(timeout=60_000)
+    ok = page.get_by_test_id("stAlertContentSuccess").first
+    ok.wait_for(timeout=180_000)  # appears once both runs have finished, without a reload
+    assert "only elements inside its mask" in ok.inner_text()
+    page.wait_for_timeout(1500)
+    page.screenshot(path=str(ROOT / "artifacts" / "finetune-page.png"), full_page=True)
+    charts = page.locator(".js-plotly-plot")
+    assert charts.count() >= 2  # loss curves and the metric curves

@@ -128,3 +128,32 @@ def test_resume_continues_exactly(demo, tmp_path, source):
     assert [r["step"] for r in rb] == [1, 2, 3, 4, 5, 6]
     assert [r["loss"] for r in ra] == [r["loss"] for r in rb]
     assert not (cut / "state").exists()  # a finished run needs no state
+
+
+def test_crash_keeps_metrics_records_the_error_and_resumes(demo, tmp_path, monkeypatch):
+    from analysis.finetune import tasks
+
+    common = _common(demo, steps=5, eval_every=5, save_every=1)
+    straight = tmp_path / "straight"
+    run_finetune(FinetuneConfig(random=0.05, **common), straight)
+    real = tasks.DemoSFT.loss
+    calls = {"n": 0}
+
+    def flaky(self, model):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("disk on fire")
+        return real(self, model)
+
+    monkeypatch.setattr(tasks.DemoSFT, "loss", flaky)
+    out = tmp_path / "crash"
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        run_finetune(FinetuneConfig(random=0.05, **common), out)
+    s = json.loads((out / "summary.json").read_text())
+    assert s["status"] == "failed" and s["error"] == "RuntimeError: disk on fire"
+    assert [r["step"] for r in _rows(out)] == [1, 2]  # every metric written before the crash
+    assert not (out / "model").exists()
+    monkeypatch.setattr(tasks.DemoSFT, "loss", real)
+    resume_finetune(out)  # from the state saved after step 2
+    a, b = load_file(straight / "model" / "model.safetensors"), load_file(out / "model" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
