@@ -30,7 +30,7 @@ import torch
 from analysis.finetune.config import FinetuneConfig, FinetuneConfigError
 from analysis.finetune.distributed import Distributed
 from analysis.finetune.sparse_adamw import SparseMaskedAdamW, masked_reference_step
-from analysis.finetune.tasks import Task, make_task
+from analysis.finetune.tasks import Task, _tupled, make_task
 from analysis.io import write_json_atomic
 
 Mask = dict[str, torch.Tensor]
@@ -589,7 +589,3 @@ def _stored_dtype(ref) -> torch.dtype:
 
     names = sorted({t.dtype for t in open_checkpoint(ref).tensors.values()})
     return getattr(torch, names[0]) if names else torch.float32
-
-
-def _tupled(x):
-    return tuple(_tupled(v) for v in x) if isinstance(x, list) else x
