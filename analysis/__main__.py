@@ -395,9 +395,10 @@ def cmd_finetune(args) -> int:
     final = summary.get("final", {})
     metric = summary.get("metric", "accuracy")
     value = final.get(metric)
+    start = (summary.get("initial") or {}).get(metric)
     print(f"{summary['status']}: {summary['steps_done']} steps, {summary['trainable']:,} trainable elements "
           f"({source}); loss {final.get('loss', float('nan')):.4f}, {metric} "
-          f"{'n/a' if value is None else f'{value:.4g}'}")
+          + (f"{start:.4g} -> " if start is not None else "") + f"{'n/a' if value is None else f'{value:.4g}'}")
     if summary.get("outside_mask_changed") is not None:
         print(f"  elements changed outside the mask: {summary['outside_mask_changed']}")
     if "ranks_identical" in summary:

@@ -153,6 +153,7 @@ def _table(runs: dict[str, dict]) -> pd.DataFrame:
                      "trainable": (final or {}).get("trainable", s.get("trainable")),
                      "step time (s)": step_s[len(step_s) // 2] if step_s else None,
                      "peak memory (MB)": s["peak_rss_bytes"] / 2**20 if s.get("peak_rss_bytes") else None,
+                     f"start {metric}": (s.get("initial") or {}).get(metric),
                      f"final {metric}": evals[-1] if evals else None,
                      "outside mask": s.get("outside_mask_changed"), "error": s.get("error", "")})
     return pd.DataFrame(rows)
@@ -216,13 +217,16 @@ live()
 # ---------------------------------------------------------------- inside-mask and distance to full
 st.subheader("Against a reference run")
 finished = [d for d in queue.list_runs() if queue.status(d) in ("finished", "cancelled") and (d / "model").is_dir()]
-if len(finished) < 2:
+if len(finished) < 2:  # (re-checked below once unreadable runs are dropped)
     st.caption("When two runs from the same checkpoint have finished, compare them here: elements changed "
                "outside each mask (must be 0), the fraction of elements identical to the reference at τ, the "
                "cosine of the two updates, and the metric gaps with 95% intervals.")
     st.stop()
-by_name = {d.name: d for d in finished}
-configs = {n: json.loads((d / "config.json").read_text()) for n, d in by_name.items()}
+loaded = {d.name: (d, _load(d)) for d in finished}
+by_name = {n: d for n, (d, r) in loaded.items() if r is not None}
+configs = {n: loaded[n][1]["config"] for n in by_name}
+if len(by_name) < 2:
+    st.stop()
 fulls = [n for n, c in configs.items() if c.get("full")]
 c1, c2, c3 = st.columns([2, 3, 1])
 ref = c1.selectbox("Reference", list(by_name), index=list(by_name).index(fulls[-1]) if fulls else 0,

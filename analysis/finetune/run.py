@@ -436,6 +436,7 @@ class _Trainer:
             start = self.load_state()
         elif self.dist.main and (self.out / "state").exists():
             shutil.rmtree(self.out / "state")
+        self.initial = self.task.evaluate(self.model) if self.dist.main and not resume else None
         save_every = c.save_every or c.eval_every
         status, last = "finished", {}
         step = start
@@ -466,6 +467,8 @@ class _Trainer:
         result = {"status": status, "steps_done": step, "final": last, "trainable": self.trainable,
                   "optimizer_state_bytes": self.opt.state_bytes() if isinstance(self.opt, SparseMaskedAdamW)
                   else _torch_state_bytes(self.opt), "metric": self.task.metric}
+        if self.initial is not None:
+            result["initial"] = self.initial  # the task's metrics before the first step
         if self.dist.world > 1:
             result["ranks_identical"] = len(set(digests)) == 1
             result["rank_digests"] = digests  # SHA-256 of each rank's final weights

@@ -102,7 +102,7 @@ def test_lm_task_on_a_text_file(demo, tmp_path):
     assert s["metric"] == "perplexity" and s["outside_mask_changed"] == 0
     for r in (rows[2], rows[5]):
         assert r["perplexity"] == pytest.approx(math.exp(r["eval_loss"]))
-    assert rows[5]["eval_loss"] < rows[2]["eval_loss"]  # it learns the held-out sums
+    assert rows[5]["eval_loss"] < rows[2]["eval_loss"] < s["initial"]["eval_loss"]  # it learns the held-out sums
 
 
 @pytest.mark.parametrize("source", [{"random": 0.05}, {"full": True}, {"id3": 0.02}])
