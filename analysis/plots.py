@@ -269,4 +269,6 @@ def interval_bars(rows: list[dict], value: str, title: str) -> go.Figure:
                     error_x=dict(type="data", symmetric=False, array=[r[value + "_ci"][1] - r[value] for r in rows],
                                  arrayminus=[r[value] - r[value + "_ci"][0] for r in rows]),
                     hovertemplate="%{y}: %{x:.4f}<extra></extra>")
+    if value.endswith("_gap"):
+        fig.add_vline(x=0, line_dash="dot", line_color="gray")  # no difference from the reference
     return _layout(fig, title, value, "")

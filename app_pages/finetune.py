@@ -132,6 +132,13 @@ with st.expander("New run", expanded=True):
                 st.error(str(e))
 
 
+def _short(text: str | None) -> str | None:
+    """A mask source with the demo's paths as their labels (demo/sft rather than the full path)."""
+    for label, path in demo.items():
+        text = text.replace(path, label) if text else text
+    return text
+
+
 def _load(d: Path) -> dict | None:
     try:
         return read_run(d)
@@ -148,7 +155,7 @@ def _table(runs: dict[str, dict]) -> pd.DataFrame:
         evals = [x[metric] for x in m if x.get(metric) is not None]
         step_s = sorted(x["step_s"] for x in m if "step_s" in x)
         rows.append({"run": name, "status": r["status"],
-                     "task": cfg.get("task"), "mask source": s.get("mask_source"),
+                     "task": cfg.get("task"), "mask source": _short(s.get("mask_source")),
                      "steps": f"{m[-1]['step'] if m else 0}/{cfg.get('steps')}",
                      "trainable": (final or {}).get("trainable", s.get("trainable")),
                      "step time (s)": step_s[len(step_s) // 2] if step_s else None,
@@ -259,7 +266,7 @@ rows, intervals = [], []
 for r in cmp["runs"]:
     name = Path(r["run"]).name
     rows.append({"run": name + (" (reference)" if r["run"] == str(by_name[ref]) else ""),
-                 "mask source": r["mask_source"], "trainable": r["trainable"],
+                 "mask source": _short(r["mask_source"]), "trainable": r["trainable"],
                  "outside mask": r["outside_mask_changed"],
                  f"identical to reference at τ={tol:g}": r.get("to_reference_identical_fraction"),
                  "update cosine": r.get("to_reference_cosine"),
@@ -267,8 +274,8 @@ for r in cmp["runs"]:
                  "sampled reward": r.get("reward_sampled"),
                  "reward gap (95%)": _fmt_ci(r.get("reward_sampled_gap_ci")),
                  "perplexity": r.get("perplexity")})
-    intervals.append({"label": name, **{k: r.get(k) for k in ("reward_sampled", "reward_sampled_ci",
-                                                               "accuracy", "accuracy_ci")}})
+    intervals.append({"label": name, **{k: r.get(k) for k in ("reward_sampled_gap", "reward_sampled_gap_ci",
+                                                               "accuracy_gap", "accuracy_gap_ci")}})
 st.dataframe(pd.DataFrame(rows).dropna(axis=1, how="all"), hide_index=True, width="stretch")
 bad = [x["run"] for x in rows if x["outside mask"]]
 if bad:
@@ -279,8 +286,10 @@ st.caption("Identical: elements whose final values agree with the reference's wi
            "subnetwork run against full fine-tuning). Gaps are paired per held-out problem, run − reference, with "
            "95% normal intervals; the sampled reward averages each problem's samples first.")
 i1, i2 = st.columns(2)
-if any(x.get("reward_sampled_ci") for x in intervals):
-    i1.plotly_chart(plots.interval_bars(intervals, "reward_sampled", "Sampled reward (95% interval)"), key="ft_ci_r")
-if any(x.get("accuracy_ci") for x in intervals):
-    i2.plotly_chart(plots.interval_bars(intervals, "accuracy", "Greedy accuracy (95% interval)"), key="ft_ci_a")
+if any(x.get("reward_sampled_gap_ci") for x in intervals):
+    i1.plotly_chart(plots.interval_bars(intervals, "reward_sampled_gap", "Sampled reward − reference (paired, 95%)"),
+                    key="ft_ci_r")
+if any(x.get("accuracy_gap_ci") for x in intervals):
+    i2.plotly_chart(plots.interval_bars(intervals, "accuracy_gap", "Greedy accuracy − reference (paired, 95%)"),
+                    key="ft_ci_a")
 st.download_button("Download comparison JSON", json.dumps(cmp, indent=1), "compare-runs.json", "application/json")
