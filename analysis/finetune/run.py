@@ -331,7 +331,7 @@ class _Trainer:
             return c.lr * step / c.warmup_steps
         if c.lr_schedule == "constant":
             return c.lr
-        frac = (step - c.warmup_steps) / max(1, c.steps - c.warmup_steps)
+        frac = (step - 1 - c.warmup_steps) / max(1, c.steps - c.warmup_steps)  # 0 at the first step after warm-up
         if c.lr_schedule == "linear":
             return c.lr * (1 - frac)
         return c.lr * 0.5 * (1 + math.cos(math.pi * frac))

@@ -157,3 +157,14 @@ def test_crash_keeps_metrics_records_the_error_and_resumes(demo, tmp_path, monke
     resume_finetune(out)  # from the state saved after step 2
     a, b = load_file(straight / "model" / "model.safetensors"), load_file(out / "model" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_learning_rate_schedules(demo, tmp_path):
+    import math as m
+
+    for sched in ("linear", "cosine"):
+        out = tmp_path / sched
+        run_finetune(FinetuneConfig(full=True, lr_schedule=sched, warmup_steps=2, **_common(demo, steps=6, lr=1e-3)), out)
+        lrs = [r["lr"] for r in _rows(out)]
+        decay = [1 - k / 4 for k in range(4)] if sched == "linear" else [0.5 * (1 + m.cos(m.pi * k / 4)) for k in range(4)]
+        assert lrs == pytest.approx([5e-4, 1e-3] + [1e-3 * d for d in decay])
