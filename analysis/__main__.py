@@ -379,6 +379,11 @@ def cmd_finetune(args) -> int:
                 except (OSError, ValueError) as e:
                     raise FinetuneArgsError(f"{args.config}: unreadable run configuration ({e})") from None
                 config = FinetuneConfig.from_dict(saved)
+                from analysis.finetune.queue import status
+
+                if status(args.out) == "cancelled" and not Path(args.out, "metrics.jsonl").exists():
+                    print(f"{args.out}: cancelled before it started")
+                    return 0
             else:
                 config = FinetuneConfig(**{k: getattr(args, k) for k in _FINETUNE_FIELDS
                                            if getattr(args, k) is not None})

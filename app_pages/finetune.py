@@ -99,8 +99,10 @@ with st.expander("New run", expanded=True):
         seed = int(o4.number_input("Seed", 0, 2**31 - 1, 1 if task == "demo-rl" else 0, help=HELP["seed"]))
         eval_every = int(o5.number_input("Evaluate every", 1, 100_000, 10, help=HELP["eval_every"]))
         optimizer = o6.selectbox("Optimizer", ["sparse", "reference"], help=HELP["optimizer"],
-                                 disabled=source in ("full", "lora"))
+                                 disabled=source in ("full", "lora", "id3"))
+        optimizer = "sparse" if source in ("full", "lora", "id3") else optimizer
         lisa = st.toggle("LISA layer sampling", help=HELP["schedule"], disabled=source in ("lora", "id3"))
+        lisa = lisa and source not in ("lora", "id3")  # a disabled toggle keeps its value
         sched = {}
         if lisa:
             l1, l2 = st.columns(2)
@@ -137,6 +139,12 @@ def _short(text: str | None) -> str | None:
     for label, path in demo.items():
         text = text.replace(path, label) if text else text
     return text
+
+
+def _run_name(d: Path) -> str:
+    """A run's display name: its directory's name, with its parent's when another run shares it."""
+    clash = [x for x in queue.list_runs() if x.name == d.name]
+    return d.name if len(clash) < 2 else f"{d.parent.name}/{d.name}"
 
 
 def _load(d: Path) -> dict | None:
@@ -183,7 +191,7 @@ def live():
         r = _load(d)
         if r is not None:
             r["status"] = queue.status(d)
-            runs[d.name] = r | {"dir": d}
+            runs[_run_name(d)] = r | {"dir": d}
     if any(r["status"] in queue.ACTIVE for r in runs.values()) != active_any:
         st.rerun()  # start or stop the live refresh
     st.subheader("Runs")
@@ -229,7 +237,7 @@ if len(finished) < 2:  # (re-checked below once unreadable runs are dropped)
                "outside each mask (must be 0), the fraction of elements identical to the reference at τ, the "
                "cosine of the two updates, and the metric gaps with 95% intervals.")
     st.stop()
-loaded = {d.name: (d, _load(d)) for d in finished}
+loaded = {_run_name(d): (d, _load(d)) for d in finished}
 by_name = {n: d for n, (d, r) in loaded.items() if r is not None}
 configs = {n: loaded[n][1]["config"] for n in by_name}
 if len(by_name) < 2:
@@ -264,7 +272,7 @@ def _fmt_ci(ci) -> str:
 
 rows, intervals = [], []
 for r in cmp["runs"]:
-    name = Path(r["run"]).name
+    name = _run_name(Path(r["run"]))
     rows.append({"run": name + (" (reference)" if r["run"] == str(by_name[ref]) else ""),
                  "mask source": _short(r["mask_source"]), "trainable": r["trainable"],
                  "outside mask": r["outside_mask_changed"],

@@ -98,6 +98,7 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         if isinstance(self.mask, str):
             self.mask = [self.mask]
+        self._check_types()
         chosen = [s for s in SOURCES if (getattr(self, s) not in (None, False))]
         if len(chosen) != 1:
             raise FinetuneConfigError("choose exactly one of --mask, --selector, --diff, --random, --id3, --full, "
@@ -131,8 +132,9 @@ class FinetuneConfig:
             raise FinetuneConfigError("--density goes with --selector")
         if self.id3 is not None and self.optimizer != "sparse":
             raise FinetuneConfigError("ID3's growing mask needs the sparse optimizer")
-        if self.schedule == "lisa" and self.lora is not None:
-            raise FinetuneConfigError("the LISA schedule samples blocks of a mask; it does not apply to LoRA")
+        if self.schedule == "lisa" and (self.lora is not None or self.id3 is not None):
+            raise FinetuneConfigError("the LISA schedule samples blocks of a fixed mask; it does not apply to "
+                                      f"{'LoRA' if self.lora is not None else 'ID3'}")
         for name in ("steps", "batch_size", "eval_every", "lisa_layers", "lisa_interval", "seq_len"):
             if getattr(self, name) < 1:
                 raise FinetuneConfigError(f"{name} must be ≥ 1, got {getattr(self, name)}")
@@ -143,6 +145,26 @@ class FinetuneConfig:
             raise FinetuneConfigError(f"lr must be > 0, got {self.lr}")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise FinetuneConfigError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+
+    def _check_types(self) -> None:
+        """One line for a value of the wrong type (e.g. ``"steps": "3"`` in a hand-edited config.json)."""
+        for f in fields(self):
+            v = getattr(self, f.name)
+            kind = str(f.type)
+            if v is None and "None" in kind:
+                continue
+            if kind.startswith("str"):
+                ok = isinstance(v, str)
+            elif kind.startswith("int"):
+                ok = isinstance(v, int) and not isinstance(v, bool)
+            elif kind.startswith("float"):
+                ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+            elif kind.startswith("bool"):
+                ok = isinstance(v, bool)
+            else:  # list[str] | None
+                ok = isinstance(v, list) and all(isinstance(x, str) for x in v)
+            if not ok:
+                raise FinetuneConfigError(f"{f.name} must be {kind.replace(' | None', '')}, got {v!r}")
 
     @property
     def source(self) -> str:
@@ -177,10 +199,14 @@ class FinetuneConfig:
     @classmethod
     def from_dict(cls, d: dict) -> FinetuneConfig:
         """From ``config.json`` (unknown keys are an error, missing ones take their defaults)."""
+        if not isinstance(d, dict):
+            raise FinetuneConfigError("a run configuration is a JSON object")
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
             raise FinetuneConfigError(f"unknown configuration key {unknown[0]!r}")
+        if "checkpoint" not in d:
+            raise FinetuneConfigError("the configuration names no checkpoint")
         return cls(**d)
 
     @classmethod

@@ -24,6 +24,8 @@ import torch
 class Distributed:
     rank: int = 0
     world: int = 1
+    device: torch.device = torch.device("cpu")  # where collective tensors live (the rank's GPU with nccl)
+    owned: bool = False  # this module created the process group (and so destroys it)
 
     @classmethod
     def from_env(cls, device: torch.device) -> Distributed:
@@ -33,9 +35,19 @@ class Distributed:
             return cls()
         import torch.distributed as dist
 
-        if not dist.is_initialized():
+        owned = not dist.is_initialized()
+        if owned:
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        return cls(rank=dist.get_rank(), world=dist.get_world_size())
+        return cls(rank=dist.get_rank(), world=dist.get_world_size(), device=device, owned=owned)
+
+    @staticmethod
+    def local_device(device: torch.device) -> torch.device:
+        """With several processes on CUDA, each rank uses the GPU of its ``LOCAL_RANK``."""
+        if device.type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(dev)
+            return dev
+        return device
 
     @property
     def main(self) -> bool:
@@ -47,12 +59,12 @@ class Distributed:
             return tensors
         import torch.distributed as dist
 
-        flat = torch.cat([t.reshape(-1).float() for t in tensors])
+        flat = torch.cat([t.reshape(-1).float().to(self.device) for t in tensors])
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
         flat /= self.world
         out, at = [], 0
         for t in tensors:
-            out.append(flat[at:at + t.numel()].view(t.shape))
+            out.append(flat[at:at + t.numel()].view(t.shape).to(t.device))
             at += t.numel()
         return out
 
@@ -68,7 +80,7 @@ class Distributed:
             return flag
         import torch.distributed as dist
 
-        t = torch.tensor([1.0 if flag else 0.0])
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
 
@@ -83,7 +95,8 @@ class Distributed:
         return out
 
     def close(self) -> None:
-        if self.world > 1:
+        """Destroys the process group if this module created it (a launcher's own group stays)."""
+        if self.world > 1 and self.owned:
             import torch.distributed as dist
 
             if dist.is_initialized():

@@ -113,6 +113,12 @@ def cancel(run_dir: str | Path) -> None:
     s = status(d)
     if s == "queued":
         write_json_atomic(d / "summary.json", {**_summary(d), "status": "cancelled", "steps_done": 0})
+        pid = _pid(d)  # the worker may have just started it: stop that process too
+        if pid is not None and _alive(pid):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except OSError:
+                pass
     elif s == "running":
         pid = _pid(d)
         if pid is not None:
@@ -143,6 +149,15 @@ def ensure_worker() -> int | None:
 
 def work(*, poll: float = 0.5) -> int:
     """The worker loop: trains queued runs one at a time; returns how many it started."""
+    import fcntl
+
+    runs_dir().mkdir(parents=True, exist_ok=True)
+    guard = open(runs_dir() / "worker.lock", "w")  # one worker at a time, whoever started it
+    try:
+        fcntl.flock(guard, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        guard.close()
+        return 0
     lock = runs_dir() / "worker.json"
     write_json_atomic(lock, {"pid": os.getpid(), "started": time.time()})
     started = 0
@@ -172,6 +187,7 @@ def work(*, poll: float = 0.5) -> int:
             write_json_atomic(d / "summary.json", {**_summary(d), "status": "failed",
                                                    "error": log_tail or f"exit code {child.returncode}"})
     lock.unlink(missing_ok=True)
+    guard.close()
     return started
 
 
@@ -204,7 +220,7 @@ def _summary(d: Path) -> dict:
 def _pid(d: Path) -> int | None:
     """The pid training the run: the worker's child (job.json), or the process that wrote the
     summary (a run started from the CLI)."""
-    for f in ("job.json", "summary.json"):
+    for f in ("summary.json", "job.json"):  # a resumed run's own pid comes before the worker's old child
         try:
             return int(json.loads((d / f).read_text())["pid"])
         except (OSError, ValueError, KeyError, TypeError):

@@ -135,7 +135,7 @@ def run_finetune(config: FinetuneConfig, out_dir: str | Path, *, should_stop: Ca
     out = Path(out_dir)
     if not resume:
         preflight(config)
-    device = _device(config.device)
+    device = Distributed.local_device(_device(config.device))
     dist = Distributed.from_env(device)
     t0 = time.time()
     summary = {"status": "running", "mask_source": config.mask_source, "task": config.task,
@@ -143,12 +143,20 @@ def run_finetune(config: FinetuneConfig, out_dir: str | Path, *, should_stop: Ca
     metrics_file = None
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
+        previous = _read_json(out / "summary.json") or {}
+        if resume and "initial" in previous:
+            summary["initial"] = previous["initial"]  # the start of the run, measured before it was cut
+        write_json_atomic(out / "summary.json", summary)  # before config.json: never read as "queued"
         if _read_json(out / "config.json") != config.to_dict():  # unchanged: keep its time (the runs' order)
             write_json_atomic(out / "config.json", config.to_dict())
-        write_json_atomic(out / "summary.json", summary)
         if resume:
-            _truncate_metrics(out / "metrics.jsonl", json.loads((out / "state" / "meta.json").read_text())["step"])
-        metrics_file = open(out / "metrics.jsonl", "a", encoding="utf-8")
+            _truncate_metrics(out / "metrics.jsonl", json.loads((state_dir(out) / "meta.json").read_text())["step"])
+        else:  # a new run in a used directory: nothing of the old one may mix in
+            for name in ("eval.json", "mask.safetensors"):
+                (out / name).unlink(missing_ok=True)
+            for name in ("model", "state", "state.tmp", "state.old"):
+                shutil.rmtree(out / name, ignore_errors=True)
+        metrics_file = open(out / "metrics.jsonl", "a" if resume else "w", encoding="utf-8")
     try:
         summary.update(_Trainer(config, out, dist, device, metrics_file, should_stop, progress).run(resume))
     except BaseException as e:  # a crash keeps every metric written so far and records the error
@@ -168,6 +176,16 @@ def run_finetune(config: FinetuneConfig, out_dir: str | Path, *, should_stop: Ca
     return summary
 
 
+def state_dir(run_dir: str | Path) -> Path | None:
+    """The saved state of a run directory: ``state/``, or what a crash while saving left
+    (``state.tmp/`` complete, or the previous ``state.old/``); None when there is none."""
+    for name in ("state", "state.tmp", "state.old"):
+        d = Path(run_dir) / name
+        if (d / "meta.json").is_file() and (d / "state.pt").is_file():
+            return d
+    return None
+
+
 def preflight(config: FinetuneConfig) -> None:
     """Checks the inputs a run names before anything is written: the checkpoint, mask files, diff
     checkpoints and the lm data file (a bad one is a one-line error and no run directory)."""
@@ -180,6 +198,12 @@ def preflight(config: FinetuneConfig) -> None:
         load_mask(path)  # a missing or foreign file is a MaskError
     for ref in config.diff or []:
         open_checkpoint(ref)
+    if config.dtype == "bfloat16":
+        wider = sorted({str(d).removeprefix("torch.") for d in _stored_dtypes(config.checkpoint).values()
+                        if d.is_floating_point and d != torch.bfloat16})
+        if wider:
+            raise FinetuneConfigError(f"{config.checkpoint} stores {', '.join(wider)} weights: training in bfloat16 "
+                                      "would round every element, inside the mask or not (use --dtype float32)")
     if config.task == "lm":
         p = Path(config.data).expanduser()
         if (p.suffix in (".txt", ".jsonl") or os.sep in config.data) and not p.is_file():
@@ -197,9 +221,16 @@ def resume_finetune(run_dir: str | Path, *, steps: int | None = None, **kwargs) 
         saved = json.loads((d / "config.json").read_text())
     except (OSError, ValueError) as e:
         raise RunError(f"{d}: not a run directory ({e})") from None
-    if not (d / "state" / "meta.json").is_file():
+    if state_dir(d) is None:
         raise RunError(f"{d}: no saved state to resume from")
+    from analysis.finetune.queue import status
+
+    if status(d) == "running":
+        raise RunError(f"{d}: the run is still training (cancel it first)")
+    done = json.loads((state_dir(d) / "meta.json").read_text())["step"]
     if steps is not None:
+        if steps <= done:
+            raise RunError(f"{d}: {done} steps are done already; --steps must be more than that")
         saved["steps"] = steps
     return run_finetune(FinetuneConfig.from_dict(saved), d, resume=True, **kwargs)
 
@@ -222,7 +253,7 @@ class _Trainer:
         c = self.config
         torch.manual_seed(c.seed)
         model, self.tokenizer = load_model(c.checkpoint, device=self.device)
-        self.stored_dtype = _stored_dtype(c.checkpoint)
+        self.stored_dtypes = _stored_dtypes(c.checkpoint)
         if c.dtype == "bfloat16":
             model.to(torch.bfloat16)
         self.task = make_task(c, self.tokenizer, self.dist, self.device)
@@ -372,7 +403,7 @@ class _Trainer:
                 grad_norm = _grad_norm(self.params, self.mask)
                 masked_reference_step(self.opt, self.params, self.mask)
         mean_loss, *rest = self.dist.average([loss.detach().float().reshape(1)] +
-                                             [torch.tensor([v]) for v in extra.values()])
+                                             [torch.tensor([v], device=loss.device) for v in extra.values()])
         tokens_all = tokens * self.dist.world
         elapsed = time.perf_counter() - t
         row.update(loss=float(mean_loss), lr=lr, grad_norm=grad_norm, trainable=self.trainable,
@@ -384,44 +415,48 @@ class _Trainer:
 
     # ---- state
     def save_state(self, step: int) -> None:
-        """``state/state.pt`` (tensors only: ``torch.load(weights_only=True)`` reads it back) and
-        ``state/meta.json`` (the step it belongs to, written last)."""
+        """``state/state.pt`` (tensors, lists and strings only: ``torch.load(weights_only=True)``
+        reads it back) and ``state/meta.json``. Written into ``state.tmp/`` and swapped in, so a
+        crash while saving leaves the previous state whole. Every rank's random streams are kept
+        (each samples its own slice)."""
+        per_rank = self.dist.gather({"torch_rng": torch.get_rng_state(), "task": self.task.state()})
         if not self.dist.main:
             return
-        d = self.out / "state"
-        d.mkdir(exist_ok=True)
         if isinstance(self.opt, SparseMaskedAdamW):
             weights = {}  # the masked weights are the masters: nothing else moved
         else:
             weights = {n: self.params[n].detach().cpu().clone() for n in self.trained_names}
-        blob = {"step": step, "optimizer": self.opt.state_dict(), "weights": weights,
-                "torch_rng": torch.get_rng_state(), "task": self.task.state(),
+        blob = {"step": step, "optimizer": self.opt.state_dict(), "weights": weights, "ranks": per_rank,
                 "lisa_rng": json.dumps(self.lisa_rng.getstate()),
                 "lisa_layers": list(getattr(self, "lisa_layers", []))}
-        tmp = d / "state.pt.tmp"
-        torch.save(blob, tmp)
-        os.replace(tmp, d / "state.pt")
-        write_json_atomic(d / "meta.json", {"step": step, "mask_source": self.config.mask_source})
+        tmp, cur, old = (self.out / n for n in ("state.tmp", "state", "state.old"))
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        torch.save(blob, tmp / "state.pt")
+        write_json_atomic(tmp / "meta.json", {"step": step, "mask_source": self.config.mask_source,
+                                              "processes": self.dist.world})
+        shutil.rmtree(old, ignore_errors=True)
+        if cur.exists():
+            os.replace(cur, old)
+        os.replace(tmp, cur)
+        shutil.rmtree(old, ignore_errors=True)
 
     def load_state(self) -> int:
-        d = self.out / "state"
-        meta = json.loads((d / "meta.json").read_text())
+        d = state_dir(self.out)
         blob = torch.load(d / "state.pt", weights_only=True, map_location="cpu")
-        if blob["step"] != meta["step"]:
-            raise FinetuneConfigError(f"{d}: state.pt and meta.json disagree on the step")
+        ranks = blob["ranks"]
+        if len(ranks) != self.dist.world:
+            raise FinetuneConfigError(f"{self.out}: saved by {len(ranks)} process(es); resume it with as many")
         with torch.no_grad():
             for n, w in blob["weights"].items():
                 self.params[n].copy_(w)
-        if isinstance(self.opt, SparseMaskedAdamW):
-            self.opt.load_state_dict(blob["optimizer"])
-            if self.config.source == "id3":
-                self.trained_names = [n for n in self.universe if n in self.opt.mask()]
-                if self.opt.trainable >= self.id3_budget:
-                    self._set_trainable(self.trained_names)
-        else:
-            self.opt.load_state_dict(blob["optimizer"])
-        torch.set_rng_state(blob["torch_rng"])
-        self.task.load_state(blob["task"])
+        self.opt.load_state_dict(blob["optimizer"])
+        if isinstance(self.opt, SparseMaskedAdamW) and self.config.source == "id3":
+            self.trained_names = [n for n in self.universe if n in self.opt.mask()]
+            if self.opt.trainable >= self.id3_budget:
+                self._set_trainable(self.trained_names)
+        torch.set_rng_state(ranks[self.dist.rank]["torch_rng"])
+        self.task.load_state(ranks[self.dist.rank]["task"])
         self.lisa_rng.setstate(_tupled(json.loads(blob["lisa_rng"])))
         if self.config.schedule == "lisa" and blob["step"] % self.config.lisa_interval:
             self._apply_lisa(list(blob["lisa_layers"]))  # mid-interval: the same blocks as before
@@ -434,8 +469,6 @@ class _Trainer:
         start = 0
         if resume:
             start = self.load_state()
-        elif self.dist.main and (self.out / "state").exists():
-            shutil.rmtree(self.out / "state")
         self.initial = self.task.evaluate(self.model) if self.dist.main and not resume else None
         save_every = c.save_every or c.eval_every
         status, last = "finished", {}
@@ -490,7 +523,8 @@ class _Trainer:
             model = model.merge_and_unload()  # the merged dense weights, comparable with any other run
         tmp = self.out / "model.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        model.to(self.stored_dtype).save_pretrained(tmp, safe_serialization=True)
+        _to_stored_dtypes(model, self.stored_dtypes)
+        model.save_pretrained(tmp, safe_serialization=True)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(tmp)
         shutil.rmtree(self.out / "model", ignore_errors=True)
@@ -587,8 +621,22 @@ def _set_lr(opt, lr: float) -> None:
             group["lr"] = lr
 
 
-def _stored_dtype(ref) -> torch.dtype:
+def _stored_dtypes(ref) -> dict[str, torch.dtype]:
+    """Tensor name -> the dtype the checkpoint stores it in."""
     from analysis.checkpoints import open_checkpoint
 
-    names = sorted({t.dtype for t in open_checkpoint(ref).tensors.values()})
-    return getattr(torch, names[0]) if names else torch.float32
+    return {name: getattr(torch, t.dtype) for name, t in open_checkpoint(ref).tensors.items()
+            if hasattr(torch, t.dtype)}
+
+
+def _to_stored_dtypes(model, stored: dict[str, torch.dtype]) -> None:
+    """Casts each parameter back to its own stored dtype (mixed-dtype checkpoints stay mixed, so an
+    untrained element round-trips bit for bit); names the checkpoint lacks take its commonest
+    floating dtype."""
+    floats = [d for d in stored.values() if d.is_floating_point]
+    default = max(set(floats), key=floats.count) if floats else torch.float32
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            dt = stored.get(name, default)
+            if p.dtype != dt:
+                p.data = p.data.to(dt)

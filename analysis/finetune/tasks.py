@@ -71,6 +71,9 @@ class DemoSFT(Task):
 
         self.examples = demo.qa_examples("train")
         self.held_out = demo._problems()[1]
+        if self.config.batch_size > len(self.examples):
+            raise FinetuneConfigError(f"batch_size {self.config.batch_size} is more than the demo task's "
+                                      f"{len(self.examples)} training examples")
 
     def loss(self, model):
         from analysis import demo

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from analysis.finetune.compare import update_distance
 from analysis.finetune.config import FinetuneConfig
@@ -50,3 +51,35 @@ def test_two_processes(demo, tmp_path, launcher, source):
                                 reward_samples=0, **cfg), one)
     d = update_distance(demo / "sft", run / "model", one / "model")
     assert d["cosine"] > 0.9
+
+
+def test_two_process_rl_run_resumes_exactly(demo, tmp_path):
+    """Each rank samples its own completions: a cut and resumed 2-process demo-rl run must restore
+    every rank's random streams, not only rank 0's."""
+    import signal
+    import time
+
+    from safetensors.torch import load_file
+
+    args = [str(demo / "sft"), "--task", "demo-rl", "--random", "0.2", "--steps", "12", "--batch-size", "4",
+            "--lr", "1e-3", "--eval-every", "100", "--save-every", "100", "--reward-samples", "0"]
+    torchrun = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2"]
+    _launch(torchrun, args + ["--out", str(tmp_path / "straight")], tmp_path)
+    cut = tmp_path / "cut"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[3])}
+    p = subprocess.Popen(torchrun + ["-m", "analysis", "finetune", *args, "--out", str(cut), "--quiet"], env=env,
+                         cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t = time.time()
+    while not (cut / "metrics.jsonl").is_file() or len((cut / "metrics.jsonl").read_text().splitlines()) < 2:
+        assert time.time() - t < 120 and p.poll() is None
+        time.sleep(0.02)
+    os.kill(json.loads((cut / "summary.json").read_text())["pid"], signal.SIGTERM)  # rank 0: all ranks stop
+    assert p.wait(timeout=120) == 0
+    s = json.loads((cut / "summary.json").read_text())
+    assert s["status"] == "cancelled" and 2 <= s["steps_done"] < 12
+    _launch(torchrun, ["--resume", str(cut)], tmp_path)
+    a, b = (load_file(d / "model" / "model.safetensors") for d in (tmp_path / "straight", cut))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rows = [[json.loads(x)["loss"] for x in (d / "metrics.jsonl").read_text().splitlines()]
+            for d in (tmp_path / "straight", cut)]
+    assert rows[0] == rows[1]

@@ -76,7 +76,16 @@ def test_config_errors(demo, tmp_path, capsys):
     assert "needs --data" in capsys.readouterr().err
     assert main(["finetune", "--resume", str(tmp_path / "nothing")]) == 2
     assert "not a run directory" in capsys.readouterr().err
-    assert not (tmp_path / "r").exists()  # nothing half-written
+    with pytest.raises(FinetuneConfigError, match="does not apply to ID3"):
+        FinetuneConfig(checkpoint="x", id3=0.05, schedule="lisa")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"checkpoint": str(demo / "sft"), "full": True, "steps": "3"}))
+    assert main(["finetune", "--config", str(bad), "--out", str(tmp_path / "r")]) == 2
+    assert "steps must be int, got '3'" in capsys.readouterr().err
+    assert main(["finetune", str(demo / "sft"), "--full", "--batch-size", "99999", "--out", str(tmp_path / "r"),
+                 "--quiet"]) == 2
+    assert "more than the demo task's" in capsys.readouterr().err
+    assert not (tmp_path / "r" / "model").exists()  # nothing half-written
 
 
 def test_lora_and_compare_runs(demo, tmp_path):

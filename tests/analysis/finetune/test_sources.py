@@ -168,3 +168,38 @@ def test_learning_rate_schedules(demo, tmp_path):
         lrs = [r["lr"] for r in _rows(out)]
         decay = [1 - k / 4 for k in range(4)] if sched == "linear" else [0.5 * (1 + m.cos(m.pi * k / 4)) for k in range(4)]
         assert lrs == pytest.approx([5e-4, 1e-3] + [1e-3 * d for d in decay])
+
+
+def test_mixed_dtype_checkpoint_keeps_untrained_elements_bit_for_bit(demo, tmp_path):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from analysis.finetune.config import FinetuneConfigError
+
+    mixed = tmp_path / "mixed"
+    shutil.copytree(demo / "sft", mixed)
+    tensors = load_file(demo / "sft" / "model.safetensors")
+    g = torch.Generator().manual_seed(0)
+    for k in [k for k in tensors if k.endswith("norm.weight")]:  # fp32 values bf16 cannot hold
+        tensors[k] = tensors[k].float() + torch.rand(tensors[k].shape, generator=g) * 1e-4
+    save_file(tensors, mixed / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "run"
+    s = run_finetune(FinetuneConfig(checkpoint=str(mixed), random=0.05, **{
+        k: v for k, v in _common(demo, steps=2).items() if k != "checkpoint"}), out)
+    assert s["outside_mask_changed"] == 0
+    after = load_file(out / "model" / "model.safetensors")
+    assert {k: v.dtype for k, v in after.items()} == {k: v.dtype for k, v in tensors.items()}
+    assert all(torch.equal(after[k], tensors[k]) for k in tensors if k.endswith("norm.weight"))
+    with pytest.raises(FinetuneConfigError, match="would round every element"):
+        run_finetune(FinetuneConfig(checkpoint=str(mixed), random=0.05, dtype="bfloat16", steps=1), tmp_path / "bf")
+    assert not (tmp_path / "bf").exists()
+
+
+def test_a_new_run_in_a_used_directory_starts_clean(demo, tmp_path):
+    out = tmp_path / "run"
+    run_finetune(FinetuneConfig(id3=0.02, **_common(demo, steps=3)), out)
+    assert (out / "mask.safetensors").is_file()
+    run_finetune(FinetuneConfig(full=True, **_common(demo, steps=2)), out)
+    assert [r["step"] for r in _rows(out)] == [1, 2]  # not 1, 2, 3, 1, 2
+    assert not (out / "mask.safetensors").exists()
