@@ -39,8 +39,11 @@ Mask = dict[str, torch.Tensor]
 # ----------------------------------------------------------------------------- masks
 
 def block_weights(model) -> list[str]:
-    """The 2-D weight matrices inside the transformer blocks (the universe of random and ID3 masks)."""
-    return [n for n, p in model.named_parameters() if ".layers." in n and p.dim() == 2]
+    """The 2-D attention and MLP weights inside the transformer blocks (the universe of random and
+    ID3 masks; the same ``blocks`` scope as the selectors' budgets, for every supported family)."""
+    from analysis.importance import in_scope
+
+    return [n for n, p in model.named_parameters() if in_scope(n, p.shape, None, "blocks")]
 
 
 def build_mask(config: FinetuneConfig, model, task: Task | None = None) -> Mask | None:
@@ -109,14 +112,6 @@ def d3_scores(param: torch.nn.Parameter, exp: float, eps: float) -> torch.Tensor
     """ID3's D3 importance of each element: |g| / (|θ| + ε)^exp (float32, shaped like the parameter)."""
     g = param.grad.float().abs()
     return g if exp == 0 else g / (param.detach().float().abs() + eps).pow(exp)
-
-
-def _layer_of(name: str) -> int | None:
-    parts = name.split(".")
-    for i, part in enumerate(parts[:-1]):
-        if part == "layers" and parts[i + 1].isdigit():
-            return int(parts[i + 1])
-    return None
 
 
 # ----------------------------------------------------------------------------- the run
@@ -265,6 +260,9 @@ class _Trainer:
         model.train()
         self.model = model
         self.params = dict(model.named_parameters())
+        from analysis.structure import tensor_role
+
+        self.layer_of = {n: tensor_role(n, None).layer for n in self.params}  # None outside the blocks
         self.lisa_rng = random.Random(c.seed + 1)
         self.universe: list[str] = block_weights(model) if c.source == "id3" else []
         if c.source == "id3":
@@ -303,10 +301,11 @@ class _Trainer:
     @property
     def trainable(self) -> int:
         if isinstance(self.opt, SparseMaskedAdamW):
-            return self.opt.trainable
-        if self.mask is not None:
-            return sum(int(m.sum()) for m in self.mask.values())
-        return sum(self.params[n].numel() for n in self.trained_names)
+            return self.opt.trainable  # grows under ID3
+        if not hasattr(self, "_trainable"):  # fixed: counted once, not every step
+            self._trainable = (sum(int(m.sum()) for m in self.mask.values()) if self.mask is not None
+                               else sum(self.params[n].numel() for n in self.trained_names))
+        return self._trainable
 
     # ---- schedules
     def lisa(self, step: int) -> None:
@@ -314,12 +313,12 @@ class _Trainer:
         c = self.config
         if (step - 1) % c.lisa_interval:
             return
-        layers = sorted({_layer_of(n) for n in self.trained_names} - {None})
+        layers = sorted({self.layer_of[n] for n in self.trained_names} - {None})
         self._apply_lisa(sorted(self.lisa_rng.sample(layers, min(c.lisa_layers, len(layers)))))
 
     def _apply_lisa(self, chosen: list[int]) -> None:
         self.lisa_layers = chosen
-        active = {n for n in self.trained_names if _layer_of(n) is None or _layer_of(n) in chosen}
+        active = {n for n in self.trained_names if self.layer_of[n] is None or self.layer_of[n] in chosen}
         if isinstance(self.opt, SparseMaskedAdamW):
             self.opt.set_active(active)
         self._set_trainable(active)

@@ -203,3 +203,18 @@ def test_a_new_run_in_a_used_directory_starts_clean(demo, tmp_path):
     run_finetune(FinetuneConfig(full=True, **_common(demo, steps=2)), out)
     assert [r["step"] for r in _rows(out)] == [1, 2]  # not 1, 2, 3, 1, 2
     assert not (out / "mask.safetensors").exists()
+
+
+def test_random_mask_covers_the_blocks_of_a_gpt2(tmp_path):
+    """The blocks' scope is the selectors' (analysis.importance.in_scope), not a Llama name pattern."""
+    from conftest import tiny_gpt2
+
+    ck = tmp_path / "gpt2"
+    tiny_gpt2().save_pretrained(ck)
+    blocks = [k for k, v in load_file(ck / "model.safetensors").items()
+              if k.split(".")[-2] in ("c_attn", "c_proj", "c_fc") and v.dim() == 2]
+    n = sum(v.numel() for k, v in load_file(ck / "model.safetensors").items() if k in blocks)
+    s = run_finetune(FinetuneConfig(checkpoint=str(ck), random=0.1, steps=2, batch_size=4, eval_every=2,
+                                    reward_samples=0), tmp_path / "run")
+    assert n > 0 and s["trainable"] == round(0.1 * n)
+    assert s["outside_mask_changed"] == 0
