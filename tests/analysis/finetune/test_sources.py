@@ -154,6 +154,16 @@ def test_crash_keeps_metrics_records_the_error_and_resumes(demo, tmp_path, monke
     assert [r["step"] for r in _rows(out)] == [1, 2]  # every metric written before the crash
     assert not (out / "model").exists()
     monkeypatch.setattr(tasks.DemoSFT, "loss", real)
+    from analysis.finetune.compare import RunError
+
+    with pytest.raises(RunError, match="2 steps are done already"):
+        resume_finetune(out, steps=2)
+    import os
+
+    (out / "summary.json").write_text(json.dumps({**s, "status": "running", "pid": os.getpid()}))
+    with pytest.raises(RunError, match="still training"):
+        resume_finetune(out)
+    (out / "summary.json").write_text(json.dumps(s))
     resume_finetune(out)  # from the state saved after step 2
     a, b = load_file(straight / "model" / "model.safetensors"), load_file(out / "model" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
