@@ -31,11 +31,47 @@ def _human_bytes(n: int) -> str:
     return str(n)
 
 
+def _inputs(refs=(), data=None):
+    """The inputs no output may touch: local checkpoint paths (a hub id: its cache folder), mask
+    and data files."""
+    from analysis.checkpoints import open_checkpoint
+    from analysis.io import Inputs
+
+    inputs = Inputs()
+    for ref in refs:
+        if ref is None:
+            continue
+        if Path(str(ref)).expanduser().exists():
+            inputs.add(ref)
+        else:
+            inputs.add(open_checkpoint(ref).path)  # a hub id from the cache; a bad reference says so here
+    if data is not None:
+        inputs.add(data)
+    return inputs
+
+
+def _check_outputs(args, inputs, *names: str) -> None:
+    """Before any work: every output file the command will write may be written (see
+    :func:`analysis.io.check_output_file`), and no two outputs are the same file."""
+    from analysis.io import OutputError, check_output_file
+
+    seen = {}
+    for name in names:
+        path = getattr(args, name, None)
+        if not path:
+            continue
+        real = check_output_file(path, inputs)
+        if real in seen:
+            raise OutputError(f"{path}: given as both --{seen[real]} and --{name.replace('_', '-')}")
+        seen[real] = name.replace("_", "-")
+
+
 def cmd_inspect(args) -> int:
     from analysis.checkpoints import open_checkpoint, summarize
     from analysis.io import write_json_atomic
 
     ck = open_checkpoint(args.checkpoint, trust_remote_code=args.trust_remote_code)
+    _check_outputs(args, _inputs([ck.path]), "json")
     s = summarize(ck)
     if args.json:  # outputs first: the summary below may go to a closed pipe
         write_json_atomic(args.json, s)
@@ -61,6 +97,7 @@ def cmd_align(args) -> int:
     from analysis.io import write_json_atomic
 
     cks = [open_checkpoint(r, trust_remote_code=args.trust_remote_code) for r in args.checkpoints]
+    _check_outputs(args, _inputs([ck.path for ck in cks]), "json")
     al = align(cks)
     d = al.to_dict()
     if args.json:
@@ -141,6 +178,7 @@ def cmd_diff(args) -> int:
     from analysis.diff import diff_checkpoints
     from analysis.io import write_json_atomic
 
+    _check_outputs(args, _inputs([args.base, args.tuned]), "json", "mask_out")
     masks = {}
     prog = _Progress("diff", not args.quiet, args.progress_file)
     try:
@@ -172,6 +210,7 @@ def cmd_overlap(args) -> int:
     from analysis.io import write_json_atomic
     from analysis.overlap import overlap
 
+    _check_outputs(args, _inputs([args.base, *args.tuned]), "json")
     prog = _Progress("overlap", not args.quiet, args.progress_file)
     try:
         res = overlap(args.base, args.tuned, tol=args.tol, progress=prog)
@@ -241,6 +280,7 @@ def cmd_importance(args) -> int:
 
     entry = get_selector(args.selector)
     options = _options(args.option)
+    _check_outputs(args, _inputs([args.checkpoint], args.data), "json", "mask_out", "scores_out")
     _quiet_transformers(args.quiet)
     model, tokenizer = load_model(args.checkpoint, device=args.device)
     batches = _calibration(args, tokenizer) if entry.needs_data else None
@@ -306,6 +346,7 @@ def cmd_evaluate_selectors(args) -> int:
     if len(names) < 1:
         raise SubnetscopeError("--selectors needs at least one selector name")
     entries = {n: get_selector(n) for n in names}
+    _check_outputs(args, _inputs([args.checkpoint, *(args.against_diff or [])], args.data), "json")
     _quiet_transformers(args.quiet)
     model, tokenizer = load_model(args.checkpoint, device=args.device)
     needs_data = any(e.needs_data for e in entries.values())
@@ -379,7 +420,7 @@ def cmd_finetune(args) -> int:
                 except (OSError, ValueError) as e:
                     raise FinetuneArgsError(f"{args.config}: unreadable run configuration ({e})") from None
                 config = FinetuneConfig.from_dict(saved)
-                from analysis.finetune.queue import status
+                from analysis.finetune.rundir import status
 
                 if status(args.out) == "cancelled" and not Path(args.out, "metrics.jsonl").exists():
                     print(f"{args.out}: cancelled before it started")
@@ -387,11 +428,11 @@ def cmd_finetune(args) -> int:
             else:
                 config = FinetuneConfig(**{k: getattr(args, k) for k in _FINETUNE_FIELDS
                                            if getattr(args, k) is not None})
-            if int(os.environ.get("RANK", "0")) == 0:
-                from analysis.finetune.queue import register
+            from analysis.finetune.queue import register
 
-                register(args.out)  # the page lists runs started from the CLI too
-            summary = run_finetune(config, args.out, should_stop=lambda: stop["flag"], progress=prog)
+            # once the run owns its directory, the page lists it too (runs started from the CLI)
+            summary = run_finetune(config, args.out, should_stop=lambda: stop["flag"], progress=prog,
+                                   overwrite=args.overwrite, on_start=register)
             out, source = args.out, config.mask_source
     finally:
         prog.close()
@@ -434,6 +475,9 @@ def cmd_compare_runs(args) -> int:
     from analysis.finetune.compare import compare_runs
     from analysis.io import write_json_atomic
 
+    from analysis.io import Inputs
+
+    _check_outputs(args, Inputs([*args.runs, args.reference]), "json")
     d = compare_runs(args.runs, reference=args.reference, tol=args.tol)
     write_json_atomic(args.json, d)
     for r in d["runs"]:
@@ -590,7 +634,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", choices=("float32", "bfloat16"), help=h["dtype"])
     s.add_argument("--device", help=h["device"])
     s.add_argument("--config", metavar="FILE", help="take the whole configuration from a run's config.json")
-    s.add_argument("--out", metavar="RUN_DIR", help="the run directory to write")
+    s.add_argument("--out", metavar="RUN_DIR", help="the run directory to write: new, empty, or an earlier run's")
+    s.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty --out that is not a Subnetscope run directory (never allowed: "
+                        "an input, or a directory holding or inside one)")
     s.add_argument("--quiet", action="store_true")
     s.add_argument("--progress-file", metavar="P", help=argparse.SUPPRESS)
     s.set_defaults(func=cmd_finetune)
@@ -635,7 +682,10 @@ def main(argv=None) -> int:
         return args.func(args)
     except SubnetscopeError as e:
         print(f"error: {e}", file=sys.stderr)
-        status.write("failed", error=str(e))
+        try:
+            status.write("failed", error=str(e))
+        except SubnetscopeError:
+            pass  # the progress file is on the same full disk: the line above says it all
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("cancelled", file=sys.stderr)
@@ -644,6 +694,16 @@ def main(argv=None) -> int:
     except BrokenPipeError:  # e.g. `python -m analysis diff ... | head`: outputs are already written
         sys.stdout = open(os.devnull, "w")
         return 0
+    except OSError as e:  # a full disk, a read-only path, an unreadable file ...: one line, not a traceback
+        from analysis.errors import one_line
+
+        msg = f"{e.filename}: {e.strerror}" if e.filename and e.strerror else (e.strerror or one_line(e))
+        print(f"error: {msg}", file=sys.stderr)
+        try:
+            status.write("failed", error=msg)
+        except SubnetscopeError:
+            pass
+        return EXIT_USAGE
     except BaseException as e:
         status.write("failed", error=f"{type(e).__name__}: {e}")
         raise

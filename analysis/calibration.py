@@ -184,7 +184,7 @@ def _dataset_examples(name: str, count: int) -> list[Example]:
             if len(out) >= count:
                 break
     except Exception as e:  # offline, unknown name, gated ... : one line for the user
-        from analysis.checkpoints import _one_line
+        from analysis.errors import one_line
 
-        raise CalibrationError(f"{name}: cannot load the dataset: {_one_line(e)}") from None
+        raise CalibrationError(f"{name}: cannot load the dataset: {one_line(e)}") from None
     return out

@@ -88,9 +88,9 @@ def state(d: Path) -> JobState:
     except (OSError, ValueError):
         return JobState(jid, d, "missing")
     status = p.get("status", "running")
-    if status == "running" and not _alive(job.get("pid")):
+    if status == "running" and not alive(job.get("pid")):
         status = "died"
-        p["error"] = _last_line(d / "log.txt") or "the job's process ended without a result"
+        p["error"] = last_line(d / "log.txt") or "the job's process ended without a result"
     return JobState(jid, d, status, p.get("done", 0), p.get("total", 0), p.get("current", ""), p.get("error", ""))
 
 
@@ -103,7 +103,7 @@ def cancel(d: Path) -> None:
         pass
 
 
-def _alive(pid) -> bool:
+def alive(pid) -> bool:
     if not pid:
         return False
     try:
@@ -117,7 +117,7 @@ def _alive(pid) -> bool:
         return True
 
 
-def _last_line(p: Path) -> str:
+def last_line(p: Path) -> str:
     try:
         lines = [ln for ln in p.read_text(errors="replace").splitlines() if ln.strip()]
         return lines[-1][:300] if lines else ""

@@ -10,8 +10,8 @@ import os
 
 import torch
 
-from analysis.checkpoints import _one_line, open_checkpoint
-from analysis.errors import SubnetscopeError
+from analysis.checkpoints import open_checkpoint
+from analysis.errors import SubnetscopeError, one_line
 
 
 class ModelLoadError(SubnetscopeError):
@@ -60,7 +60,7 @@ def load_model(ref: str | os.PathLike, *, device: str | torch.device | None = "a
     try:
         model = cls.from_pretrained(ck.path, dtype=torch.float32, trust_remote_code=trust_remote_code)
     except Exception as e:  # transformers raises many types; the user gets one line
-        raise ModelLoadError(f"{ck.path}: cannot load as {cls.__name__}: {_one_line(e)}") from None
+        raise ModelLoadError(f"{ck.path}: cannot load as {cls.__name__}: {one_line(e)}") from None
     model.to(dev).eval()
     try:
         tokenizer = AutoTokenizer.from_pretrained(ck.path, trust_remote_code=trust_remote_code)

@@ -8,11 +8,7 @@ import json
 import math
 from pathlib import Path
 
-from analysis.errors import SubnetscopeError
-
-
-class RunError(SubnetscopeError):
-    """A run directory that cannot be read, in one line."""
+from analysis.finetune.rundir import RunError
 
 
 def read_run(run_dir: str | Path) -> dict:

@@ -4,6 +4,7 @@ the page's form (PEFT's config style: ``field(metadata={"help": ...})``, checks 
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 
 from analysis.errors import SubnetscopeError
@@ -141,8 +142,12 @@ class FinetuneConfig:
         for name in ("warmup_steps", "save_every", "eval_samples", "reward_samples"):
             if getattr(self, name) < 0:
                 raise FinetuneConfigError(f"{name} must be ≥ 0, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise FinetuneConfigError(f"lr must be > 0, got {self.lr}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise FinetuneConfigError(f"lr must be a finite number > 0, got {self.lr}")
+        for name in ("diff_tol", "id3_exp", "id3_eps"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise FinetuneConfigError(f"{name} must be a finite number ≥ 0, got {v}")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise FinetuneConfigError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
 

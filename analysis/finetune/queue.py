@@ -24,11 +24,13 @@ import sys
 import time
 from pathlib import Path
 
+from analysis.finetune import rundir
 from analysis.finetune.config import FinetuneConfig
+from analysis.finetune.rundir import ACTIVE, alive, status
 from analysis.io import write_json_atomic
+from analysis.jobs import last_line
 
 ROOT = Path(__file__).resolve().parents[2]
-ACTIVE = ("queued", "running")
 
 
 def runs_dir() -> Path:
@@ -67,20 +69,6 @@ def list_runs() -> list[Path]:
     return sorted(unique.values(), key=lambda d: ((d / "config.json").stat().st_mtime, d.name))
 
 
-def status(run_dir: str | Path) -> str:
-    """queued, running, finished, cancelled, failed, or died (running, but its process is gone)."""
-    d = Path(run_dir)
-    try:
-        s = json.loads((d / "summary.json").read_text()).get("status", "failed")
-    except (OSError, ValueError):
-        return "queued" if (d / "config.json").is_file() else "failed"
-    if s == "running":
-        pid = _pid(d)
-        if pid is not None and not _alive(pid):
-            return "died"
-    return s
-
-
 def enqueue(config: FinetuneConfig, name: str | None = None) -> Path:
     """A new queued run directory under :func:`runs_dir` (the worker trains it when its turn comes)."""
     from analysis.finetune.run import preflight
@@ -92,7 +80,7 @@ def enqueue(config: FinetuneConfig, name: str | None = None) -> Path:
     while d.exists():
         n += 1
         d = d.with_name(f"{d.name.rsplit('~', 1)[0]}~{n}")
-    d.mkdir(parents=True)
+    rundir.mark(d)
     write_json_atomic(d / "summary.json", {"status": "queued", "mask_source": config.mask_source,
                                            "task": config.task, "queued": time.time()})
     write_json_atomic(d / "config.json", config.to_dict())
@@ -112,15 +100,15 @@ def cancel(run_dir: str | Path) -> None:
     d = Path(run_dir)
     s = status(d)
     if s == "queued":
-        write_json_atomic(d / "summary.json", {**_summary(d), "status": "cancelled", "steps_done": 0})
-        pid = _pid(d)  # the worker may have just started it: stop that process too
-        if pid is not None and _alive(pid):
+        write_json_atomic(d / "summary.json", {**rundir.summary(d), "status": "cancelled", "steps_done": 0})
+        pid = rundir.pid(d)  # the worker may have just started it: stop that process too
+        if pid is not None and alive(pid):
             try:
                 os.kill(pid, signal.SIGTERM)
             except OSError:
                 pass
     elif s == "running":
-        pid = _pid(d)
+        pid = rundir.pid(d)
         if pid is not None:
             try:
                 os.kill(pid, signal.SIGTERM)
@@ -133,7 +121,7 @@ def ensure_worker() -> int | None:
     lock = runs_dir() / "worker.json"
     try:
         pid = json.loads(lock.read_text())["pid"]
-        if _alive(pid):
+        if alive(pid):
             return pid
     except (OSError, ValueError, KeyError):
         pass
@@ -183,8 +171,8 @@ def work(*, poll: float = 0.5) -> int:
                 child.send_signal(signal.SIGTERM)
             time.sleep(poll)
         if status(d) in ACTIVE:  # the child never wrote a final status (killed, or failed before starting)
-            log_tail = _last_line(d / "log.txt")
-            write_json_atomic(d / "summary.json", {**_summary(d), "status": "failed",
+            log_tail = last_line(d / "log.txt")
+            write_json_atomic(d / "summary.json", {**rundir.summary(d), "status": "failed",
                                                    "error": log_tail or f"exit code {child.returncode}"})
     lock.unlink(missing_ok=True)
     guard.close()
@@ -194,7 +182,7 @@ def work(*, poll: float = 0.5) -> int:
 def shutdown(timeout: float = 10.0) -> None:
     """Stops the worker and the run it trains (SIGTERM, then SIGKILL after ``timeout``); the
     queued runs stay queued."""
-    pids = [p for p in [_pid(d) for d in running()] if p is not None]
+    pids = [p for p in [rundir.pid(d) for d in running()] if p is not None]
     try:
         pids.append(int(json.loads((runs_dir() / "worker.json").read_text())["pid"]))
     except (OSError, ValueError, KeyError):
@@ -206,35 +194,5 @@ def shutdown(timeout: float = 10.0) -> None:
             except OSError:
                 pass
         deadline = time.time() + timeout
-        while any(_alive(p) for p in pids) and time.time() < deadline:
+        while any(alive(p) for p in pids) and time.time() < deadline:
             time.sleep(0.1)
-
-
-def _summary(d: Path) -> dict:
-    try:
-        return json.loads((d / "summary.json").read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def _pid(d: Path) -> int | None:
-    """The pid training the run: the worker's child (job.json), or the process that wrote the
-    summary (a run started from the CLI)."""
-    for f in ("summary.json", "job.json"):  # a resumed run's own pid comes before the worker's old child
-        try:
-            return int(json.loads((d / f).read_text())["pid"])
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-    return None
-
-
-def _alive(pid) -> bool:
-    from analysis.jobs import _alive as alive
-
-    return alive(pid)
-
-
-def _last_line(p: Path) -> str:
-    from analysis.jobs import _last_line as last
-
-    return last(p)

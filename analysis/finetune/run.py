@@ -27,11 +27,14 @@ from pathlib import Path
 
 import torch
 
+from analysis.errors import SubnetscopeError, one_line
+from analysis.finetune import rundir
 from analysis.finetune.config import FinetuneConfig, FinetuneConfigError
 from analysis.finetune.distributed import Distributed
+from analysis.finetune.rundir import RunError
 from analysis.finetune.sparse_adamw import SparseMaskedAdamW, masked_reference_step
 from analysis.finetune.tasks import Task, _tupled, make_task
-from analysis.io import write_json_atomic
+from analysis.io import os_error, write_json_atomic
 
 Mask = dict[str, torch.Tensor]
 
@@ -117,19 +120,38 @@ def d3_scores(param: torch.nn.Parameter, exp: float, eps: float) -> torch.Tensor
 # ----------------------------------------------------------------------------- the run
 
 def run_finetune(config: FinetuneConfig, out_dir: str | Path, *, should_stop: Callable[[], bool] | None = None,
-                 progress: Callable[[int, int, str], None] | None = None, resume: bool = False) -> dict:
+                 progress: Callable[[int, int, str], None] | None = None, resume: bool = False,
+                 overwrite: bool = False, on_start: Callable[[Path], None] | None = None) -> dict:
     """Trains per ``config`` and writes the run directory (rank 0). Returns the summary.
 
     Args:
         config (FinetuneConfig): the run.
-        out_dir (str or Path): the run directory.
+        out_dir (str or Path): the run directory: new, empty, or the run directory of an earlier
+            run (whose files the new run replaces).
         should_stop (callable, optional): polled before every step; True cancels.
         progress (callable, optional): ``progress(step, steps, what)``.
         resume (bool): continue from ``out_dir/state`` (see :func:`resume_finetune`). Default: False.
+        overwrite (bool): write into a non-empty directory that is not a run directory. Default: False.
+        on_start (callable, optional): called (rank 0) with the run directory once the run owns it.
+    Raises:
+        SubnetscopeError: bad inputs or an output that may not be written (one line, nothing
+            written), another process writing the same run directory, or an OS error while writing.
     """
     out = Path(out_dir)
+    main = int(os.environ.get("RANK", "0")) == 0
     if not resume:
-        preflight(config)
+        preflight(config, out if main else None, overwrite=overwrite)
+    lock = rundir.RunLock(out) if main else None  # one writer per run directory
+    try:
+        if lock is not None and on_start is not None:
+            on_start(out)
+        return _run_locked(config, out, should_stop, progress, resume)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_locked(config: FinetuneConfig, out: Path, should_stop, progress, resume: bool) -> dict:
     device = Distributed.local_device(_device(config.device))
     dist = Distributed.from_env(device)
     t0 = time.time()
@@ -137,64 +159,68 @@ def run_finetune(config: FinetuneConfig, out_dir: str | Path, *, should_stop: Ca
                "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "processes": dist.world, "pid": os.getpid()}
     metrics_file = None
     if dist.main:
-        out.mkdir(parents=True, exist_ok=True)
-        previous = _read_json(out / "summary.json") or {}
+        previous = rundir.summary(out)
         if resume and "initial" in previous:
             summary["initial"] = previous["initial"]  # the start of the run, measured before it was cut
         write_json_atomic(out / "summary.json", summary)  # before config.json: never read as "queued"
-        if _read_json(out / "config.json") != config.to_dict():  # unchanged: keep its time (the runs' order)
+        if rundir.read_json(out / "config.json") != config.to_dict():  # unchanged: keep its time (the runs' order)
             write_json_atomic(out / "config.json", config.to_dict())
         if resume:
-            _truncate_metrics(out / "metrics.jsonl", json.loads((state_dir(out) / "meta.json").read_text())["step"])
-        else:  # a new run in a used directory: nothing of the old one may mix in
+            _truncate_metrics(out / "metrics.jsonl", rundir.saved_step(out))
+        else:  # a new run in a used run directory: nothing of the old one may mix in
             for name in ("eval.json", "mask.safetensors"):
                 (out / name).unlink(missing_ok=True)
-            for name in ("model", "state", "state.tmp", "state.old"):
+            for name in rundir.OWN_DIRS:
                 shutil.rmtree(out / name, ignore_errors=True)
         metrics_file = open(out / "metrics.jsonl", "a" if resume else "w", encoding="utf-8")
     try:
         summary.update(_Trainer(config, out, dist, device, metrics_file, should_stop, progress).run(resume))
     except BaseException as e:  # a crash keeps every metric written so far and records the error
         summary.update(status="cancelled" if isinstance(e, KeyboardInterrupt) else "failed",
-                       error=f"{type(e).__name__}: {e}")
+                       error=str(e) if isinstance(e, SubnetscopeError) else f"{type(e).__name__}: {e}")
         raise
     finally:
         if metrics_file is not None:
-            metrics_file.close()
+            try:
+                metrics_file.close()
+            except OSError:
+                pass  # a full disk: the error being raised says so
         summary["wall_s"] = round(time.time() - t0, 3)
         summary["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         if device.type == "cuda":
             summary["peak_cuda_bytes"] = torch.cuda.max_memory_allocated(device)
         if dist.main:
-            write_json_atomic(out / "summary.json", summary)
+            try:
+                write_json_atomic(out / "summary.json", summary)
+            except SubnetscopeError:
+                if summary["status"] == "running":
+                    raise  # else the error being raised already says what went wrong first
         dist.close()
     return summary
 
 
-def state_dir(run_dir: str | Path) -> Path | None:
-    """The saved state of a run directory: ``state/``, or what a crash while saving left
-    (``state.tmp/`` complete, or the previous ``state.old/``); None when there is none."""
-    for name in ("state", "state.tmp", "state.old"):
-        d = Path(run_dir) / name
-        if (d / "meta.json").is_file() and (d / "state.pt").is_file():
-            return d
-    return None
-
-
-def preflight(config: FinetuneConfig) -> None:
-    """Checks the inputs a run names before anything is written: the checkpoint, mask files, diff
-    checkpoints and the lm data file (a bad one is a one-line error and no run directory)."""
+def preflight(config: FinetuneConfig, out: str | Path | None = None, *, overwrite: bool = False) -> None:
+    """Checks everything a run names before anything is written: the checkpoint, mask files (and
+    that they fit the checkpoint), diff checkpoints, the lm data file and, given ``out``, that the
+    run directory may be written (not an input, not inside or around one, not a stranger's
+    non-empty directory unless ``overwrite``, writable). A bad one is a one-line error and no run
+    directory."""
     from analysis.checkpoints import open_checkpoint
+    from analysis.io import Inputs, check_output_dir
 
-    open_checkpoint(config.checkpoint)
+    ck = open_checkpoint(config.checkpoint)
+    stored = _stored_dtypes(ck)
+    inputs = Inputs([ck.path])
     for path in config.mask or []:
-        from analysis.masks import load_mask
-
-        load_mask(path)  # a missing or foreign file is a MaskError
+        _check_mask_fits(path, ck)
+        inputs.add(path)
     for ref in config.diff or []:
-        open_checkpoint(ref)
+        inputs.add(open_checkpoint(ref).path)
+    if not any(d.is_floating_point for d in stored.values()):
+        raise FinetuneConfigError(f"{config.checkpoint}: holds no floating-point weights to train "
+                                  "(a quantized checkpoint? fine-tune its float original)")
     if config.dtype == "bfloat16":
-        wider = sorted({str(d).removeprefix("torch.") for d in _stored_dtypes(config.checkpoint).values()
+        wider = sorted({str(d).removeprefix("torch.") for d in stored.values()
                         if d.is_floating_point and d != torch.bfloat16})
         if wider:
             raise FinetuneConfigError(f"{config.checkpoint} stores {', '.join(wider)} weights: training in bfloat16 "
@@ -203,26 +229,40 @@ def preflight(config: FinetuneConfig) -> None:
         p = Path(config.data).expanduser()
         if (p.suffix in (".txt", ".jsonl") or os.sep in config.data) and not p.is_file():
             raise FinetuneConfigError(f"{p}: no such data file")
+        inputs.add(p)
+    if out is not None:
+        check_output_dir(out, inputs, ours=rundir.is_run_dir, overwrite=overwrite)
+
+
+def _check_mask_fits(path: str, ck) -> None:
+    """A mask file must name tensors of the checkpoint, each with that tensor's shape."""
+    from analysis.masks import load_mask
+    from analysis.structure import normalize_name
+
+    mask = load_mask(path)  # a missing, foreign or damaged file is a MaskError
+    shapes = {t.key: t.shape for t in ck.tensors.values()}
+    foreign = [n for n in mask if normalize_name(n) not in shapes]
+    if foreign:
+        raise FinetuneConfigError(f"{path}: names {len(foreign)} tensor(s) that {ck.path} does not hold "
+                                  f"(e.g. {foreign[0]}); a mask of another model?")
+    for n, m in mask.items():
+        if tuple(m.shape) != tuple(shapes[normalize_name(n)]):
+            raise FinetuneConfigError(f"{path}: {n} has shape {tuple(m.shape)}, the checkpoint's tensor "
+                                      f"{tuple(shapes[normalize_name(n)])}")
 
 
 def resume_finetune(run_dir: str | Path, *, steps: int | None = None, **kwargs) -> dict:
-    """Continues a run directory from its saved state (after a cancel or a crash), optionally to a
-    new number of steps. The metrics after the saved step are dropped and recomputed, so a resumed
-    run gives the weights and metrics an uninterrupted one would."""
-    from analysis.finetune.compare import RunError
-
+    """Continues a run directory from its saved state (after a cancel, a crash or a full disk),
+    optionally to a new number of steps. The metrics after the saved step are dropped and
+    recomputed, so a resumed run gives the weights and metrics an uninterrupted one would."""
     d = Path(run_dir)
-    try:
-        saved = json.loads((d / "config.json").read_text())
-    except (OSError, ValueError) as e:
-        raise RunError(f"{d}: not a run directory ({e})") from None
-    if state_dir(d) is None:
-        raise RunError(f"{d}: no saved state to resume from")
-    from analysis.finetune.queue import status
-
-    if status(d) == "running":
+    saved = rundir.read_json(d / "config.json")
+    if not isinstance(saved, dict):
+        raise RunError(f"{d}: not a run directory (no readable config.json)")
+    done = rundir.saved_step(d)
+    main = int(os.environ.get("RANK", "0")) == 0  # the other ranks see rank 0's lock and status
+    if main and (rundir.locked(d) or rundir.status(d) == "running"):
         raise RunError(f"{d}: the run is still training (cancel it first)")
-    done = json.loads((state_dir(d) / "meta.json").read_text())["step"]
     if steps is not None:
         if steps <= done:
             raise RunError(f"{d}: {done} steps are done already; --steps must be more than that")
@@ -240,6 +280,7 @@ class _Trainer:
     def __init__(self, config, out, dist, device, metrics_file, should_stop, progress):
         self.config, self.out, self.dist, self.device = config, out, dist, device
         self.metrics_file, self.should_stop, self.progress = metrics_file, should_stop, progress
+        self.saved_step = 0
 
     # ---- set-up
     def setup(self) -> None:
@@ -429,21 +470,31 @@ class _Trainer:
                 "lisa_rng": json.dumps(self.lisa_rng.getstate()),
                 "lisa_layers": list(getattr(self, "lisa_layers", []))}
         tmp, cur, old = (self.out / n for n in ("state.tmp", "state", "state.old"))
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        torch.save(blob, tmp / "state.pt")
-        write_json_atomic(tmp / "meta.json", {"step": step, "mask_source": self.config.mask_source,
-                                              "processes": self.dist.world})
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            torch.save(blob, tmp / "state.pt")
+            write_json_atomic(tmp / "meta.json", {"step": step, "mask_source": self.config.mask_source,
+                                                  "processes": self.dist.world})
+        except (OSError, SubnetscopeError) as e:  # a full disk: the previous state stays whole
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise os_error(tmp / "state.pt", e) if isinstance(e, OSError) else e from None
         shutil.rmtree(old, ignore_errors=True)
         if cur.exists():
             os.replace(cur, old)
         os.replace(tmp, cur)
         shutil.rmtree(old, ignore_errors=True)
+        self.saved_step = step
 
     def load_state(self) -> int:
-        d = state_dir(self.out)
-        blob = torch.load(d / "state.pt", weights_only=True, map_location="cpu")
-        ranks = blob["ranks"]
+        d = rundir.state_dir(self.out)
+        try:
+            blob = torch.load(d / "state.pt", weights_only=True, map_location="cpu")
+            ranks = blob["ranks"]
+            assert isinstance(blob, dict) and isinstance(ranks, list) and isinstance(blob["step"], int)
+        except Exception as e:  # truncated or foreign: one line, nothing trained
+            raise RunError(f"{d / 'state.pt'}: unreadable saved state ({one_line(e) or type(e).__name__}); "
+                           "it cannot be resumed") from None
         if len(ranks) != self.dist.world:
             raise FinetuneConfigError(f"{self.out}: saved by {len(ranks)} process(es); resume it with as many")
         with torch.no_grad():
@@ -468,6 +519,7 @@ class _Trainer:
         start = 0
         if resume:
             start = self.load_state()
+        self.saved_step = start  # the step the state on disk holds (0: none needed)
         self.initial = self.task.evaluate(self.model) if self.dist.main and not resume else None
         save_every = c.save_every or c.eval_every
         status, last = "finished", {}
@@ -487,8 +539,8 @@ class _Trainer:
                 self.save_state(step)
             if self.progress is not None:
                 self.progress(step, c.steps, f"loss {row['loss']:.3f}")
-        if status == "cancelled" and step > start:
-            self.save_state(step)
+        if step > start and self.saved_step != step:
+            self.save_state(step)  # before the model: a full disk while saving it loses no training
         return self.finish(status, step, last)
 
     def finish(self, status: str, step: int, last: dict) -> dict:
@@ -520,14 +572,8 @@ class _Trainer:
                                                       for n, p in self.params.items()}, source=c.mask_source)
         if c.lora is not None:
             model = model.merge_and_unload()  # the merged dense weights, comparable with any other run
-        tmp = self.out / "model.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
         _to_stored_dtypes(model, self.stored_dtypes)
-        model.save_pretrained(tmp, safe_serialization=True)
-        if self.tokenizer is not None:
-            self.tokenizer.save_pretrained(tmp)
-        shutil.rmtree(self.out / "model", ignore_errors=True)
-        os.replace(tmp, self.out / "model")
+        self.save_model(model)
         result["outside_mask_changed"] = outside_mask_changed(c.checkpoint, self.out / "model",
                                                               None if mask is None else {k: v.cpu() for k, v in mask.items()})
         if status == "finished":
@@ -535,11 +581,23 @@ class _Trainer:
         return result
 
 
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
+    def save_model(self, model) -> None:
+        """``model/`` written as ``model.tmp/`` and renamed; on any failure (a full disk) the
+        partial copy is removed and the state saved before it stays, so ``--resume`` finishes it."""
+        tmp = self.out / "model.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            model.save_pretrained(tmp, safe_serialization=True)
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(tmp)
+            shutil.rmtree(self.out / "model", ignore_errors=True)
+            os.replace(tmp, self.out / "model")
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise os_error(self.out / "model", e) from None
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -621,11 +679,11 @@ def _set_lr(opt, lr: float) -> None:
 
 
 def _stored_dtypes(ref) -> dict[str, torch.dtype]:
-    """Tensor name -> the dtype the checkpoint stores it in."""
-    from analysis.checkpoints import open_checkpoint
+    """Tensor name -> the dtype the checkpoint (a reference or an open Checkpoint) stores it in."""
+    from analysis.checkpoints import Checkpoint, open_checkpoint
 
-    return {name: getattr(torch, t.dtype) for name, t in open_checkpoint(ref).tensors.items()
-            if hasattr(torch, t.dtype)}
+    ck = ref if isinstance(ref, Checkpoint) else open_checkpoint(ref)
+    return {name: getattr(torch, t.dtype) for name, t in ck.tensors.items() if hasattr(torch, t.dtype)}
 
 
 def _to_stored_dtypes(model, stored: dict[str, torch.dtype]) -> None:
