@@ -7,6 +7,27 @@ Small Subnetworks in Large Language Models*, arXiv 2505.11711, §2.2): element i
 density = 1 − sparsity. A histogram of |Δ| per tensor over a log grid makes the sparsity at
 every grid tolerance a lookup; the changed count at the requested τ is exact for any τ.
 
+Every stored dtype has a defined answer (kernels.diff_stats has the full rules):
+
+- floating point (fp32, bf16, fp16, fp64, fp8 e4m3 / e5m2): the tolerance rule above, on the
+  float32 upcast. fp8 is a float format, so a researcher expects the same "|Δ| ≤ τ" as for bf16
+  (its smallest steps, 2e-3 for e4m3 and 1.5e-5 for e5m2, exceed the paper's τ = 1e-5, so at
+  that τ an fp8 element is unchanged only when bit-identical or ±0). Rows say
+  ``"compare": "tolerance"``.
+- integer, unsigned and bool (int8 quantized weights, GPTQ / AWQ packed int32 qweight and
+  qzeros, masks) and packed float4: changed iff the stored bits differ, at every τ (a tolerance
+  means nothing for an int8 step or a packed word). Rows say ``"compare": "exact_bits"``; they
+  count in changed / total like any element, their unchanged count is the same at every
+  tolerance of the sweep, they have no |Δ| (histogram, norms, max |Δ|, absorption and head /
+  channel counts leave them out: a quantized layout need not map to heads), and
+  ``by_compare`` splits every total into the two kinds so nobody reads them as float counts.
+- complex tensors, and pairs stored differently (int8 vs bf16, int8 vs int32): skipped, the
+  reason in ``skipped``.
+
+Zero-size tensors count 0 elements. A pair with nothing to compare (no aligned tensor with a
+comparable dtype and at least one element) is a one-line SubnetscopeError, as is an unknown or
+unavailable ``device``.
+
 Tensors are read one pair at a time (memory-mapped), so memory is bounded by a few tensors.
 """
 
@@ -22,10 +43,12 @@ import torch
 from analysis.checkpoints import Alignment, Checkpoint, align, iter_aligned, open_checkpoint
 from analysis.errors import SubnetscopeError
 from analysis.structure import KINDS, Architecture, unit_slices
-from kernels.diff_stats import EDGES, DiffStats, diff_stats
+from kernels.diff_stats import EDGES, EXACT_BITS, N_BINS, TOLERANCE, DiffStats, Incomparable, comparison, diff_stats
+from kernels.diff_stats import changed_mask as _changed_mask
 
 SCHEMA = "subnetscope.diff/1"
-PAPER_TOL = 1e-5
+PAPER_TOL = 1e-5  # the paper's τ (arXiv 2505.11711); the one definition in the tree
+COMPARES = (TOLERANCE, EXACT_BITS)
 SWEEP_TOLS = (0.0, 1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3)
 
 
@@ -55,6 +78,11 @@ class TensorDiff:
     def changed(self) -> int:
         return self.stats.changed
 
+    @property
+    def compare(self) -> str:
+        """``"tolerance"`` (floating point) or ``"exact_bits"`` (integer, bool, packed)."""
+        return self.stats.compare
+
 
 @dataclass
 class DiffResult:
@@ -82,14 +110,31 @@ class DiffResult:
         n = self.total_params
         return (n - self.changed_params) / n if n else float("nan")
 
+    def by_compare(self) -> dict:
+        """Tensors, elements and changed elements per kind of comparison:
+        ``{"tolerance": {tensors, numel, changed}, "exact_bits": {...}}`` (both keys always)."""
+        out = {c: {"tensors": 0, "numel": 0, "changed": 0} for c in COMPARES}
+        for t in self.tensors:
+            row = out[t.compare]
+            row["tensors"] += 1
+            row["numel"] += t.numel
+            row["changed"] += t.changed
+        return out
+
     def sweep(self, tols=None) -> list[dict]:
-        """Sparsity at each grid tolerance (default: every grid point and 0)."""
+        """Sparsity at each grid tolerance (default: every grid point and 0).
+
+        Rows: {tolerance, unchanged, update_sparsity (None when nothing was compared),
+        unchanged_exact_bits (the part of ``unchanged`` compared by exact bits: the same at
+        every tolerance)}."""
         tols = tolerance_grid() if tols is None else tols
         n = self.total_params
+        exact = sum(t.stats.identical for t in self.tensors if t.compare == EXACT_BITS)
         out = []
         for tol in tols:
             unchanged = sum(t.stats.unchanged_at(tol) for t in self.tensors)
-            out.append({"tolerance": float(tol), "unchanged": unchanged, "update_sparsity": unchanged / n})
+            out.append({"tolerance": float(tol), "unchanged": unchanged,
+                        "update_sparsity": unchanged / n if n else None, "unchanged_exact_bits": exact})
         return out
 
     # ---- aggregates
@@ -120,10 +165,12 @@ class DiffResult:
 
         Returns one row per (layer, component): {layer, unit ("head" | "kv_head" |
         "channel"), component (q k v o gate up down), numel (elements per unit), changed
-        ([count per unit])} — arrays, so a 7B model's 350k channels stay compact."""
+        ([count per unit])} — arrays, so a 7B model's 350k channels stay compact.
+        Tensors compared by exact bits are left out (a quantized layout, e.g. GPTQ's packed
+        [in/8, out] qweight, need not map to heads), as are tensors with no elements."""
         rows = []
         for t in self.tensors:
-            if t.layer is None or t.stats.row_changed is None:
+            if t.layer is None or t.stats.row_changed is None or t.compare != TOLERANCE or not t.numel:
                 continue
             for sl in unit_slices(t.kind, t.shape, self.arch):
                 per_line = t.stats.row_changed if sl.axis == 0 else t.stats.col_changed
@@ -151,15 +198,21 @@ class DiffResult:
         return rows
 
     def delta_histogram(self) -> dict:
-        """|Δ| over the grid for all tensors: identical, zero, nonfinite and per-bin counts."""
-        hist = sum((t.stats.hist for t in self.tensors), np.zeros_like(self.tensors[0].stats.hist))
-        return {"edges": EDGES.tolist(), "counts": hist.tolist(),
-                "identical": sum(t.stats.identical for t in self.tensors),
-                "zero": sum(t.stats.zero for t in self.tensors),
-                "nonfinite": sum(t.stats.nonfinite for t in self.tensors)}
+        """|Δ| over the grid for the tensors compared with a tolerance (exact-bit ones have no
+        |Δ|): numel, identical, zero, nonfinite and per-bin counts (all 0 when there are none)."""
+        ts = [t for t in self.tensors if t.compare == TOLERANCE]
+        hist = sum((t.stats.hist for t in ts), np.zeros(N_BINS, np.int64))
+        return {"edges": EDGES.tolist(), "counts": hist.tolist(), "numel": sum(t.numel for t in ts),
+                "identical": sum(t.stats.identical for t in ts),
+                "zero": sum(t.stats.zero for t in ts),
+                "nonfinite": sum(t.stats.nonfinite for t in ts)}
 
     def to_json(self) -> dict:
-        """The CLI contract (schema subnetscope.diff/1); counts are exact integers."""
+        """The CLI contract (schema subnetscope.diff/1); counts are exact integers.
+
+        Besides the totals: ``by_compare`` (tensors / numel / changed per kind of comparison),
+        ``compare`` on every tensor row, ``unchanged_exact_bits`` on every sweep row; norms and
+        max |Δ| are None for exact-bit rows (and ``base_fro`` when θ⁰ holds inf / NaN)."""
         return {
             "schema": SCHEMA,
             "base": self.base,
@@ -167,18 +220,19 @@ class DiffResult:
             "tolerance": self.tol,
             "total_params": self.total_params,
             "changed_params": self.changed_params,
-            "update_sparsity": self.update_sparsity,
-            "density": 1 - self.update_sparsity,
-            "tolerance_sweep": [{"tolerance": r["tolerance"], "update_sparsity": r["update_sparsity"],
-                                 "unchanged": r["unchanged"]} for r in self.sweep()],
+            "update_sparsity": _finite(self.update_sparsity),
+            "density": _finite(1 - self.update_sparsity),
+            "by_compare": self.by_compare(),
+            "tolerance_sweep": self.sweep(),
             "tensors": [{
-                "name": t.name, "key": t.key, "shape": list(t.shape), "dtype": t.dtype, "numel": t.numel,
-                "changed": t.changed, "update_sparsity": 1 - t.changed / t.numel if t.numel else None,
+                "name": t.name, "key": t.key, "shape": list(t.shape), "dtype": t.dtype, "compare": t.compare,
+                "numel": t.numel, "changed": t.changed,
+                "update_sparsity": 1 - t.changed / t.numel if t.numel else None,
                 "layer": t.layer, "kind": t.kind, "identical": t.stats.identical,
-                "nonfinite": t.stats.nonfinite, "delta_fro": math.sqrt(t.stats.sum_sq_delta),
-                "base_fro": _finite(math.sqrt(t.stats.sum_sq_base)) if t.stats.sum_sq_base >= 0 else None,
-                "max_abs_delta": t.stats.max_abs_delta,
-                **({"rank": t.rank, "rank_fraction": t.rank / min(t.shape)} if t.rank is not None else {}),
+                "nonfinite": t.stats.nonfinite, "delta_fro": _sqrt(t.stats.sum_sq_delta),
+                "base_fro": _sqrt(t.stats.sum_sq_base), "max_abs_delta": _finite(t.stats.max_abs_delta),
+                **({"rank": t.rank, "rank_fraction": t.rank / min(t.shape) if min(t.shape) else None}
+                   if t.rank is not None else {}),
             } for t in self.tensors],
             "layers": self.by_layer(),
             "kinds": self.by_kind(),
@@ -195,15 +249,52 @@ def _finite(x: float):
     return x if math.isfinite(x) else None
 
 
+def _sqrt(x: float):
+    """√x for a sum of squares; None when undefined (NaN: exact-bit rows, NaN in θ⁰) or inf."""
+    return _finite(math.sqrt(x)) if x >= 0 else None
+
+
 def _agg(head: dict, ts: list[TensorDiff]) -> dict:
+    """Counts of a group: update_sparsity weighted by elements, and unweighted over the group's
+    tensors that have elements (None when none has); exact_bits_numel says how many of the
+    elements were compared by exact bits."""
     n = sum(t.numel for t in ts)
     c = sum(t.changed for t in ts)
-    mean = sum(1 - t.changed / t.numel for t in ts if t.numel) / len(ts)
+    nonempty = [t for t in ts if t.numel]
+    mean = sum(1 - t.changed / t.numel for t in nonempty) / len(nonempty) if nonempty else None
     return {**head, "numel": n, "changed": c, "update_sparsity": (n - c) / n if n else None,
-            "update_sparsity_unweighted": mean, "tensors": len(ts)}
+            "update_sparsity_unweighted": mean, "tensors": len(ts),
+            "exact_bits_numel": sum(t.numel for t in ts if t.compare == EXACT_BITS)}
 
 
 # ------------------------------------------------------------------ the pass
+
+def check_device(device: str | torch.device | None) -> str:
+    """Validates a ``--device`` before any tensor is read.
+
+    Args:
+        device (str): ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (cuda when available).
+    Returns:
+        str: the device to move tensors to.
+    Raises:
+        SubnetscopeError: one line, for an unknown device or CUDA where there is none.
+    """
+    name = str(device if device is not None else "auto").strip().lower()
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise SubnetscopeError(f"unknown device {device!r} (cpu or cuda)")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SubnetscopeError(f"--device {device}: CUDA is not available on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise SubnetscopeError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return str(dev)
+
 
 def diff_checkpoints(base: str | Checkpoint, tuned: str | Checkpoint, *, tol: float = PAPER_TOL,
                      rank: bool = False, device: str = "cpu",
@@ -216,16 +307,23 @@ def diff_checkpoints(base: str | Checkpoint, tuned: str | Checkpoint, *, tol: fl
         base (str or Checkpoint): θ⁰.
         tuned (str or Checkpoint): θ¹, a fine-tune of base.
         tol (float): τ ≥ 0 for the exact changed counts. Default: 1e-5 (the paper's).
-        rank (bool): also compute rank(ΔW) of 2-D tensors (costly). Default: False.
-        device (str): "cpu" or "cuda"; tensors are moved there one at a time. Default: "cpu".
+        rank (bool): also compute rank(ΔW) of 2-D float tensors with a finite ΔW (costly).
+            Default: False.
+        device (str): "cpu", "cuda", "cuda:N" or "auto"; tensors are moved there one at a time.
+            Checked before anything is read. Default: "cpu".
         progress (callable, optional): called as progress(done_elements, total_elements, name).
         should_stop (callable, optional): polled between tensors; True cancels with an error.
-        on_mask (callable, optional): receives (tuned name, bool changed mask) per tensor.
+        on_mask (callable, optional): receives (tuned name, bool changed mask on the CPU) per
+            compared tensor, from the same pass as the statistics.
     Returns:
         DiffResult
+    Raises:
+        SubnetscopeError: a bad tolerance or device, unreadable checkpoints, or nothing to
+            compare (every aligned tensor skipped or empty).
     """
     if not (tol >= 0 and math.isfinite(tol)):
         raise SubnetscopeError(f"tolerance must be a finite number ≥ 0, got {tol}")
+    device = check_device(device)
     b = base if isinstance(base, Checkpoint) else open_checkpoint(base)
     t = tuned if isinstance(tuned, Checkpoint) else open_checkpoint(tuned)
     al: Alignment = align([b, t])
@@ -235,32 +333,65 @@ def diff_checkpoints(base: str | Checkpoint, tuned: str | Checkpoint, *, tol: fl
     total = al.compared_params
     done = 0
     out = []
+    incomparable = []
     for at, (x, y) in iter_aligned(al, [b, t]):
         if should_stop is not None and should_stop():
             raise SubnetscopeError("diff cancelled")
-        if not (x.is_floating_point() and y.is_floating_point()):
-            skipped.append({"name": at.key, "reason": f"not floating point ({x.dtype}, {y.dtype})"})
+        try:
+            comparison(x.dtype, y.dtype)
+        except Incomparable as e:
+            skipped.append({"name": at.key, "reason": str(e)})
+            incomparable.append(at.key)
             continue
         if device != "cpu":
             x, y = x.to(device), y.to(device)
-        st = diff_stats(x, y, tol)
-        r = None
-        if rank and x.dim() == 2:
-            r = int(torch.linalg.matrix_rank(y.float() - x.float()))
+        st = diff_stats(x, y, tol, with_mask=on_mask is not None)
         if on_mask is not None:
-            on_mask(at.names[1], changed_mask(x, y, tol).cpu())
+            on_mask(at.names[1], st.mask.cpu())
+            st.mask = None  # the result keeps statistics only
         out.append(TensorDiff(at.key, at.names[1], at.compare_shape, str(x.dtype).replace("torch.", ""),
-                              at.layer, at.kind, st, r))
+                              at.layer, at.kind, st, _rank(x, y) if rank else None))
         done += at.numel
         if progress is not None:
             progress(done, total, at.key)
-    return DiffResult(str(b.ref), str(t.ref), float(tol), b.arch, out, skipped, al.resized)
+    res = DiffResult(str(b.ref), str(t.ref), float(tol), b.arch, out, skipped, al.resized)
+    if res.total_params == 0:
+        raise SubnetscopeError(_nothing_to_compare(res, len(al.tensors), incomparable))
+    return res
+
+
+def _rank(x: torch.Tensor, y: torch.Tensor) -> int | None:
+    """rank(ΔW) of a 2-D float pair; None for other shapes, exact-bit pairs and non-finite ΔW."""
+    if x.dim() != 2 or comparison(x.dtype, y.dtype) != TOLERANCE:
+        return None
+    d = y.double() - x.double() if torch.float64 in (x.dtype, y.dtype) else y.float() - x.float()
+    if not bool(torch.isfinite(d).all()):
+        return None
+    return int(torch.linalg.matrix_rank(d))
+
+
+def _nothing_to_compare(res: DiffResult, aligned: int, incomparable: list[str]) -> str:
+    """The one line for a pair with no element to compare."""
+    parts = []
+    empty = len(res.tensors)
+    if empty:
+        parts.append(f"{empty} with no elements")
+    if incomparable:
+        reason = next(s["reason"] for s in res.skipped if s["name"] == incomparable[0])
+        parts.append(f"{len(incomparable)} skipped (first: {incomparable[0]}: {reason})")
+    return (f"nothing to compare: {res.tuned} vs {res.base}: of {aligned} aligned tensor(s), "
+            + " and ".join(parts))
 
 
 def changed_mask(base: torch.Tensor, tuned: torch.Tensor, tol: float) -> torch.Tensor:
-    """Bool mask of elements changed at τ (not bit-identical and not |Δ| ≤ τ; NaN is changed)."""
-    from kernels.diff_stats import _bits, f32_floor
+    """Bool mask of elements changed at τ (not bit-identical and not |Δ| ≤ τ, NaN changed;
+    integer / bool pairs: the stored bits differ). The definition is
+    :func:`kernels.diff_stats.changed_mask`; this name stays for callers of analysis.diff.
 
-    same = _bits(base) == _bits(tuned)
-    d = (tuned.float() - base.float()).abs()
-    return ~(same.reshape(base.shape) | (d <= float(f32_floor(tol))))
+    Raises:
+        SubnetscopeError: a pair with no defined comparison (complex, different storage).
+    """
+    try:
+        return _changed_mask(base, tuned, tol)
+    except Incomparable as e:
+        raise SubnetscopeError(str(e)) from None

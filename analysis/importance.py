@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from pathlib import Path
 
 import torch
 
@@ -72,8 +73,44 @@ def compute_scores(model, selector: str, batches=None, *, granularity: str | Non
         options["granularity"] = granularity
     if not native and entry.granularities[0] != "element":
         raise ImportanceError(f"{selector} scores {', '.join(entry.granularities)}; it cannot give {granularity}")
+    check_float_weights(model)
     scores = entry.fn(model, batches, seed=seed, progress=progress, **options)
     return scores if native else aggregate(scores, granularity)
+
+
+def check_float_weights(model) -> None:
+    """Selectors score float weights (gradients, activations, magnitudes of real values).
+
+    Checks the model's parameters and, when the model was loaded from a local safetensors
+    checkpoint (``model.name_or_path``), the stored dtypes of that checkpoint's weights:
+    ``load_model`` upcasts an int8 or fp8 weight to float32 silently, and scores of integer
+    codes (or of GPTQ / AWQ packed words) would be meaningless. Buffers (position ids, GPT-2
+    attention masks) are not weights and may be integers.
+
+    Raises:
+        ImportanceError: one line naming the first weight stored as an integer, bool or one-byte
+            float (int8, packed int32, fp8 of a quantized checkpoint) and its dtype.
+    """
+    for name, p in model.named_parameters():
+        if not p.is_floating_point() or p.element_size() < 2:
+            raise ImportanceError(f"importance needs float weights (float16, bfloat16, float32 or float64): {name} "
+                                  f"is {str(p.dtype).replace('torch.', '')}; score the unquantized model")
+    path = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+    if not path or not Path(path).is_dir() or not any(Path(path).glob("*.safetensors")):
+        return  # built in memory, or weights without a cheap header (only the parameters are checked)
+    from analysis.checkpoints import open_checkpoint
+
+    try:
+        ck = open_checkpoint(path)
+    except SubnetscopeError:
+        return
+    for t in ck.tensors.values():
+        dtype = getattr(torch, t.dtype, None)
+        if t.kind == "buffer" or (isinstance(dtype, torch.dtype) and dtype.is_floating_point and dtype.itemsize >= 2):
+            continue
+        raise ImportanceError(f"importance needs float weights (float16, bfloat16, float32 or float64): {path}: "
+                              f"{t.name} is stored as {t.dtype}, as in a quantized checkpoint; "
+                              "score the unquantized model")
 
 
 # ----------------------------------------------------------------------------- scope

@@ -9,6 +9,17 @@ the same sizes drawn within each stratum s = (tensor, IEEE exponent field of θ�
 E|I_a ∩ I_b| = Σ_s n_s·d_as·d_bs = Σ_s c_as·c_bs / n_s, exact, no sampling.
 The consensus histogram counts elements changed by exactly k of the N runs, k = 0..N.
 All in one streaming pass over the aligned tensors.
+
+Dtypes as in analysis.diff: floating-point tensors (fp8 included) are changed at τ, integer /
+bool / packed tensors when their stored bits differ (their elements form one stratum per
+tensor: an integer code has no IEEE exponent); complex tensors and tensors stored differently
+across the runs are skipped with the reason. ``by_compare`` gives the elements of each kind
+(``{"tolerance": {"numel"}, "exact_bits": {"numel"}}``, as in the diff JSON).
+
+Undefined ratios are None, never a division by zero: o1 when run a changed nothing at τ
+(|I_a| = 0), o2 likewise for b, Jaccard when neither did; every pair row carries a ``note``
+saying which and why (None when all are defined). A set of runs with nothing comparable (every
+aligned tensor skipped or empty) is a one-line SubnetscopeError.
 """
 
 from __future__ import annotations
@@ -20,8 +31,9 @@ import numpy as np
 import torch
 
 from analysis.checkpoints import Checkpoint, align, iter_aligned, open_checkpoint
-from analysis.diff import PAPER_TOL, changed_mask
+from analysis.diff import PAPER_TOL
 from analysis.errors import SubnetscopeError
+from kernels.diff_stats import EXACT_BITS, TOLERANCE, Incomparable, changed_mask, comparison
 
 SCHEMA = "subnetscope.overlap/1"
 
@@ -53,27 +65,45 @@ class OverlapResult:
     kinds: dict[str, _Acc]
     consensus: list[int]  # [N+1]: elements changed by exactly k runs
     skipped: list[dict] = field(default_factory=list)
+    exact_bits_numel: int = 0  # elements (of total.numel) compared by exact bits
 
     def pairs(self, acc: _Acc | None = None) -> list[dict]:
-        """Every pair (a < b) with the paper's fields and the magnitude-matched baseline."""
+        """Every pair (a < b) with the paper's fields and the magnitude-matched baseline.
+
+        Ratios that are undefined are None (o1 / o1_matched when run a changed nothing, o2 /
+        o2_matched when b did, Jaccard and its baseline when neither did, every ratio for a
+        group with no elements) and ``note`` says why (None when everything is defined)."""
         acc = acc or self.total
         n, out = acc.numel, []
         for a in range(acc.n_runs):
             for b in range(a + 1, acc.n_runs):
                 ca, cb, i = int(acc.changed[a]), int(acc.changed[b]), int(acc.inter[a, b])
-                da, db = ca / n, cb / n
+                da, db = _div(ca, n), _div(cb, n)
                 union = ca + cb - i
                 m = float(acc.matched[a, b])
                 out.append({
-                    "a": a, "b": b, "sparsity_a": 1 - da, "sparsity_b": 1 - db,
+                    "a": a, "b": b, "sparsity_a": _sub1(da), "sparsity_b": _sub1(db),
                     "changed_a": ca, "changed_b": cb, "intersection": i,
                     "o1": _div(i, ca), "o2": _div(i, cb),
                     "o1_random": db, "o2_random": da,
                     "o1_matched": _div(m, ca), "o2_matched": _div(m, cb),
                     "jaccard": _div(i, union),
-                    "jaccard_random": _div(da * db, da + db - da * db),
+                    "jaccard_random": None if n == 0 else _div(da * db, da + db - da * db),
+                    "note": self._note(a, b, ca, cb, n),
                 })
         return out
+
+    def _note(self, a: int, b: int, ca: int, cb: int, n: int) -> str | None:
+        at = f"at τ = {self.tol:g}"
+        if n == 0:
+            return "no elements compared in this group: every ratio is undefined"
+        if ca == 0 and cb == 0:
+            return f"neither run {a} nor run {b} changed anything {at}: o1, o2 and Jaccard are undefined"
+        if ca == 0:
+            return f"run {a} changed nothing {at}: o1 = |I_a ∩ I_b| / |I_a| is undefined"
+        if cb == 0:
+            return f"run {b} changed nothing {at}: o2 = |I_a ∩ I_b| / |I_b| is undefined"
+        return None
 
     def to_json(self) -> dict:
         return {
@@ -82,6 +112,8 @@ class OverlapResult:
             "tuned": self.tuned,
             "tolerance": self.tol,
             "total_params": self.total.numel,
+            "by_compare": {TOLERANCE: {"numel": self.total.numel - self.exact_bits_numel},
+                           EXACT_BITS: {"numel": self.exact_bits_numel}},
             "pairs": self.pairs(),
             "consensus": self.consensus,
             "layers": [{"layer": L, "numel": acc.numel, "pairs": self.pairs(acc)} for L, acc in sorted(self.layers.items())],
@@ -92,6 +124,10 @@ class OverlapResult:
 
 def _div(x, y):
     return x / y if y else None
+
+
+def _sub1(x):
+    return None if x is None else 1 - x
 
 
 def overlap(base: str | Checkpoint, tuned: list[str | Checkpoint], *, tol: float = PAPER_TOL,
@@ -107,6 +143,9 @@ def overlap(base: str | Checkpoint, tuned: list[str | Checkpoint], *, tol: float
         should_stop (callable, optional): polled between tensors; True cancels.
     Returns:
         OverlapResult
+    Raises:
+        SubnetscopeError: fewer than two fine-tunes, unreadable checkpoints, or nothing to
+            compare (every aligned tensor skipped or empty).
     """
     if len(tuned) < 2:
         raise SubnetscopeError("overlap needs at least two fine-tunes of the same base")
@@ -118,16 +157,22 @@ def overlap(base: str | Checkpoint, tuned: list[str | Checkpoint], *, tol: float
     skipped = [{"name": m["key"], "reason": "missing in " + ", ".join(str(i) for i in m["missing_in"])}
                for m in al.missing]
     skipped += [{"name": m["key"], "reason": "shapes " + str(m["shapes"])} for m in al.mismatched]
-    done = 0
+    done = exact = 0
     for at, values in iter_aligned(al, cks):
         if should_stop is not None and should_stop():
             raise SubnetscopeError("overlap cancelled")
         x, ys = values[0], values[1:]
-        if not all(v.is_floating_point() for v in values):
-            skipped.append({"name": at.key, "reason": "not floating point"})
+        try:
+            kinds_of = {comparison(x.dtype, y.dtype) for y in ys}
+        except Incomparable as e:
+            skipped.append({"name": at.key, "reason": str(e)})
             continue
         masks = torch.stack([changed_mask(x, y, tol).reshape(-1) for y in ys])  # [N, n]
-        exps = ((x.detach().float().reshape(-1).view(torch.int32) >> 23) & 0xFF).long()
+        if EXACT_BITS in kinds_of:  # integer codes: the tensor is one stratum
+            exact += masks.shape[1]
+            exps = torch.zeros(masks.shape[1], dtype=torch.long)
+        else:
+            exps = ((x.detach().float().reshape(-1).view(torch.int32) >> 23) & 0xFF).long()
         n_s = torch.bincount(exps, minlength=256).double()
         c_s = torch.stack([torch.bincount(exps[m], minlength=256) for m in masks]).double()  # [N, 256]
         safe = torch.where(n_s > 0, n_s, 1)
@@ -147,8 +192,13 @@ def overlap(base: str | Checkpoint, tuned: list[str | Checkpoint], *, tol: float
         done += at.numel
         if progress is not None:
             progress(done, al.compared_params, at.key)
-    return OverlapResult(str(cks[0].ref), [str(c.ref) for c in cks[1:]], float(tol), total, layers, kinds,
-                         consensus.tolist(), skipped)
+    res = OverlapResult(str(cks[0].ref), [str(c.ref) for c in cks[1:]], float(tol), total, layers, kinds,
+                        consensus.tolist(), skipped, exact)
+    if total.numel == 0:
+        first = f" (first skipped: {skipped[0]['name']}: {skipped[0]['reason']})" if skipped else ""
+        raise SubnetscopeError(f"nothing to compare: of {len(al.tensors)} tensor(s) aligned across {res.base} and "
+                               f"{N} fine-tunes, none has elements of a comparable dtype{first}")
+    return res
 
 
 def _intersections(masks: torch.Tensor) -> np.ndarray:

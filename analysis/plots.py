@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import plotly.graph_objects as go
 
+from analysis.diff import PAPER_TOL
+
 
 def _layout(fig: go.Figure, title: str, x: str, y: str) -> go.Figure:
     fig.update_layout(title=title, xaxis_title=x, yaxis_title=y, margin=dict(l=10, r=10, t=40, b=10),
@@ -44,7 +46,6 @@ def params_by_layer(summary: dict, label: str = "") -> go.Figure:
 
 # ---------------------------------------------------------------------------- update sparsity
 
-PAPER_TOL = 1e-5
 
 
 def sparsity_sweep(sweeps: dict[str, list[dict]], tol: float | None = None) -> go.Figure:
@@ -137,6 +138,11 @@ def absorption(rows: list[dict], tol: float) -> go.Figure:
 
 # ---------------------------------------------------------------------------- overlap
 
+def _f2(x) -> str:
+    """Two decimals, or "undefined" for a ratio that is None (e.g. o1 of a run that changed nothing)."""
+    return "undefined" if x is None else f"{x:.2f}"
+
+
 def overlap_matrix(pairs: list[dict], labels: list[str], field: str = "o1") -> go.Figure:
     """N × N matrix: cell (a, b) = |I_a ∩ I_b| / |I_a| (o1 above the diagonal, o2 below), the
     text showing the measured value over its random and magnitude-matched baselines."""
@@ -147,8 +153,8 @@ def overlap_matrix(pairs: list[dict], labels: list[str], field: str = "o1") -> g
         a, b = p["a"], p["b"]
         z[a][b] = p["o1"]
         z[b][a] = p["o2"]
-        text[a][b] = f"{p['o1']:.2f}<br>rand {p['o1_random']:.2f}<br>matched {p['o1_matched']:.2f}"
-        text[b][a] = f"{p['o2']:.2f}<br>rand {p['o2_random']:.2f}<br>matched {p['o2_matched']:.2f}"
+        text[a][b] = f"{_f2(p['o1'])}<br>rand {_f2(p['o1_random'])}<br>matched {_f2(p['o1_matched'])}"
+        text[b][a] = f"{_f2(p['o2'])}<br>rand {_f2(p['o2_random'])}<br>matched {_f2(p['o2_matched'])}"
     fig = go.Figure(go.Heatmap(z=z, x=labels, y=labels, text=text, texttemplate="%{text}", colorscale="Blues",
                                zmin=0, zmax=1, hovertemplate="%{y} ∩ %{x} / |%{y}|: %{z:.3f}<extra></extra>"))
     fig.update_yaxes(autorange="reversed")
@@ -200,7 +206,8 @@ def roc_curves(curves: dict[str, dict]) -> go.Figure:
     """ROC curves {label: {"fpr": [...], "tpr": [...], "auroc": float}} with the chance diagonal."""
     fig = go.Figure()
     for label, c in curves.items():
-        fig.add_scatter(x=c["fpr"], y=c["tpr"], mode="lines", name=f"{label} (AUROC {c['auroc']:.3f})")
+        auc = "undefined" if c["auroc"] is None else f"{c['auroc']:.3f}"
+        fig.add_scatter(x=c["fpr"], y=c["tpr"], mode="lines", name=f"{label} (AUROC {auc})")
     fig.add_scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(dash="dot", color="gray"), name="chance")
     fig.update_xaxes(range=[0, 1])
     fig.update_yaxes(range=[0, 1])

@@ -188,16 +188,17 @@ class Prediction:
     selector: str
     n: int  # elements in scope
     k: int  # changed elements in scope; precision@k selects this many
-    precision_at_k: float
+    precision_at_k: float | None  # None when k = 0 (nothing to select)
     base_rate: float  # k / n: the expected precision@k of a random selector
-    auroc: float  # exact (Mann–Whitney); 0.5 = chance
+    auroc: float | None  # exact (Mann–Whitney); 0.5 = chance; None with no positives or no negatives
     fpr: torch.Tensor  # [points] ROC curve, downsampled for plotting
     tpr: torch.Tensor  # [points]
+    note: str | None = None  # why a value is None
 
     def to_dict(self) -> dict:
         return {"selector": self.selector, "n": self.n, "k": self.k, "precision_at_k": _num(self.precision_at_k),
                 "base_rate": self.base_rate, "auroc": _num(self.auroc),
-                "roc": {"fpr": self.fpr.tolist(), "tpr": self.tpr.tolist()}}
+                "roc": {"fpr": self.fpr.tolist(), "tpr": self.tpr.tolist()}, "note": self.note}
 
 
 def predictive_power(scores: Scores, changed: Mask, *, scope: str = "blocks",
@@ -212,7 +213,10 @@ def predictive_power(scores: Scores, changed: Mask, *, scope: str = "blocks",
             normalization.
         scope (str): ``blocks`` or ``all``. Default: ``blocks``.
     Returns:
-        Prediction
+        Prediction: when the fine-tune changed nothing in scope (k = 0) precision@k and AUROC
+        are None; when it changed every element AUROC is None (no negatives); ``note`` says which.
+    Raises:
+        ImportanceError: a mask that does not cover the scope, or a scope with no elements.
     """
     element = expand(scores, fill=float("-inf"), scope=scope)
     names = scope_names(element, scope)
@@ -229,9 +233,17 @@ def predictive_power(scores: Scores, changed: Mask, *, scope: str = "blocks",
         labels.append(m.reshape(-1).bool())
     y = torch.cat(labels)
     x = flatten(element, scope)
-    k = int(y.sum())
+    n, k = x.numel(), int(y.sum())
+    if n == 0:
+        raise ImportanceError(f"nothing to compare: the scope {scope!r} holds no elements")
+    note = None
+    if k == 0:
+        note = "the fine-tune changed no element in scope: precision@k and AUROC are undefined"
+    elif k == n:
+        note = "the fine-tune changed every element in scope: AUROC is undefined (no unchanged elements)"
     fpr, tpr = roc_curve(x, y, max_points=max_points)
-    return Prediction(scores.selector, x.numel(), k, precision_at_k(x, y, k), k / x.numel(), auroc(x, y), fpr, tpr)
+    return Prediction(scores.selector, n, k, _num(precision_at_k(x, y, k)), k / n, _num(auroc(x, y)), fpr, tpr,
+                      note)
 
 
 def stability(model, selector: str, batches_a, batches_b, *, density: float, scope: str = "blocks",
@@ -251,8 +263,8 @@ def stability(model, selector: str, batches_a, batches_b, *, density: float, sco
     return topk_jaccard(a, b, density, scope=scope)
 
 
-def _num(x: float):
-    return None if math.isnan(x) else x  # NaN -> null in JSON
+def _num(x: float | None):
+    return None if x is None or math.isnan(x) else x  # NaN -> null in JSON
 
 
 def _jsonable(t: torch.Tensor) -> list:

@@ -61,7 +61,11 @@ cols = st.columns(len(results))
 for col, (ref, r) in zip(cols, results.items()):
     col.metric(pair_label(ref), f"{r['update_sparsity']:.2%}",
                help="Update sparsity: the fraction of elements unchanged at τ (DESIGN.md §3).")
-    col.caption(f"unchanged at τ = {tol:g}: {r['changed_params']:,} of {r['total_params']:,} changed")
+    col.caption(f"changed at τ = {tol:g}: {r['changed_params']:,} of {r['total_params']:,} elements")
+    exact = r.get("by_compare", {}).get("exact_bits", {})
+    if exact.get("numel"):
+        col.caption(f"of which compared by exact bits (integer / bool / packed tensors, τ does not apply): "
+                    f"{exact['changed']:,} of {exact['numel']:,} elements in {exact['tensors']} tensors changed")
 
 st.plotly_chart(plots.sparsity_sweep({pair_label(k): v["tolerance_sweep"] for k, v in results.items()}, tol),
                 key="sweep")
@@ -93,8 +97,9 @@ if not layers.empty:
     st.dataframe(layers, hide_index=True)
 
 tensors = pd.DataFrame(r["tensors"])
-show = ["name", "kind", "layer", "shape", "numel", "changed", "update_sparsity", "delta_fro", "max_abs_delta"]
-show += [c for c in ("rank", "rank_fraction") if c in tensors]
+show = ["name", "kind", "layer", "shape", "dtype", "compare", "numel", "changed", "update_sparsity", "delta_fro",
+        "max_abs_delta", "rank", "rank_fraction"]
+show = [c for c in show if c in tensors]  # compare: "tolerance", or "exact_bits" for integer / bool tensors
 t1, t2 = st.columns(2)
 t1.caption("Most changed tensors")
 t1.dataframe(tensors.sort_values("update_sparsity").head(10)[show], hide_index=True)

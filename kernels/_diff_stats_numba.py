@@ -1,9 +1,12 @@
 """The fused CPU loop of kernels.diff_stats, in numba (imported lazily: numba costs ~0.5 s to import).
 
 One pass over a [R, C] pair of stored tensors: bf16 is read as its uint16 bits and widened by a
-shift (no upcast copy), fp32 is read in place. Threads take blocks of rows, each with private
+shift, fp16 as its int16 bits and widened exactly (normal, subnormal, inf and NaN with its
+payload; no upcast copy), fp32 is read in place. Threads take blocks of rows, each with private
 histograms and accumulators. Torch ops would need ~6 passes over memory and a temporary per
-pass for the same statistics; this loop makes one.
+pass for the same statistics; this loop makes one. With a ``mask`` array (None otherwise: numba
+prunes the store at compile time, so the plain statistics compile without it) the same pass
+marks the changed elements.
 """
 
 import numba
@@ -20,17 +23,34 @@ def _raw(x):  # stored element -> integer bits (for the bit-identity test)
     raise NotImplementedError
 
 
+@numba.njit(nogil=True, cache=True)
+def _fp16_value(x):
+    """fp16 bits (int16) -> the exact float32 value (a plain njit function: LLVM inlines it)."""
+    h = np.uint32(x) & np.uint32(0xFFFF)
+    sign = (h & np.uint32(0x8000)) << np.uint32(16)
+    em = h & np.uint32(0x7FFF)  # exponent and mantissa
+    if em >= np.uint32(0x7C00):  # inf, NaN (payload kept)
+        bits = sign | np.uint32(0x7F800000) | ((em & np.uint32(0x3FF)) << np.uint32(13))
+    elif em >= np.uint32(0x0400):  # normal: rebias the exponent by 127 - 15
+        bits = sign | ((em << np.uint32(13)) + np.uint32(112 << 23))
+    else:  # ±0 and subnormal: m · 2^-24, exact in float32
+        bits = sign | np.float32(np.float32(em) * np.float32(5.9604644775390625e-08)).view(np.uint32)
+    return np.uint32(bits).view(np.float32)
+
+
 @overload(_value, inline="always")
 def _value_impl(x):
-    if x == types.uint16:
+    if x == types.uint16:  # bf16 bits
         return lambda x: np.uint32(np.uint32(x) << np.uint32(16)).view(np.float32)
+    if x == types.int16:  # fp16 bits
+        return lambda x: _fp16_value(x)
     if x == types.float32:
         return lambda x: x
 
 
 @overload(_raw, inline="always")
 def _raw_impl(x):
-    if x == types.uint16:
+    if x == types.uint16 or x == types.int16:
         return lambda x: x
     if x == types.float32:
         return lambda x: np.float32(x).view(np.int32)
@@ -42,7 +62,7 @@ def _bits32(x):
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)
-def loop(bs, ts, tol32, edges32, lut, hist, rows, cols, exp_total, exp_changed, acc):
+def loop(bs, ts, tol32, edges32, lut, hist, rows, cols, exp_total, exp_changed, acc, mask):
     R, C = bs.shape
     nb = hist.shape[0]
     n_edges = edges32.shape[0]
@@ -86,6 +106,8 @@ def loop(bs, ts, tol32, edges32, lut, hist, rows, cols, exp_total, exp_changed, 
                 ec[e] += 1
                 cl[c] += 1
                 nr += 1
+                if mask is not None:
+                    mask[r, c] = True
             rows[r] = nr
         acc[blk, 0] += identical
         acc[blk, 1] += zero

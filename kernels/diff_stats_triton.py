@@ -1,19 +1,23 @@
 """The per-tensor diff statistics of kernels.diff_stats as one fused Triton kernel (CUDA).
 
-One pass over a (base, tuned) pair: each program loads a block of both tensors (any float
-dtype, upcast to float32) and their stored bits, and accumulates with atomics: the identical
-/ zero / non-finite / changed counts, the |Δ| histogram over the tolerance grid (bucket from a
-lookup table on the top bits of |Δ| plus one comparison, as the CPU loop), the exponent-field
-histograms of θ⁰ (all and changed), per-row and per-column changed counts, ‖Δ‖², ‖θ⁰‖² (float64)
-and max |Δ|. Tested against ``diff_stats_reference`` on CUDA, and on CPU under
-``TRITON_INTERPRET=1`` for small shapes.
+One pass over a (base, tuned) pair: each program loads a block of both tensors (bf16, fp16,
+fp32; fp8 is upcast to float32 first through the lookup table that keeps its codes distinct)
+and their stored bits (of the float32 upcasts when the two dtypes differ), and accumulates
+with atomics: the identical / zero / non-finite / changed counts, the |Δ| histogram over the
+tolerance grid (bucket from a lookup table on the top bits of |Δ| plus one comparison, as the
+CPU loop), the exponent-field histograms of θ⁰ (all and changed), per-row and per-column
+changed counts, ‖Δ‖², ‖θ⁰‖² (float64) and max |Δ|; with a mask it also stores the changed flag
+of every element. Exact-bit, empty and float64 pairs take the torch path (kernels.diff_stats).
+Tested against ``diff_stats_reference`` on CUDA, and on CPU under ``TRITON_INTERPRET=1`` for
+small shapes.
 """
 
 from __future__ import annotations
 
 import torch
 
-from kernels.diff_stats import EDGES32, N_BINS, DiffStats, _bits, _bucket_lut, _prepare, f32_floor
+from kernels.diff_stats import (EDGES32, N_BINS, TOLERANCE, DiffStats, _bits, _bucket_lut, _special, _upcast32,
+                                f32_floor)
 
 try:  # Triton is optional: CPU-only installs use the numba loop or the torch reference
     import triton
@@ -32,8 +36,8 @@ if triton is not None:
     @triton.jit
     def _diff_stats_kernel(b_ptr, t_ptr, bb_ptr, tb_ptr, n, ncols, tol32, edges_ptr, lut_ptr,
                            counts_ptr, sums_ptr, max_ptr, hist_ptr, exp_total_ptr, exp_changed_ptr,
-                           rows_ptr, cols_ptr, N_EDGES: tl.constexpr, NB: tl.constexpr,
-                           HAS_ROWS: tl.constexpr, BLOCK: tl.constexpr):
+                           rows_ptr, cols_ptr, mask_ptr, N_EDGES: tl.constexpr, NB: tl.constexpr,
+                           HAS_ROWS: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
         pid = tl.program_id(0)
         offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         valid = offs < n
@@ -58,6 +62,8 @@ if triton is not None:
         e = (bv.to(tl.int32, bitcast=True) >> 23) & 0xFF
         tl.atomic_add(exp_total_ptr + e, 1, mask=valid)
         tl.atomic_add(exp_changed_ptr + e, 1, mask=changed)
+        if HAS_MASK:
+            tl.store(mask_ptr + offs, changed.to(tl.int8), mask=valid)
         if HAS_ROWS:
             tl.atomic_add(rows_ptr + offs // ncols, 1, mask=changed)
             tl.atomic_add(cols_ptr + offs % ncols, 1, mask=changed)
@@ -75,23 +81,38 @@ if triton is not None:
 _TABLES: dict = {}
 
 
-def diff_stats_triton(base: torch.Tensor, tuned: torch.Tensor, tol: float, block: int = 2048) -> DiffStats:
+def diff_stats_triton(base: torch.Tensor, tuned: torch.Tensor, tol: float, block: int = 2048, *,
+                      with_mask: bool = False) -> DiffStats:
     """Runs the fused kernel (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1).
 
     Args:
-        base, tuned (Tensor): same shape, float dtypes, same device.
+        base, tuned (Tensor): same shape, same device, any dtypes ``kernels.diff_stats.comparison``
+            accepts (exact-bit, empty and float64 pairs are computed with torch).
         tol (float): τ ≥ 0.
         block (int): elements per program. Default: 2048.
+        with_mask (bool): also return the changed mask (``DiffStats.mask``, on the device).
+            Default: False.
     Returns:
         DiffStats (counts exact; sums in float64 by block, so they may differ from the
         reference in the last digits).
+    Raises:
+        Incomparable: complex, or stored differently.
     """
     if triton is None:
         raise ImportError("triton is not installed")
-    _prepare(base, tuned)
+    special = _special(base, tuned, tol, with_mask)
+    if special is not None:
+        return special
     dev = base.device
     b = base.detach().contiguous().reshape(-1)
     t = tuned.detach().contiguous().reshape(-1)
+    same_dtype = b.dtype == t.dtype
+    if same_dtype:
+        bb, tb = _bits(b), _bits(t)  # the stored bits
+    if not same_dtype or b.element_size() == 1:  # fp8, mixed dtypes: float32 values
+        b, t = _upcast32(b), _upcast32(t)
+        if not same_dtype:
+            bb, tb = _bits(b), _bits(t)  # mixed dtypes: bit-identity of the upcasts
     n = b.numel()
     two_d = base.dim() == 2
     ncols = base.shape[1] if two_d else 1
@@ -108,11 +129,11 @@ def diff_stats_triton(base: torch.Tensor, tuned: torch.Tensor, tol: float, block
     exp_changed = torch.zeros(256, **i64)
     rows = torch.zeros(nrows, **i64)
     cols = torch.zeros(ncols, **i64)
-    if n:
-        grid = (triton.cdiv(n, block),)
-        _diff_stats_kernel[grid](b, t, _bits(b), _bits(t), n, ncols, float(f32_floor(tol)), edges, lut, counts,
-                                 sums, mx, hist, exp_total, exp_changed, rows, cols, N_EDGES=len(EDGES32),
-                                 NB=N_BINS, HAS_ROWS=two_d, BLOCK=block)
+    mask = torch.empty(n, dtype=torch.int8, device=dev) if with_mask else counts  # counts: an unused pointer
+    grid = (triton.cdiv(n, block),)
+    _diff_stats_kernel[grid](b, t, bb, tb, n, ncols, float(f32_floor(tol)), edges, lut, counts,
+                             sums, mx, hist, exp_total, exp_changed, rows, cols, mask, N_EDGES=len(EDGES32),
+                             NB=N_BINS, HAS_ROWS=two_d, HAS_MASK=with_mask, BLOCK=block)
     c = counts.cpu().numpy()
     s = sums.cpu().numpy()
     return DiffStats(
@@ -120,5 +141,6 @@ def diff_stats_triton(base: torch.Tensor, tuned: torch.Tensor, tol: float, block
         hist=hist[:N_BINS].cpu().numpy(), row_changed=rows.cpu().numpy() if two_d else None,
         col_changed=cols.cpu().numpy() if two_d else None, exp_total=exp_total.cpu().numpy(),
         exp_changed=exp_changed.cpu().numpy(), sum_sq_delta=float(s[0]), sum_sq_base=float(s[1]),
-        max_abs_delta=float(mx.item()))
+        max_abs_delta=float(mx.item()), compare=TOLERANCE,
+        mask=mask.view(torch.bool).reshape(base.shape) if with_mask else None)
 

@@ -165,9 +165,41 @@ def test_cli_diff_contract_and_mask(planted, tmp_path):
     assert (q["shape"], q["numel"], q["changed"], q["layer"], q["kind"]) == ([64, 64], 4096, 7, 0, "q")
     assert sum(L["changed"] for L in d["layers"]) == e["above"] - 64  # the embedding is outside the layers
     assert d["skipped"] == []
+    # all floating point: every element compared with the tolerance, none by exact bits
+    assert d["by_compare"] == {"tolerance": {"tensors": 21, "numel": N, "changed": e["above"]},
+                               "exact_bits": {"tensors": 0, "numel": 0, "changed": 0}}
+    assert {t["compare"] for t in d["tensors"]} == {"tolerance"}
+    assert {r["unchanged_exact_bits"] for r in d["tolerance_sweep"]} == {0}
+    assert d["delta_histogram"]["numel"] == N
     m = load_mask(mask)
     assert sum(int(v.sum()) for v in m.values()) == e["above"]
     assert m[Q][33:40].sum() == 7 and bool(m[K][20, 3]) and not bool(m[UP][1, 1])
+
+
+def test_mask_from_the_pass_is_the_definition(planted):
+    """on_mask gets the mask of the statistics pass; it equals the one definition
+    (kernels.diff_stats.changed_mask, re-exported as analysis.diff.changed_mask) on every tensor."""
+    from analysis.checkpoints import open_checkpoint
+    from analysis.diff import changed_mask
+    from kernels.diff_stats import changed_mask as definition
+
+    base, tuned, e = planted
+    masks = {}
+    r = diff_checkpoints(base, tuned, tol=1e-5, on_mask=masks.__setitem__)
+    b, t = open_checkpoint(base), open_checkpoint(tuned)
+    for name, m in masks.items():
+        want = definition(b.tensor(name), t.tensor(name), 1e-5)
+        assert torch.equal(m, want) and torch.equal(changed_mask(b.tensor(name), t.tensor(name), 1e-5), want), name
+    assert sum(int(m.sum()) for m in masks.values()) == e["above"]
+    assert all(x.stats.mask is None for x in r.tensors)  # the result keeps statistics, not masks
+
+
+def test_changed_mask_of_an_incomparable_pair_is_one_line():
+    from analysis.diff import changed_mask
+    from analysis.errors import SubnetscopeError
+
+    with pytest.raises(SubnetscopeError, match=r"^dtype int8 vs bfloat16: not compared"):
+        changed_mask(torch.zeros(2, dtype=torch.int8), torch.zeros(2, dtype=torch.bfloat16), 1e-5)
 
 
 def test_cli_diff_bad_tolerance(planted, capsys):

@@ -42,6 +42,8 @@ def test_pair_hand_computed(tmp_path):
     # matched: stratum |θ⁰|=1: 10·10/50 = 2; stratum 0.001: 20·20/50 = 8 -> 10 expected in common
     assert pair["o1_matched"] == pytest.approx(10 / 30) and pair["o2_matched"] == pytest.approx(10 / 30)
     assert r.layers[0].numel == 100 and r.kinds["up"].inter[0, 1] == 15
+    assert pair["note"] is None  # every ratio defined
+    assert r.to_json()["by_compare"] == {"tolerance": {"numel": 100}, "exact_bits": {"numel": 0}}
 
 
 def test_consensus_three_runs_and_cli(tmp_path):
@@ -54,7 +56,7 @@ def test_consensus_three_runs_and_cli(tmp_path):
     ac = d["pairs"][1]  # A vs C: C ⊂ A
     assert (ac["intersection"], ac["o1"], ac["o2"]) == (5, 5 / 30, 1.0)
     keys = {"a", "b", "sparsity_a", "sparsity_b", "o1", "o2", "o1_random", "o2_random", "o1_matched",
-            "o2_matched", "jaccard", "jaccard_random"}
+            "o2_matched", "jaccard", "jaccard_random", "note"}
     assert keys <= set(d["pairs"][0])
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from safetensors.torch import save_file
 from streamlit.testing.v1 import AppTest
 
@@ -49,6 +50,11 @@ def test_update_sparsity_page(family):
     metrics = [m.value for m in at.metric]
     n = 68_160
     assert metrics == [f"{(n - 8) / n:.2%}", f"{(n - 7) / n:.2%}"]
+    # the caption says changed and counts the changed elements (it once said "unchanged" over a changed count)
+    captions = [c.value for c in at.caption]
+    assert "changed at τ = 1e-05: 8 of 68,160 elements" in captions
+    assert "changed at τ = 1e-05: 7 of 68,160 elements" in captions
+    assert not any("unchanged at" in c for c in captions) and not any("exact bits" in c for c in captions)
     charts = at.get("plotly_chart")
     sweep = traces(charts[0].proto.spec)
     assert len(sweep) == 2
@@ -132,3 +138,32 @@ def test_large_checkpoint_runs_as_background_job(family, tmp_path, monkeypatch):
     at.run()
     assert not at.exception
     assert at.metric[0].value == f"{(68_160 - 8) / 68_160:.2%}"
+
+
+def test_update_sparsity_page_shows_exact_bit_tensors(tmp_path):
+    """An int8 (quantized) q_proj: counted by exact bits, said so in a caption and a column."""
+    model = tiny_llama()
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    q = "model.layers.0.self_attn.q_proj.weight"
+    sd[q] = (sd[q] * 100).round().to(torch.int8)
+    tuned = {k: v.clone() for k, v in sd.items()}
+    tuned[q][0, :3] += 1
+    tuned["model.layers.1.mlp.up_proj.weight"][0, :2] += 0.1
+    paths = []
+    for name, s in (("base", sd), ("tuned", tuned)):
+        (tmp_path / name).mkdir()
+        save_file(s, tmp_path / name / "model.safetensors")
+        model.config.to_json_file(tmp_path / name / "config.json")
+        paths.append(str(tmp_path / name))
+    at = _run("update_sparsity.py", paths[0], [paths[1]])
+    assert not at.exception, at.exception
+    assert not at.error
+    n = 68_160
+    assert at.metric[0].value == f"{(n - 5) / n:.2%}"
+    captions = [c.value for c in at.caption]
+    assert "changed at τ = 1e-05: 5 of 68,160 elements" in captions
+    assert ("of which compared by exact bits (integer / bool / packed tensors, τ does not apply): "
+            "3 of 4,096 elements in 1 tensors changed") in captions
+    table = next(df.value for df in at.dataframe if "compare" in df.value.columns)
+    rows = dict(zip(table["name"], table["compare"]))
+    assert rows[q] == "exact_bits" and rows["model.layers.1.mlp.up_proj.weight"] == "tolerance"

@@ -1,14 +1,29 @@
-"""The fused CPU loop against the torch reference, and the reference against hand counts."""
+"""The fused CPU loop against the torch reference, and the reference against hand counts;
+every dtype class (tolerance, exact bits, not comparable), empty tensors and the mask."""
 
 from __future__ import annotations
+
+import math
+import zlib
 
 import numpy as np
 import pytest
 import torch
 
-from kernels.diff_stats import EDGES, EDGES32, N_BINS, diff_stats, diff_stats_cpu, diff_stats_reference, f32_floor
+from kernels.diff_stats import (EDGES, EDGES32, EXACT_BITS, N_BINS, TOLERANCE, Incomparable, changed_mask, comparison,
+                                diff_stats, diff_stats_cpu, diff_stats_reference, dtype_class, f32_floor)
 
-FIELDS = ("numel", "identical", "zero", "nonfinite", "changed")
+FIELDS = ("numel", "identical", "zero", "nonfinite", "changed", "compare")
+IMPLS = (diff_stats_reference, diff_stats_cpu)
+
+
+def _seed(*parts) -> int:
+    """A seed stable across processes (hash() of a str is randomised per process)."""
+    return zlib.crc32(repr(parts).encode())
+
+
+def _same_float(a: float, b: float) -> bool:
+    return (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, rel=1e-9)
 
 
 def _pair(shape, dtype, seed):
@@ -37,16 +52,23 @@ def _same(r, c):
         assert c.row_changed is None
     else:
         assert np.array_equal(r.row_changed, c.row_changed) and np.array_equal(r.col_changed, c.col_changed)
-    assert c.sum_sq_delta == pytest.approx(r.sum_sq_delta, rel=1e-9)
-    assert c.max_abs_delta == r.max_abs_delta
+    assert _same_float(c.sum_sq_delta, r.sum_sq_delta)
+    assert _same_float(c.sum_sq_base, r.sum_sq_base), (c.sum_sq_base, r.sum_sq_base)
+    assert _same_float(c.max_abs_delta, r.max_abs_delta)
+    if r.mask is not None:
+        assert c.mask is not None and torch.equal(r.mask.cpu(), c.mask.cpu())
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("shape", [(1,), (7,), (3, 5), (37, 129), (2, 3, 17), (1031,), (300, 4099)])
 @pytest.mark.parametrize("tol", [0.0, 1e-5, 3.3e-4])
 def test_cpu_loop_matches_reference(dtype, shape, tol):
-    b, t = _pair(shape, dtype, seed=hash((str(dtype), shape)) % 1000)
+    b, t = _pair(shape, dtype, seed=_seed(str(dtype), shape))
     _same(diff_stats_reference(b, t, tol), diff_stats_cpu(b, t, tol))
+
+
+def test_seeds_are_stable():
+    assert _seed("torch.bfloat16", (3, 5)) == 1028618254  # the same in every process
 
 
 def test_chunking_rows_spanning_chunks(monkeypatch):
@@ -71,7 +93,22 @@ def test_hand_counted_example():
         assert s.sum_sq_delta == pytest.approx(2**-40 + 0.25 + 2**-20 + 1.0)
         assert s.exp_total[127] == 1 and s.exp_total[128] == 2  # 1.0 ; 2.0 and 3.0
         assert s.row_changed is None
+        assert math.isnan(s.sum_sq_base)  # θ⁰ holds a NaN: ‖θ⁰‖² is NaN (the JSON's base_fro is None)
+        assert s.compare == TOLERANCE
 
+
+def test_sum_sq_base_by_hand():
+    """‖θ⁰‖²_F (the JSON's base_fro²) over every element, identical ones included."""
+    b = torch.tensor([[1.0, -2.0, 0.5], [3.0, 0.0, -0.25]])
+    t = b.clone()
+    t[0, 0] = 1.5
+    t[1, 2] = float("nan")  # (fp8 e4m3 has no inf: it would saturate to 448)
+    want = 1 + 4 + 0.25 + 9 + 0 + 0.0625
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.float8_e4m3fn):
+        for fn in IMPLS:
+            s = fn(b.to(dtype), t.to(dtype), 1e-5)
+            assert s.sum_sq_base == want, (dtype, fn.__name__)
+            assert s.sum_sq_delta == 0.25 and s.max_abs_delta == 0.5 and (s.changed, s.nonfinite) == (2, 1)
 
 def test_edges_are_inclusive_upper_bounds():
     """|Δ| exactly equal to a grid edge falls in that edge's bin (unchanged at that τ)."""
@@ -95,3 +132,168 @@ def test_f32_floor_is_exact():
 def test_dispatch_on_cpu_uses_loop():
     b, t = _pair((16, 16), torch.bfloat16, 3)
     _same(diff_stats_reference(b, t, 1e-5), diff_stats(b, t, 1e-5))
+
+
+# ------------------------------------------------------------------ dtype classes
+
+def test_dtype_classes():
+    for dt in (torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.float8_e4m3fn, torch.float8_e5m2):
+        assert dtype_class(dt) == TOLERANCE
+    for dt in (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64, torch.bool, torch.uint32,
+               torch.float4_e2m1fn_x2):
+        assert dtype_class(dt) == EXACT_BITS
+    assert comparison(torch.bfloat16, torch.float32) == TOLERANCE  # a bf16 base, an fp32 fine-tune
+    assert comparison(torch.int32, torch.int32) == EXACT_BITS
+
+
+@pytest.mark.parametrize("a, b, match", [
+    (torch.complex64, torch.complex64, "complex64: complex tensors are not compared"),
+    (torch.int8, torch.bfloat16, "dtype int8 vs bfloat16: not compared .a quantized"),
+    (torch.float16, torch.int8, "dtype float16 vs int8"),
+    (torch.int8, torch.int32, "dtype int8 vs int32: not compared .different integer widths"),
+    (torch.bool, torch.uint8, "dtype bool vs uint8"),
+])
+def test_incomparable_pairs_say_why(a, b, match):
+    with pytest.raises(Incomparable, match=match):
+        comparison(a, b)
+    x, y = torch.zeros(3, dtype=a), torch.zeros(3, dtype=b)
+    for fn in (*IMPLS, diff_stats, changed_mask):
+        with pytest.raises(Incomparable, match=match):
+            fn(x, y, 1e-5)
+
+
+def test_int8_exact_bits_ignore_tolerance():
+    """int8 (quantized) pairs: changed iff the stored bits differ, at every τ, however small the step."""
+    g = torch.Generator().manual_seed(_seed("int8"))
+    b = torch.randint(-128, 128, (12, 10), generator=g, dtype=torch.int8)
+    t = b.clone()
+    flips = [(0, 0), (0, 9), (3, 3), (5, 1), (5, 2), (11, 0), (11, 9)]  # 7 elements, steps of ±1 and more
+    for k, (i, j) in enumerate(flips):
+        t[i, j] = int(b[i, j]) + (1 if b[i, j] < 127 else -1) * (1 + k % 2)
+    for fn in (*IMPLS, diff_stats):
+        for tol in (0.0, 1e-5, 1.0, 1e3):
+            s = fn(b, t, tol, with_mask=True)
+            assert (s.compare, s.numel, s.changed, s.identical, s.zero, s.nonfinite) == (EXACT_BITS, 120, 7, 113, 0, 0)
+            assert s.row_changed.tolist() == [2, 0, 0, 1, 0, 2, 0, 0, 0, 0, 0, 2]
+            assert s.col_changed.tolist() == [2, 1, 1, 1, 0, 0, 0, 0, 0, 2]
+            assert [s.unchanged_at(x) for x in (0, 1e-8, 1e-5, 1.0)] == [113] * 4  # constant sweep
+            assert s.hist.sum() == 0 and s.exp_total.sum() == 0  # no |Δ|, no exponent strata
+            assert math.isnan(s.sum_sq_delta) and math.isnan(s.max_abs_delta)
+            assert sorted(map(tuple, s.mask.nonzero().tolist())) == sorted(flips)
+    assert torch.equal(changed_mask(b, t, 1.0), diff_stats_reference(b, t, 0, with_mask=True).mask)
+
+
+def test_packed_int32_bool_and_uint_exact_bits():
+    """GPTQ-style packed int32 words, bool masks, uint8 and float4 (no upcast in torch) by their bits."""
+    q = torch.tensor([[0x12345678, -1], [0, 7]], dtype=torch.int32)
+    q2 = q.clone()
+    q2[0, 1] = 0x7FFFFFFF  # one word: 1 of 4 elements changed, whatever the nibbles
+    bits = torch.tensor([True, False, True, True])
+    u = torch.tensor([0, 255, 128], dtype=torch.uint8)
+    f4 = torch.tensor([1, 2, 3], dtype=torch.uint8).view(torch.float4_e2m1fn_x2)
+    f4t = torch.tensor([1, 2, 4], dtype=torch.uint8).view(torch.float4_e2m1fn_x2)
+    for fn in (*IMPLS, diff_stats):
+        assert fn(q, q2, 1e9).changed == 1
+        assert fn(bits, ~bits, 0).changed == 4 and fn(bits, bits.clone(), 0).changed == 0
+        assert fn(u, torch.tensor([0, 254, 128], dtype=torch.uint8), 1e-5).changed == 1
+        s = fn(f4, f4t, 1.0)
+        assert (s.compare, s.changed) == (EXACT_BITS, 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz,
+                                   torch.float8_e5m2fnuz, torch.float8_e8m0fnu])
+def test_fp8_every_code_pair(dtype):
+    """All 256 × 256 (base, tuned) code pairs: the CPU path agrees with the reference, NaN codes
+    included (torch maps e5m2's six NaN codes to four float32 NaNs; the bits still count)."""
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    b = codes.repeat_interleave(256).reshape(256, 256).view(dtype)
+    t = codes.repeat(256).reshape(256, 256).view(dtype)
+    for tol in (0.0, 1e-5, 0.3):
+        r = diff_stats_reference(b, t, tol, with_mask=True)
+        _same(r, diff_stats_cpu(b, t, tol, with_mask=True))
+        assert r.identical == 256 and r.compare == TOLERANCE
+
+
+def test_fp8_hand_counts():
+    """fp8 takes the tolerance rule on the float32 upcast: e4m3's step at 1.0 is 0.125."""
+    for dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        b = torch.tensor([1.0, 1.0, 2.0, 0.0, -4.0, 0.5, 8.0]).to(dtype)
+        t = torch.tensor([1.0, 1.25, 2.0, -0.0, -4.0, 0.75, 16.0]).to(dtype)
+        for fn in (*IMPLS, diff_stats):
+            assert fn(b, t, 1e-5).changed == 3  # 1 -> 1.25, 0.5 -> 0.75, 8 -> 16; ±0 is |Δ| = 0
+            assert fn(b, t, 0.25).changed == 1  # only the step of 8
+            s = fn(b, t, 0)
+            assert (s.identical, s.zero, s.changed) == (3, 1, 3)
+            assert s.unchanged_at(1e-5) == 4 and s.unchanged_at(1.0) == 6 and s.unchanged_at(10.0 ** 0) == 6
+
+
+def test_fp16_every_code():
+    """fp16 is read as bits and widened in the loop: every one of the 65,536 codes (subnormals,
+    ±inf, NaN payloads) against the reference."""
+    codes = torch.arange(65536, dtype=torch.int32).to(torch.int16)
+    b = codes.view(torch.float16)
+    for shift in (1, 977, 32768):
+        t = torch.roll(codes, shift).view(torch.float16)
+        _same(diff_stats_reference(b, t, 1e-5, with_mask=True), diff_stats_cpu(b, t, 1e-5, with_mask=True))
+    nan_a = torch.tensor([0x7E00, 0x7E01, 0x3C00], dtype=torch.int16).view(torch.float16)  # two NaN payloads, 1.0
+    nan_b = torch.tensor([0x7E01, 0x7E01, 0x3C00], dtype=torch.int16).view(torch.float16)
+    for fn in IMPLS:
+        s = fn(nan_a, nan_b, 1e-5)
+        assert (s.identical, s.nonfinite, s.changed) == (2, 1, 1)  # a NaN payload change is a change
+
+
+def test_float64_compared_in_float64():
+    b = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    t = b + torch.tensor([1e-12, 0.0, 2e-5], dtype=torch.float64)  # 1e-12 vanishes in float32
+    for fn in (*IMPLS, diff_stats):
+        s = fn(b, t, 0)
+        assert (s.identical, s.changed) == (1, 2)
+        assert fn(b, t, 1e-10).changed == 1 and fn(b, t, 1e-5).changed == 1 and fn(b, t, 1e-4).changed == 0
+        assert s.hist[0] == 1  # 1e-12 in (0, 1e-10]
+    mixed = diff_stats_reference(b.float(), t, 0)  # float32 base, float64 fine-tune: compared in float64
+    assert mixed.changed == 2
+
+
+def test_mixed_float_dtypes():
+    """A bf16 base and an fp32 fine-tune: bit-identity on the upcasts, same answer on every path."""
+    b = torch.tensor([[1.0, 2.0, 3.0, 0.0]]).bfloat16()
+    t = b.float().clone()
+    t[0, 1] += 1e-6
+    t[0, 2] += 1e-3
+    t[0, 3] = -0.0
+    for fn in (*IMPLS, diff_stats):
+        s = fn(b, t, 1e-5)
+        assert (s.identical, s.zero, s.changed) == (1, 1, 1)
+        assert fn(b, t, 0).changed == 2
+
+
+@pytest.mark.parametrize("shape", [(0,), (0, 5), (5, 0), (2, 0, 3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn, torch.int8,
+                                   torch.bool, torch.float64])
+def test_empty_tensors_are_zero_counts(shape, dtype):
+    x = torch.zeros(shape, dtype=dtype)
+    for fn in (*IMPLS, diff_stats):
+        s = fn(x, x.clone(), 1e-5, with_mask=True)
+        assert (s.numel, s.changed, s.identical, s.unchanged_at(1e-5), int(s.hist.sum())) == (0, 0, 0, 0, 0)
+        assert s.mask.shape == x.shape
+        if len(shape) == 2:
+            assert (len(s.row_changed), len(s.col_changed)) == shape and s.row_changed.sum() == 0
+        else:
+            assert s.row_changed is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float8_e5m2])
+@pytest.mark.parametrize("shape", [(37, 129), (5000,), (2, 3, 17)])
+def test_mask_from_the_same_pass(dtype, shape, monkeypatch):
+    """with_mask gives the changed mask of the one pass; it equals the public changed_mask
+    (the definition) on every path, also when fp8 is upcast in chunks that cut rows."""
+    import kernels.diff_stats as ds
+
+    monkeypatch.setattr(ds, "CHUNK", 1000)
+    b, t = _pair(shape, dtype, seed=_seed("mask", str(dtype), shape))
+    want = changed_mask(b, t, 1e-5)
+    assert want.shape == b.shape and want.dtype == torch.bool
+    for fn in (*IMPLS, diff_stats):
+        s = fn(b, t, 1e-5, with_mask=True)
+        assert torch.equal(s.mask, want) and int(want.sum()) == s.changed
+        assert fn(b, t, 1e-5).mask is None

@@ -41,3 +41,31 @@ def test_dispatch_by_device():
     """diff_stats picks Triton for CUDA tensors and the CPU loop otherwise; both match."""
     b, t = _pair((64, 65), torch.bfloat16, seed=9)
     _same(diff_stats_reference(b, t, 1e-5), diff_stats(b.to(DEVICE), t.to(DEVICE), 1e-5))
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_fp8_codes_and_mask(dtype):
+    """fp8 is upcast through the table that keeps NaN codes distinct; the mask comes from the pass."""
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    g = torch.Generator().manual_seed(11)
+    b = codes[torch.randint(0, 256, (64, 48), generator=g)].view(dtype)
+    t = b.view(torch.uint8).clone()
+    t[::3] = codes[torch.randint(0, 256, t[::3].shape, generator=g)]
+    t = t.view(dtype)
+    for tol in (0.0, 1e-5, 0.3):
+        r = diff_stats_reference(b, t, tol, with_mask=True)
+        _same(r, diff_stats_triton(b.to(DEVICE), t.to(DEVICE), tol, block=256, with_mask=True))
+        assert 0 < r.changed < b.numel()
+
+
+def test_mixed_dtypes_mask_exact_and_empty():
+    b, t = _pair((19, 33), torch.bfloat16, seed=6)
+    t = t.float()
+    t[0, :5] = b[0, :5].float()  # equal values in another dtype: bit-identical upcasts
+    _same(diff_stats_reference(b, t, 1e-5, with_mask=True),
+          diff_stats_triton(b.to(DEVICE), t.to(DEVICE), 1e-5, block=128, with_mask=True))
+    q = torch.arange(12, dtype=torch.int8).reshape(3, 4)
+    s = diff_stats_triton(q.to(DEVICE), (q + (q == 5)).to(DEVICE), 1.0)
+    assert (s.compare, s.changed, s.row_changed.tolist()) == ("exact_bits", 1, [0, 1, 0])
+    e = diff_stats_triton(torch.zeros(0, 7, device=DEVICE), torch.zeros(0, 7, device=DEVICE), 1e-5, with_mask=True)
+    assert (e.numel, len(e.col_changed), tuple(e.mask.shape)) == (0, 7, (0, 7))
