@@ -36,11 +36,23 @@ _KIND = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a 
          stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device", stat.S_IFLNK: "a symlink"}
 
 
-def os_error(path, e: OSError) -> OutputError:
-    """The one line for an OS error while writing ``path`` (ENOSPC, EROFS, EACCES, EIO ...)."""
-    what = e.strerror or one_line(e)
-    where = e.filename if getattr(e, "filename", None) else path
+def os_error(path, e: Exception) -> OutputError:
+    """The one line for an error while writing ``path`` (ENOSPC, EROFS, EACCES, EIO ...). Besides
+    ``OSError`` it takes what writers built on other layers raise for the same causes
+    (safetensors' ``SafetensorError``, torch's ``RuntimeError`` from its file writer)."""
+    if isinstance(e, OSError):
+        what = e.strerror or one_line(e)
+        where = e.filename if getattr(e, "filename", None) else path
+    else:
+        what, where = one_line(e), path
     return OutputError(f"{where}: cannot write ({what})")
+
+
+def write_errors() -> tuple[type, ...]:
+    """The exception types a failed write of a model or a torch file may raise."""
+    from safetensors import SafetensorError
+
+    return (OSError, RuntimeError, SafetensorError)
 
 
 def _real(path) -> Path:
@@ -81,6 +93,7 @@ class Inputs:
             real = _real(p)
             if real.is_dir():
                 self.dirs.add(real)
+                self.files.update(_real(f) for f in real.iterdir() if f.is_file())  # a checkpoint's files
             else:
                 self.files.add(real)
         except OSError:

@@ -34,7 +34,7 @@ from analysis.finetune.distributed import Distributed
 from analysis.finetune.rundir import RunError
 from analysis.finetune.sparse_adamw import SparseMaskedAdamW, masked_reference_step
 from analysis.finetune.tasks import Task, _tupled, make_task
-from analysis.io import os_error, write_json_atomic
+from analysis.io import os_error, write_errors, write_json_atomic
 
 Mask = dict[str, torch.Tensor]
 
@@ -476,9 +476,9 @@ class _Trainer:
             torch.save(blob, tmp / "state.pt")
             write_json_atomic(tmp / "meta.json", {"step": step, "mask_source": self.config.mask_source,
                                                   "processes": self.dist.world})
-        except (OSError, SubnetscopeError) as e:  # a full disk: the previous state stays whole
+        except (*write_errors(), SubnetscopeError) as e:  # a full disk: the previous state stays whole
             shutil.rmtree(tmp, ignore_errors=True)
-            raise os_error(tmp / "state.pt", e) if isinstance(e, OSError) else e from None
+            raise (e if isinstance(e, SubnetscopeError) else os_error(tmp / "state.pt", e)) from None
         shutil.rmtree(old, ignore_errors=True)
         if cur.exists():
             os.replace(cur, old)
@@ -592,7 +592,7 @@ class _Trainer:
                 self.tokenizer.save_pretrained(tmp)
             shutil.rmtree(self.out / "model", ignore_errors=True)
             os.replace(tmp, self.out / "model")
-        except OSError as e:
+        except write_errors() as e:
             shutil.rmtree(tmp, ignore_errors=True)
             raise os_error(self.out / "model", e) from None
         except BaseException:
