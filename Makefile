@@ -9,8 +9,10 @@ STAMP  := $(VENV)/.installed
 
 PORT ?= 8501
 ADDRESS ?= 127.0.0.1
+# the browser tests drive Debian's Chromium through Playwright (never `playwright install`)
+CHROMIUM := /usr/bin/chromium
 
-.PHONY: run test install demo clean
+.PHONY: run test install demo chromium clean
 
 install: $(STAMP)
 
@@ -36,8 +38,22 @@ run: demo
 	$(PY) -m streamlit run app.py --server.address $(ADDRESS) --server.port $(PORT) \
 		--server.headless true --browser.gatherUsageStats false
 
-test: demo
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+# A fresh Debian machine has no Chromium: install it when we can (root + apt-get); otherwise say how,
+# and the browser tests report themselves as skipped ("not run"), never as passed.
+chromium:
+	@if [ -x $(CHROMIUM) ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing Chromium for the browser tests: apt-get install -y chromium"; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get update -qq && apt-get install -y -qq chromium >/dev/null \
+		|| echo "apt-get could not install Chromium: the browser tests will NOT run."; \
+	else \
+		echo "Chromium is not installed ($(CHROMIUM)): the browser tests will NOT run."; \
+		echo "Install it with: sudo apt-get install -y chromium   (then run make test again)"; \
+	fi
+
+test: demo chromium
+	$(PY) -m pytest -q -rs $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache artifacts

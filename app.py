@@ -17,7 +17,8 @@ pages = [
     st.Page("app_pages/importance.py", title="Importance", icon=":material/leaderboard:"),
     st.Page("app_pages/finetune.py", title="Masked fine-tune", icon=":material/model_training:"),
 ]
-page = st.navigation(pages)
+# the pages across the top; the sidebar starts with the app's name, then the checkpoint picker
+page = st.navigation(pages, position="top")
 st.sidebar.title(":material/biotech: Subnetscope")
 sidebar()
 page.run()
