@@ -347,8 +347,28 @@ def _check_stop(should_stop) -> None:
 # --- building ---------------------------------------------------------------------------------
 
 def _save(model, tokenizer, out: Path) -> None:
-    model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
+    from analysis.io import os_error, write_errors
+
+    try:
+        model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+    except write_errors() as e:  # a full disk: one line (the temporary directory is removed by the caller)
+        raise os_error(out, e) from None
+
+
+CONVERTED_MARKER = ".subnetscope-model"  # in a directory `demo --real` wrote (it may replace it)
+
+
+def _is_demo_dir(d: Path) -> bool:
+    """A demo family directory (its manifest says so): a rebuild may replace it."""
+    try:
+        return json.loads((Path(d) / "manifest.json").read_text()).get("format") == "subnetscope.demo/1"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _is_converted_dir(d: Path) -> bool:
+    return (Path(d) / CONVERTED_MARKER).is_file()
 
 
 def _load_fp32(path: Path):
@@ -390,7 +410,10 @@ def build_demo(out_dir: Path | None = None, *, scale: float = 1.0, progress: boo
         ``manifest.json`` (recipe version, build seconds, and per model: path, parent, steps,
         lr, seed, and greedy exact-match accuracy on the same held-out problems).
     """
+    from analysis.io import check_output_dir
+
     out_dir = Path(out_dir) if out_dir is not None else default_demo_dir()
+    check_output_dir(out_dir, ours=_is_demo_dir)  # never replaces a directory of someone else's files
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     from transformers.utils import logging as hf_logging
@@ -472,8 +495,11 @@ def build_real(out_dir: Path | None = None) -> Path:
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+    from analysis.io import check_output_dir
+
     gguf = _smollm2_gguf()
     out_dir = Path(out_dir) if out_dir is not None else subnetscope_home() / "smollm2-135m-instruct"
+    check_output_dir(out_dir, ours=_is_converted_dir)  # never replaces a directory of someone else's files
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
@@ -487,6 +513,7 @@ def build_real(out_dir: Path | None = None) -> Path:
         model.generation_config = loaded.generation_config
         del loaded
         _save(model, tokenizer, tmp)
+        (tmp / CONVERTED_MARKER).write_text("written by `python -m analysis demo --real`\n")
         _replace_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -426,3 +426,15 @@ def test_check_output_dir_and_file_rules(tmp_path):
         with pytest.raises(OutputError):
             check_output_file(bad, inputs)
     assert check_output_file(tmp_path / "out" / "x.json", inputs) == (tmp_path / "out" / "x.json").resolve()
+
+
+@pytest.mark.parametrize("real", [False, True])
+def test_demo_never_replaces_a_strangers_directory(tmp_path, capsys, real):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "thesis.tex").write_text("years of work")
+    before = tree_digest(out)
+    assert main(["demo", "--out", str(out), *(["--real"] if real else [])]) == 2
+    _one_line_error(capsys, "non-empty directory that Subnetscope did not write")
+    assert tree_digest(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]  # no temporary directory left beside it
