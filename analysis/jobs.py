@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from analysis.checkpoints import fingerprint
-from analysis.io import write_json_atomic
+from analysis.io import os_error, write_json_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,14 +64,17 @@ def start(argv: list[str], refs: list[str], root: Path | None = None) -> JobStat
     st = state(d)
     if st.status in ("running", "done"):
         return st
-    d.mkdir(parents=True, exist_ok=True)
-    for f in ("progress.json", "result.json"):
-        (d / f).unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "analysis", *argv, "--json", str(d / "result.json"),
            "--progress-file", str(d / "progress.json")]
-    with open(d / "log.txt", "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        for f in ("progress.json", "result.json"):
+            (d / f).unlink(missing_ok=True)
+        with open(d / "log.txt", "wb") as log:
+            proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log, stdin=subprocess.DEVNULL,
+                                    start_new_session=True)
+    except OSError as e:  # a full disk or a read-only home: one line for the page
+        raise os_error(d, e) from None
     write_json_atomic(d / "job.json", {"argv": argv, "refs": refs, "pid": proc.pid, "started": time.time()})
     write_json_atomic(d / "progress.json", {"status": "running", "done": 0, "total": 0, "current": ""})
     return state(d)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import streamlit as st
 
 from analysis import jobs
+from analysis.errors import SubnetscopeError
 from analysis.checkpoints import fingerprint
 from analysis.diff import diff_checkpoints
 from analysis.overlap import overlap
@@ -58,7 +59,11 @@ def _job(argv: list[str], refs: list[str], key: str) -> dict | None:
         if stt.status != "missing":
             st.error(f"{argv[0]} job {stt.status}: {stt.error or 'no result'}")
         if st.button(f"Run {argv[0]} in the background", key=f"start_{key}", type="primary"):
-            jobs.start(argv, refs)
+            try:
+                jobs.start(argv, refs)
+            except SubnetscopeError as e:  # e.g. a full disk under the jobs folder: one line, no traceback
+                st.error(str(e))
+                return None
             st.rerun()
         return None
     _poll(d, key)
