@@ -47,6 +47,7 @@ def sft(demo, tmp_path):
 
 def _one_line_error(capsys, *needles) -> str:
     err = capsys.readouterr().err
+    err = "".join(ln for ln in err.splitlines(True) if not ln.startswith("[transformers]"))  # library notices
     assert err.count("\n") == 1 and err.startswith("error: "), err
     for n in needles:
         assert n in err, err
@@ -438,3 +439,19 @@ def test_demo_never_replaces_a_strangers_directory(tmp_path, capsys, real):
     _one_line_error(capsys, "non-empty directory that Subnetscope did not write")
     assert tree_digest(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]  # no temporary directory left beside it
+
+
+def test_finetune_of_a_checkpoint_without_float_weights_is_one_line(tmp_path, capsys):
+    import torch
+    from safetensors.torch import save_file
+
+    model = tiny_llama()
+    d = tmp_path / "int8"
+    d.mkdir()
+    save_file({k: (v * 100).round().clamp(-128, 127).to(torch.int8).contiguous() for k, v in model.state_dict().items()},
+              d / "model.safetensors")
+    model.config.to_json_file(d / "config.json")
+    out = tmp_path / "run"
+    assert main(["finetune", str(d), "--full", "--steps", "1", "--out", str(out)]) == 2
+    _one_line_error(capsys, "holds no floating-point weights to train")
+    assert not out.exists()
