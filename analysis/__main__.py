@@ -23,6 +23,11 @@ def _fmt_int(n) -> str:
     return f"{n:,}" if isinstance(n, int) else str(n)
 
 
+def _ratio(x) -> str:
+    """A ratio with 3 decimals, or "undefined" (None: e.g. o1 of a run that changed nothing)."""
+    return "undefined" if x is None else f"{x:.3f}"
+
+
 def _human_bytes(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
@@ -195,6 +200,10 @@ def cmd_diff(args) -> int:
     print(f"{res.base} -> {res.tuned}")
     print(f"  tolerance {res.tol:g}: {res.changed_params:,} of {res.total_params:,} changed; "
           f"update sparsity {res.update_sparsity:.4%}")
+    exact = d["by_compare"]["exact_bits"]
+    if exact["numel"]:
+        print(f"  of which {exact['numel']:,} elements in {exact['tensors']} integer/bool tensors compared by exact "
+              f"bits (τ does not apply): {exact['changed']:,} changed")
     for r in d["tolerance_sweep"]:
         if r["tolerance"] in (0.0, 1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3):
             print(f"  sparsity at {r['tolerance']:<7g} {r['update_sparsity']:.4%}")
@@ -220,9 +229,12 @@ def cmd_overlap(args) -> int:
     write_json_atomic(args.json, d)
     print(f"base {res.base}; tolerance {res.tol:g}; {res.total.numel:,} elements")
     for p in d["pairs"]:
-        print(f"  {p['a']}-{p['b']}: o1 {p['o1']:.3f} (random {p['o1_random']:.3f}, matched {p['o1_matched']:.3f})  "
-              f"o2 {p['o2']:.3f} (random {p['o2_random']:.3f}, matched {p['o2_matched']:.3f})  "
-              f"jaccard {p['jaccard']:.3f} (random {p['jaccard_random']:.3f})")
+        print(f"  {p['a']}-{p['b']}: o1 {_ratio(p['o1'])} (random {_ratio(p['o1_random'])}, "
+              f"matched {_ratio(p['o1_matched'])})  o2 {_ratio(p['o2'])} (random {_ratio(p['o2_random'])}, "
+              f"matched {_ratio(p['o2_matched'])})  jaccard {_ratio(p['jaccard'])} "
+              f"(random {_ratio(p['jaccard_random'])})")
+        if p.get("note"):
+            print(f"    note: {p['note']}")
     print("  consensus (changed by exactly k runs): " + ", ".join(f"k={k}: {c:,}" for k, c in enumerate(d["consensus"])))
     print(f"wrote {args.json}")
     return 0
@@ -386,8 +398,8 @@ def cmd_evaluate_selectors(args) -> int:
                                                  f"{out['agreement']['jaccard'][i][j] or 0:.2f}"
                                                  for j in range(len(names))))
     for p in out.get("prediction") or []:
-        print(f"  {p['selector']:<18} precision@k {p['precision_at_k']:.3f} (chance {p['base_rate']:.3f})  "
-              f"AUROC {p['auroc']:.3f}")
+        print(f"  {p['selector']:<18} precision@k {_ratio(p['precision_at_k'])} (chance {p['base_rate']:.3f})  "
+              f"AUROC {_ratio(p['auroc'])}" + (f"  ({p['note']})" if p.get("note") else ""))
     for n, j in stability.items():
         print(f"  {n:<18} stability (top-k Jaccard across disjoint data) {j:.3f}")
     print(f"wrote {args.json}")

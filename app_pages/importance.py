@@ -161,7 +161,9 @@ try:
 except SubnetscopeError as e:
     st.error(str(e))
     st.stop()
-if preds:
+if preds and all(p["auroc"] is None for p in preds.values()):  # e.g. a fine-tune that changed nothing
+    st.info(f"{label_of(target)}: {next(iter(preds.values()))['note']}")
+elif preds:
     best = max(preds.values(), key=lambda p: p["auroc"] or 0)
     st.success(f"Best predictor of {label_of(target)}'s changed elements: **{SELECTORS[best['selector']].label}** "
                f"(AUROC {best['auroc']:.3f}, precision@k {best['precision_at_k']:.3f} against a chance of "

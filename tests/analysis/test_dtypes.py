@@ -308,8 +308,6 @@ def test_overlap_group_without_elements(tmp_path):
     assert layers[0]["pairs"][0]["o1"] == 0.0
 
 
-@pytest.mark.xfail(strict=True, reason="needs the cmd_overlap printing change in analysis/__main__.py "
-                                       "(None ratios); remove this marker when it is made")
 def test_cli_overlap_with_a_run_that_changed_nothing(tmp_path, capsys):
     base, p = _runs(tmp_path, torch.ones(10, 10), {"A": [1, 2, 3], "B": []}, lambda x: x + 0.5)
     out = tmp_path / "o.json"
@@ -349,8 +347,6 @@ def test_predictive_power_when_nothing_or_everything_changed(llama_dir):
     assert (p.k, p.precision_at_k, p.auroc) == (p.n, 1.0, None) and "AUROC is undefined" in p.note
 
 
-@pytest.mark.xfail(strict=True, reason="needs the cmd_evaluate_selectors printing change in analysis/__main__.py "
-                                       "(None precision@k / AUROC); remove this marker when it is made")
 def test_cli_evaluate_selectors_against_a_fine_tune_that_changed_nothing(demo, tmp_path):
     out = tmp_path / "e.json"
     assert main(["evaluate-selectors", str(demo / "sft"), "--selectors", "magnitude", "--against-diff",

@@ -36,3 +36,20 @@ def test_importance_page_on_demo(demo):
     auroc = dict(zip(bars[0]["x"], bars[0]["y"]))
     assert auroc["magnitude"] == pytest.approx(expected)
     assert "Best predictor" in at.success[0].value
+
+
+def test_prediction_panel_when_the_fine_tune_changed_nothing(demo, tmp_path):
+    """AUROC is undefined with no changed element: the page says why instead of crashing."""
+    import shutil
+
+    same = tmp_path / "sft-copy"
+    shutil.copytree(demo / "sft", same)
+    at = AppTest.from_file(str(ROOT / "app_pages" / "importance.py"), default_timeout=300)
+    at.session_state["base_ref"] = str(demo / "sft")
+    at.session_state["tuned_refs"] = [str(same)]
+    at.run()
+    assert not at.exception, at.exception
+    assert not at.error, [e.value for e in at.error]
+    notes = [i.value for i in at.info]
+    assert any("changed no element in scope: precision@k and AUROC are undefined" in n for n in notes), notes
+    assert not at.success
