@@ -11,21 +11,32 @@ naming the file and the problem.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import re
+import stat
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 from analysis.errors import SubnetscopeError
-from analysis.structure import KINDS, Architecture, architecture_from_config, normalize_name, tensor_role
+from analysis.structure import (KINDS, Architecture, architecture_from_config, config_mismatch, normalize_name,
+                                tensor_role)
+
+
+# Characters that str.splitlines() breaks on, shown escaped so that a message stays one line
+# even when it quotes a file or tensor name holding one.
+_LINE_BREAKS = {c: repr(chr(c))[1:-1] for c in (0x0A, 0x0B, 0x0C, 0x0D, 0x1C, 0x1D, 0x1E, 0x85, 0x2028, 0x2029)}
 
 
 class CheckpointError(SubnetscopeError):
     """A checkpoint cannot be used; the message is one line naming the file and the problem."""
+
+    def __init__(self, message: str):
+        super().__init__(str(message).translate(_LINE_BREAKS))
 
 
 # safetensors dtype tag -> bytes per element
@@ -39,7 +50,9 @@ _ST_NAME = {"BOOL": "bool", "U8": "uint8", "I8": "int8", "F8_E5M2": "float8_e5m2
             "U16": "uint16", "F16": "float16", "BF16": "bfloat16", "I32": "int32",
             "U32": "uint32", "F32": "float32", "I64": "int64", "U64": "uint64",
             "F64": "float64", "C64": "complex64"}
-_MAX_HEADER = 100 * 1024 * 1024  # the safetensors format's own limit on the header size
+_MAX_HEADER = 100_000_000  # the safetensors format's own limit on the header size (bytes)
+_USIZE = 2**64  # header numbers are unsigned 64-bit integers in the format
+_MAX_JSON = 100_000_000  # config.json / index files larger than this are refused unread
 
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -114,13 +127,15 @@ class Checkpoint:
             torch.Tensor in its stored dtype.
         """
         info = self.tensors[name]
-        handle = self._handle(info.file)
         try:
+            handle = self._handle(info.file)
             if isinstance(handle, dict):
                 return handle[name]
             return handle.get_tensor(name)
+        except CheckpointError:
+            raise
         except Exception as e:  # a file changed or damaged since it was opened
-            raise CheckpointError(f"{info.file}: cannot read tensor {name}: {_one_line(e)}") from None
+            raise CheckpointError(f"{info.file}: cannot read tensor {_q(name)}: {_one_line(e)}") from None
 
     def iter_tensors(self, names=None) -> Iterator[tuple[str, object]]:
         """Yields (stored name, tensor) one at a time, grouped by file."""
@@ -160,16 +175,27 @@ def open_checkpoint(ref: str | os.PathLike, *, revision: str | None = None,
         CheckpointError: one line naming the file and the problem.
     """
     ref_s = str(ref)
+    try:
+        return _open(ref_s, revision, trust_remote_code)
+    except OSError as e:  # anything the specific checks did not foresee, still one line
+        raise CheckpointError(f"{e.filename or ref_s}: cannot read: {_os_reason(e)}") from None
+
+
+def _open(ref_s: str, revision: str | None, trust_remote_code: bool) -> Checkpoint:
     path = Path(ref_s).expanduser()
     source_suffix = ""
-    if not path.exists():
+    st = _stat(path)
+    if st is None:
         if _looks_like_hub_id(ref_s):
             path = resolve_hub_id(ref_s, revision=revision)
             source_suffix = " (hub)"
-        else:
+            st = _stat(path)
+        if st is None:
             raise CheckpointError(f"{ref_s}: no such file or directory")
-    if path.is_dir():
+    if stat.S_ISDIR(st.st_mode):
         ck = _open_dir(ref_s, path, trust_remote_code)
+    elif not stat.S_ISREG(st.st_mode):  # a FIFO or a device would block or never end: refused unopened
+        raise CheckpointError(f"{path}: not a regular file: it is {_file_kind(st.st_mode)}")
     elif path.suffix == ".safetensors":
         tensors = _safetensors_tensors(path)
         ck = _make(ref_s, path, "safetensors", [path], None, tensors, trust_remote_code)
@@ -182,14 +208,86 @@ def open_checkpoint(ref: str | os.PathLike, *, revision: str | None = None,
     return ck
 
 
+def _stat(path: Path) -> os.stat_result | None:
+    """``os.stat`` (links followed), None when nothing is there; a dangling or looping link,
+    a path too long or a directory that cannot be searched is a one-line error."""
+    try:
+        return os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise CheckpointError(f"{path}: broken symbolic link (its target does not exist)") from None
+        return None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot open: {_os_reason(e)}") from None
+    except ValueError:  # an embedded NUL byte
+        raise CheckpointError(f"{str(path)!r}: not a valid path (it holds a NUL byte)") from None
+
+
+def _file_kind(mode: int) -> str:
+    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+             (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"))
+    return next((what for test, what in kinds if test(mode)), "not a plain file")
+
+
+def _os_reason(e: OSError) -> str:
+    """The OS's words for an error (``Permission denied``), without Python's decoration."""
+    if e.errno == errno.ELOOP:
+        return "symbolic link loop (Too many levels of symbolic links)"
+    return e.strerror or _one_line(e) or type(e).__name__
+
+
+def _open_regular(path: Path):
+    """Opens a regular file for reading: returns (binary file, size in bytes).
+
+    Anything else is refused before a byte is read: the type is checked with ``stat`` before
+    opening (opening a device can have effects) and again on the descriptor, which is opened
+    non-blocking so that a FIFO swapped in meanwhile cannot hang the open.
+    """
+    st = _stat(path)
+    if st is None:
+        raise CheckpointError(f"{path}: no such file")
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointError(f"{path}: not a regular file: it is {_file_kind(st.st_mode)}")
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot open: {_os_reason(e)}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise CheckpointError(f"{path}: not a regular file: it is {_file_kind(st.st_mode)}")
+    return os.fdopen(fd, "rb"), st.st_size
+
+
+def _read_json_file(path: Path, what: str):
+    """A small JSON file (config, index): regular, at most 100 MB, UTF-8, parsed."""
+    f, size = _open_regular(path)
+    with f:
+        if size > _MAX_JSON:
+            raise CheckpointError(f"{path}: {size:,} bytes, too large for a {what} (limit {_MAX_JSON:,})")
+        try:
+            raw = f.read()
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot read: {_os_reason(e)}") from None
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        detail = "nested too deeply" if isinstance(e, RecursionError) else _one_line(e)
+        raise CheckpointError(f"{path}: malformed {what} ({detail})") from None
+
+
 def fingerprint(ref: str | os.PathLike) -> tuple:
     """A cheap identity of a reference for caches: (path, [(file, size, mtime_ns)]) of the
     path and, for a directory, the files directly in it. Reads no tensor data."""
     p = Path(str(ref)).expanduser()
-    if not p.exists():
+    try:
+        if not p.exists():
+            return (str(ref), ())
+        files = sorted(f for f in p.iterdir() if f.is_file()) if p.is_dir() else [p]
+        return (str(p.resolve()), tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+    except (OSError, ValueError):  # unreadable: open_checkpoint reports why, in one line
         return (str(ref), ())
-    files = sorted(f for f in p.iterdir() if f.is_file()) if p.is_dir() else [p]
-    return (str(p.resolve()), tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files))
 
 
 def _looks_like_hub_id(ref: str) -> bool:
@@ -222,17 +320,22 @@ def resolve_hub_id(repo_id: str, *, revision: str | None = None) -> Path:
 
 
 def _open_dir(ref: str, d: Path, trust_remote_code: bool) -> Checkpoint:
-    entries = list(d.iterdir())
+    try:
+        entries = list(d.iterdir())
+    except OSError as e:
+        raise CheckpointError(f"{d}: cannot list the directory: {_os_reason(e)}") from None
     if not entries:
         raise CheckpointError(f"{d}: empty directory, not a checkpoint")
     config = _read_config(d)
-    if (d / SAFE_INDEX).is_file():
+    # A name that is there but not a regular file (a directory called model.safetensors, a FIFO,
+    # a broken link) is refused by the reader with its reason, never skipped for another file.
+    if os.path.lexists(d / SAFE_INDEX):
         files, tensors = _sharded(d, d / SAFE_INDEX, _safetensors_tensors)
-    elif (d / "model.safetensors").is_file():
+    elif os.path.lexists(d / "model.safetensors"):
         files, tensors = [d / "model.safetensors"], _safetensors_tensors(d / "model.safetensors")
-    elif (d / BIN_INDEX).is_file():
+    elif os.path.lexists(d / BIN_INDEX):
         files, tensors = _sharded(d, d / BIN_INDEX, _torch_tensors)
-    elif (d / "pytorch_model.bin").is_file():
+    elif os.path.lexists(d / "pytorch_model.bin"):
         files, tensors = [d / "pytorch_model.bin"], _torch_tensors(d / "pytorch_model.bin")
     else:
         shards = sorted(d.glob("*.safetensors"))
@@ -242,14 +345,30 @@ def _open_dir(ref: str, d: Path, trust_remote_code: bool) -> Checkpoint:
                                   f"with {SAFE_INDEX}, or pytorch_model.bin)")
         files, tensors = shards, {}
         for s in shards:
-            tensors.update(_safetensors_tensors(s))
+            _merge_shard(tensors, _safetensors_tensors(s), s)
     return _make(ref, d, "hf-dir", files, config, tensors, trust_remote_code)
+
+
+def _merge_shard(tensors: dict, shard_tensors: dict, shard: Path) -> None:
+    """Adds one shard's tensors; a name held by two shards would make one of them unreachable."""
+    for name, info in shard_tensors.items():
+        if name in tensors:
+            raise CheckpointError(f"{shard}: tensor {_q(name)} is also in {Path(tensors[name][2]).name} "
+                                  f"(each tensor must be in exactly one shard)")
+        tensors[name] = info
 
 
 def _make(ref, path, source, files, config, raw: dict[str, tuple], trust_remote_code) -> Checkpoint:
     """Builds the Checkpoint once names are known: config -> architecture -> roles."""
     cfg_obj = _config_object(path, config, trust_remote_code) if config is not None else None
-    arch = architecture_from_config(cfg_obj, names=raw.keys())
+    try:
+        arch = architecture_from_config(cfg_obj, names=raw.keys())
+    except ValueError as e:  # a size field that is not a positive integer
+        raise CheckpointError(f"{path / 'config.json'}: invalid config ({_one_line(e)})") from None
+    if config is not None and "quantization_config" not in config:  # quantized weights are stored packed
+        problem = config_mismatch(arch, ((name, shape) for name, (shape, _, _) in raw.items()))
+        if problem:
+            raise CheckpointError(f"{path / 'config.json'}: does not match the weights: {problem}")
     tensors = {}
     for name, (shape, dtype, file) in raw.items():
         role = tensor_role(name, arch.family)
@@ -270,12 +389,9 @@ def _model_order(t: TensorInfo) -> tuple:
 
 def _read_config(d: Path) -> dict | None:
     p = d / "config.json"
-    if not p.is_file():
+    if not os.path.lexists(p):
         return None
-    try:
-        cfg = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{p}: malformed config.json ({_one_line(e)})") from None
+    cfg = _read_json_file(p, "config.json")
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{p}: malformed config.json (top level is {type(cfg).__name__}, not an object)")
     return cfg
@@ -286,6 +402,8 @@ def _config_object(path: Path, cfg: dict, trust_remote_code: bool):
     from transformers import CONFIG_MAPPING
 
     where = path / "config.json"
+    if not isinstance(cfg.get("model_type", ""), str):
+        raise CheckpointError(f"{where}: invalid config (model_type is {_q(cfg['model_type'])}, not a string)")
     if cfg.get("auto_map") and not trust_remote_code and cfg.get("model_type") not in CONFIG_MAPPING:
         raise CheckpointError(f"{where}: this model needs remote code (auto_map); "
                               f"pass trust_remote_code only if you trust its author")
@@ -306,66 +424,216 @@ class _PlainConfig:
 
 
 def _sharded(d: Path, index: Path, reader):
-    try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        assert isinstance(weight_map, dict)
-    except Exception as e:
-        raise CheckpointError(f"{index}: malformed index ({_one_line(e) or 'no weight_map'})") from None
+    """Reads an index's shards. The index must map every name to the shard that holds it."""
+    doc = _read_json_file(index, "index")
+    if not isinstance(doc, dict):
+        raise CheckpointError(f"{index}: malformed index (top level is a {type(doc).__name__}, not an object)")
+    weight_map = doc.get("weight_map")
+    if not isinstance(weight_map, dict):
+        got = "no weight_map" if weight_map is None else f"weight_map is a {type(weight_map).__name__}"
+        raise CheckpointError(f"{index}: malformed index ({got}; expected an object of tensor name -> shard file)")
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard:
+            raise CheckpointError(f"{index}: malformed index (weight_map[{_q(name)}] is {_q(shard)}, "
+                                  f"not a shard file name)")
+        if Path(shard).is_absolute() or ".." in Path(shard).parts:
+            raise CheckpointError(f"{index}: malformed index (shard {_q(shard)} for {_q(name)} points "
+                                  f"outside the checkpoint directory)")
     files, tensors = [], {}
-    for shard in dict.fromkeys(weight_map.values()):
-        p = d / shard
-        if not p.is_file():
+    for p in dict.fromkeys(d / shard for shard in weight_map.values()):
+        if not os.path.lexists(p):
             raise CheckpointError(f"{p}: shard listed in {index.name} is missing")
         files.append(p)
-        tensors.update(reader(p))
+        _merge_shard(tensors, reader(p), p)
     absent = [n for n in weight_map if n not in tensors]
     if absent:
         raise CheckpointError(f"{index}: {len(absent)} tensor(s) listed in the index are not in their "
-                              f"shard (first: {absent[0]} in {weight_map[absent[0]]})")
+                              f"shard (first: {_q(absent[0])} in {weight_map[absent[0]]})")
     return files, tensors
 
 
 def read_safetensors_header(path: Path) -> tuple[dict, dict]:
-    """Parses and validates a safetensors header without reading tensor data.
+    """Parses and fully validates a safetensors header without reading tensor data.
 
-    Written here rather than using ``safe_open`` alone because safetensors' own errors
-    (``MetadataIncompleteBuffer``, ``HeaderTooLarge``) do not say which file or by how much;
-    the checks are the format's own (header length, JSON, offsets within the file).
+    The one place where a safetensors file is checked (checkpoints and masks), with the
+    format's own rules, so that a file accepted here is one ``safe_open`` reads and every
+    number in its header is consistent with the file before anything is sized from it:
 
+    - a regular file (never a FIFO or device), at least 8 bytes; header length ≤ 100,000,000
+      bytes and within the file;
+    - the header is UTF-8 JSON starting with ``{``, padded after the object with spaces only;
+      no duplicate keys, no NaN/Infinity, no lone surrogates (``"\\udc80"``);
+    - ``__metadata__`` (optional, may be null) maps strings to strings;
+    - every tensor entry is an object with exactly ``dtype`` (a known tag), ``shape`` (a list
+      of integers in [0, 2⁶⁴)) and ``data_offsets`` (two integers, begin ≤ end), whose byte
+      count is numel × itemsize without overflow (an empty tensor may not claim a dimension
+      larger than the file either);
+    - sorted by offsets, the tensors tile the data section exactly: the first starts at 0,
+      each starts where the previous ends, and the last ends at the end of the file.
+
+    Where ``safe_open`` is more lenient than the format's description (a name given twice,
+    extra fields in an entry, whitespace other than trailing spaces around the JSON), the
+    file is refused: a header open to two readings is not read. Written here rather than
+    relying on ``safe_open`` because its errors (``InvalidOffset``, ``MetadataIncompleteBuffer``
+    ...) say neither which file nor what is wrong.
+
+    Args:
+        path (Path): a ``.safetensors`` file.
     Returns:
-        (tensors, metadata): ``{name: {"dtype", "shape", "data_offsets"}}`` and ``__metadata__``.
+        (tensors, metadata): ``{name: {"dtype", "shape", "data_offsets"}}`` in header order,
+        and the ``__metadata__`` strings (``{}`` when absent).
+    Raises:
+        CheckpointError: one line naming the file and the first problem found.
     """
-    size = path.stat().st_size
-    if size < 8:
-        raise CheckpointError(f"{path}: not a safetensors file ({size} bytes, shorter than its 8-byte header length)")
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        if n > size - 8 or n > _MAX_HEADER:
-            raise CheckpointError(f"{path}: not a valid safetensors file (header length {n} "
-                                  f"exceeds the file's {size} bytes): truncated or not safetensors")
-        raw = f.read(n)
-    try:
-        header = json.loads(raw)
-        assert isinstance(header, dict)
-    except Exception:
-        raise CheckpointError(f"{path}: not a valid safetensors file (header is not JSON)") from None
-    meta = header.pop("__metadata__", None) or {}
-    data_len = size - 8 - n
-    end = 0
-    for name, t in header.items():
+    f, size = _open_regular(path)
+    with f:
+        if size < 8:
+            raise CheckpointError(f"{path}: not a safetensors file ({size} bytes, shorter than its "
+                                  f"8-byte header length)")
         try:
-            dtype, shape, (b, e) = t["dtype"], [int(s) for s in t["shape"]], t["data_offsets"]
-            need = math.prod(shape) * _ST_ITEMSIZE[dtype]
-        except Exception:
-            raise CheckpointError(f"{path}: corrupt safetensors header entry for {name!r}") from None
-        if e - b != need or b < 0:
-            raise CheckpointError(f"{path}: corrupt safetensors header: {name} declares {e - b} bytes "
-                                  f"for shape {shape} {dtype} ({need} expected)")
-        end = max(end, e)
+            n = int.from_bytes(f.read(8), "little")
+            if n > _MAX_HEADER:
+                raise CheckpointError(f"{path}: not a valid safetensors file (header length {n} exceeds "
+                                      f"the format's limit of {_MAX_HEADER:,} bytes)")
+            if n > size - 8:
+                raise CheckpointError(f"{path}: not a valid safetensors file (header length {n} "
+                                      f"exceeds the file's {size} bytes): truncated or not safetensors")
+            raw = f.read(n)
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot read: {_os_reason(e)}") from None
+    if len(raw) != n:
+        raise CheckpointError(f"{path}: truncated while reading its header ({len(raw)} of {n} bytes)")
+    header = _parse_header(path, raw)
+    meta = header.pop("__metadata__", None)
+    if meta is None:
+        meta = {}
+    elif not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        bad = meta if not isinstance(meta, dict) else next(v for v in meta.values() if not isinstance(v, str))
+        raise CheckpointError(f"{path}: corrupt safetensors header: __metadata__ must map strings to "
+                              f"strings (found {type(bad).__name__} {_q(bad)})")
+    spans = sorted((_check_entry(path, name, t, size), name) for name, t in header.items())
+    end = 0
+    for (b, e), name in spans:
+        if b != end:
+            what = ("overlaps the previous tensor's data" if b < end else
+                    f"leaves {b - end} bytes unused before it")
+            after = "the previous tensor's data ends at" if end else "the data section starts at"
+            raise CheckpointError(f"{path}: corrupt safetensors header: tensor {_q(name)} starts at byte {b} "
+                                  f"but {after} {end} ({what})")
+        end = e
+    data_len = size - 8 - n
     if end > data_len:
         raise CheckpointError(f"{path}: truncated: the header declares {end} bytes of tensor data "
                               f"but the file holds {data_len}")
+    if end < data_len:
+        raise CheckpointError(f"{path}: corrupt safetensors file: {data_len - end} bytes after the "
+                              f"last tensor's data (the header covers {end} of {data_len})")
     return header, meta
+
+
+def _parse_header(path: Path, raw: bytes) -> dict:
+    """The header bytes as a dict, held to the format's JSON rules (see read_safetensors_header)."""
+    bad = f"{path}: not a valid safetensors file"
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{bad} (header is not UTF-8: byte {e.start})") from None
+    if not text.startswith("{"):
+        raise CheckpointError(f"{bad} (header does not start with '{{': {_q(text[:20])})")
+    try:
+        header, stop = _HEADER_JSON.raw_decode(text)
+    except RecursionError:
+        raise CheckpointError(f"{bad} (header is not JSON: nested too deeply)") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{bad} (header is not JSON: {e.msg} at character {e.pos})") from None
+    except ValueError as e:  # raised by the hooks below, or an integer too long to convert
+        raise CheckpointError(f"{bad} (header: {_one_line(e)})") from None
+    rest = text[stop:]
+    if rest.strip(" "):
+        kind = "NUL bytes" if not rest.strip(" \0") else _q(rest.strip(" ")[:20])
+        raise CheckpointError(f"{bad} (header has {kind} after its JSON object; the format pads "
+                              f"the header with spaces only)")
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{bad} (header is not a JSON object)")
+    return header
+
+
+def _strict_pairs(pairs: list) -> dict:
+    """json object hook: no duplicate keys, no lone surrogates (serde_json refuses them too)."""
+    d = {}
+    for k, v in pairs:
+        if k in d:
+            raise ValueError(f"duplicate key {_q(k)}")
+        for x in (k, v):
+            if isinstance(x, str) and not _is_utf8(x):
+                raise ValueError(f"lone surrogate in the string {_q(x)}")
+        d[k] = v
+    return d
+
+
+def _is_utf8(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+# serde_json reads "-0" as a float, which the format's integers refuse; Python would read 0
+_HEADER_JSON = json.JSONDecoder(object_pairs_hook=_strict_pairs, parse_constant=_no_constant,
+                                parse_int=lambda s: -0.0 if s == "-0" else int(s))
+_ENTRY_FIELDS = ("data_offsets", "dtype", "shape")
+
+
+def _check_entry(path: Path, name: str, t, file_size: int) -> tuple[int, int]:
+    """Checks one tensor entry of a header; returns its (begin, end) data offsets."""
+    where = f"{path}: corrupt safetensors header entry for {_q(name)}"
+    if not isinstance(t, dict):
+        raise CheckpointError(f"{where}: a {type(t).__name__}, not an object")
+    if sorted(t) != list(_ENTRY_FIELDS):
+        missing = [k for k in _ENTRY_FIELDS if k not in t]
+        extra = [k for k in t if k not in _ENTRY_FIELDS]
+        problem = f"no {missing[0]!r}" if missing else f"unexpected field {_q(extra[0])}"
+        raise CheckpointError(f"{where}: {problem} (expected exactly dtype, shape, data_offsets)")
+    dtype, shape, offsets = t["dtype"], t["shape"], t["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in _ST_ITEMSIZE:
+        raise CheckpointError(f"{where}: unsupported dtype {_q(dtype)} (expected one of {', '.join(_ST_ITEMSIZE)})")
+    if not isinstance(shape, list) or not all(_is_u64(d) for d in shape):
+        raise CheckpointError(f"{where}: shape {_q(shape)} is not a list of non-negative integers")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_u64(o) for o in offsets):
+        raise CheckpointError(f"{where}: data_offsets {_q(offsets)} is not two non-negative integers")
+    b, e = offsets
+    if e < b:
+        raise CheckpointError(f"{where}: data_offsets [{b}, {e}] end before they begin")
+    numel = 1
+    for d in shape:  # left to right like the format's checked multiplication: no bignum blow-up
+        numel *= d
+        if numel >= _USIZE:
+            raise CheckpointError(f"{where}: shape {_q(shape)} overflows 64 bits")
+    need = numel * _ST_ITEMSIZE[dtype]
+    if need >= _USIZE:
+        raise CheckpointError(f"{where}: shape {_q(shape)} {dtype} overflows 64 bits")
+    if e - b != need:
+        raise CheckpointError(f"{path}: corrupt safetensors header: {_q(name)} declares {e - b} bytes "
+                              f"for shape {shape} {dtype} ({need} expected)")
+    if numel == 0 and shape and max(shape) > file_size:  # per-row arrays are sized from dimensions
+        raise CheckpointError(f"{where}: dimension {max(shape)} of an empty tensor exceeds the file's "
+                              f"{file_size} bytes")
+    return b, e
+
+
+def _is_u64(x) -> bool:
+    return type(x) is int and 0 <= x < _USIZE
+
+
+def _q(x, limit: int = 80) -> str:
+    """repr for messages: quoted, escaped (one line), shortened."""
+    r = repr(x)
+    return r if len(r) <= limit else r[: limit - 1] + "…"
 
 
 def _safetensors_tensors(path: Path) -> dict[str, tuple]:
@@ -377,20 +645,34 @@ def _torch_load(path: Path) -> dict:
     """``torch.load(weights_only=True)``, memory-mapped when the file is a zip archive.
 
     weights_only refuses any pickled object other than tensors and plain containers, so a
-    payload that would run code is rejected before anything executes.
+    payload that would run code is rejected before anything executes. The file is first
+    opened here (a regular file only, non-blocking), so that a FIFO or an unreadable file is
+    a one-line error rather than a hang or a traceback from inside torch.
     """
     import pickle
-    import zipfile
 
     import torch
 
+    f, _ = _open_regular(path)
+    with f:
+        try:
+            is_zip = f.read(4) == b"PK\x03\x04"  # the test torch.load itself applies
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot read: {_os_reason(e)}") from None
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
     except pickle.UnpicklingError as e:
-        detail = str(e).splitlines()
-        hint = next((ln.strip() for ln in detail if "GLOBAL" in ln or "Unsupported" in ln), "")
-        raise CheckpointError(f"{path}: refused to unpickle: the file holds objects other than "
-                              f"tensors (torch.load weights_only=True){': ' + hint if hint else ''}") from None
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        refused = next((ln for ln in lines if "GLOBAL" in ln), None)
+        if refused is not None:  # a real pickle naming a callable: never run
+            what = refused.split("WeightsUnpickler error:")[-1].split(". Please")[0]
+            raise CheckpointError(f"{path}: refused to unpickle: the file holds objects other than "
+                                  f"tensors (torch.load weights_only=True): {_one_line(what)}") from None
+        problem = next((ln for ln in lines if ln.startswith("Unsupported")), lines[-1] if lines else "")
+        raise CheckpointError(f"{path}: not a readable PyTorch state dict (not a pickle torch reads: "
+                              f"{_one_line(problem)})") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read: {_os_reason(e)}") from None
     except Exception as e:
         raise CheckpointError(f"{path}: not a readable PyTorch state dict ({_one_line(e)})") from None
     for key in ("state_dict", "model"):  # common training-checkpoint wrappers
@@ -398,6 +680,10 @@ def _torch_load(path: Path) -> dict:
             obj = obj[key]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path}: not a state dict (expected a dict of tensors)")
+    bad = [k for k in obj if not isinstance(k, str)]
+    if bad:
+        raise CheckpointError(f"{path}: not a state dict (key {_q(bad[0])} is a {type(bad[0]).__name__}, "
+                              f"not a name)")
     return obj
 
 
@@ -481,7 +767,7 @@ def align(checkpoints: list[Checkpoint]) -> Alignment:
     if len(checkpoints) < 2:
         raise CheckpointError("align needs at least two checkpoints")
     _check_same_architecture(checkpoints)
-    keyed = [{t.key: t for t in ck.tensors.values()} for ck in checkpoints]
+    keyed = [_by_key(ck) for ck in checkpoints]
     order = list(dict.fromkeys(k for m in keyed for k in m))
     tensors, missing, mismatched, resized = [], [], [], []
     for key in order:
@@ -507,6 +793,17 @@ def align(checkpoints: list[Checkpoint]) -> Alignment:
     if not tensors:
         raise CheckpointError(f"{checkpoints[1].path}: no tensor names in common with {checkpoints[0].path}")
     return Alignment([c.ref for c in checkpoints], tensors, missing, mismatched, resized)
+
+
+def _by_key(ck: Checkpoint) -> dict[str, TensorInfo]:
+    """Tensors by prefix-normalized name; two stored names on one key would lose one of them."""
+    keyed: dict[str, TensorInfo] = {}
+    for t in ck.tensors.values():
+        if t.key in keyed:
+            raise CheckpointError(f"{ck.path}: tensors {_q(keyed[t.key].name)} and {_q(t.name)} are the same "
+                                  f"tensor once wrapper prefixes are removed ({_q(t.key)}); cannot align them")
+        keyed[t.key] = t
+    return keyed
 
 
 def _check_same_architecture(checkpoints: list[Checkpoint]) -> None:

@@ -8,12 +8,13 @@ row-major flattened mask (big-endian bit order), and ``__metadata__`` =
 from __future__ import annotations
 
 import json
-import math
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from analysis.checkpoints import _LINE_BREAKS, _one_line, _q, read_safetensors_header
 from analysis.errors import SubnetscopeError
 from analysis.io import write_atomic
 
@@ -23,6 +24,9 @@ Mask = dict[str, torch.Tensor]  # name -> BoolTensor shaped like the parameter
 
 class MaskError(SubnetscopeError):
     """A mask file or mask operation that cannot be used, in one line."""
+
+    def __init__(self, message: str):
+        super().__init__(str(message).translate(_LINE_BREAKS))
 
 
 def save_mask(path: str | Path, mask: Mask, source: str = "") -> Path:
@@ -47,35 +51,98 @@ def save_mask(path: str | Path, mask: Mask, source: str = "") -> Path:
 
 
 def load_mask(path: str | Path) -> Mask:
-    """Reads a mask file written by :func:`save_mask`; one-line MaskError otherwise."""
+    """Reads a mask file written by :func:`save_mask`.
+
+    Everything the file declares is checked against the file before a bit is unpacked: a
+    valid safetensors file (``read_safetensors_header``), the mask format tag, ``shapes`` a
+    JSON object of tensor name -> list of non-negative integers naming exactly the stored
+    tensors, and each tensor a 1-D uint8 array of exactly ⌈numel / 8⌉ bytes (packed bits;
+    a bool or float mask stored unpacked is refused, not reinterpreted).
+
+    Args:
+        path: a ``.safetensors`` mask file.
+    Returns:
+        dict[str, BoolTensor]: name -> mask shaped as recorded.
+    Raises:
+        MaskError (or CheckpointError for a file that is not valid safetensors): one line
+        naming the file and the problem.
+    """
     from safetensors import safe_open
 
-    from analysis.checkpoints import read_safetensors_header
-
     path = Path(path)
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise MaskError(f"{path}: no such mask file")
-    _, meta = read_safetensors_header(path)  # clear errors for truncated / foreign files
+    header, meta = read_safetensors_header(path)  # regular file, complete, consistent offsets
     if meta.get("format") != FORMAT:
-        raise MaskError(f"{path}: not a Subnetscope mask (format {meta.get('format')!r}, expected {FORMAT})")
-    try:
-        shapes = json.loads(meta["shapes"])
-    except (KeyError, ValueError):
-        raise MaskError(f"{path}: mask metadata has no valid 'shapes'") from None
+        raise MaskError(f"{path}: not a Subnetscope mask (format {_q(meta.get('format'))}, expected {FORMAT})")
+    shapes = _recorded_shapes(path, meta)
+    for name in shapes:
+        if name not in header:
+            raise MaskError(f"{path}: the metadata gives a shape for {_q(name)}, but the file holds no such tensor")
+    sizes = {}
+    for name, t in header.items():
+        if name not in shapes:
+            raise MaskError(f"{path}: tensor {_q(name)} has no shape in the metadata")
+        shape = shapes[name]
+        if t["dtype"] != "U8" or len(t["shape"]) != 1:
+            raise MaskError(f"{path}: tensor {_q(name)} is stored unpacked or reshaped ({t['dtype']} of shape "
+                            f"{t['shape']}); a mask stores a 1-D uint8 tensor of packed bits (numpy.packbits)")
+        n = _numel(path, name, shape)
+        need, have = (n + 7) // 8, t["shape"][0]
+        if have != need:
+            what = "short of" if have < need else "more than"
+            raise MaskError(f"{path}: tensor {_q(name)} holds {have} bytes of packed bits, {what} the {need} "
+                            f"that its shape {shape} ({n} elements) needs")
+        sizes[name] = n
     out: Mask = {}
-    with safe_open(str(path), framework="pt") as f:
-        for name in f.keys():
-            if name not in shapes:
-                raise MaskError(f"{path}: tensor {name} has no shape in the metadata")
-            n = math.prod(shapes[name])
-            bits = np.unpackbits(f.get_tensor(name).numpy(), count=n, bitorder="big")
-            out[name] = torch.from_numpy(bits.astype(bool)).reshape(shapes[name])
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for name, n in sizes.items():
+                bits = np.unpackbits(f.get_tensor(name).numpy(), count=n, bitorder="big")
+                out[name] = torch.from_numpy(bits.astype(bool)).reshape(shapes[name])
+    except Exception as e:  # the file changed since its header was checked
+        raise MaskError(f"{path}: cannot read the mask: {_one_line(e)}") from None
     return out
 
 
-def mask_source(path: str | Path) -> str:
-    from analysis.checkpoints import read_safetensors_header
+def _recorded_shapes(path: Path, meta: dict) -> dict[str, list[int]]:
+    """The ``shapes`` metadata entry: a JSON object of name -> list of non-negative integers."""
+    if "shapes" not in meta:
+        raise MaskError(f"{path}: mask metadata has no 'shapes'")
 
+    def no_duplicates(pairs):
+        d = dict(pairs)
+        if len(d) != len(pairs):
+            raise ValueError("a name appears twice")
+        return d
+
+    try:
+        shapes = json.loads(meta["shapes"], object_pairs_hook=no_duplicates)
+    except (ValueError, RecursionError) as e:
+        raise MaskError(f"{path}: mask metadata 'shapes' is not valid JSON "
+                        f"({_one_line(e) or 'nested too deeply'})") from None
+    if not isinstance(shapes, dict):
+        raise MaskError(f"{path}: mask metadata 'shapes' is a JSON {type(shapes).__name__}, "
+                        f"expected an object of tensor name -> shape")
+    for name, shape in shapes.items():
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise MaskError(f"{path}: mask metadata gives {_q(name)} the shape {_q(shape)}, "
+                            f"not a list of non-negative integers")
+    return shapes
+
+
+def _numel(path: Path, name: str, shape: list[int]) -> int:
+    """Element count, refused as soon as it exceeds 2⁶⁴ (no bignum products from a hostile file)."""
+    n = 1
+    for d in shape:
+        n *= d
+        if n >= 2**64:
+            raise MaskError(f"{path}: mask metadata gives {_q(name)} the shape {_q(shape)}, "
+                            f"which overflows 64 bits")
+    return n
+
+
+def mask_source(path: str | Path) -> str:
     return read_safetensors_header(Path(path))[1].get("source", "")
 
 

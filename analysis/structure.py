@@ -205,32 +205,115 @@ def architecture_from_config(cfg, names=()) -> Architecture:
     transformers' config classes supply the family defaults (GPT-2's n_inner = 4·n_embd,
     Llama's kv heads = heads, tied embeddings ...) and the attribute aliases (n_layer ->
     num_hidden_layers), so they are used rather than re-implemented here.
+
+    Raises:
+        ValueError: a size field of a known family (``MODEL_TYPE_FAMILY``) that is not a
+            positive integer (for unknown families such a field reads as None).
     """
     if cfg is None:
         return Architecture(None, detect_family(names), *([None] * 9))
-    get = lambda *keys: next((getattr(cfg, k) for k in keys if getattr(cfg, k, None) is not None), None)  # noqa: E731
     model_type = getattr(cfg, "model_type", None) or None
-    hidden = get("hidden_size", "n_embd", "d_model")
-    heads = get("num_attention_heads", "n_head")
-    kv = get("num_key_value_heads") or heads
-    head_dim = get("head_dim") or (hidden // heads if hidden and heads else None)
-    inter = get("intermediate_size", "n_inner", "ffn_dim")
+    known = model_type in MODEL_TYPE_FAMILY
+
+    def size(*keys, minimum: int = 1):
+        """The first field set among keys: an integer ≥ minimum. Anything else is a ValueError
+        for a family whose layout is known, and unknown (None) otherwise."""
+        key = next((k for k in keys if getattr(cfg, k, None) is not None), None)
+        if key is None:
+            return None
+        v = getattr(cfg, key)
+        if type(v) is int and v >= minimum:
+            return v
+        if known:
+            raise ValueError(f"{key} is {v!r}, expected an integer ≥ {minimum}")
+        return None
+
+    hidden = size("hidden_size", "n_embd", "d_model")
+    heads = size("num_attention_heads", "n_head")
+    kv = size("num_key_value_heads") or heads
+    head_dim = size("head_dim")
+    if head_dim is None and hidden and heads and hidden >= heads:
+        head_dim = hidden // heads  # transformers' default
+    inter = size("intermediate_size", "n_inner", "ffn_dim")
     if inter is None and model_type == "gpt2" and hidden:
         inter = 4 * hidden
-    dtype = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)
+    # transformers' config answers `torch_dtype` with a deprecation warning: read the plain field only
+    dtype = getattr(cfg, "dtype", None) or vars(cfg).get("torch_dtype")
     return Architecture(
         model_type=model_type,
         family=detect_family(names, model_type),
-        num_layers=get("num_hidden_layers", "n_layer"),
+        num_layers=size("num_hidden_layers", "n_layer", minimum=0),
         hidden_size=hidden,
         num_heads=heads,
         num_kv_heads=kv,
         head_dim=head_dim,
         intermediate_size=inter,
-        vocab_size=get("vocab_size"),
+        vocab_size=size("vocab_size", minimum=0),
         tie_word_embeddings=getattr(cfg, "tie_word_embeddings", None),
         config_dtype=str(dtype).replace("torch.", "") if dtype is not None else None,
     )
+
+
+def config_mismatch(arch: Architecture, tensors) -> str | None:
+    """The first way a config's sizes disagree with the stored weights, or None.
+
+    Checked for the model types whose layout is known (``MODEL_TYPE_FAMILY``): query heads
+    come in whole groups per kv head; no block index reaches num_layers; and every block's
+    q/k/v/o and gate/up/down weight and bias (GPT-2: c_attn, attn.c_proj, c_fc, mlp.c_proj;
+    BERT: query/key/value, attention.output.dense, intermediate.dense, output.dense) has the
+    shape that hidden_size, num_heads, num_kv_heads, head_dim and intermediate_size imply.
+    A config that disagrees would slice heads and channels wrongly (:func:`unit_slices`).
+    Head counts that multiply out to the same sizes (8 heads of 8 vs 4 of 16) cannot be told
+    apart from shapes and pass.
+
+    Args:
+        arch (Architecture): read from the config.
+        tensors: iterable of (stored name, shape).
+    Returns:
+        str or None: one line, e.g. ``model.layers.0.mlp.up_proj.weight has shape [96, 64],
+        but intermediate_size 100, hidden_size 64 imply [100, 64]``.
+    """
+    if arch.model_type not in MODEL_TYPE_FAMILY:
+        return None
+    H, KV = arch.num_heads, arch.num_kv_heads
+    if H and KV and H % KV:
+        return f"num_heads {H} is not a multiple of num_kv_heads {KV}"
+    for name, shape in tensors:
+        role = tensor_role(name, arch.family)
+        if role.layer is None:
+            continue
+        if arch.num_layers is not None and role.layer >= arch.num_layers:
+            return f"{name} belongs to block {role.layer}, but num_layers is {arch.num_layers}"
+        expected = _expected_shape(role, arch)
+        if expected is not None and tuple(shape) != expected[0]:
+            return f"{name} has shape {list(shape)}, but {expected[1]} imply {list(expected[0])}"
+    return None
+
+
+def _expected_shape(role: TensorRole, arch: Architecture) -> tuple[tuple[int, ...], str] | None:
+    """(shape, the config fields it follows from) of a block's projection weight or bias."""
+    if role.param not in ("weight", "bias"):
+        return None
+    D, H, hd, C = arch.hidden_size, arch.num_heads, arch.head_dim, arch.intermediate_size
+    KV = arch.num_kv_heads or H
+    if role.kind in ("q", "k", "v", "qkv", "o") and D and H and hd:
+        heads, kv_heads = f"num_heads {H} × head_dim {hd}", f"num_kv_heads {KV} × head_dim {hd}"
+        out, inp, why = {
+            "q": (H * hd, D, f"{heads}, hidden_size {D}"),
+            "k": (KV * hd, D, f"{kv_heads}, hidden_size {D}"),
+            "v": (KV * hd, D, f"{kv_heads}, hidden_size {D}"),
+            "qkv": ((H + 2 * KV) * hd, D, f"(num_heads {H} + 2 × num_kv_heads {KV}) × head_dim {hd}, "
+                                          f"hidden_size {D}"),
+            "o": (D, H * hd, f"hidden_size {D}, {heads}"),
+        }[role.kind]
+    elif role.kind in ("gate", "up", "down") and D and C:
+        out, inp, why = (D, C, f"hidden_size {D}, intermediate_size {C}") if role.kind == "down" else \
+            (C, D, f"intermediate_size {C}, hidden_size {D}")
+    else:
+        return None
+    if role.param == "bias":
+        return (out,), why
+    return ((inp, out) if arch.family == "gpt2" else (out, inp)), why  # GPT-2's Conv1D stores [in, out]
 
 
 # ---------------------------------------------------------------------------- heads / channels

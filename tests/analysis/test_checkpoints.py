@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import math
+import os
+import shutil
+import socket
 import struct
+from pathlib import Path
 
 import pytest
 import torch
@@ -170,6 +176,19 @@ def test_align_reports_missing_and_mismatched(tmp_path):
     assert len(al.tensors) + len(al.missing) + len(al.mismatched) == len(sd) + 1
 
 
+def test_align_refuses_names_that_collide_without_prefixes(tmp_path):
+    """model.norm.weight and norm.weight normalize to one key: aligning would drop one of them."""
+    sd = {k: v.contiguous() for k, v in tiny_llama().state_dict().items()}
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    save_file(sd, a)
+    save_file(dict(sd, **{"norm.weight": torch.zeros(64)}), b)
+    assert open_checkpoint(b).total_params == 68_160 + 64  # reading it is fine
+    with pytest.raises(CheckpointError) as ei:
+        align([open_checkpoint(a), open_checkpoint(b)])
+    assert str(ei.value) == (f"{b}: tensors 'model.norm.weight' and 'norm.weight' are the same tensor once "
+                             f"wrapper prefixes are removed ('norm.weight'); cannot align them")
+
+
 def test_align_three_checkpoints(tmp_path):
     ds = []
     for i in range(3):
@@ -303,3 +322,414 @@ def test_different_architectures(tmp_path):
     with pytest.raises(CheckpointError, match="num_layers 3 vs 2"):
         align([open_checkpoint(a), open_checkpoint(c)])
 
+
+
+def _causal_lm(config_cls, model_cls, **kw):
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = getattr(transformers, config_cls)(vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                            num_attention_heads=4, **kw)
+    return getattr(transformers, model_cls)(cfg)
+
+
+@pytest.mark.parametrize("make,unit_rows", [
+    (lambda: tiny_llama(tie=True), {"q": 64, "k": 32, "gate": 96}),
+    (lambda: _causal_lm("LlamaConfig", "LlamaForCausalLM", num_key_value_heads=1, attention_bias=True,
+                        mlp_bias=True), {"q": 32, "k": 8, "gate": 48}),
+    (lambda: _causal_lm("Qwen2Config", "Qwen2ForCausalLM", num_key_value_heads=2), {"q": 32, "k": 16, "gate": 48}),
+    (lambda: _causal_lm("Qwen3Config", "Qwen3ForCausalLM", num_key_value_heads=2, head_dim=16),  # 4 × 16 > 32
+     {"q": 64, "k": 32, "gate": 48}),
+    (lambda: _causal_lm("MistralConfig", "MistralForCausalLM", num_key_value_heads=2), {"q": 32, "k": 16, "gate": 48}),
+    (tiny_gpt2, {"qkv": 96, "up": 128}),
+    (tiny_bert, {"q": 32, "k": 32, "up": 48}),
+])
+def test_config_check_accepts_legitimate_checkpoints(make, unit_rows, tmp_path):
+    """Every family's real layout (GQA, biases, head_dim ≠ hidden/heads, tied, Conv1D) passes the
+    config-vs-weights check, and every head and channel row is then covered by unit_slices."""
+    from analysis.structure import unit_slices
+
+    model = make()
+    model.save_pretrained(tmp_path / "m")
+    ck = open_checkpoint(tmp_path / "m")
+    assert ck.total_params == sum(v.numel() for k, v in model.state_dict().items()
+                                  if not (ck.arch.tie_word_embeddings and k == "lm_head.weight"))
+    covered: dict[str, int] = {}  # rows (or Conv1D columns) of layer 0 that heads / channels cover
+    for t in ck.tensors.values():
+        if t.layer == 0 and t.name.endswith("weight") and len(t.shape) == 2:
+            for sl in unit_slices(t.kind, t.shape, ck.arch):
+                key = "qkv" if t.kind == "qkv" else sl.component
+                covered[key] = covered.get(key, 0) + sl.size * sl.count
+    assert {k: covered[k] for k in unit_rows} == unit_rows
+
+
+def test_config_check_allows_resized_vocab_and_no_config(tmp_path):
+    """A vocabulary resized after the config was written, a quantized layout, and a checkpoint
+    without config.json are not config mismatches."""
+    d = tmp_path / "resized"
+    tiny_llama(vocab=56).save_pretrained(d)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps(dict(cfg, vocab_size=50)))
+    assert open_checkpoint(d).tensors["model.embed_tokens.weight"].shape == (56, 64)
+    q = tmp_path / "quantized"
+    q.mkdir()
+    sd = {k: v.contiguous() for k, v in tiny_llama().state_dict().items()}
+    sd["model.layers.0.self_attn.q_proj.weight"] = torch.zeros(2048, 1, dtype=torch.uint8)  # bnb-style packed
+    save_file(sd, q / "model.safetensors")
+    (q / "config.json").write_text(json.dumps(dict(cfg, quantization_config={"quant_method": "bitsandbytes"})))
+    assert open_checkpoint(q).tensors["model.layers.0.self_attn.q_proj.weight"].shape == (2048, 1)
+    (q / "config.json").write_text(json.dumps(cfg))
+    _one_line_error(q, "q_proj.weight has shape [2048, 1], but num_heads 4 × head_dim 16, hidden_size 64 "
+                       "imply [64, 64]")
+    (q / "config.json").unlink()
+    assert open_checkpoint(q).config is None
+
+
+def test_demo_family_passes_config_check(demo):
+    for name in ("base", "sft", "rl-seed1", "rl-seed2"):
+        ck = open_checkpoint(demo / name)
+        assert (ck.arch.num_heads, ck.arch.num_kv_heads, ck.arch.intermediate_size) == (4, 2, 172)
+
+
+# ------------------------------------------------------------------ bad inputs, table-driven
+# Each case: a builder making one bad file or directory, and a piece of the one-line error it
+# must give. The same input through the CLI must exit 2 with exactly that line on stderr.
+
+def _entry(dtype="F32", shape=(1,), start=0, size=None):
+    n = math.prod(shape) * (size or {"F32": 4, "U8": 1, "BOOL": 1}.get(dtype, 4))
+    return {"dtype": dtype, "shape": list(shape), "data_offsets": [start, start + n]}
+
+
+def _st_file(tmp_path, header, data_len=4, name="bad.safetensors", raw=None, length=None):
+    """A safetensors file from a header (a dict, or raw header bytes) and data_len zero bytes."""
+    raw = json.dumps(header).encode() if raw is None else raw
+    p = tmp_path / name
+    p.write_bytes(struct.pack("<Q", len(raw) if length is None else length) + raw + b"\0" * data_len)
+    return p
+
+
+def _st(header, data_len=4, **kw):
+    return lambda t, m, mp: _st_file(t, header, data_len, **kw)
+
+
+def _st_raw(raw: bytes, data_len=4, **kw):
+    return lambda t, m, mp: _st_file(t, None, data_len, raw=raw, **kw)
+
+
+def _fifo(name):
+    """A FIFO: a reader that opened it would block forever."""
+    def build(t, m, mp):
+        if name == "x.bin":
+            os.mkfifo(t / name)
+            return t / name
+        d = t / "ck"
+        shutil.copytree(m["llama"], d)
+        (d / name).unlink()
+        os.mkfifo(d / name)
+        return d
+    return build
+
+
+def _dir_entry(name):
+    def build(t, m, mp):
+        d = t / "ck"
+        shutil.copytree(m["llama"], d)
+        (d / "model.safetensors").unlink()
+        (d / name).mkdir()
+        return d
+    return build
+
+
+def _symlink(target_name, inside_dir=False):
+    def build(t, m, mp):
+        d = t / "ck"
+        d.mkdir()
+        link = d / ("model.safetensors" if inside_dir else "x.safetensors")
+        link.symlink_to(link if target_name == "self" else (d / target_name if target_name != "/dev/null"
+                                                           else Path("/dev/null")))
+        return d if inside_dir else link
+    return build
+
+
+def _dev_null_bin(t, m, mp):
+    (t / "x.bin").symlink_to("/dev/null")
+    return t / "x.bin"
+
+
+def _socket(t, m, mp):
+    p = t / "x.safetensors"
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(p))
+    s.close()
+    return p
+
+
+def _denied(what):
+    """Unreadable file: tests run as root, so os.open is made to fail as it would for a user."""
+    def build(t, m, mp):
+        if what == "config":
+            d = t / "ck"
+            shutil.copytree(m["llama"], d)
+            target, ref = d / "config.json", d
+        elif what == "bin":
+            target = ref = t / "w.bin"
+            torch.save({"w": torch.zeros(2)}, target)
+        else:
+            target = ref = t / "w.safetensors"
+            save_file({"w": torch.zeros(2)}, target)
+        real_open = os.open
+
+        def fake_open(path, flags, *args, **kw):
+            if Path(path) == target:
+                raise PermissionError(errno.EACCES, "Permission denied", str(path))
+            return real_open(path, flags, *args, **kw)
+
+        mp.setattr(os, "open", fake_open)
+        return ref
+    return build
+
+
+def _bin(obj=None, raw=None):
+    def build(t, m, mp):
+        p = t / "w.bin"
+        if raw is not None:
+            p.write_bytes(raw)
+        else:
+            torch.save(obj, p)
+        return p
+    return build
+
+
+def _index(weight_map=None, raw=None, shards=(("a.safetensors", ("w",)),)):
+    """A sharded directory: shards holding the named 1-element tensors, and an index."""
+    def build(t, m, mp):
+        d = t / "sharded"
+        d.mkdir()
+        for shard, names in shards:
+            if shard.endswith("/"):
+                (d / shard).mkdir()
+            else:
+                save_file({n: torch.zeros(1) for n in names}, d / shard)
+        text = raw if raw is not None else json.dumps({"metadata": {}, "weight_map": weight_map})
+        (d / "model.safetensors.index.json").write_bytes(text if isinstance(text, bytes) else text.encode())
+        return d
+    return build
+
+
+def _glob_shards(t, m, mp):
+    d = t / "shards"
+    d.mkdir()
+    save_file({"w": torch.zeros(1)}, d / "a.safetensors")
+    save_file({"w": torch.ones(1)}, d / "b.safetensors")
+    return d
+
+
+def _config(family, raw=None, **changes):
+    """A copy of a tiny model directory with config.json edited (None deletes a field)."""
+    def build(t, m, mp):
+        d = t / family
+        shutil.copytree(m[family], d)
+        if raw is not None:
+            (d / "config.json").write_bytes(raw)
+            return d
+        cfg = json.loads((d / "config.json").read_text())
+        for k, v in changes.items():
+            if v is None:
+                cfg.pop(k, None)
+            else:
+                cfg[k] = v
+        (d / "config.json").write_text(json.dumps(cfg))
+        return d
+    return build
+
+
+def _big_config(t, m, mp):
+    d = t / "llama"
+    shutil.copytree(m["llama"], d)
+    with open(d / "config.json", "r+b") as f:
+        f.truncate(150_000_000)  # sparse: nothing is written, and nothing may be read
+    return d
+
+
+def _nul_path(t, m, mp):
+    return str(t / "a\0b.safetensors")
+
+
+F = _entry
+BAD_INPUTS = [
+    # --- safetensors header: offsets must tile the data exactly
+    ("overlapping-offsets", _st({"a": F(shape=(2,)), "b": F(start=4)}, 8),
+     "tensor 'b' starts at byte 4 but the previous tensor's data ends at 8 (overlaps the previous tensor's data)"),
+    ("gap-between-tensors", _st({"a": F(), "b": F(start=8)}, 12),
+     "tensor 'b' starts at byte 8 but the previous tensor's data ends at 4 (leaves 4 bytes unused before it)"),
+    ("offsets-not-from-zero", _st({"a": F(start=4)}, 8),
+     "tensor 'a' starts at byte 4 but the data section starts at 0"),
+    ("data-beyond-last-tensor", _st({"a": F()}, 12),
+     "8 bytes after the last tensor's data (the header covers 4 of 12)"),
+    ("header-declares-terabytes", _st({"w": {"dtype": "F32", "shape": [2**20, 2**20], "data_offsets": [0, 2**42]}}, 16),
+     "the header declares 4398046511104 bytes of tensor data but the file holds 16"),
+    ("offsets-end-before-begin", _st({"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 0]}}),
+     "data_offsets [4, 0] end before they begin"),
+    # --- safetensors header: entry types
+    ("negative-dimension", _st({"a": {"dtype": "F32", "shape": [-2, 2], "data_offsets": [0, 4]}}),
+     "entry for 'a': shape [-2, 2] is not a list of non-negative integers"),
+    ("shape-as-string", _st({"a": {"dtype": "F32", "shape": "1", "data_offsets": [0, 4]}}),
+     "shape '1' is not a list of non-negative integers"),
+    ("shape-with-bool", _st({"a": {"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}}),
+     "shape [True] is not a list of non-negative integers"),
+    ("shape-with-float", _st({"a": {"dtype": "F32", "shape": [1.0], "data_offsets": [0, 4]}}),
+     "shape [1.0] is not a list of non-negative integers"),
+    ("float-offsets", _st({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0.0, 4.0]}}),
+     "data_offsets [0.0, 4.0] is not two non-negative integers"),
+    ("three-offsets", _st({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4, 4]}}),
+     "data_offsets [0, 4, 4] is not two non-negative integers"),
+    ("minus-zero-offset", _st_raw(b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [-0, 4]}}'),
+     "data_offsets [-0.0, 4] is not two non-negative integers"),
+    ("unknown-dtype", _st({"a": {"dtype": "F128", "shape": [1], "data_offsets": [0, 4]}}), "unsupported dtype 'F128'"),
+    ("dtype-torch-cannot-read", _st({"a": {"dtype": "F4", "shape": [8], "data_offsets": [0, 4]}}),
+     "unsupported dtype 'F4'"),
+    ("entry-missing-shape", _st({"a": {"dtype": "F32", "data_offsets": [0, 4]}}),
+     "entry for 'a': no 'shape' (expected exactly dtype, shape, data_offsets)"),
+    ("entry-extra-field", _st({"a": dict(F(), offsets=[0, 4])}), "entry for 'a': unexpected field 'offsets'"),
+    ("entry-not-an-object", _st({"a": [0, 4]}), "entry for 'a': a list, not an object"),
+    ("shape-overflows-64-bits", _st({"a": {"dtype": "F32", "shape": [2**32, 2**32, 2**32], "data_offsets": [0, 0]}}, 0),
+     "shape [4294967296, 4294967296, 4294967296] overflows 64 bits"),
+    ("empty-tensor-huge-dimension", _st({"a": {"dtype": "F32", "shape": [0, 2**40], "data_offsets": [0, 0]}}, 0),
+     "dimension 1099511627776 of an empty tensor exceeds the file's"),
+    # --- safetensors header: metadata and names
+    ("metadata-as-list", _st({"__metadata__": ["format", "pt"], "a": F()}),
+     "__metadata__ must map strings to strings (found list ['format', 'pt'])"),
+    ("metadata-non-string-value", _st({"__metadata__": {"step": 1}, "a": F()}),
+     "__metadata__ must map strings to strings (found int 1)"),
+    ("lone-surrogate-name", _st_raw(b'{"\\udc80": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}'),
+     "lone surrogate in the string '\\udc80'"),
+    ("duplicate-tensor-name", _st_raw(b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, '
+                                      b'"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}', 8),
+     "duplicate key 'a'"),
+    # --- safetensors header: JSON and framing
+    ("nan-in-header", _st_raw(b'{"a": {"dtype": "F32", "shape": [NaN], "data_offsets": [0, 4]}}'), "NaN is not JSON"),
+    ("header-padded-with-nul", _st_raw(json.dumps({"a": F()}).encode() + b"\0\0\0"),
+     "header has NUL bytes after its JSON object; the format pads the header with spaces only"),
+    ("text-after-header-object", _st_raw(json.dumps({"a": F()}).encode() + b" x"),
+     "header has 'x' after its JSON object"),
+    ("header-starts-with-space", _st_raw(b" " + json.dumps({"a": F()}).encode()), "header does not start with '{'"),
+    ("header-not-utf8", _st_raw(b'{"\xff": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}'),
+     "header is not UTF-8: byte 2"),
+    ("header-not-json", _st_raw(b'{"a": }'), "header is not JSON: Expecting value at character 6"),
+    ("header-nested-too-deeply", _st_raw(b'{"a":' * 50_000 + b"1" + b"}" * 50_000), "nested too deeply"),
+    ("header-length-over-format-limit", _st_raw(b"{}", length=100_000_001),
+     "header length 100000001 exceeds the format's limit of 100,000,000 bytes"),
+    # --- not a regular file, unreadable
+    ("fifo-named-bin", _fifo("x.bin"), "x.bin: not a regular file: it is a FIFO (named pipe)"),
+    ("fifo-model-safetensors", _fifo("model.safetensors"), "model.safetensors: not a regular file: it is a FIFO"),
+    ("fifo-config-json", _fifo("config.json"), "config.json: not a regular file: it is a FIFO"),
+    ("directory-named-model-safetensors", _dir_entry("model.safetensors"),
+     "model.safetensors: not a regular file: it is a directory"),
+    ("directory-named-config-json", lambda t, m, mp: _config_dir(t, m),
+     "config.json: not a regular file: it is a directory"),
+    ("socket-named-safetensors", _socket, "x.safetensors: not a regular file: it is a socket"),
+    ("character-device-as-bin", _dev_null_bin, "x.bin: not a regular file: it is a character device"),
+    ("symlink-loop", _symlink("self"), "x.safetensors: cannot open: symbolic link loop"),
+    ("broken-symlink", _symlink("gone.safetensors"), "x.safetensors: broken symbolic link"),
+    ("broken-symlink-in-model-dir", _symlink("gone.safetensors", inside_dir=True),
+     "model.safetensors: broken symbolic link"),
+    ("permission-denied-safetensors", _denied("safetensors"), "w.safetensors: cannot open: Permission denied"),
+    ("permission-denied-bin", _denied("bin"), "w.bin: cannot open: Permission denied"),
+    ("permission-denied-config", _denied("config"), "config.json: cannot open: Permission denied"),
+    ("nul-byte-in-path", _nul_path, "not a valid path (it holds a NUL byte)"),
+    # --- PyTorch state dicts
+    ("random-bytes-bin", _bin(raw=bytes(range(256)) * 8), "w.bin: not a readable PyTorch state dict"),
+    ("empty-bin", _bin(raw=b""), "w.bin: not a readable PyTorch state dict"),
+    ("bin-integer-keys", _bin({1: torch.zeros(1)}), "not a state dict (key 1 is a int, not a name)"),
+    ("bin-list-of-tensors", _bin([torch.zeros(1)]), "not a state dict (expected a dict of tensors)"),
+    # --- shard indexes
+    ("index-value-int", _index({"w": 1}), "malformed index (weight_map['w'] is 1, not a shard file name)"),
+    ("index-value-list", _index({"w": ["a.safetensors"]}),
+     "weight_map['w'] is ['a.safetensors'], not a shard file name"),
+    ("index-value-empty", _index({"w": ""}), "weight_map['w'] is '', not a shard file name"),
+    ("index-weight-map-list", _index(["a.safetensors"]), "malformed index (weight_map is a list;"),
+    ("index-without-weight-map", _index(raw='{"metadata": {}}'), "malformed index (no weight_map;"),
+    ("index-top-level-list", _index(raw="[]"), "malformed index (top level is a list, not an object)"),
+    ("index-not-json", _index(raw='{"weight_map": '), "malformed index (Expecting value"),
+    ("index-not-utf8", _index(raw=b'{"weight_map": {"\xff": "a.safetensors"}}'), "malformed index ('utf-8' codec"),
+    ("index-shard-outside-dir", _index({"w": "../a.safetensors"}),
+     "shard '../a.safetensors' for 'w' points outside the checkpoint directory"),
+    ("index-absolute-shard", _index({"w": "/etc/a.safetensors"}), "shard '/etc/a.safetensors' for 'w' points outside"),
+    ("index-shard-is-directory", _index({"w": "a.safetensors"}, shards=(("a.safetensors/", ()),)),
+     "a.safetensors: not a regular file: it is a directory"),
+    ("tensor-in-two-shards", _index({"w": "a.safetensors", "v": "b.safetensors"},
+                                    shards=(("a.safetensors", ("w",)), ("b.safetensors", ("v", "w")))),
+     "b.safetensors: tensor 'w' is also in a.safetensors (each tensor must be in exactly one shard)"),
+    ("tensor-in-two-unindexed-shards", _glob_shards, "b.safetensors: tensor 'w' is also in a.safetensors"),
+    ("index-names-absent-tensor", _index({"w": "a.safetensors", "gone": "a.safetensors"}),
+     "1 tensor(s) listed in the index are not in their shard (first: 'gone' in a.safetensors)"),
+    # --- config.json against the weights
+    ("llama-intermediate-size", _config("llama", intermediate_size=100),
+     "config.json: does not match the weights: model.layers.0.mlp.down_proj.weight has shape [64, 96], "
+     "but hidden_size 64, intermediate_size 100 imply [64, 100]"),
+    ("llama-hidden-size", _config("llama", hidden_size=32, head_dim=None),
+     "model.layers.0.mlp.down_proj.weight has shape [64, 96], but hidden_size 32, intermediate_size 96 imply [32, 96]"),
+    ("llama-heads-not-dividing-rows", _config("llama", num_attention_heads=8, head_dim=None),
+     "model.layers.0.self_attn.k_proj.weight has shape [32, 64], but num_kv_heads 2 × head_dim 8, hidden_size 64 "
+     "imply [16, 64]"),
+    ("llama-head-dim", _config("llama", head_dim=8),
+     "k_proj.weight has shape [32, 64], but num_kv_heads 2 × head_dim 8"),
+    ("llama-kv-heads-not-dividing", _config("llama", num_key_value_heads=3),
+     "num_heads 4 is not a multiple of num_kv_heads 3"),
+    ("llama-fewer-layers", _config("llama", num_hidden_layers=1),
+     "model.layers.1.input_layernorm.weight belongs to block 1, but num_layers is 1"),
+    ("llama-negative-heads", _config("llama", num_attention_heads=-4),
+     "invalid config (num_attention_heads is -4, expected an integer ≥ 1)"),
+    ("model-type-not-string", _config("llama", model_type=["llama"]),
+     "invalid config (model_type is ['llama'], not a string)"),
+    ("gpt2-heads-not-dividing", _config("gpt2", n_head=5),
+     "transformer.h.0.attn.c_attn.bias has shape [96], but (num_heads 5 + 2 × num_kv_heads 5) × head_dim 6, "
+     "hidden_size 32 imply [90]"),
+    ("gpt2-inner-size", _config("gpt2", n_inner=100),
+     "transformer.h.0.mlp.c_fc.bias has shape [128], but intermediate_size 100, hidden_size 32 imply [100]"),
+    ("bert-heads-not-dividing", _config("bert", num_attention_heads=3),
+     "encoder.layer.0.attention.output.dense.weight has shape [32, 32], but hidden_size 32, num_heads 3 × head_dim 10 "
+     "imply [32, 30]"),
+    ("bert-intermediate-size", _config("bert", intermediate_size=64),
+     "encoder.layer.0.intermediate.dense.bias has shape [48], but intermediate_size 64, hidden_size 32 imply [64]"),
+    ("config-too-large", _big_config, "config.json: 150,000,000 bytes, too large for a config.json"),
+    ("config-not-utf8", _config("llama", raw=b'{"model_type": "\xff"}'), "malformed config.json ('utf-8' codec"),
+    ("config-top-level-list", _config("llama", raw=b"[1]"), "malformed config.json (top level is list, not an object)"),
+]
+
+
+def _config_dir(t, m):
+    d = t / "llama"
+    shutil.copytree(m["llama"], d)
+    (d / "config.json").unlink()
+    (d / "config.json").mkdir()
+    return d
+
+
+@pytest.fixture(scope="session")
+def _tiny_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny-models")
+    dirs = {"llama": root / "llama", "gpt2": root / "gpt2", "bert": root / "bert"}
+    tiny_llama().save_pretrained(dirs["llama"])
+    tiny_gpt2().save_pretrained(dirs["gpt2"])
+    tiny_bert().save_pretrained(dirs["bert"])
+    return dirs
+
+
+def test_bad_input_table_size():
+    assert len(BAD_INPUTS) == 79
+    assert len({case[0] for case in BAD_INPUTS}) == len(BAD_INPUTS)
+
+
+@pytest.mark.parametrize("build,expected", [c[1:] for c in BAD_INPUTS], ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input(build, expected, tmp_path, _tiny_dirs, monkeypatch, capsys):
+    from analysis.__main__ import main
+
+    ref = build(tmp_path, _tiny_dirs, monkeypatch)
+    msg = _one_line_error(ref, expected)
+    shown = ref.replace("\0", "\\x00") if isinstance(ref, str) else str(ref)
+    assert shown in msg or str(ref) in msg, msg  # names the file (or the path given)
+    capsys.readouterr()
+    assert main(["inspect", str(ref)]) == 2  # the CLI: exit 2, that one line, nothing else
+    out, err = capsys.readouterr()
+    assert (out, err) == ("", f"error: {msg}\n")
