@@ -63,6 +63,16 @@ def _real(path) -> Path:
         raise OutputError(f"{path}: cannot resolve the path ({e.strerror or one_line(e)})") from None
 
 
+def _stat(path, real: Path) -> os.stat_result | None:
+    """``os.stat`` of the resolved target; None when nothing is there yet."""
+    try:
+        return os.stat(real)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise os_error(path, e) from None
+
+
 def _kind(mode: int) -> str:
     return _KIND.get(stat.S_IFMT(mode), "not a regular file")
 
@@ -160,12 +170,7 @@ def check_output_file(path, inputs: Inputs | Iterable = ()) -> Path:
     """
     inputs = inputs if isinstance(inputs, Inputs) else Inputs(inputs)
     real = _real(path)
-    try:
-        st = os.stat(real)
-    except FileNotFoundError:
-        st = None
-    except OSError as e:
-        raise OutputError(f"{path}: cannot write ({e.strerror or one_line(e)})") from None
+    st = _stat(path, real)
     if st is not None and not stat.S_ISREG(st.st_mode):
         raise OutputError(f"{path}: is {_kind(st.st_mode)}, not a regular file; refusing to replace it")
     inputs.check_file(path, real)
@@ -189,12 +194,7 @@ def check_output_dir(path, inputs: Inputs | Iterable = (), *, ours=None, overwri
     """
     inputs = inputs if isinstance(inputs, Inputs) else Inputs(inputs)
     real = _real(path)
-    try:
-        st = os.stat(real)
-    except FileNotFoundError:
-        st = None
-    except OSError as e:
-        raise OutputError(f"{path}: cannot use as a directory ({e.strerror or one_line(e)})") from None
+    st = _stat(path, real)
     if st is not None and not stat.S_ISDIR(st.st_mode):
         raise OutputError(f"{path}: exists and is {_kind(st.st_mode) if not stat.S_ISREG(st.st_mode) else 'a file'}, "
                           "not a directory")
@@ -225,12 +225,7 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
     """
     path = Path(path)
     target = _real(path)
-    try:
-        st = os.stat(target)
-    except FileNotFoundError:
-        st = None
-    except OSError as e:
-        raise os_error(path, e) from None
+    st = _stat(path, target)
     if st is not None and not stat.S_ISREG(st.st_mode):
         raise OutputError(f"{path}: is {_kind(st.st_mode)}, not a regular file; refusing to replace it")
     tmp = None

@@ -340,11 +340,14 @@ def test_full_disk_while_saving_the_model_keeps_the_training(sft, tmp_path, moun
 
 # ---------------------------------------------------------------- resume and config
 
-def test_resume_of_a_corrupt_state_is_one_line(sft, tmp_path, capsys):
-    out = tmp_path / "run"
-    calls = {"n": 0}
+@pytest.fixture
+def cancelled_run(sft, tmp_path):
+    """A run directory cancelled after its first step (state saved, resumable)."""
     from analysis.finetune.config import FinetuneConfig
     from analysis.finetune.run import run_finetune
+
+    out = tmp_path / "run"
+    calls = {"n": 0}
 
     def stop():
         calls["n"] += 1
@@ -352,6 +355,11 @@ def test_resume_of_a_corrupt_state_is_one_line(sft, tmp_path, capsys):
 
     run_finetune(FinetuneConfig(checkpoint=str(sft), random=0.01, steps=3, batch_size=4, reward_samples=0), out,
                  should_stop=stop)
+    return out
+
+
+def test_resume_of_a_corrupt_state_is_one_line(cancelled_run, capsys):
+    out = cancelled_run
     state = out / "state" / "state.pt"
     state.write_bytes(state.read_bytes()[:100])  # truncated
     assert main(["finetune", "--resume", str(out), "--quiet"]) == 2
@@ -361,20 +369,10 @@ def test_resume_of_a_corrupt_state_is_one_line(sft, tmp_path, capsys):
     _one_line_error(capsys, "meta.json: unreadable saved state")
 
 
-def test_resume_of_a_run_still_training_refused(sft, tmp_path, capsys):
+def test_resume_of_a_run_still_training_refused(cancelled_run, capsys):
     from analysis.finetune.rundir import RunLock
 
-    out = tmp_path / "run"
-    calls = {"n": 0}
-    from analysis.finetune.config import FinetuneConfig
-    from analysis.finetune.run import run_finetune
-
-    def stop():
-        calls["n"] += 1
-        return calls["n"] > 1
-
-    run_finetune(FinetuneConfig(checkpoint=str(sft), random=0.01, steps=3, batch_size=4, reward_samples=0), out,
-                 should_stop=stop)
+    out = cancelled_run
     with RunLock(out):
         assert main(["finetune", "--resume", str(out), "--quiet"]) == 2
         _one_line_error(capsys, "still training")
