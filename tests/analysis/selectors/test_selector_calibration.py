@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from analysis.calibration import CalibrationError, calibration_batches
 from analysis.checkpoints import CheckpointError
-from analysis.demo import EOS, _lm_batch, make_tokenizer, qa_examples
+from analysis.demo_task import EOS, lm_batch, make_tokenizer, qa_examples
 from analysis.models import ModelLoadError, load_model, resolve_device
 
 
@@ -31,7 +31,7 @@ def test_demo_task_matches_the_demo_training_batches(tok):
     batches = calibration_batches("demo", tok, samples=5, batch_size=5, seq_len=64, seed=7)
     examples = qa_examples("train")
     random.Random(7).shuffle(examples)
-    inputs, labels = _lm_batch(examples[:5])  # <bos> Q:ab+cd\nA: answer <eos>, loss on answer and <eos>
+    inputs, labels = lm_batch(examples[:5])  # <bos> Q:ab+cd\nA: answer <eos>, loss on answer and <eos>
     assert torch.equal(batches[0]["input_ids"], inputs) and torch.equal(batches[0]["labels"], labels)
     assert torch.equal(batches[0]["attention_mask"].bool(), inputs != 0)
 
