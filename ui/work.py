@@ -1,21 +1,21 @@
 """Analyses for the pages: small checkpoints inline (cached), large ones as background jobs.
 
 A diff or overlap of a large checkpoint never runs inside the page rerun: it is a job (the
-CLI in a subprocess, analysis/jobs.py) that a fragment polls every second with a progress bar
+CLI in a subprocess, :class:`analysis.jobs.JobDir`) that a fragment polls every second with a progress bar
 and a cancel button; the finished result is read from the job directory.
 """
 
 from __future__ import annotations
 
+import os
+
 import streamlit as st
 
-from analysis import jobs
-from analysis.errors import SubnetscopeError
 from analysis.checkpoints import fingerprint
 from analysis.diff import diff_checkpoints
+from analysis.errors import SubnetscopeError
+from analysis.jobs import JobDir
 from analysis.overlap import overlap
-
-import os
 
 
 def inline_limit() -> int:
@@ -51,8 +51,8 @@ def overlap_of(base: str, tuned: list[str], tol: float, total_params: int, key: 
 
 
 def _job(argv: list[str], refs: list[str], key: str) -> dict | None:
-    d = jobs.jobs_dir() / jobs.job_id(argv, refs)
-    stt = jobs.state(d)
+    job = JobDir.of(argv, refs)
+    stt = job.state()
     if stt.status == "done":
         return stt.result()
     if stt.status in ("failed", "died", "cancelled", "missing"):
@@ -60,25 +60,25 @@ def _job(argv: list[str], refs: list[str], key: str) -> dict | None:
             st.error(f"{argv[0]} job {stt.status}: {stt.error or 'no result'}")
         if st.button(f"Run {argv[0]} in the background", key=f"start_{key}", type="primary"):
             try:
-                jobs.start(argv, refs)
+                job.start(argv, refs)
             except SubnetscopeError as e:  # e.g. a full disk under the jobs folder: one line, no traceback
                 st.error(str(e))
                 return None
             st.rerun()
         return None
-    _poll(d, key)
+    _poll(job, key)
     return None
 
 
-def _poll(d, key: str) -> None:
+def _poll(job: JobDir, key: str) -> None:
     @st.fragment(run_every=1.0)
     def progress():
-        s = jobs.state(d)
+        s = job.state()
         if s.status != "running":
             st.rerun()  # the whole page: it now shows the result (or the error)
         st.progress(s.fraction, text=f"{s.done:,} of {s.total:,} elements — {s.current}")
         if st.button("Cancel", key=f"cancel_{key}"):
-            jobs.cancel(d)
+            job.cancel()
 
     progress()
 

@@ -8,7 +8,7 @@ import json
 import math
 from pathlib import Path
 
-from analysis.finetune.rundir import RunError
+from analysis.jobs import RunError
 
 
 def read_run(run_dir: str | Path) -> dict:

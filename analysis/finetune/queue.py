@@ -1,6 +1,6 @@
 """Runs on disk, and a queue that trains them one at a time.
 
-Every run is a directory (see :mod:`analysis.finetune.run`). The runs the app launches live under
+Every run is a directory (:class:`analysis.jobs.RunDir` owns its layout and state). The runs the app launches live under
 ``$SUBNETSCOPE_HOME/runs/``; a run started from the CLI anywhere else is registered in
 ``runs/index.json`` when it starts, so :func:`list_runs` finds every run of this user whether the
 page or the CLI started it, after a page reload or an app restart.
@@ -19,26 +19,22 @@ import json
 import os
 import re
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from analysis.finetune import rundir
 from analysis.finetune.config import FinetuneConfig
-from analysis.finetune.rundir import ACTIVE, alive, status
 from analysis.io import write_json_atomic
-from analysis.jobs import last_line
+from analysis.jobs import ACTIVE, RunDir, alive, last_line, read_json, spawn, terminate
+from analysis.paths import runs_dir
 
-ROOT = Path(__file__).resolve().parents[2]
+__all__ = ["ACTIVE", "cancel", "enqueue", "ensure_worker", "index_problem", "list_runs", "queued", "register", "running", "runs_dir",
+           "shutdown", "status", "work"]
 
 
-def runs_dir() -> Path:
-    """``$SUBNETSCOPE_RUNS``, or ``$SUBNETSCOPE_HOME/runs``."""
-    from analysis.demo import subnetscope_home
-
-    env = os.environ.get("SUBNETSCOPE_RUNS")
-    return Path(env).expanduser() if env else subnetscope_home() / "runs"
+def status(run_dir: str | Path) -> str:
+    """The status of a run directory (see :meth:`analysis.jobs.RunDir.status`)."""
+    return RunDir(run_dir).status()
 
 
 def register(run_dir: str | Path) -> None:
@@ -48,10 +44,11 @@ def register(run_dir: str | Path) -> None:
     if d.parent == root.resolve():
         return
     index = root / "index.json"
-    try:
-        known = json.loads(index.read_text())
-    except (OSError, ValueError):
-        known = []
+    known, problem = _index(index)
+    if problem:  # keep the unreadable index for its owner to look at; start a new one
+        aside = index.with_name(f"index.json.unreadable-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(index, aside)
+        print(f"warning: {problem}; moved to {aside}", file=sys.stderr)
     if str(d) not in known:
         write_json_atomic(index, known + [str(d)])
 
@@ -60,11 +57,8 @@ def list_runs() -> list[Path]:
     """Every run directory known: those under :func:`runs_dir` and the registered ones that still
     exist, oldest first (by the time their config was written)."""
     root = runs_dir()
-    found = [d for d in root.iterdir() if (d / "config.json").is_file()] if root.is_dir() else []
-    try:
-        found += [Path(p) for p in json.loads((root / "index.json").read_text()) if (Path(p) / "config.json").is_file()]
-    except (OSError, ValueError):
-        pass
+    found = [d for d in root.iterdir() if RunDir(d).config_file.is_file()] if root.is_dir() else []
+    found += [Path(p) for p in _index(root / "index.json")[0] if RunDir(p).config_file.is_file()]
     unique = {d.resolve(): d for d in found}
     return sorted(unique.values(), key=lambda d: ((d / "config.json").stat().st_mtime, d.name))
 
@@ -80,10 +74,11 @@ def enqueue(config: FinetuneConfig, name: str | None = None) -> Path:
     while d.exists():
         n += 1
         d = d.with_name(f"{d.name.rsplit('~', 1)[0]}~{n}")
-    rundir.mark(d)
-    write_json_atomic(d / "summary.json", {"status": "queued", "mask_source": config.mask_source,
+    run = RunDir(d)
+    run.mark()
+    write_json_atomic(run.summary_file, {"status": "queued", "mask_source": config.mask_source,
                                            "task": config.task, "queued": time.time()})
-    write_json_atomic(d / "config.json", config.to_dict())
+    write_json_atomic(run.config_file, config.to_dict())
     return d
 
 
@@ -97,40 +92,25 @@ def running() -> list[Path]:
 
 def cancel(run_dir: str | Path) -> None:
     """A queued run is marked cancelled (never started); a running one gets SIGTERM."""
-    d = Path(run_dir)
-    s = status(d)
+    run = RunDir(run_dir)
+    s = run.status()
     if s == "queued":
-        write_json_atomic(d / "summary.json", {**rundir.summary(d), "status": "cancelled", "steps_done": 0})
-        pid = rundir.pid(d)  # the worker may have just started it: stop that process too
-        if pid is not None and alive(pid):
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except OSError:
-                pass
+        write_json_atomic(run.summary_file, {**run.summary(), "status": "cancelled", "steps_done": 0})
+        terminate(run.pid())  # the worker may have just started it: stop that process too
     elif s == "running":
-        pid = rundir.pid(d)
-        if pid is not None:
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except OSError:
-                pass
+        terminate(run.pid())
 
 
 def ensure_worker() -> int | None:
     """Starts the queue worker unless one is alive or nothing is queued. Returns its pid."""
     lock = runs_dir() / "worker.json"
-    try:
-        pid = json.loads(lock.read_text())["pid"]
-        if alive(pid):
-            return pid
-    except (OSError, ValueError, KeyError):
-        pass
+    worker = read_json(lock) or {}
+    if alive(worker.get("pid"), worker.get("started")):
+        return worker["pid"]
     if not queued():
         return None
     runs_dir().mkdir(parents=True, exist_ok=True)
-    with open(runs_dir() / "worker.log", "ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "analysis", "run-queue"], cwd=ROOT, stdin=subprocess.DEVNULL,
-                                stdout=log, stderr=log, start_new_session=True)
+    proc = spawn(["run-queue"], runs_dir() / "worker.log")
     write_json_atomic(lock, {"pid": proc.pid, "started": time.time()})
     return proc.pid
 
@@ -159,21 +139,18 @@ def work(*, poll: float = 0.5) -> int:
         todo = queued()
         if not todo:
             break
-        d = todo[0]
-        cmd = [sys.executable, "-m", "analysis", "finetune", "--config", str(d / "config.json"), "--out", str(d),
-               "--quiet", "--progress-file", str(d / "progress.json")]
-        with open(d / "log.txt", "ab") as log:
-            child = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
-        write_json_atomic(d / "job.json", {"pid": child.pid, "started": time.time()})
+        run = RunDir(todo[0])
+        child = spawn(["finetune", "--config", str(run.config_file), "--out", str(run.path), "--quiet",
+                       "--progress-file", str(run.progress_file)], run.log_file, detach=False)
+        write_json_atomic(run.job_file, {"pid": child.pid, "started": time.time()})
         started += 1
         while child.poll() is None:
             if stop["flag"]:
                 child.send_signal(signal.SIGTERM)
             time.sleep(poll)
-        if status(d) in ACTIVE:  # the child never wrote a final status (killed, or failed before starting)
-            log_tail = last_line(d / "log.txt")
-            write_json_atomic(d / "summary.json", {**rundir.summary(d), "status": "failed",
-                                                   "error": log_tail or f"exit code {child.returncode}"})
+        if run.status() in ACTIVE:  # the child never wrote a final status (killed, or failed before starting)
+            write_json_atomic(run.summary_file, {**run.summary(), "status": "failed",
+                                                 "error": last_line(run.log_file) or f"exit code {child.returncode}"})
     lock.unlink(missing_ok=True)
     guard.close()
     return started
@@ -182,17 +159,32 @@ def work(*, poll: float = 0.5) -> int:
 def shutdown(timeout: float = 10.0) -> None:
     """Stops the worker and the run it trains (SIGTERM, then SIGKILL after ``timeout``); the
     queued runs stay queued."""
-    pids = [p for p in [rundir.pid(d) for d in running()] if p is not None]
-    try:
-        pids.append(int(json.loads((runs_dir() / "worker.json").read_text())["pid"]))
-    except (OSError, ValueError, KeyError):
-        pass
+    pids = [p for p in [RunDir(d).pid() for d in running()] if p is not None]
+    worker = (read_json(runs_dir() / "worker.json") or {}).get("pid")
+    if worker is not None:
+        pids.append(worker)
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except OSError:
-                pass
+            terminate(pid, sig)
         deadline = time.time() + timeout
         while any(alive(p) for p in pids) and time.time() < deadline:
             time.sleep(0.1)
+
+
+def index_problem() -> str | None:
+    """What is wrong with ``runs/index.json`` (the runs started from the CLI elsewhere), or None.
+    The page shows it: runs registered there are not listed while it is unreadable."""
+    return _index(runs_dir() / "index.json")[1]
+
+
+def _index(index: Path) -> tuple[list[str], str | None]:
+    """The registered run directories, and a one-line problem when the index cannot be read."""
+    try:
+        known = json.loads(index.read_text())
+    except FileNotFoundError:
+        return [], None
+    except (OSError, ValueError) as e:
+        return [], f"{index}: unreadable run index ({type(e).__name__}: {e}); the runs registered there are not listed"
+    if not isinstance(known, list) or not all(isinstance(p, str) for p in known):
+        return [], f"{index}: not a list of run directories; the runs registered there are not listed"
+    return known, None

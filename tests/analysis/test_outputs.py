@@ -135,7 +135,7 @@ def test_a_run_directory_is_reused_by_a_new_run(sft, tmp_path):
 
 
 def test_a_second_writer_of_a_run_directory_is_refused(sft, tmp_path, capsys):
-    from analysis.finetune.rundir import RunLock
+    from analysis.jobs import RunLock
 
     out = tmp_path / "run"
     with RunLock(out):  # as if another `finetune --out run` were training right now
@@ -370,7 +370,7 @@ def test_resume_of_a_corrupt_state_is_one_line(cancelled_run, capsys):
 
 
 def test_resume_of_a_run_still_training_refused(cancelled_run, capsys):
-    from analysis.finetune.rundir import RunLock
+    from analysis.jobs import RunLock
 
     out = cancelled_run
     with RunLock(out):

@@ -120,7 +120,7 @@ def test_large_checkpoint_runs_as_background_job(family, tmp_path, monkeypatch):
     a subprocess); while it runs the page shows progress; once done, its result."""
     import time
 
-    from analysis import jobs
+    from analysis.jobs import JobDir
 
     monkeypatch.setenv("SUBNETSCOPE_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("SUBNETSCOPE_INLINE_LIMIT", "0")
@@ -132,9 +132,9 @@ def test_large_checkpoint_runs_as_background_job(family, tmp_path, monkeypatch):
     job_dirs = list((tmp_path / "home" / "jobs").iterdir())
     assert len(job_dirs) == 1
     deadline = time.time() + 120
-    while jobs.state(job_dirs[0]).status == "running" and time.time() < deadline:
+    while JobDir(job_dirs[0]).state().status == "running" and time.time() < deadline:
         time.sleep(0.3)
-    assert jobs.state(job_dirs[0]).status == "done"
+    assert JobDir(job_dirs[0]).state().status == "done"
     at.run()
     assert not at.exception
     assert at.metric[0].value == f"{(68_160 - 8) / 68_160:.2%}"
