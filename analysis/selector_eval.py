@@ -247,20 +247,91 @@ def predictive_power(scores: Scores, changed: Mask, *, scope: str = "blocks",
 
 
 def stability(model, selector: str, batches_a, batches_b, *, density: float, scope: str = "blocks",
-              granularity: str | None = None, seed: int = 0, **options) -> float:
+              granularity: str | None = None, seed: int = 0, scores_a: Scores | None = None,
+              progress=None, **options) -> float:
     """Top-k Jaccard of one selector's selections from two (disjoint) calibration sets.
 
     Args:
         batches_a, batches_b (list[Batch]): e.g. ``calibration_batches(..., offset=0)`` and
             ``offset=samples``.
         density (float): top-k density.
+        scores_a (Scores, optional): the scores on ``batches_a`` when already computed. Default: None.
+        progress (Callable, optional): ``progress(done, total, name)`` of the scoring.
         **options: selector options.
     Returns:
         float: 1.0 = the same selection from both sets.
     """
-    a = compute_scores(model, selector, batches_a, granularity=granularity, seed=seed, **options)
-    b = compute_scores(model, selector, batches_b, granularity=granularity, seed=seed, **options)
+    a = scores_a if scores_a is not None else compute_scores(model, selector, batches_a, granularity=granularity,
+                                                             seed=seed, progress=progress, **options)
+    b = compute_scores(model, selector, batches_b, granularity=granularity, seed=seed, progress=progress, **options)
     return topk_jaccard(a, b, density, scope=scope)
+
+
+def check_selectors(names: list[str], against_diff=None) -> dict:
+    """name -> registry entry of each selector to evaluate, checked before any model is loaded.
+
+    Raises:
+        SelectorError / ImportanceError: an unknown name, none at all, or ``diff`` without the
+            fine-tune it reads.
+    """
+    from analysis.selectors import get_selector
+
+    if not names:
+        raise ImportanceError("--selectors needs at least one selector name")
+    entries = {n: get_selector(n) for n in names}
+    if "diff" in entries and not against_diff:
+        raise ImportanceError("the diff selector needs --against-diff BASE TUNED")
+    return entries
+
+
+def evaluate_selectors(model, names: list[str], *, batches=None, held_out=None, density: float,
+                       scope: str = "blocks", seed: int = 0, against_diff: tuple[str, str] | None = None,
+                       tol: float = 1e-5, progress_for=None) -> dict:
+    """Scores a model with several selectors and says how good they are (shared/DESIGN.md §6).
+
+    Args:
+        model (nn.Module): the checkpoint the selectors score.
+        names (list[str]): selector names; ``diff`` (the changed elements themselves, an oracle row
+            beside the predictors) needs ``against_diff``.
+        batches (list[Batch], optional): calibration data of the selectors that need it.
+        held_out (list[Batch], optional): a disjoint calibration set: with it, each data selector's
+            stability (top-k Jaccard of its selections from the two sets).
+        density (float): the top-k density of the Jaccard and of precision@k.
+        against_diff (tuple[str, str], optional): ``(BASE, TUNED)``, the fine-tune whose changed
+            elements (at ``tol``) each selector should predict.
+        progress_for (Callable[[str], Progress], optional): a progress callback per selector name.
+
+    Returns:
+        dict: ``agreement`` (Spearman and top-k Jaccard matrices; None for one selector),
+        ``stability`` (name -> Jaccard, or None), and with ``against_diff``, ``prediction`` (per
+        selector: precision@k, its chance level, AUROC, ROC curve).
+
+    Raises:
+        ImportanceError: no selector named, or ``diff`` without ``against_diff``.
+    """
+    from analysis.diff import diff_checkpoints
+
+    entries = check_selectors(names, against_diff)
+    scores, stable = {}, {}
+    for n, e in entries.items():
+        prog = progress_for(n) if progress_for else None
+        try:
+            opts = {"base": against_diff[0], "tuned": against_diff[1], "tol": tol} if n == "diff" else {}
+            scores[n] = compute_scores(model, n, batches if e.needs_data else None, seed=seed, progress=prog, **opts)
+            if held_out and e.needs_data:
+                stable[n] = stability(model, n, batches, held_out, density=density, scope=scope, seed=seed,
+                                      scores_a=scores[n], progress=prog)
+        finally:
+            if prog is not None and hasattr(prog, "close"):
+                prog.close()
+    out = {"agreement": agreement(scores, density, scope=scope).to_dict() if len(names) > 1 else None,
+           "stability": stable or None}
+    if against_diff:
+        changed = {}
+        diff_checkpoints(against_diff[0], against_diff[1], tol=tol, on_mask=changed.__setitem__)
+        out["against_diff"] = {"base": against_diff[0], "tuned": against_diff[1], "tol": tol}
+        out["prediction"] = [predictive_power(scores[n], changed, scope=scope).to_dict() for n in names]
+    return out
 
 
 def _num(x: float | None):

@@ -15,11 +15,14 @@ from analysis import plots
 from analysis.errors import SubnetscopeError
 from analysis.finetune import queue
 from analysis.finetune.compare import compare_runs, read_run
-from analysis.finetune.config import TASKS, FinetuneConfig
+from analysis.finetune.config import (BUDGETS, COMBINE, DEMO_RL_RECIPE, GRANULARITIES, OPTIMIZERS, TASKS,
+                                      FinetuneConfig)
+from analysis.finetune.experiments import paper_experiment
 from analysis.selectors import SELECTORS
 from ui.state import demo_refs, label_of, parent_of, selection
 
 HELP = FinetuneConfig.help()
+DEFAULTS = FinetuneConfig.defaults()  # the form's defaults are the CLI's: one declaration
 SOURCE_LABELS = {"diff": "Diff mask (what a fine-tune changed)", "selector": "Importance selector",
                  "random": "Random mask", "full": "Full fine-tune", "lora": "LoRA",
                  "mask": "Mask file(s)", "id3": "ID3 incremental unmasking"}
@@ -32,20 +35,6 @@ st.caption("Train only a subnetwork — the elements an RL run changed, the top 
 base, tuned = selection()
 refs = [r for r in [base, *tuned] if r]
 demo = demo_refs()
-
-
-def _paper_experiment() -> list[FinetuneConfig]:
-    """The paper's experiment on the demo: the demo's RL training from SFT with the SFT → rl-seed1
-    diff mask, a random mask of the same density, in full, and a LoRA control."""
-    from ui import work
-
-    sft, rl = demo["demo/sft"], demo["demo/rl-seed1"]
-    changed = work.changed_mask(sft, rl, 1e-5)
-    blocks = {n: m for n, m in changed.items() if ".layers." in n and m.dim() == 2}
-    density = sum(int(m.sum()) for m in blocks.values()) / sum(m.numel() for m in blocks.values())
-    rl_args = dict(checkpoint=sft, task="demo-rl", steps=50, lr=1e-5, batch_size=16, seed=1, eval_every=10)
-    return [FinetuneConfig(diff=[sft, rl], **rl_args), FinetuneConfig(random=round(density, 4), **rl_args),
-            FinetuneConfig(full=True, **rl_args), FinetuneConfig(lora=4, **{**rl_args, "lr": 1e-4})]
 
 
 with st.expander("New run", expanded=True):
@@ -69,14 +58,15 @@ with st.expander("New run", expanded=True):
             diff_base = s2.selectbox("…relative to", refs, index=refs.index(parent_of(tuned_ref) or checkpoint)
                                      if tuned_ref and (parent_of(tuned_ref) or checkpoint) in refs else 0,
                                      format_func=label_of)
-            tol = s3.select_slider("τ", [0.0, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3], value=1e-5, help=HELP["diff_tol"])
+            tol = s3.select_slider("τ", [0.0, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3], value=DEFAULTS["diff_tol"],
+                                   help=HELP["diff_tol"])
             src = {"diff": [diff_base, tuned_ref] if tuned_ref else None, "diff_tol": tol}
         elif source == "selector":
             names = [n for n in SELECTORS if n != "diff"]
             sel = s1.selectbox("Selector", names, index=names.index("fisher"), format_func=lambda n: SELECTORS[n].label)
-            gran = s2.selectbox("Granularity", ["element", "row", "head", "channel", "layer"], help=HELP["granularity"])
+            gran = s2.selectbox("Granularity", GRANULARITIES, help=HELP["granularity"])
             dens = s3.number_input("Density", 0.001, 1.0, 0.05, format="%.3f", help=HELP["density"])
-            budget = s4.selectbox("Budget", ["auto", "global", "per_layer", "structured"], help=HELP["budget"])
+            budget = s4.selectbox("Budget", ["auto", *BUDGETS], help=HELP["budget"])
             src = {"selector": sel, "granularity": gran, "density": dens, "budget": None if budget == "auto" else budget}
         elif source == "random":
             src = {"random": s1.number_input("Density", 0.001, 1.0, 0.05, format="%.3f", help=HELP["random"])}
@@ -86,20 +76,21 @@ with st.expander("New run", expanded=True):
             src = {"full": True}
         elif source == "mask":
             files = s1.text_area("Mask files (one path a line)", help=HELP["mask"])
-            combine = s2.selectbox("Combine", ["union", "intersect", "minus", "consensus:2"], help=HELP["mask_combine"])
+            combine = s2.selectbox("Combine", [*COMBINE, "consensus:2"], index=COMBINE.index(DEFAULTS["mask_combine"]),
+                                   help=HELP["mask_combine"])
             src = {"mask": [f.strip() for f in files.splitlines() if f.strip()] or None, "mask_combine": combine}
         else:
             src = {"id3": s1.number_input("Final density", 0.001, 1.0, 0.05, format="%.3f", help=HELP["id3"]),
-                   "id3_exp": s2.number_input("exp", 0.0, 4.0, 1.0, help=HELP["id3_exp"])}
+                   "id3_exp": s2.number_input("exp", 0.0, 4.0, DEFAULTS["id3_exp"], help=HELP["id3_exp"])}
         o1, o2, o3, o4, o5, o6 = st.columns(6)
-        steps = int(o1.number_input("Steps", 1, 100_000, 50, help=HELP["steps"]))
-        lr = o2.number_input("Learning rate", 1e-7, 1.0, 1e-5 if task == "demo-rl" else 1e-4, format="%.0e",
-                             help=HELP["lr"])
-        batch = int(o3.number_input("Batch size", 1, 4096, 16 if task == "demo-rl" else 32, help=HELP["batch_size"]))
-        seed = int(o4.number_input("Seed", 0, 2**31 - 1, 1 if task == "demo-rl" else 0, help=HELP["seed"]))
-        eval_every = int(o5.number_input("Evaluate every", 1, 100_000, 10, help=HELP["eval_every"]))
-        optimizer = o6.selectbox("Optimizer", ["sparse", "reference"], help=HELP["optimizer"],
-                                 disabled=source in ("full", "lora", "id3"))
+        d = {**DEFAULTS, **(DEMO_RL_RECIPE if task == "demo-rl" else {})}  # demo-rl: the demo's own RL recipe
+        steps = int(o1.number_input("Steps", 1, 100_000, d["steps"], help=HELP["steps"]))
+        lr = o2.number_input("Learning rate", 1e-7, 1.0, d["lr"], format="%.0e", help=HELP["lr"])
+        batch = int(o3.number_input("Batch size", 1, 4096, d["batch_size"], help=HELP["batch_size"]))
+        seed = int(o4.number_input("Seed", 0, 2**31 - 1, d["seed"], help=HELP["seed"]))
+        eval_every = int(o5.number_input("Evaluate every", 1, 100_000, d["eval_every"], help=HELP["eval_every"]))
+        optimizer = o6.selectbox("Optimizer", OPTIMIZERS, index=OPTIMIZERS.index(d["optimizer"]),
+                                 help=HELP["optimizer"], disabled=source in ("full", "lora", "id3"))
         optimizer = "sparse" if source in ("full", "lora", "id3") else optimizer
         lisa = st.toggle("LISA layer sampling", help=HELP["schedule"], disabled=source in ("lora", "id3"))
         lisa = lisa and source not in ("lora", "id3")  # a disabled toggle keeps its value
@@ -107,8 +98,10 @@ with st.expander("New run", expanded=True):
         if lisa:
             l1, l2 = st.columns(2)
             sched = {"schedule": "lisa",
-                     "lisa_layers": int(l1.number_input("Blocks at a time", 1, 256, 2, help=HELP["lisa_layers"])),
-                     "lisa_interval": int(l2.number_input("Resample every", 1, 10_000, 10, help=HELP["lisa_interval"]))}
+                     "lisa_layers": int(l1.number_input("Blocks at a time", 1, 256, d["lisa_layers"],
+                                                        help=HELP["lisa_layers"])),
+                     "lisa_interval": int(l2.number_input("Resample every", 1, 10_000, d["lisa_interval"],
+                                                          help=HELP["lisa_interval"]))}
         b1, b2 = st.columns([1, 3])
         if b1.button("Add to queue", type="primary", icon=":material/playlist_add:"):
             try:
@@ -126,7 +119,7 @@ with st.expander("New run", expanded=True):
                      "four ways: the SFT → rl-seed1 diff mask, a random mask of the same density, full, and "
                      "LoRA r=4 (lr 1e-4)."):
             try:
-                for cfg in _paper_experiment():
+                for cfg in paper_experiment(demo["demo/sft"], demo["demo/rl-seed1"]):
                     queue.enqueue(cfg)
                 queue.ensure_worker()
                 st.toast("Queued four runs")
@@ -175,6 +168,8 @@ def _table(runs: dict[str, dict]) -> pd.DataFrame:
 
 
 active_any = any(queue.status(d) in queue.ACTIVE for d in queue.list_runs())
+if queue.index_problem():
+    st.warning(queue.index_problem())
 if queue.queued():
     queue.ensure_worker()  # e.g. after an app restart with runs still waiting
 

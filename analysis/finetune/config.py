@@ -1,11 +1,18 @@
-"""The configuration of one masked fine-tuning run. Field help texts are meant for the CLI and
-the page's form (PEFT's config style: ``field(metadata={"help": ...})``, checks in
-``__post_init__``)."""
+"""The configuration of one masked fine-tuning run: the single source of the fine-tune options.
+
+Each field declares its default, its help text and, where it has them, its choices and how the
+CLI spells it (PEFT's config style: ``field(metadata={"help": ...})``); the CLI's ``finetune``
+arguments are generated from these fields (:func:`analysis.cli.finetune.add_config_arguments`)
+and the page's form takes its defaults and choices from them, so the three cannot disagree.
+Types are checked by pydantic (strict: ``"3"`` is not a number of steps), the rest in
+``__post_init__``."""
 
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import asdict, dataclass, field, fields
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields
 
 from analysis.errors import SubnetscopeError
 
@@ -15,7 +22,11 @@ SCHEDULES = ("static", "lisa")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 DTYPES = ("float32", "bfloat16")
 COMBINE = ("union", "intersect", "minus")  # plus "consensus:K"
+GRANULARITIES = ("element", "row", "head", "channel", "layer")
+BUDGETS = ("global", "per_layer", "structured")
 SOURCES = ("mask", "selector", "diff", "random", "id3", "full", "lora")
+# the demo's own RL training (analysis/demo.py: rl-seed1 from sft), the preset of a demo-rl run
+DEMO_RL_RECIPE = {"steps": 50, "lr": 1e-5, "batch_size": 16, "seed": 1, "eval_every": 10}
 
 
 class FinetuneConfigError(SubnetscopeError):
@@ -25,12 +36,12 @@ class FinetuneConfigError(SubnetscopeError):
 @dataclass
 class FinetuneConfig:
     checkpoint: str = field(metadata={"help": "Checkpoint to fine-tune (a model directory)."})
-    task: str = field(default="demo-sft", metadata={
+    task: str = field(default="demo-sft", metadata={"choices": TASKS,
         "help": "demo-sft: supervised Q/A arithmetic of the demo family (metric: exact-match accuracy on its 256 "
                 "held-out problems); demo-rl: the demo's policy gradient with exact-match reward (8 samples a "
                 "prompt), as its RL runs were trained; lm: causal-LM loss on --data (metric: held-out loss and "
                 "perplexity)."})
-    data: str | None = field(default=None, metadata={
+    data: str | None = field(default=None, metadata={"metavar": "FILE",
         "help": "lm task: a .txt (one example per line, or chunks) or .jsonl (text, or prompt+completion) file, "
                 "or a dataset name when online."})
     seq_len: int = field(default=128, metadata={"help": "lm task: tokens per sequence at most."})
@@ -40,46 +51,47 @@ class FinetuneConfig:
         "help": "Demo tasks: completions sampled per held-out problem in the final evaluation of the sampled "
                 "reward (0: greedy accuracy only)."})
     # ---- the mask: exactly one source
-    mask: list[str] | None = field(default=None, metadata={
+    mask: list[str] | None = field(default=None, metadata={"source": True, "nargs": "+", "metavar": "M",
         "help": "Train only the elements of this mask file (several files: combined by mask_combine)."})
-    mask_combine: str = field(default="union", metadata={
+    mask_combine: str = field(default="union", metadata={"flag": "--combine", "metavar": "OP",
         "help": "How several mask files combine: union, intersect, minus (the first without the others), or "
                 "consensus:K (selected by at least K)."})
-    selector: str | None = field(default=None, metadata={
+    selector: str | None = field(default=None, metadata={"source": True, "metavar": "S",
         "help": "Train the top --density of this importance selector's scores (see `python -m analysis "
                 "selectors`), calibrated on the task's data."})
-    density: float | None = field(default=None, metadata={"help": "Fraction of the blocks' weights a selector "
+    density: float | None = field(default=None, metadata={"fraction": True, "help": "Fraction of the blocks' weights a selector "
                                                                    "mask (or, structured, of the units) selects."})
-    granularity: str | None = field(default=None, metadata={
+    granularity: str | None = field(default=None, metadata={"choices": GRANULARITIES,
         "help": "Selector granularity: element, row, head, channel or layer (head/channel/layer: a structured "
                 "S2FT-style mask of whole units)."})
-    budget: str | None = field(default=None, metadata={
+    budget: str | None = field(default=None, metadata={"choices": BUDGETS,
         "help": "global top-k, per_layer top-k, or structured (whole units); default global for element "
                 "scores, structured otherwise."})
-    diff: list[str] | None = field(default=None, metadata={
+    diff: list[str] | None = field(default=None, metadata={"source": True, "nargs": 2, "metavar": ("BASE", "TUNED"),
         "help": "Train only the elements changed between these two checkpoints [BASE, TUNED] (the RL subnetwork)."})
-    diff_tol: float = field(default=1e-5, metadata={"help": "Tolerance τ of the diff mask."})
-    random: float | None = field(default=None, metadata={
+    diff_tol: float = field(default=1e-5, metadata={"tolerance": True, "help": "Tolerance τ of the diff mask."})
+    random: float | None = field(default=None, metadata={"source": True, "fraction": True, "metavar": "D",
         "help": "Train a random mask of this density over the blocks' weight matrices (the control)."})
-    id3: float | None = field(default=None, metadata={
+    id3: float | None = field(default=None, metadata={"source": True, "fraction": True, "metavar": "D",
         "help": "ID3 incremental unmasking to this density of the blocks' weights: the mask starts empty and "
                 "grows linearly over the run, each step unmasking the elements of highest D3 = |g| / (|θ| + ε)^exp "
                 "(Agarwal et al., TACL 2025)."})
     id3_exp: float = field(default=1.0, metadata={"help": "ID3: the exponent of |θ| + ε in D3 (0: gradient magnitude)."})
     id3_eps: float = field(default=1e-3, metadata={"help": "ID3: the ε of D3."})
-    full: bool = field(default=False, metadata={"help": "Train every parameter (full fine-tuning)."})
-    lora: int | None = field(default=None, metadata={
+    full: bool = field(default=False, metadata={"source": True, "help": "Train every parameter (full fine-tuning)."})
+    lora: int | None = field(default=None, metadata={"source": True, "metavar": "R",
         "help": "Train a LoRA of this rank on every attention and MLP projection (PEFT), merged at the end."})
     # ---- schedule
-    schedule: str = field(default="static", metadata={
+    schedule: str = field(default="static", metadata={"choices": SCHEDULES,
         "help": "static: the mask as built; lisa: every lisa_interval steps train only lisa_layers randomly "
                 "sampled blocks of it (plus any embedding or head elements), as LISA (Pan et al., 2024)."})
     lisa_layers: int = field(default=2, metadata={"help": "LISA: blocks trained at a time."})
     lisa_interval: int = field(default=10, metadata={"help": "LISA: steps between resamplings."})
     # ---- optimization
-    steps: int = field(default=50, metadata={"help": "Optimizer steps."})
+    steps: int = field(default=50, metadata={
+        "help": "Optimizer steps (with --resume: the total to reach; by default the saved run's)."})
     lr: float = field(default=1e-4, metadata={"help": "Peak learning rate (AdamW, weight decay 0)."})
-    lr_schedule: str = field(default="constant", metadata={
+    lr_schedule: str = field(default="constant", metadata={"choices": LR_SCHEDULES,
         "help": "After warm-up: constant, linear decay to 0, or cosine decay to 0."})
     warmup_steps: int = field(default=0, metadata={"help": "Linear learning-rate warm-up steps (0: none)."})
     batch_size: int = field(default=32, metadata={
@@ -88,10 +100,10 @@ class FinetuneConfig:
     eval_every: int = field(default=25, metadata={"help": "Evaluate every N steps (and at the end)."})
     save_every: int = field(default=0, metadata={
         "help": "Save a resumable state every N steps (0: at evaluations); always at a cancel."})
-    optimizer: str = field(default="sparse", metadata={
+    optimizer: str = field(default="sparse", metadata={"choices": OPTIMIZERS,
         "help": "sparse: AdamW on compact fp32 copies of the masked elements; reference: full AdamW on "
                 "gradients zeroed outside the mask."})
-    dtype: str = field(default="float32", metadata={
+    dtype: str = field(default="float32", metadata={"choices": DTYPES,
         "help": "Weights during training: float32, or bfloat16 (the sparse optimizer's fp32 copies keep the "
                 "small updates bf16 would round away). The final weights are saved in the checkpoint's dtype."})
     device: str = field(default="auto", metadata={"help": "auto (cuda when available), cpu or cuda."})
@@ -152,24 +164,16 @@ class FinetuneConfig:
             raise FinetuneConfigError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
 
     def _check_types(self) -> None:
-        """One line for a value of the wrong type (e.g. ``"steps": "3"`` in a hand-edited config.json)."""
+        """One line for a value of the wrong type (e.g. ``"steps": "3"`` in a hand-edited config.json),
+        checked by pydantic in strict mode (no coercion: a bool is not an int, a string not a list)."""
+        from pydantic import ValidationError
+
         for f in fields(self):
-            v = getattr(self, f.name)
-            kind = str(f.type)
-            if v is None and "None" in kind:
-                continue
-            if kind.startswith("str"):
-                ok = isinstance(v, str)
-            elif kind.startswith("int"):
-                ok = isinstance(v, int) and not isinstance(v, bool)
-            elif kind.startswith("float"):
-                ok = isinstance(v, (int, float)) and not isinstance(v, bool)
-            elif kind.startswith("bool"):
-                ok = isinstance(v, bool)
-            else:  # list[str] | None
-                ok = isinstance(v, list) and all(isinstance(x, str) for x in v)
-            if not ok:
-                raise FinetuneConfigError(f"{f.name} must be {kind.replace(' | None', '')}, got {v!r}")
+            adapter, kind = _type_checks()[f.name]
+            try:
+                adapter.validate_python(getattr(self, f.name), strict=True)
+            except ValidationError:
+                raise FinetuneConfigError(f"{f.name} must be {kind}, got {getattr(self, f.name)!r}") from None
 
     @property
     def source(self) -> str:
@@ -218,3 +222,17 @@ class FinetuneConfig:
     def help(cls) -> dict[str, str]:
         """Field name -> help text (the page's tooltips)."""
         return {f.name: f.metadata.get("help", "") for f in fields(cls)}
+
+    @classmethod
+    def defaults(cls) -> dict:
+        """Field name -> default value, for every field that has one (the CLI's and the page's)."""
+        return {f.name: f.default for f in fields(cls) if f.default is not MISSING}
+
+
+@functools.cache
+def _type_checks() -> dict:
+    """Field name -> (pydantic TypeAdapter of its annotation, the type in words)."""
+    from pydantic import TypeAdapter
+
+    hints = typing.get_type_hints(FinetuneConfig)
+    return {f.name: (TypeAdapter(hints[f.name]), str(f.type).replace(" | None", "")) for f in fields(FinetuneConfig)}

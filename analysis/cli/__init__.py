@@ -1,0 +1,89 @@
+"""Command line: ``python -m analysis <command> ...``, one module per command group.
+
+- :mod:`.checkpoints`: ``inspect``, ``align``, ``demo``;
+- :mod:`.sparsity`: ``diff``, ``overlap``;
+- :mod:`.importance`: ``selectors``, ``importance``, ``evaluate-selectors``;
+- :mod:`.finetune`: ``finetune`` (its options generated from ``FinetuneConfig``), ``run-queue``,
+  ``compare-runs``.
+
+Every command prints a human summary on stdout and, with ``--json OUT``, writes the full result
+atomically. Bad input ends with one line on stderr and exit code 2. The work itself lives in the
+analysis modules; a command parses, checks its outputs, calls them and prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+
+from analysis.cli import checkpoints, finetune, importance, sparsity
+from analysis.cli.common import EXIT_USAGE
+from analysis.errors import SubnetscopeError
+from analysis.jobs.progress import Progress
+
+__all__ = ["EXIT_USAGE", "build_parser", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m analysis",
+                                description="Subnetscope: parameter importance and update sparsity.")
+    sub = p.add_subparsers(dest="command", required=True)
+    for group in (checkpoints, sparsity, importance, finetune):
+        group.register(sub)
+    return p
+
+
+def _usage_error(args) -> str | None:
+    """What argparse cannot say: too few positional arguments, options that need each other."""
+    if getattr(args, "min_args", None):
+        name, n, message = args.min_args
+        if len(getattr(args, name)) < n:
+            return message
+    check = getattr(args, "usage_check", None)
+    return check(args) if check else None
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    problem = _usage_error(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    status = Progress("", False, getattr(args, "progress_file", None))
+    if status.file and args.command != "finetune":  # a background job: SIGTERM is a cancel
+        signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return args.func(args)
+    except SubnetscopeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        try:
+            status.write("failed", error=str(e))
+        except SubnetscopeError:
+            pass  # the progress file is on the same full disk: the line above says it all
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("cancelled", file=sys.stderr)
+        status.write("cancelled")
+        return 130
+    except BrokenPipeError:  # e.g. `python -m analysis diff ... | head`: outputs are already written
+        sys.stdout = open(os.devnull, "w")
+        return 0
+    except OSError as e:  # a full disk, a read-only path, an unreadable file ...: one line, not a traceback
+        from analysis.errors import one_line
+
+        msg = f"{e.filename}: {e.strerror}" if e.filename and e.strerror else (e.strerror or one_line(e))
+        print(f"error: {msg}", file=sys.stderr)
+        try:
+            status.write("failed", error=msg)
+        except SubnetscopeError:
+            pass
+        return EXIT_USAGE
+    except BaseException as e:
+        status.write("failed", error=f"{type(e).__name__}: {e}")
+        raise

@@ -1,0 +1,86 @@
+"""``diff`` and ``overlap``: update sparsity of a fine-tune, and the overlap of several."""
+
+from __future__ import annotations
+
+from analysis.cli.common import add_run_args, check_outputs, inputs_of, ratio, tolerance
+from analysis.jobs.progress import Progress
+
+
+def cmd_diff(args) -> int:
+    from analysis.diff import diff_checkpoints
+    from analysis.io import write_json_atomic
+
+    check_outputs(args, inputs_of([args.base, args.tuned]), "json", "mask_out")
+    masks = {}
+    prog = Progress("diff", not args.quiet, args.progress_file)
+    try:
+        res = diff_checkpoints(args.base, args.tuned, tol=args.tol, rank=args.rank, device=args.device,
+                               progress=prog, on_mask=masks.__setitem__ if args.mask_out else None)
+    finally:
+        prog.close()
+    d = res.to_json()
+    if args.mask_out:
+        from analysis.masks import save_mask
+
+        save_mask(args.mask_out, masks, source=f"diff {res.base} -> {res.tuned} tol={res.tol:g}")
+    write_json_atomic(args.json, d)
+    print(f"{res.base} -> {res.tuned}")
+    print(f"  tolerance {res.tol:g}: {res.changed_params:,} of {res.total_params:,} changed; "
+          f"update sparsity {res.update_sparsity:.4%}")
+    exact = d["by_compare"]["exact_bits"]
+    if exact["numel"]:
+        print(f"  of which {exact['numel']:,} elements in {exact['tensors']} integer/bool tensors compared by exact "
+              f"bits (τ does not apply): {exact['changed']:,} changed")
+    for r in d["tolerance_sweep"]:
+        if r["tolerance"] in (0.0, 1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3):
+            print(f"  sparsity at {r['tolerance']:<7g} {r['update_sparsity']:.4%}")
+    if d["skipped"]:
+        print(f"  skipped {len(d['skipped'])} tensors (see JSON): " + ", ".join(s["name"] for s in d["skipped"][:5]))
+    if args.mask_out:
+        print(f"wrote mask {args.mask_out}")
+    print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_overlap(args) -> int:
+    from analysis.io import write_json_atomic
+    from analysis.overlap import overlap
+
+    check_outputs(args, inputs_of([args.base, *args.tuned]), "json")
+    prog = Progress("overlap", not args.quiet, args.progress_file)
+    try:
+        res = overlap(args.base, args.tuned, tol=args.tol, progress=prog)
+    finally:
+        prog.close()
+    d = res.to_json()
+    write_json_atomic(args.json, d)
+    print(f"base {res.base}; tolerance {res.tol:g}; {res.total.numel:,} elements")
+    for p in d["pairs"]:
+        print(f"  {p['a']}-{p['b']}: o1 {ratio(p['o1'])} (random {ratio(p['o1_random'])}, "
+              f"matched {ratio(p['o1_matched'])})  o2 {ratio(p['o2'])} (random {ratio(p['o2_random'])}, "
+              f"matched {ratio(p['o2_matched'])})  jaccard {ratio(p['jaccard'])} "
+              f"(random {ratio(p['jaccard_random'])})")
+        if p.get("note"):
+            print(f"    note: {p['note']}")
+    print("  consensus (changed by exactly k runs): " + ", ".join(f"k={k}: {c:,}" for k, c in enumerate(d["consensus"])))
+    print(f"wrote {args.json}")
+    return 0
+
+
+def register(sub) -> None:
+    s = sub.add_parser("diff", help="update sparsity of TUNED against BASE (one streaming pass)")
+    s.add_argument("base")
+    s.add_argument("tuned")
+    s.add_argument("--tol", type=tolerance, default=1e-5, help="tolerance τ (default 1e-5, the paper's)")
+    s.add_argument("--rank", action="store_true", help="also the rank of every 2-D update (costly)")
+    s.add_argument("--device", default="cpu", help="cpu or cuda")
+    s.add_argument("--mask-out", metavar="M", help="write the changed elements as a mask file")
+    add_run_args(s)
+    s.set_defaults(func=cmd_diff)
+
+    s = sub.add_parser("overlap", help="overlap of the subnetworks changed by 2+ fine-tunes of BASE")
+    s.add_argument("base")
+    s.add_argument("tuned", nargs="+")
+    s.add_argument("--tol", type=tolerance, default=1e-5)
+    add_run_args(s)
+    s.set_defaults(func=cmd_overlap, min_args=("tuned", 2, "overlap needs at least two fine-tunes of the base"))
