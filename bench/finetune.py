@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench._models import bench_models  # noqa: E402
+from analysis.training import lm_loss  # noqa: E402
 
 
 def _random_mask(model, density: float, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -59,8 +60,7 @@ def _state_bytes(opt) -> int:
 def _time(model, opt_step, batches, steps: int, dev: torch.device | None = None) -> float:
     def one(ids_labels):
         ids, labels = ids_labels
-        logits = model(input_ids=ids, use_cache=False).logits
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+        loss = lm_loss(model(input_ids=ids, use_cache=False).logits, labels)
         loss.backward()
         opt_step()
 
@@ -99,8 +99,8 @@ def _reset_peak() -> None:
 
 def bench_one(ref: Path, config: str, steps: int, device: str) -> dict:
     """One configuration in this (fresh) process: seconds per step, state, peak memory."""
-    from analysis import demo
-    from analysis.finetune.run import _with_lora
+    from analysis import demo_task
+    from analysis.finetune.sources import with_lora
     from analysis.finetune.sparse_adamw import SparseMaskedAdamW, masked_reference_step
     from analysis.models import load_model
 
@@ -108,8 +108,8 @@ def bench_one(ref: Path, config: str, steps: int, device: str) -> dict:
     model, _ = load_model(ref, device=dev)
     model.train()
     rng = random.Random(0)
-    examples = demo.qa_examples("train")
-    batches = [tuple(t.to(dev) for t in demo._lm_batch(rng.sample(examples, 8))) for _ in range(steps + 1)]
+    examples = demo_task.qa_examples("train")
+    batches = [tuple(t.to(dev) for t in demo_task.lm_batch(rng.sample(examples, 8))) for _ in range(steps + 1)]
     n_total = sum(p.numel() for p in model.parameters())
     if dev.type == "cuda":
         torch.cuda.synchronize()
@@ -141,7 +141,7 @@ def bench_one(ref: Path, config: str, steps: int, device: str) -> dict:
     elif config.startswith("structured"):
         opt, step, trainable = sparse(_structured_mask(model))
     else:
-        model = _with_lora(model, 8)
+        model = with_lora(model, 8)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)
         step, trainable = lambda: (opt.step(), opt.zero_grad()), sum(p.numel() for p in params)

@@ -201,6 +201,30 @@ class SparseMaskedAdamW:
             raise MaskedOptimizerError(f"optimizer state lacks {sorted(missing)[0]} of this mask")
         self.active = None if state.get("active") is None else set(state["active"])
 
+    # ------------------------------------------------------------------ the trainer's interface
+    def step_averaged(self, dist, *, averaged: bool = False) -> float:
+        """One step of a (possibly data-parallel) run: gathers the masked gradient entries, averages
+        these compact vectors across processes (unless ``averaged``: the caller did it on the full
+        gradients), and steps. Returns the L2 norm of the gradient stepped on.
+
+        Args:
+            dist (Distributed): the run's processes.
+            averaged (bool): the ``.grad`` tensors already hold the mean over processes. Default: False.
+        """
+        grads = self.gather_grads()  # after backward, never in a hook
+        if not averaged:
+            keys = [k for k, g in grads.items() if g is not None]
+            grads.update(zip(keys, dist.average([grads[k] for k in keys])))
+        present = [g for g in grads.values() if g is not None]
+        norm = float(torch.nn.utils.get_total_norm(present)) if present else 0.0
+        self.step(grads)
+        return norm
+
+    def weights_to_save(self) -> dict[str, torch.Tensor]:
+        """The weights a resumable state must hold besides :meth:`state_dict`: none (the float32
+        masters in the state are the trained values; nothing else moved)."""
+        return {}
+
 
 def full_adamw_state_bytes(params: dict[str, nn.Parameter]) -> int:
     """What torch's AdamW keeps for the same parameters: two moments in the parameters' dtype
