@@ -103,7 +103,9 @@ MODEL_TYPE_FAMILY = {
     "bert": "bert", "roberta": "bert",
 }
 
-_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks)\.(\d+)\.")
+# a transformer block in a tensor or module name: ``layers.3`` (Llama), ``h.3`` (GPT-2),
+# ``layer.3`` (BERT), ``blocks.3``; followed by a dot or the end of the name
+_BLOCK_RE = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks)\.(\d+)(?=\.|$)")
 
 
 @dataclass(frozen=True)
@@ -136,6 +138,32 @@ def normalize_name(name: str) -> str:
     return name
 
 
+def layer_index(name: str) -> int | None:
+    """The transformer block a tensor or module belongs to.
+
+    Args:
+        name (str): a tensor or module name, stored or normalized
+            (``model.layers.3.mlp.up_proj.weight``, ``transformer.h.3``, ``encoder.layer.3.output``).
+    Returns:
+        int or None: the block index, None outside the blocks (embeddings, final norm, head).
+    """
+    m = _BLOCK_RE.search(name)
+    return int(m.group(1)) if m else None
+
+
+def block_index(module_name: str) -> int | None:
+    """The index of a transformer block when ``module_name`` names the block itself.
+
+    Args:
+        module_name (str): a ``named_modules()`` name.
+    Returns:
+        int or None: 3 for ``model.layers.3``, ``transformer.h.3`` or ``encoder.layer.3``; None for
+        anything else (``model.layers.3.mlp`` is inside a block, not a block).
+    """
+    m = _BLOCK_RE.search(module_name)
+    return int(m.group(1)) if m and m.end() == len(module_name) else None
+
+
 def detect_family(names, model_type: str | None = None) -> str | None:
     """The naming family of a checkpoint: from config's model_type, else by majority of names."""
     if model_type and model_type in MODEL_TYPE_FAMILY:
@@ -160,8 +188,7 @@ def tensor_role(name: str, family: str | None) -> TensorRole:
         TensorRole: layer index (None outside blocks), module kind, group and param name.
     """
     key = normalize_name(name)
-    m = _LAYER_RE.search(key)
-    layer = int(m.group(1)) if m else None
+    layer = layer_index(key)
     kind = "other"
     families = [family] if family in _COMPILED else list(_COMPILED)
     for fam in families:

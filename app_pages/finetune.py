@@ -41,7 +41,8 @@ def _paper_experiment() -> list[FinetuneConfig]:
 
     sft, rl = demo["demo/sft"], demo["demo/rl-seed1"]
     changed = work.changed_mask(sft, rl, 1e-5)
-    blocks = {n: m for n, m in changed.items() if ".layers." in n and m.dim() == 2}
+    from analysis.structure import layer_index
+    blocks = {n: m for n, m in changed.items() if layer_index(n) is not None and m.dim() == 2}
     density = sum(int(m.sum()) for m in blocks.values()) / sum(m.numel() for m in blocks.values())
     rl_args = dict(checkpoint=sft, task="demo-rl", steps=50, lr=1e-5, batch_size=16, seed=1, eval_every=10)
     return [FinetuneConfig(diff=[sft, rl], **rl_args), FinetuneConfig(random=round(density, 4), **rl_args),
