@@ -107,6 +107,9 @@ MODEL_TYPE_FAMILY = {
 # ``layer.3`` (BERT), ``blocks.3``; followed by a dot or the end of the name
 _BLOCK_RE = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks)\.(\d+)(?=\.|$)")
 
+# the kinds that PEFT's LoRA adapts: the attention and MLP projections of the blocks
+LORA_KINDS = ("q", "k", "v", "qkv", "o", "gate", "up", "down")
+
 
 @dataclass(frozen=True)
 class TensorRole:
@@ -162,6 +165,32 @@ def block_index(module_name: str) -> int | None:
     """
     m = _BLOCK_RE.search(module_name)
     return int(m.group(1)) if m and m.end() == len(module_name) else None
+
+
+def lora_targets(model) -> list[str]:
+    """The modules a LoRA control adapts: every attention and MLP projection of the blocks
+    (kinds ``LORA_KINDS``), chosen by module kind from the family's names, so that Llama's
+    ``q_proj`` ... ``down_proj``, GPT-2's ``c_attn`` / ``c_proj`` / ``c_fc`` (``Conv1D``) and BERT's
+    ``query`` ... ``output.dense`` are all found.
+
+    Args:
+        model (nn.Module): a Hugging Face model (its config's ``model_type`` names the family;
+            without one the family is detected from the parameter names).
+    Returns:
+        list[str]: full module names in model order (PEFT's ``target_modules`` accepts them);
+        empty when no module has a known projection name.
+    """
+    cfg = getattr(model, "config", None)
+    names = [n for n, _ in model.named_parameters()]
+    family = detect_family(names, getattr(cfg, "model_type", None))
+    out = []
+    for mname, m in model.named_modules():
+        weight = getattr(m, "weight", None)
+        if mname and hasattr(weight, "dim") and weight.dim() == 2:
+            role = tensor_role(mname + ".weight", family)
+            if role.layer is not None and role.kind in LORA_KINDS:
+                out.append(mname)
+    return out
 
 
 def detect_family(names, model_type: str | None = None) -> str | None:

@@ -618,12 +618,21 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 def _with_lora(model, rank: int):
-    """PEFT LoRA on the attention and MLP projections (the LoRA control of DESIGN.md §8)."""
+    """PEFT LoRA on the attention and MLP projections (the LoRA control of DESIGN.md §8), chosen by
+    module kind (:func:`analysis.structure.lora_targets`). GPT-2's ``Conv1D`` stores its weight
+    [in, out]: PEFT is told so (``fan_in_fan_out``)."""
     from peft import LoraConfig, get_peft_model
+    from transformers.pytorch_utils import Conv1D
 
-    targets = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
-                      and ".layers." in n})
-    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=targets))
+    from analysis.structure import lora_targets
+
+    targets = lora_targets(model)
+    if not targets:
+        raise FinetuneConfigError(f"--lora: no attention or MLP projection found in this {type(model).__name__} "
+                                  "(the supported families: Llama, GPT-2, BERT naming)")
+    conv1d = any(isinstance(model.get_submodule(n), Conv1D) for n in targets)
+    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=targets,
+                                            fan_in_fan_out=conv1d))
 
 
 def outside_mask_changed(start: str | Path, final: str | Path, mask) -> int | None:
