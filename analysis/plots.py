@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import plotly.graph_objects as go
 
 from analysis.diff import PAPER_TOL
@@ -47,25 +49,43 @@ def params_by_layer(summary: dict, label: str = "") -> go.Figure:
 # ---------------------------------------------------------------------------- update sparsity
 
 
-
 def sparsity_sweep(sweeps: dict[str, list[dict]], tol: float | None = None) -> go.Figure:
     """Update sparsity against tolerance (log x), one line per fine-tune, the paper's τ marked.
 
     Args:
-        sweeps (dict): label -> [{tolerance, update_sparsity}] (tolerance 0 is drawn as a
-            separate marker at the left edge, since a log axis has no 0).
+        sweeps (dict): label -> [{tolerance, update_sparsity}]. A log axis has no 0, so the
+            τ = 0 row (exact equality) is drawn as a diamond one decade left of the smallest
+            positive τ, on a tick labelled "0", apart from the line (a gap, and a dotted break in
+            the axis): its first point, then None, then the positive tolerances.
         tol (float, optional): the tolerance chosen on the page, marked too.
     """
     fig = go.Figure()
+    positive = [r["tolerance"] for rows in sweeps.values() for r in rows if r["tolerance"] > 0]
+    x0 = min(positive, default=PAPER_TOL) / 10  # where τ = 0 is drawn
+    has_zero = False
     for label, rows in sweeps.items():
         pos = [r for r in rows if r["tolerance"] > 0]
-        fig.add_scatter(x=[r["tolerance"] for r in pos], y=[r["update_sparsity"] for r in pos], mode="lines",
-                        name=label, hovertemplate="τ=%{x:.1e}: %{y:.2%}<extra>" + label + "</extra>")
+        x, y = [r["tolerance"] for r in pos], [r["update_sparsity"] for r in pos]
+        text, size = [f"τ={t:.1e}" for t in x], [0] * len(x)
+        zero = next((r for r in rows if r["tolerance"] == 0), None)
+        if zero is not None:
+            has_zero = True
+            x, y = [x0, None, *x], [zero["update_sparsity"], None, *y]
+            text, size = ["τ = 0 (bit-identical or |Δ| = 0)", "", *text], [10, 0, *size]
+        fig.add_scatter(x=x, y=y, text=text, mode="lines+markers", name=label, connectgaps=False,
+                        marker=dict(size=size, symbol="diamond"),
+                        hovertemplate="%{text}: %{y:.2%}<extra>" + label + "</extra>")
     fig.add_vline(x=PAPER_TOL, line_dash="dash", line_color="gray",
                   annotation_text="paper τ = 1e-5", annotation_position="top left")
     if tol and tol != PAPER_TOL:
         fig.add_vline(x=tol, line_dash="dot", line_color="firebrick", annotation_text=f"τ = {tol:g}")
     fig.update_xaxes(type="log", exponentformat="power")
+    if has_zero:  # the τ = 0 tick, then decades
+        lo = math.floor(math.log10(x0 * 10))
+        hi = math.ceil(math.log10(max(positive, default=1.0)))
+        ticks = [10.0 ** k for k in range(lo, hi + 1, max(1, math.ceil((hi - lo) / 6)))]
+        fig.update_xaxes(tickvals=[x0, *ticks], ticktext=["0", *(f"1e{round(math.log10(t))}" for t in ticks)])
+        fig.add_vline(x=x0 * 10 ** 0.5, line_dash="dot", line_color="lightgray")  # the break in the axis
     fig.update_yaxes(tickformat=".0%", range=[0, 1.02])
     return _layout(fig, "Update sparsity vs tolerance", "tolerance τ", "unchanged elements")
 

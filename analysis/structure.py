@@ -103,7 +103,12 @@ MODEL_TYPE_FAMILY = {
     "bert": "bert", "roberta": "bert",
 }
 
-_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks)\.(\d+)\.")
+# a transformer block in a tensor or module name: ``layers.3`` (Llama), ``h.3`` (GPT-2),
+# ``layer.3`` (BERT), ``blocks.3``; followed by a dot or the end of the name
+_BLOCK_RE = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks)\.(\d+)(?=\.|$)")
+
+# the kinds that PEFT's LoRA adapts: the attention and MLP projections of the blocks
+LORA_KINDS = ("q", "k", "v", "qkv", "o", "gate", "up", "down")
 
 
 @dataclass(frozen=True)
@@ -136,6 +141,58 @@ def normalize_name(name: str) -> str:
     return name
 
 
+def layer_index(name: str) -> int | None:
+    """The transformer block a tensor or module belongs to.
+
+    Args:
+        name (str): a tensor or module name, stored or normalized
+            (``model.layers.3.mlp.up_proj.weight``, ``transformer.h.3``, ``encoder.layer.3.output``).
+    Returns:
+        int or None: the block index, None outside the blocks (embeddings, final norm, head).
+    """
+    m = _BLOCK_RE.search(name)
+    return int(m.group(1)) if m else None
+
+
+def block_index(module_name: str) -> int | None:
+    """The index of a transformer block when ``module_name`` names the block itself.
+
+    Args:
+        module_name (str): a ``named_modules()`` name.
+    Returns:
+        int or None: 3 for ``model.layers.3``, ``transformer.h.3`` or ``encoder.layer.3``; None for
+        anything else (``model.layers.3.mlp`` is inside a block, not a block).
+    """
+    m = _BLOCK_RE.search(module_name)
+    return int(m.group(1)) if m and m.end() == len(module_name) else None
+
+
+def lora_targets(model) -> list[str]:
+    """The modules a LoRA control adapts: every attention and MLP projection of the blocks
+    (kinds ``LORA_KINDS``), chosen by module kind from the family's names, so that Llama's
+    ``q_proj`` ... ``down_proj``, GPT-2's ``c_attn`` / ``c_proj`` / ``c_fc`` (``Conv1D``) and BERT's
+    ``query`` ... ``output.dense`` are all found.
+
+    Args:
+        model (nn.Module): a Hugging Face model (its config's ``model_type`` names the family;
+            without one the family is detected from the parameter names).
+    Returns:
+        list[str]: full module names in model order (PEFT's ``target_modules`` accepts them);
+        empty when no module has a known projection name.
+    """
+    cfg = getattr(model, "config", None)
+    names = [n for n, _ in model.named_parameters()]
+    family = detect_family(names, getattr(cfg, "model_type", None))
+    out = []
+    for mname, m in model.named_modules():
+        weight = getattr(m, "weight", None)
+        if mname and hasattr(weight, "dim") and weight.dim() == 2:
+            role = tensor_role(mname + ".weight", family)
+            if role.layer is not None and role.kind in LORA_KINDS:
+                out.append(mname)
+    return out
+
+
 def detect_family(names, model_type: str | None = None) -> str | None:
     """The naming family of a checkpoint: from config's model_type, else by majority of names."""
     if model_type and model_type in MODEL_TYPE_FAMILY:
@@ -160,8 +217,7 @@ def tensor_role(name: str, family: str | None) -> TensorRole:
         TensorRole: layer index (None outside blocks), module kind, group and param name.
     """
     key = normalize_name(name)
-    m = _LAYER_RE.search(key)
-    layer = int(m.group(1)) if m else None
+    layer = layer_index(key)
     kind = "other"
     families = [family] if family in _COMPILED else list(_COMPILED)
     for fam in families:

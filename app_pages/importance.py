@@ -73,9 +73,10 @@ if scores.granularity == "element":
                                                "Mean score per attention head (q rows, o columns, shared kv)",
                                                "head"), key="imp_heads")
     flat = flatten(scores, scope)
-    sample = flat[:: max(1, flat.numel() // 50_000)]
-    st.plotly_chart(plots.score_histogram(sample.tolist(), f"Score distribution ({flat.numel():,} elements in scope)"),
-                    key="imp_hist")
+    sample = flat[:: max(1, flat.numel() // 50_000)]  # every k-th score: 50,000 to 100,000 of them
+    shown = (f"all {flat.numel():,} elements in scope" if sample.numel() == flat.numel() else
+             f"a strided sample of {sample.numel():,} of the {flat.numel():,} elements in scope")
+    st.plotly_chart(plots.score_histogram(sample.tolist(), f"Score distribution ({shown})"), key="imp_hist")
 elif scores.granularity in ("head", "channel"):
     key = "heads" if scores.granularity == "head" else "channels"
     z = summary[key]

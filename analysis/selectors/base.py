@@ -16,7 +16,6 @@ ones), parameters are only read.
 from __future__ import annotations
 
 import inspect
-import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -26,13 +25,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from analysis.errors import SubnetscopeError
-from analysis.structure import Architecture, architecture_from_config, normalize_name, tensor_role
+from analysis.structure import Architecture, architecture_from_config, block_index, normalize_name, tensor_role
 
 GRANULARITIES = ("element", "row", "head", "channel", "layer")
 Batch = dict[str, torch.Tensor]  # "input_ids", "attention_mask", "labels": each [batch, pos]
 Progress = Callable[[int, int, str], None]  # progress(done, total, what)
 
-_BLOCK_RE = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks)\.(\d+)$")
 _CONV1D_KINDS = ("qkv", "o", "up", "down")  # GPT-2 Conv1D weights, stored [in, out]
 
 
@@ -146,9 +144,9 @@ def block_modules(model: nn.Module) -> dict[int, nn.Module]:
     """The transformer blocks (``model.layers.3``, ``transformer.h.3``, ``encoder.layer.3``) by index."""
     out = {}
     for mname, m in model.named_modules():
-        match = _BLOCK_RE.search(mname)
-        if match:
-            out.setdefault(int(match.group(1)), m)
+        index = block_index(mname)
+        if index is not None:
+            out.setdefault(index, m)
     return dict(sorted(out.items()))
 
 

@@ -176,6 +176,29 @@ def test_cli_diff_contract_and_mask(planted, tmp_path):
     assert m[Q][33:40].sum() == 7 and bool(m[K][20, 3]) and not bool(m[UP][1, 1])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cli_diff_norms_by_hand(tmp_path, dtype):
+    """The JSON's base_fro = ‖θ⁰‖_F (over every element, unchanged ones included), delta_fro = ‖Δ‖_F
+    and max_abs_delta on a tensor with hand-computable values; base_fro is None when θ⁰ holds a NaN."""
+    model = tiny_llama()
+    sd = {k: v.to(dtype) for k, v in _base_sd().items()}
+    sd[Q] = torch.full((64, 64), 0.25, dtype=dtype)  # ‖θ⁰‖² = 4096 · 1/16 = 256
+    tuned = {k: v.clone() for k, v in sd.items()}
+    tuned[Q][0, 0] += 3.0  # Δ = 3 and 4: ‖Δ‖ = 5, max |Δ| = 4 (all exact in bf16)
+    tuned[Q][63, 5] += 4.0
+    sd[UP][7, 7] = float("nan")  # θ⁰ holds a NaN: ‖θ⁰‖ undefined
+    tuned[UP][7, 7] = 1.0
+    base, tdir = _write_dir(tmp_path / "base", sd, model), _write_dir(tmp_path / "tuned", tuned, model)
+    out = tmp_path / "d.json"
+    assert main(["diff", str(base), str(tdir), "--tol", "1e-5", "--json", str(out), "--quiet"]) == 0
+    rows = {t["name"]: t for t in json.loads(out.read_text())["tensors"]}
+    assert (rows[Q]["base_fro"], rows[Q]["delta_fro"], rows[Q]["max_abs_delta"], rows[Q]["changed"]) == (16.0, 5.0, 4.0, 2)
+    assert rows[UP]["base_fro"] is None and rows[UP]["changed"] == 1
+    emb = sd[EMB].double()
+    assert rows[EMB]["base_fro"] == pytest.approx(float(emb.pow(2).sum().sqrt()), rel=1e-12)
+    assert rows[EMB]["delta_fro"] == 0.0 and rows[EMB]["changed"] == 0
+
+
 def test_mask_from_the_pass_is_the_definition(planted):
     """on_mask gets the mask of the statistics pass; it equals the one definition
     (kernels.diff_stats.changed_mask, re-exported as analysis.diff.changed_mask) on every tensor."""

@@ -2,7 +2,8 @@
 
 import pytest
 
-from analysis.structure import KINDS, architecture_from_config, detect_family, normalize_name, tensor_role
+from analysis.structure import (KINDS, architecture_from_config, block_index, detect_family, layer_index, normalize_name,
+                                tensor_role)
 from conftest import tiny_bert, tiny_gpt2, tiny_llama
 
 
@@ -27,6 +28,40 @@ from conftest import tiny_bert, tiny_gpt2, tiny_llama
 def test_tensor_role(name, family, layer, kind):
     r = tensor_role(name, family)
     assert (r.layer, r.kind) == (layer, kind)
+
+
+@pytest.mark.parametrize("name,layer,block", [
+    ("model.layers.3.self_attn.q_proj.weight", 3, None),
+    ("model.layers.3", 3, 3),
+    ("model.layers.3.mlp", 3, None),
+    ("transformer.h.11", 11, 11),
+    ("h.0.attn.c_attn.bias", 0, None),
+    ("bert.encoder.layer.5", 5, 5),
+    ("encoder.layer.5.output.dense", 5, None),
+    ("blocks.2", 2, 2),
+    ("layers.7.weight", 7, None),
+    ("model.layers", None, None),
+    ("model.layers.x.mlp", None, None),
+    ("model.norm.weight", None, None),
+    ("highway.0.weight", None, None),  # "highway" is not "h"
+    ("model.sublayers.1.weight", None, None),  # nor is "sublayers" "layers"
+])
+def test_layer_and_block_index(name, layer, block):
+    """One parser for block indices: of a tensor or module name (layer_index), and of a module
+    that is a block itself (block_index)."""
+    assert (layer_index(name), block_index(name)) == (layer, block)
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2, tiny_bert])
+def test_block_modules_and_tensor_layers_agree(make):
+    from analysis.selectors.base import block_modules
+
+    model = make()
+    blocks = block_modules(model)
+    assert list(blocks) == [0, 1]
+    for L, block in blocks.items():  # every parameter of block L has layer L
+        prefix = next(n for n, m in model.named_modules() if m is block)
+        assert {tensor_role(f"{prefix}.{n}", None).layer for n, _ in block.named_parameters()} == {L}
 
 
 def test_normalize_strips_nested_prefixes():

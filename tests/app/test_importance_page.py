@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from streamlit.testing.v1 import AppTest
 
@@ -36,6 +38,13 @@ def test_importance_page_on_demo(demo):
     auroc = dict(zip(bars[0]["x"], bars[0]["y"]))
     assert auroc["magnitude"] == pytest.approx(expected)
     assert "Best predictor" in at.success[0].value
+    # the score histogram draws a strided sample, and its title says so with both counts
+    hist = next(c for c in at.get("plotly_chart") if "Score distribution" in c.proto.spec)
+    fig = json.loads(hist.proto.spec)
+    shown = len(traces(fig)[0]["x"])
+    assert shown == len(range(0, blocks, blocks // 50_000)) < blocks
+    assert fig["layout"]["title"]["text"] == (f"Score distribution (a strided sample of {shown:,} of the {blocks:,} "
+                                              f"elements in scope)")
 
 
 def test_prediction_panel_when_the_fine_tune_changed_nothing(demo, tmp_path):

@@ -129,9 +129,60 @@ def test_f32_floor_is_exact():
         assert float(y) <= x < float(np.nextafter(y, np.float32(np.inf)))
 
 
-def test_dispatch_on_cpu_uses_loop():
+def spy_implementations(monkeypatch, *, triton: bool = False) -> list[str]:
+    """Wraps every implementation so that each call that returns records which one ran:
+    ``"loop"`` (the numba loop inside diff_stats_cpu), ``"reference"`` (plain torch: the public
+    reference or the torch path the others hand special pairs to), and with ``triton`` also
+    ``"triton"`` (the CUDA kernel's host function, as the dispatcher calls it).
+
+    Returns:
+        list[str]: filled as the spied functions run.
+    """
+    import importlib
+
+    targets = [("kernels._diff_stats_numba", "loop", "loop"),
+               ("kernels.diff_stats", "diff_stats_reference", "reference"),
+               ("kernels.diff_stats", "_reference", "reference")]
+    if triton:
+        targets.append(("kernels.diff_stats_triton", "diff_stats_triton", "triton"))
+    ran: list[str] = []
+    for module_name, attr, label in targets:
+        module = importlib.import_module(module_name)
+        real = getattr(module, attr)
+
+        def wrapper(*args, _real=real, _label=label, **kwargs):
+            out = _real(*args, **kwargs)
+            ran.append(_label)
+            return out
+
+        monkeypatch.setattr(module, attr, wrapper)
+    return ran
+
+
+def test_dispatch_on_cpu_uses_loop(monkeypatch):
+    """On CPU with numba, diff_stats runs the fused loop, never the torch reference."""
     b, t = _pair((16, 16), torch.bfloat16, 3)
-    _same(diff_stats_reference(b, t, 1e-5), diff_stats(b, t, 1e-5))
+    want = diff_stats_reference(b, t, 1e-5)
+    ran = spy_implementations(monkeypatch)
+    got = diff_stats(b, t, 1e-5)
+    assert set(ran) == {"loop"}, ran
+    _same(want, got)
+
+
+def test_dispatch_without_numba_uses_reference(monkeypatch):
+    """Where numba does not import, diff_stats falls back to the torch reference (same answer)."""
+    import kernels.diff_stats as ds
+
+    def no_numba(*args, **kwargs):
+        raise ImportError("No module named 'numba'")
+
+    b, t = _pair((16, 16), torch.bfloat16, 3)
+    want = diff_stats_reference(b, t, 1e-5)
+    ran = spy_implementations(monkeypatch)
+    monkeypatch.setattr(ds, "diff_stats_cpu", no_numba)
+    got = diff_stats(b, t, 1e-5)
+    assert set(ran) == {"reference"}, ran
+    _same(want, got)
 
 
 # ------------------------------------------------------------------ dtype classes

@@ -14,7 +14,7 @@ if not ON_CUDA:
 
 from kernels.diff_stats import diff_stats, diff_stats_reference  # noqa: E402
 from kernels.diff_stats_triton import available, diff_stats_triton  # noqa: E402
-from test_diff_stats import _pair, _same  # noqa: E402
+from test_diff_stats import _pair, _same, spy_implementations  # noqa: E402
 
 DEVICE = "cuda" if ON_CUDA else "cpu"
 SHAPES = [(1,), (7,), (3, 5), (37, 129), (2, 3, 17), (1031,)] + ([(300, 4099), (4097, 1023)] if ON_CUDA else [])
@@ -37,10 +37,28 @@ def test_blocks_spanning_rows():
     _same(diff_stats_reference(b, t, 1e-5), diff_stats_triton(b.to(DEVICE), t.to(DEVICE), 1e-5, block=128))
 
 
-def test_dispatch_by_device():
-    """diff_stats picks Triton for CUDA tensors and the CPU loop otherwise; both match."""
+def test_dispatch_by_device(monkeypatch):
+    """diff_stats picks Triton for CUDA tensors and the CPU loop otherwise (which one ran is
+    recorded, so a silent fall-back to the reference fails); both match the reference."""
     b, t = _pair((64, 65), torch.bfloat16, seed=9)
-    _same(diff_stats_reference(b, t, 1e-5), diff_stats(b.to(DEVICE), t.to(DEVICE), 1e-5))
+    want = diff_stats_reference(b, t, 1e-5)
+    ran = spy_implementations(monkeypatch, triton=True)
+    got = diff_stats(b.to(DEVICE), t.to(DEVICE), 1e-5)
+    assert set(ran) == ({"triton"} if ON_CUDA else {"loop"}), ran
+    _same(want, got)
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="CUDA tensors")
+def test_dispatch_on_cuda_without_triton_uses_reference(monkeypatch):
+    import kernels.diff_stats_triton as tr
+
+    b, t = _pair((64, 65), torch.bfloat16, seed=9)
+    want = diff_stats_reference(b, t, 1e-5)
+    ran = spy_implementations(monkeypatch, triton=True)
+    monkeypatch.setattr(tr, "available", lambda: False)
+    got = diff_stats(b.to(DEVICE), t.to(DEVICE), 1e-5)
+    assert set(ran) == {"reference"}, ran
+    _same(want, got)
 
 
 @pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])

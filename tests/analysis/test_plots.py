@@ -1,0 +1,39 @@
+"""Figure builders of analysis/plots.py, checked on the figure data (decoded as a browser gets it)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from analysis.plots import sparsity_sweep
+from plotly_data import traces
+
+ROWS = [{"tolerance": 0.0, "update_sparsity": 0.25}, {"tolerance": 1e-8, "update_sparsity": 0.5},
+        {"tolerance": 1e-5, "update_sparsity": 0.75}, {"tolerance": 1.0, "update_sparsity": 1.0}]
+
+
+def test_sparsity_sweep_draws_tau_zero():
+    """The τ = 0 row is not dropped from the log axis: a marker one decade left of the smallest τ,
+    on a tick labelled 0, cut off from the line by a gap."""
+    fig = json.loads(sparsity_sweep({"sft → rl": ROWS, "other": ROWS[1:]}, tol=1e-6).to_json())
+    line, other = traces(fig)
+    assert line["x"][0] == pytest.approx(1e-9) and line["x"][1:] == [None, 1e-8, 1e-5, 1.0]
+    assert line["y"] == [0.25, None, 0.5, 0.75, 1.0]
+    assert line["connectgaps"] is False
+    assert line["marker"]["size"][0] > 0 and set(line["marker"]["size"][1:]) == {0}  # a marker at τ = 0 only
+    assert line["text"][0].startswith("τ = 0")
+    axis = fig["layout"]["xaxis"]
+    assert axis["type"] == "log"
+    assert axis["tickvals"][0] == line["x"][0] and axis["ticktext"][0] == "0"
+    assert axis["tickvals"][1:] == [1e-8, 1e-6, 1e-4, 1e-2, 1.0]
+    assert axis["ticktext"][1:] == ["1e-8", "1e-6", "1e-4", "1e-2", "1e0"]
+    # a fine-tune whose sweep has no τ = 0 row draws its line only
+    assert other["x"] == [1e-8, 1e-5, 1.0] and None not in other["y"]
+
+
+def test_sparsity_sweep_without_tau_zero_keeps_the_default_axis():
+    fig = json.loads(sparsity_sweep({"a": ROWS[1:]}).to_json())
+    (line,) = traces(fig)
+    assert line["x"] == [1e-8, 1e-5, 1.0]
+    assert "tickvals" not in fig["layout"]["xaxis"]
