@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels.diff_stats import (EDGES32, N_BINS, TOLERANCE, DiffStats, _bits, _bucket_lut, _special, _upcast32,
-                                f32_floor)
+from kernels.diff_stats_reference import (EDGES32, N_BINS, TOLERANCE, DiffStats, bucket_lut, f32_floor,
+                                          special_stats, stored_bits, upcast32)
 
 try:  # Triton is optional: CPU-only installs use the numba loop or the torch reference
     import triton
@@ -100,7 +100,7 @@ def diff_stats_triton(base: torch.Tensor, tuned: torch.Tensor, tol: float, block
     """
     if triton is None:
         raise ImportError("triton is not installed")
-    special = _special(base, tuned, tol, with_mask)
+    special = special_stats(base, tuned, tol, with_mask)
     if special is not None:
         return special
     dev = base.device
@@ -108,17 +108,17 @@ def diff_stats_triton(base: torch.Tensor, tuned: torch.Tensor, tol: float, block
     t = tuned.detach().contiguous().reshape(-1)
     same_dtype = b.dtype == t.dtype
     if same_dtype:
-        bb, tb = _bits(b), _bits(t)  # the stored bits
+        bb, tb = stored_bits(b), stored_bits(t)  # the stored bits
     if not same_dtype or b.element_size() == 1:  # fp8, mixed dtypes: float32 values
-        b, t = _upcast32(b), _upcast32(t)
+        b, t = upcast32(b), upcast32(t)
         if not same_dtype:
-            bb, tb = _bits(b), _bits(t)  # mixed dtypes: bit-identity of the upcasts
+            bb, tb = stored_bits(b), stored_bits(t)  # mixed dtypes: bit-identity of the upcasts
     n = b.numel()
     two_d = base.dim() == 2
     ncols = base.shape[1] if two_d else 1
     nrows = base.shape[0] if two_d else 1
     if dev not in _TABLES:
-        _TABLES[dev] = (torch.from_numpy(EDGES32.copy()).to(dev), torch.from_numpy(_bucket_lut()).to(dev))
+        _TABLES[dev] = (torch.from_numpy(EDGES32.copy()).to(dev), torch.from_numpy(bucket_lut()).to(dev))
     edges, lut = _TABLES[dev]
     i64 = dict(dtype=torch.int64, device=dev)
     counts = torch.zeros(4, **i64)

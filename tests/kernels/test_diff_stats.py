@@ -142,7 +142,7 @@ def spy_implementations(monkeypatch, *, triton: bool = False) -> list[str]:
 
     targets = [("kernels._diff_stats_numba", "loop", "loop"),
                ("kernels.diff_stats", "diff_stats_reference", "reference"),
-               ("kernels.diff_stats", "_reference", "reference")]
+               ("kernels.diff_stats_reference", "_reference", "reference")]
     if triton:
         targets.append(("kernels.diff_stats_triton", "diff_stats_triton", "triton"))
     ran: list[str] = []

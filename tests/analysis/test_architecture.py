@@ -1,0 +1,90 @@
+"""The shape of the tree (issue 10): no import cycle among the project's modules (imports inside
+functions included: a lazy import still ties two modules together), no module importing
+another's private name, and ``python -m analysis`` a thin entry point."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from conftest import ROOT
+
+PACKAGES = ("analysis", "kernels", "ui")
+
+
+def _modules() -> dict[str, Path]:
+    mods = {}
+    for pkg in PACKAGES:
+        for p in (ROOT / pkg).rglob("*.py"):
+            name = ".".join(p.relative_to(ROOT).with_suffix("").parts)
+            mods[name.removesuffix(".__init__")] = p
+    return mods
+
+
+def _imports(mods: dict[str, Path]) -> tuple[dict[str, set[str]], list[tuple[str, str]]]:
+    """(module -> project modules it imports, [(module, private name it imports from another)])."""
+    graph, private = {m: set() for m in mods}, []
+    for m, p in mods.items():
+        package = m if p.name == "__init__.py" else m.rpartition(".")[0]
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(parts + ([base] if base else []))
+                for alias in node.names:
+                    target = f"{base}.{alias.name}" if f"{base}.{alias.name}" in mods else base
+                    if target in mods and target != m:
+                        graph[m].add(target)
+                    if (alias.name.startswith("_") and not alias.name.startswith("__")
+                            and base.split(".")[0] in PACKAGES):
+                        private.append((m, f"{base}.{alias.name}"))
+            elif isinstance(node, ast.Import):
+                graph[m].update(a.name for a in node.names if a.name in mods and a.name != m)
+    return graph, private
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle, or None (depth-first search with colours)."""
+    colour, path = {}, []
+
+    def visit(v):
+        colour[v] = "grey"
+        path.append(v)
+        for w in sorted(graph[v]):
+            if colour.get(w) == "grey":
+                return path[path.index(w):] + [w]
+            if w not in colour:
+                found = visit(w)
+                if found:
+                    return found
+        colour[v] = "black"
+        path.pop()
+        return None
+
+    for v in sorted(graph):
+        if v not in colour:
+            found = visit(v)
+            if found:
+                return found
+    return None
+
+
+def test_no_import_cycle():
+    graph, _ = _imports(_modules())
+    assert _cycle(graph) is None, " -> ".join(_cycle(graph))
+
+
+def test_the_checker_finds_a_cycle():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_private_imports_across_modules():
+    _, private = _imports(_modules())
+    assert private == [], private
+
+
+def test_main_is_a_thin_entry_point():
+    text = (ROOT / "analysis" / "__main__.py").read_text()
+    assert len(text.splitlines()) <= 10 and "from analysis.cli import main" in text
