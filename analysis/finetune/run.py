@@ -442,9 +442,10 @@ class _Trainer:
             else:
                 grad_norm = _grad_norm(self.params, self.mask)
                 masked_reference_step(self.opt, self.params, self.mask)
-        mean_loss, *rest = self.dist.average([loss.detach().float().reshape(1)] +
-                                             [torch.tensor([v], device=loss.device) for v in extra.values()])
-        tokens_all = tokens * self.dist.world
+        mean_loss, mean_tokens, *rest = self.dist.average(
+            [loss.detach().float().reshape(1), torch.tensor([float(tokens)], device=loss.device)] +
+            [torch.tensor([v], device=loss.device) for v in extra.values()])
+        tokens_all = round(float(mean_tokens) * self.dist.world)  # the sum over ranks (their slices differ)
         elapsed = time.perf_counter() - t
         row.update(loss=float(mean_loss), lr=lr, grad_norm=grad_norm, trainable=self.trainable,
                    tokens_per_s=tokens_all / elapsed, step_s=elapsed,

@@ -116,11 +116,25 @@ class DemoRL(DemoSFT):
         self.gen = torch.Generator().manual_seed(self.config.seed + 7919 * self.dist.rank)
 
     def loss(self, model):
+        """The policy-gradient loss; the tokens counted are those trained on, as demo-sft counts
+        them: the non-pad ids of every forward run with autograd (the prompts and the sampled
+        completions up to their ``<eos>``; the no-grad sampling passes are not counted)."""
         from analysis import demo
 
-        loss, reward = demo.rl_loss(model, self.local(self.rng.sample(self.problems, self.config.batch_size)),
-                                    self.gen)
-        return loss, reward.numel() * (demo.MAX_ANSWER + 8), {"reward": reward.mean().item()}
+        trained = []
+
+        def count(module, args, kwargs):
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            if torch.is_grad_enabled() and ids is not None:
+                trained.append(int((ids != demo.PAD).sum()))
+
+        handle = model.register_forward_pre_hook(count, with_kwargs=True)
+        try:
+            loss, reward = demo.rl_loss(model, self.local(self.rng.sample(self.problems, self.config.batch_size)),
+                                        self.gen)
+        finally:
+            handle.remove()
+        return loss, sum(trained), {"reward": reward.mean().item()}
 
     def state(self):
         return {**super().state(), "gen": self.gen.get_state()}
