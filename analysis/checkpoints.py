@@ -299,16 +299,23 @@ def resolve_hub_id(repo_id: str, *, revision: str | None = None) -> Path:
     """Finds a hub model in the local HF cache, downloading only when online.
 
     Only config, tokenizer and weight files are fetched. Raises CheckpointError when the
-    id is neither cached nor reachable.
+    id is neither cached nor reachable, and when the cache cannot be read (saying why: a
+    damaged cache is not reported as a missing entry).
     """
     from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
     patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "*.bin"]
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns,
                                       local_files_only=True))
-    except Exception:
-        pass
+    except LocalEntryNotFoundError:
+        pass  # not in the cache (or cached only in part): the hub, when online
+    except HFValidationError as e:
+        raise CheckpointError(f"{repo_id}: not a valid hub id: {_one_line(e)}") from None
+    except OSError as e:  # the cache is there but unreadable (permissions, a damaged entry)
+        where = getattr(e, "filename", None) or constants.HF_HUB_CACHE
+        raise CheckpointError(f"{repo_id}: cannot read the local hub cache ({where}): {_os_reason(e)}") from None
     if constants.HF_HUB_OFFLINE:
         raise CheckpointError(f"{repo_id}: hub id not in the local cache ({constants.HF_HUB_CACHE}) "
                               f"and HF_HUB_OFFLINE is set") from None

@@ -154,7 +154,7 @@ def train_rl(model, problems: list[tuple[str, str]], stage: Stage, *, progress: 
     opt = torch.optim.AdamW(model.parameters(), lr=stage.lr, weight_decay=0.0)
     for _ in tqdm(range(stage.steps), desc=stage.name, disable=not progress, file=sys.stderr):
         _check_stop(should_stop)
-        loss, _ = rl_loss(model, rng.sample(problems, stage.batch), gen)
+        loss, _, _ = rl_loss(model, rng.sample(problems, stage.batch), gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -140,7 +140,7 @@ def evaluate(model, problems: list[tuple[str, str]]) -> float:
     return rewards(generate(model, qa_prompts(problems)), [a for _, a in problems]).mean().item()
 
 
-def rl_loss(model, batch: list[tuple[str, str]], gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def rl_loss(model, batch: list[tuple[str, str]], gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, int]:
     """One policy-gradient loss: ``RL_GROUP`` sampled completions per prompt, exact-match reward,
     advantage = reward − the group's mean, loss = −mean(advantage · log p(completion)).
 
@@ -149,7 +149,8 @@ def rl_loss(model, batch: list[tuple[str, str]], gen: torch.Generator) -> tuple[
         batch (list[tuple[str, str]]): ``(problem, answer)`` pairs.
         gen (torch.Generator): the sampling generator.
     Returns:
-        tuple[Tensor, Tensor]: the loss (scalar, with grad) and the rewards ``# [prompts, RL_GROUP]``.
+        tuple[Tensor, Tensor, int]: the loss (scalar, with grad), the rewards ``# [prompts, RL_GROUP]``
+        and the tokens of the forward trained on (non-pad ids of prompts and completions).
     """
     prompts = qa_prompts(batch).repeat_interleave(RL_GROUP, dim=0).to(next(model.parameters()).device)
     model.eval()
@@ -157,11 +158,12 @@ def rl_loss(model, batch: list[tuple[str, str]], gen: torch.Generator) -> tuple[
     reward = rewards(completions, [a for _, a in batch for _ in range(RL_GROUP)]).view(-1, RL_GROUP)
     advantage = (reward - reward.mean(1, keepdim=True)).flatten().to(prompts.device)  # [n]
     model.train()
-    logits = model(input_ids=torch.cat([prompts, completions], 1), use_cache=False).logits
+    seqs = torch.cat([prompts, completions], 1)  # completions are padded after their <eos>
+    logits = model(input_ids=seqs, use_cache=False).logits
     logp = logits[:, prompts.shape[1] - 1:-1].log_softmax(-1)  # [n, MAX_ANSWER, vocab]
     logp = logp.gather(-1, completions[..., None]).squeeze(-1)
     logp = logp.masked_fill(after_eos(completions), 0.0).sum(1)  # up to the first <eos>
-    return -(advantage * logp).mean(), reward
+    return -(advantage * logp).mean(), reward, int((seqs != PAD).sum())
 
 
 @torch.no_grad()

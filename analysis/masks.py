@@ -142,10 +142,6 @@ def _numel(path: Path, name: str, shape: list[int]) -> int:
     return n
 
 
-def mask_source(path: str | Path) -> str:
-    return read_safetensors_header(Path(path))[1].get("source", "")
-
-
 def count(mask: Mask) -> tuple[int, int]:
     """(selected elements, total elements)."""
     return sum(int(m.sum()) for m in mask.values()), sum(m.numel() for m in mask.values())

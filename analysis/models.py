@@ -14,6 +14,13 @@ from analysis.checkpoints import open_checkpoint
 from analysis.errors import SubnetscopeError, one_line
 
 
+# The files a Hugging Face tokenizer is read from (fast tokenizer, config, sentencepiece / BPE /
+# WordPiece vocabularies). A directory with none of them has no tokenizer; one with any of them
+# has a tokenizer, which must load.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model",
+                   "sentencepiece.bpe.model", "vocab.json", "merges.txt", "vocab.txt", "tekken.json")
+
+
 class ModelLoadError(SubnetscopeError):
     """A checkpoint that cannot be loaded as a model, in one line."""
 
@@ -45,9 +52,10 @@ def load_model(ref: str | os.PathLike, *, device: str | torch.device | None = "a
         trust_remote_code (bool): allow code shipped with the checkpoint. Default: False.
     Returns:
         tuple: (``AutoModelForCausalLM`` — ``AutoModel`` for BERT-family encoders — in eval mode,
-        the tokenizer, or None when the directory has none).
+        the tokenizer, or None when the directory has none of ``TOKENIZER_FILES``).
     Raises:
-        ModelLoadError / CheckpointError: one line naming the checkpoint and the problem.
+        ModelLoadError / CheckpointError: one line naming the checkpoint and the problem (also
+            for tokenizer files that are there but do not load).
     """
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
@@ -62,8 +70,12 @@ def load_model(ref: str | os.PathLike, *, device: str | torch.device | None = "a
     except Exception as e:  # transformers raises many types; the user gets one line
         raise ModelLoadError(f"{ck.path}: cannot load as {cls.__name__}: {one_line(e)}") from None
     model.to(dev).eval()
+    files = [f for f in TOKENIZER_FILES if (ck.path / f).exists()]
+    if not files:  # no tokenizer: calibration data then says so
+        return model, None
     try:
         tokenizer = AutoTokenizer.from_pretrained(ck.path, trust_remote_code=trust_remote_code)
-    except Exception:  # no tokenizer files: calibration data then says so
-        tokenizer = None
+    except Exception as e:  # transformers raises many types; a tokenizer that is there must load
+        raise ModelLoadError(f"{ck.path}: the tokenizer ({', '.join(files)}) cannot be loaded: "
+                             f"{type(e).__name__}: {one_line(e)}") from None
     return model, tokenizer

@@ -210,8 +210,3 @@ def _intersections(masks: torch.Tensor) -> np.ndarray:
             out[a, b] = out[b, a] = int((masks[a] & masks[b]).sum())
     return out
 
-
-def chance_overlap(da: float, db: float) -> dict:
-    """The paper's random baseline for densities da, db (for display next to measured values)."""
-    return {"o1_random": db, "o2_random": da, "jaccard_random": da * db / (da + db - da * db)}
-

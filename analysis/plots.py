@@ -252,15 +252,6 @@ def selector_bars(rows: list[dict]) -> go.Figure:
     return _layout(fig, "Which selector predicts the fine-tune's changed elements?", "selector", "")
 
 
-def agreement_matrix(names: list[str], matrix, title: str) -> go.Figure:
-    fig = go.Figure(go.Heatmap(z=matrix, x=names, y=names, colorscale="RdBu", zmin=-1, zmax=1,
-                               text=[[f"{v:.2f}" if v is not None else "" for v in row] for row in matrix],
-                               texttemplate="%{text}", hovertemplate="%{y} vs %{x}: %{z:.3f}<extra></extra>"))
-    fig.update_yaxes(autorange="reversed")
-    fig.update_layout(height=90 + 40 * len(names))
-    return _layout(fig, title, "", "")
-
-
 def training_curves(curves: dict[str, list[dict]], y: str = "loss", title: str | None = None,
                     smooth: int = 1) -> go.Figure:
     """Lines of one metric against the step, one trace per run (points only where the metric was

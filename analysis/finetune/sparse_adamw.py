@@ -164,10 +164,6 @@ class SparseMaskedAdamW:
             master.addcdiv_(exp_avg, denom, value=-step_size)
             p.view(-1).index_copy_(0, g["idx"], master.to(p.dtype))  # write back: only masked elements
 
-    @property
-    def step_count(self) -> int:
-        return max((g["step"] for g in self.groups.values()), default=0)
-
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict:
         """Per segment its parameter, indices, step count, master values and moments (for resuming).

@@ -108,9 +108,12 @@ class DemoRL(DemoSFT):
         self.gen = torch.Generator().manual_seed(self.config.seed + 7919 * self.dist.rank)
 
     def loss(self, model):
-        loss, reward = demo_task.rl_loss(model, self.local(self.rng.sample(self.problems, self.config.batch_size)),
-                                    self.gen)
-        return loss, reward.numel() * (demo_task.MAX_ANSWER + 8), {"reward": reward.mean().item()}
+        """The policy-gradient loss; the tokens counted are those trained on, as demo-sft counts
+        them: the non-pad ids of the forward run with autograd (the prompts and the sampled
+        completions up to their ``<eos>``; the no-grad sampling passes are not counted)."""
+        loss, reward, tokens = demo_task.rl_loss(
+            model, self.local(self.rng.sample(self.problems, self.config.batch_size)), self.gen)
+        return loss, tokens, {"reward": reward.mean().item()}
 
     def state(self):
         return {**super().state(), "gen": self.gen.get_state()}

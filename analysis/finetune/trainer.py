@@ -161,9 +161,10 @@ class Trainer:
             self.dist.average_grads([self.params[n] for n in self.universe])
             row["unmasked"] = self.id3_grow(step)
         grad_norm = self.opt.step_averaged(self.dist, averaged=growing)
-        mean_loss, *rest = self.dist.average([loss.detach().float().reshape(1)] +
-                                             [torch.tensor([v], device=loss.device) for v in extra.values()])
-        tokens_all = tokens * self.dist.world
+        mean_loss, mean_tokens, *rest = self.dist.average(
+            [loss.detach().float().reshape(1), torch.tensor([float(tokens)], device=loss.device)] +
+            [torch.tensor([v], device=loss.device) for v in extra.values()])
+        tokens_all = round(float(mean_tokens) * self.dist.world)  # the sum over ranks (their slices differ)
         elapsed = time.perf_counter() - t
         row.update(loss=float(mean_loss), lr=lr, grad_norm=grad_norm, trainable=self.opt.trainable,
                    tokens_per_s=tokens_all / elapsed, step_s=elapsed,

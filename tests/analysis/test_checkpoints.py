@@ -308,6 +308,26 @@ def test_hub_id_offline_not_cached(tmp_path, monkeypatch):
     _one_line_error("acme/not-cached", "hub id not in the local cache")
 
 
+def test_hub_cache_that_cannot_be_read_says_why(tmp_path, monkeypatch):
+    """Only a missing cache entry reads as "not in the local cache"; a cache entry that cannot
+    be read (here refs/main is a directory) is reported as such, naming the file."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    refs = cache / "models--acme--broken" / "refs" / "main"
+    refs.mkdir(parents=True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    msg = _one_line_error("acme/broken", f"acme/broken: cannot read the local hub cache ({refs}): Is a directory")
+    assert "not in the local cache" not in msg
+    # a ref whose snapshot folder is missing is a missing entry: offline, "not in the local cache"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    entry = cache / "models--acme--partial"
+    (entry / "refs").mkdir(parents=True)
+    (entry / "refs" / "main").write_text(commit)
+    _one_line_error("acme/partial", "hub id not in the local cache")
+
+
 def test_different_architectures(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     tiny_llama().save_pretrained(a)
