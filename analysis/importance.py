@@ -227,6 +227,17 @@ def _unit_sums(scores: Scores, to: str, scope: str) -> tuple[torch.Tensor, torch
     return (total[:, 0], count[:, 0]) if to == "layer" else (total, count)
 
 
+def sample_scores(scores: Scores, scope: str = "blocks", *, at_most: int = 50_000) -> tuple[torch.Tensor, int]:
+    """Every k-th element score in scope, for a histogram: between ``at_most`` and ``2 · at_most``
+    of them (all when there are fewer).
+
+    Returns:
+        tuple[Tensor, int]: the sample ``# [m]`` and how many scores it was taken from.
+    """
+    flat = flatten(scores, scope)
+    return flat[:: max(1, flat.numel() // at_most)], flat.numel()
+
+
 def summarize(scores: Scores, *, scope: str = "blocks") -> dict:
     """Aggregated scores for the CLI's JSON and the page's heatmaps (plain Python numbers).
 

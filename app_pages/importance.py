@@ -1,4 +1,9 @@
-"""Importance: which parameters matter by each selector, and which selector predicts a real update."""
+"""Importance: which parameters matter by each selector, and which selector predicts a real update.
+
+A model under the inline limit (``ui.work.inline_limit``) is scored inside the page (cached); a
+larger one through the CLI as a background job (``importance``, ``evaluate-selectors``), started
+on request, with progress and cancel — the page never runs long work in a rerun.
+"""
 
 import io
 import json
@@ -8,7 +13,8 @@ import streamlit as st
 
 from analysis import plots
 from analysis.errors import SubnetscopeError
-from analysis.importance import flatten, scores_to_mask, summarize
+from analysis.importance import sample_scores, scores_to_mask, summarize
+from analysis.masks import load_mask
 from analysis.selector_eval import predictive_power, spearman, topk_jaccard
 from analysis.selectors import SELECTORS
 from ui import work
@@ -52,15 +58,28 @@ if name == "diff":
     options = {"base": parent_of(pair_tuned) or base, "tuned": pair_tuned}
 
 try:
-    scores = work.scores(ref, name, granularity, data, int(samples), seq_len, **options)
-    summary = summarize(scores, scope=scope)
+    inline = work.param_count(ref) < work.inline_limit()
+    if inline:
+        scores = work.scores(ref, name, granularity, data, int(samples), seq_len, **options)
+        summary = summarize(scores, scope=scope)
+        mask = scores_to_mask(scores, density, scope=scope)
+    else:  # a large model: the CLI scores it in the background and writes the mask into the job
+        st.caption(f"{label_of(ref)} has more than {work.inline_limit():,} parameters: it is scored as a background "
+                   "job (`python -m analysis importance`).")
+        job = work.importance_job(ref, name, granularity, data, int(samples), seq_len, scope, density, key="imp",
+                                  **options)
+        if job is None:
+            st.stop()
+        scores, (summary, mask_path) = None, job
+        mask = load_mask(mask_path)
 except SubnetscopeError as e:
     st.error(str(e))
     st.stop()
+scored_as = summary["granularity"]
 
-st.subheader(f"{entry.label} on {label_of(ref)} ({scores.granularity})")
+st.subheader(f"{entry.label} on {label_of(ref)} ({scored_as})")
 left, right = st.columns(2)
-if scores.granularity == "element":
+if scored_as == "element":
     rows = [r for r in summary["layer_kinds"] if r["layer"] is not None]
     layers = sorted({r["layer"] for r in rows})
     kinds = list(dict.fromkeys(r["kind"] for r in rows))
@@ -72,26 +91,24 @@ if scores.granularity == "element":
         right.plotly_chart(plots.score_heatmap(heads, list(range(len(heads[0]))), list(range(len(heads))),
                                                "Mean score per attention head (q rows, o columns, shared kv)",
                                                "head"), key="imp_heads")
-    flat = flatten(scores, scope)
-    sample = flat[:: max(1, flat.numel() // 50_000)]  # every k-th score: 50,000 to 100,000 of them
-    shown = (f"all {flat.numel():,} elements in scope" if sample.numel() == flat.numel() else
-             f"a strided sample of {sample.numel():,} of the {flat.numel():,} elements in scope")
-    st.plotly_chart(plots.score_histogram(sample.tolist(), f"Score distribution ({shown})"), key="imp_hist")
-elif scores.granularity in ("head", "channel"):
-    key = "heads" if scores.granularity == "head" else "channels"
+    if scores is not None:
+        sample, total = sample_scores(scores, scope)
+        shown = (f"all {total:,} elements in scope" if sample.numel() == total else
+                 f"a strided sample of {sample.numel():,} of the {total:,} elements in scope")
+        st.plotly_chart(plots.score_histogram(sample.tolist(), f"Score distribution ({shown})"), key="imp_hist")
+    else:
+        st.caption("The score distribution is drawn for models scored inline; the job's JSON holds the statistics "
+                   "by layer and module kind shown above.")
+elif scored_as in ("head", "channel"):
+    key = "heads" if scored_as == "head" else "channels"
     z = summary[key]
     left.plotly_chart(plots.score_heatmap(z, list(range(len(z[0]))), list(range(len(z))),
-                                          f"Score per {scores.granularity}", scores.granularity), key="imp_units")
-elif scores.granularity == "layer":
+                                          f"Score per {scored_as}", scored_as), key="imp_units")
+elif scored_as == "layer":
     left.bar_chart(pd.DataFrame({"score": summary["layers"]}))
 else:  # row
     left.caption("Row scores: see the download.")
 
-try:
-    mask = scores_to_mask(scores, density, scope=scope)
-except SubnetscopeError as e:
-    st.error(str(e))
-    st.stop()
 per_tensor = pd.DataFrame([{"tensor": n, "selected": int(m.sum()), "numel": m.numel(),
                             "fraction selected": float(m.float().mean())} for n, m in mask.items() if m.any()])
 selected = int(per_tensor["selected"].sum()) if len(per_tensor) else 0
@@ -108,7 +125,7 @@ def _mask_file() -> bytes:
 
     with tempfile.TemporaryDirectory() as tmp:
         return save_mask(Path(tmp) / "m.safetensors", mask,
-                         source=f"{name} {scores.granularity} density={density} scope={scope}").read_bytes()
+                         source=f"{name} {scored_as} density={density} scope={scope}").read_bytes()
 
 
 d1, d2 = st.columns(2)
@@ -120,12 +137,19 @@ st.subheader("Compare with another selector")
 element_selectors = [n for n, e in SELECTORS.items() if e.granularities[0] == "element" and n != "diff"]
 other = st.selectbox("Second selector", [n for n in element_selectors if n != name],
                      format_func=lambda n: SELECTORS[n].label)
-if scores.granularity == "element":
+if scored_as == "element":
     try:
-        second = work.scores(ref, other, "element", data, int(samples), seq_len)
-        cmp1, cmp2 = st.columns(2)
-        cmp1.metric("Spearman ρ", f"{spearman(scores, second, scope=scope):+.3f}")
-        cmp2.metric(f"Top-k Jaccard at density {density:g}", f"{topk_jaccard(scores, second, density, scope=scope):.3f}")
+        if inline:
+            second = work.scores(ref, other, "element", data, int(samples), seq_len)
+            rho, jac = spearman(scores, second, scope=scope), topk_jaccard(scores, second, density, scope=scope)
+        else:
+            res = work.evaluate_job(ref, [name, other], data, int(samples), seq_len, scope, density, key="imp_cmp")
+            rho, jac = (None, None) if res is None else (res["agreement"]["spearman"][0][1],
+                                                         res["agreement"]["jaccard"][0][1])
+        if rho is not None:
+            cmp1, cmp2 = st.columns(2)
+            cmp1.metric("Spearman ρ", f"{rho:+.3f}")
+            cmp2.metric(f"Top-k Jaccard at density {density:g}", f"{jac:.3f}")
     except SubnetscopeError as e:
         st.error(str(e))
 else:
@@ -141,24 +165,26 @@ target = st.selectbox("Fine-tune", tuned, index=tuned.index(default_target), for
 parent = parent_of(target) or base
 st.caption(f"Changed elements of {label_of(parent)} → {label_of(target)} at τ = 1e-5 (the paper's RL subnetwork), "
            f"predicted from the scores of {label_of(ref)}.")
+chosen = st.multiselect("Selectors", [n for n in SELECTORS if n != "diff"],
+                        default=["magnitude", "smallest_magnitude", "random", "wanda", "taylor", "fisher",
+                                 "sensitivity"], format_func=lambda n: SELECTORS[n].label)
+preds = {}
 try:
-    changed = work.changed_mask(parent, target, 1e-5)
-    preds = {}
-    chosen = st.multiselect("Selectors", [n for n in SELECTORS if n != "diff"],
-                            default=["magnitude", "smallest_magnitude", "random", "wanda", "taylor", "fisher",
-                                     "sensitivity"], format_func=lambda n: SELECTORS[n].label)
-    n_params = sum(int(v.numel()) for v in changed.values())
-    if n_params >= work.inline_limit() and not st.button(f"Score {len(chosen)} selectors on this "
-                                                          f"{n_params / 1e6:.0f}M-parameter model", type="primary"):
-        st.caption("Large model: scoring every selector takes a while on a CPU, so it starts on request.")
+    if not chosen:
         st.stop()
-    bar = st.progress(0.0, text="Scoring selectors…")
-    for i, n in enumerate(chosen):
-        sc = work.scores(ref, n, None if SELECTORS[n].granularities[0] != "element" else "element", data,
-                         int(samples), seq_len)
-        preds[n] = predictive_power(sc, changed, scope=scope).to_dict()
-        bar.progress((i + 1) / len(chosen), text=f"Scored {SELECTORS[n].label}")
-    bar.empty()
+    if inline:
+        changed = work.changed_mask(parent, target, 1e-5)
+        bar = st.progress(0.0, text="Scoring selectors…")
+        for i, n in enumerate(chosen):
+            sc = work.scores(ref, n, None if SELECTORS[n].granularities[0] != "element" else "element", data,
+                             int(samples), seq_len)
+            preds[n] = predictive_power(sc, changed, scope=scope).to_dict()
+            bar.progress((i + 1) / len(chosen), text=f"Scored {SELECTORS[n].label}")
+        bar.empty()
+    else:  # every selector and the diff in one background job (`evaluate-selectors --against-diff`)
+        res = work.evaluate_job(ref, chosen, data, int(samples), seq_len, scope, density, key="imp_pred",
+                                against=(parent, target))
+        preds = {} if res is None else {p["selector"]: p for p in res["prediction"]}
 except SubnetscopeError as e:
     st.error(str(e))
     st.stop()

@@ -1,8 +1,9 @@
 """Analyses for the pages: small checkpoints inline (cached), large ones as background jobs.
 
-A diff or overlap of a large checkpoint never runs inside the page rerun: it is a job (the
-CLI in a subprocess, :class:`analysis.jobs.JobDir`) that a fragment polls every second with a progress bar
-and a cancel button; the finished result is read from the job directory.
+A diff, overlap, importance scoring or selector evaluation of a large checkpoint never runs
+inside the page rerun: it is a job (the CLI in a subprocess, :class:`analysis.jobs.JobDir`) that
+a fragment polls every second with a progress bar and a cancel button; the finished result is
+read from the job directory. "Large" is :func:`inline_limit` parameters.
 """
 
 from __future__ import annotations
@@ -50,7 +51,42 @@ def overlap_of(base: str, tuned: list[str], tol: float, total_params: int, key: 
     return _job(["overlap", base, *tuned, "--tol", repr(tol), "--quiet"], refs, key)
 
 
-def _job(argv: list[str], refs: list[str], key: str) -> dict | None:
+def param_count(ref: str) -> int:
+    """The checkpoint's parameter count, from its headers (nothing loaded)."""
+    return _param_count(ref, fingerprint(ref))
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def _param_count(ref: str, fp: tuple) -> int:
+    from analysis.checkpoints import open_checkpoint, summarize
+
+    return summarize(open_checkpoint(ref))["total_params"]
+
+
+def importance_job(ref: str, selector: str, granularity: str | None, data: str, samples: int, seq_len: int,
+                   scope: str, density: float, key: str, **options) -> tuple[dict, str] | None:
+    """``python -m analysis importance`` as a job: (its JSON, the mask file it wrote), or None
+    while it runs."""
+    argv = ["importance", ref, "--selector", selector, "--data", data, "--samples", str(samples),
+            "--seq-len", str(seq_len), "--scope", scope, "--density", repr(density),
+            "--mask-out", "{job}/mask.safetensors", "--quiet",
+            *(["--granularity", granularity] if granularity else []),
+            *(a for k, v in sorted(options.items()) for a in ("--option", f"{k}={v}"))]
+    refs = [ref, *(v for k, v in sorted(options.items()) if k in ("base", "tuned"))]
+    res = _job(argv, refs, key, label=f"score {selector}")
+    return None if res is None else (res, res["mask"]["file"])
+
+
+def evaluate_job(ref: str, selectors: list[str], data: str, samples: int, seq_len: int, scope: str,
+                 density: float, key: str, against: tuple[str, str] | None = None) -> dict | None:
+    """``python -m analysis evaluate-selectors`` as a job: its JSON, or None while it runs."""
+    argv = ["evaluate-selectors", ref, "--selectors", ",".join(selectors), "--data", data, "--samples",
+            str(samples), "--seq-len", str(seq_len), "--scope", scope, "--density", repr(density), "--quiet",
+            *(["--against-diff", *against] if against else [])]
+    return _job(argv, [ref, *(against or ())], key, label=f"evaluate {len(selectors)} selectors")
+
+
+def _job(argv: list[str], refs: list[str], key: str, label: str | None = None) -> dict | None:
     job = JobDir.of(argv, refs)
     stt = job.state()
     if stt.status == "done":
@@ -58,7 +94,7 @@ def _job(argv: list[str], refs: list[str], key: str) -> dict | None:
     if stt.status in ("failed", "died", "cancelled", "missing"):
         if stt.status != "missing":
             st.error(f"{argv[0]} job {stt.status}: {stt.error or 'no result'}")
-        if st.button(f"Run {argv[0]} in the background", key=f"start_{key}", type="primary"):
+        if st.button(f"Run {label or argv[0]} in the background", key=f"start_{key}", type="primary"):
             try:
                 job.start(argv, refs)
             except SubnetscopeError as e:  # e.g. a full disk under the jobs folder: one line, no traceback
@@ -76,7 +112,7 @@ def _poll(job: JobDir, key: str) -> None:
         s = job.state()
         if s.status != "running":
             st.rerun()  # the whole page: it now shows the result (or the error)
-        st.progress(s.fraction, text=f"{s.done:,} of {s.total:,} elements — {s.current}")
+        st.progress(s.fraction, text=f"{s.done:,} of {s.total:,} — {s.current}")
         if st.button("Cancel", key=f"cancel_{key}"):
             job.cancel()
 

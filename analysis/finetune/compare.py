@@ -4,32 +4,15 @@ full fine-tune at τ = 1e-5)."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
-from analysis.jobs import RunError
+from analysis.jobs import RunDir, RunError, read_json
 
 
 def read_run(run_dir: str | Path) -> dict:
-    """config, summary and the metric rows of one run directory."""
-    d = Path(run_dir)
-    try:
-        config = json.loads((d / "config.json").read_text())
-        summary = json.loads((d / "summary.json").read_text())
-    except FileNotFoundError as e:
-        raise RunError(f"{d}: not a run directory (missing {Path(e.filename).name})") from None
-    except ValueError as e:
-        raise RunError(f"{d}: unreadable run file ({e})") from None
-    rows = []
-    metrics = d / "metrics.jsonl"
-    if metrics.is_file():
-        for line in metrics.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                break  # a line cut by a crash ends the record
-    return {"run": str(d), "config": config, "summary": summary, "metrics": rows}
+    """config, summary and the metric rows of one run directory (see :meth:`RunDir.read`)."""
+    return RunDir(run_dir).read()
 
 
 def update_distance(start: str | Path, a: str | Path, b: str | Path, tol: float = 1e-5) -> dict:
@@ -74,10 +57,7 @@ def mean_ci(values: list[float]) -> dict:
 
 def read_eval(run_dir: str | Path) -> dict | None:
     """``eval.json`` of a finished demo-task run (per-problem accuracy and sampled reward), or None."""
-    try:
-        return json.loads((Path(run_dir) / "eval.json").read_text())
-    except (OSError, ValueError):
-        return None
+    return read_json(RunDir(run_dir).eval_file)
 
 
 def eval_intervals(ev: dict, ref: dict | None = None) -> dict:

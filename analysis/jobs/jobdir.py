@@ -75,7 +75,9 @@ class JobDir:
 
     def start(self, argv: list[str], refs: list[str]) -> JobState:
         """Starts ``python -m analysis <argv> --json result.json --progress-file progress.json``
-        in the background unless this job is running or finished.
+        in the background unless this job is running or finished. ``{job}`` in an argument is
+        replaced by the job directory (e.g. ``--mask-out {job}/mask.safetensors``), after the id
+        was taken, so the same request finds the same directory.
 
         Raises:
             OutputError: the directory cannot be written (a full disk, a read-only home).
@@ -88,8 +90,8 @@ class JobDir:
             for f in (self.progress_file, self.result_file):
                 f.unlink(missing_ok=True)
             self.log_file.write_bytes(b"")
-            proc = spawn([*argv, "--json", str(self.result_file), "--progress-file", str(self.progress_file)],
-                         self.log_file)
+            proc = spawn([*(a.replace("{job}", str(self.path)) for a in argv), "--json", str(self.result_file),
+                          "--progress-file", str(self.progress_file)], self.log_file)
         except OSError as e:  # one line for the page
             raise os_error(self.path, e) from None
         write_json_atomic(self.job_file, {"argv": argv, "refs": refs, "pid": proc.pid, "started": time.time()})

@@ -107,6 +107,36 @@ class RunDir:
         """``config.json`` as saved, or None when it is missing or unreadable."""
         return read_json(self.config_file)
 
+    def metrics(self) -> list[dict]:
+        """The rows of ``metrics.jsonl`` (a line cut by a crash ends the record)."""
+        import json
+
+        rows = []
+        if self.metrics_file.is_file():
+            for line in self.metrics_file.read_text().splitlines():
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:
+                    break
+        return rows
+
+    def read(self) -> dict:
+        """``{"run", "config", "summary", "metrics"}`` of the run.
+
+        Raises:
+            RunError: not a run directory (no config or summary), or one of them unreadable.
+        """
+        import json
+
+        try:
+            config = json.loads(self.config_file.read_text())
+            summary = json.loads(self.summary_file.read_text())
+        except FileNotFoundError as e:
+            raise RunError(f"{self.path}: not a run directory (missing {Path(e.filename).name})") from None
+        except ValueError as e:
+            raise RunError(f"{self.path}: unreadable run file ({e})") from None
+        return {"run": str(self.path), "config": config, "summary": summary, "metrics": self.metrics()}
+
     def status(self) -> str:
         """queued, running, finished, cancelled, failed, or died (running, but its process is gone)."""
         s = read_json(self.summary_file)

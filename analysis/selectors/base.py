@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from analysis.errors import SubnetscopeError
@@ -255,23 +254,24 @@ def forward(model: nn.Module, batch: Batch):
 
 
 def lm_loss(model: nn.Module, batch: Batch, *, per_sequence: bool = False) -> torch.Tensor:
-    """Next-token cross-entropy on the labelled positions (labels −100 are ignored).
+    """Next-token cross-entropy of a model on a batch (:func:`analysis.training.lm_loss`), on the
+    labelled positions (labels −100 are ignored); 0 for a batch without labels.
 
     Args:
         per_sequence (bool, optional): one mean loss per sequence ``# [batch]`` instead of the mean
             over every labelled token of the batch (a scalar, as HF's ``labels=`` loss). Default: False.
     """
+    from analysis.training import IGNORE
+    from analysis.training import lm_loss as next_token_loss
+
     logits = getattr(forward(model, batch), "logits", None)
     if logits is None:
         raise SelectorError(f"{type(model).__name__} has no language-modelling head; gradient selectors "
                             "need a loss (load the checkpoint as a causal LM)")
-    labels = batch["labels"][:, 1:]  # [batch, pos-1]
-    tokens = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels, ignore_index=-100,
-                             reduction="none")  # [batch, pos-1]
-    counts = (labels != -100).sum(1)  # [batch]
     if per_sequence:
-        return tokens.sum(1) / counts.clamp(min=1)
-    return tokens.sum() / counts.sum().clamp(min=1)
+        return next_token_loss(logits, batch["labels"], reduction="sequence")
+    count = (batch["labels"][:, 1:] != IGNORE).sum()
+    return next_token_loss(logits, batch["labels"], reduction="sum") / count.clamp(min=1)
 
 
 def _require_data(batches, what: str) -> list:
