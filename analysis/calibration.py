@@ -66,15 +66,26 @@ def calibration_batches(data: str | os.PathLike, tokenizer, *, samples: int = 32
         raise CalibrationError(f"text_mode must be one of {', '.join(TEXT_MODES)}, got {text_mode!r}")
     if tokenizer is None:
         raise CalibrationError("the checkpoint has no tokenizer; calibration data needs one")
-    sequences = _sequences(str(data), tokenizer, samples, seq_len, offset, seed, text_mode)
+    sequences = token_sequences(str(data), tokenizer, samples, seq_len, offset, seed, text_mode)
     if not sequences:
         raise CalibrationError(f"{data}: no calibration examples at offset {offset}")
     pad = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
-    return [_collate(sequences[i:i + batch_size], pad) for i in range(0, len(sequences), batch_size)]
+    return [collate(sequences[i:i + batch_size], pad) for i in range(0, len(sequences), batch_size)]
 
 
-def _sequences(data, tokenizer, samples, seq_len, offset, seed, text_mode) -> list[tuple[list, list]]:
-    """(input ids, labels) per sequence."""
+def token_sequences(data, tokenizer, samples, seq_len, offset, seed, text_mode) -> list[tuple[list, list]]:
+    """The tokenized examples of :func:`calibration_batches`, before batching (the fine-tuning ``lm``
+    task draws its own batches from them).
+
+    Args:
+        data (str): ``"demo"``, a ``.txt`` / ``.jsonl`` path, or a dataset name.
+        tokenizer: the checkpoint's tokenizer.
+        samples, seq_len, offset, seed, text_mode: as in :func:`calibration_batches` (not checked here).
+    Returns:
+        list[tuple[list, list]]: (input ids, labels) per sequence, labels −100 where no loss is taken.
+    Raises:
+        CalibrationError: a missing or malformed file.
+    """
     if data == DEMO:
         from analysis.demo_task import qa_examples
 
@@ -124,7 +135,16 @@ def _chunks(text: str, tokenizer, seq_len: int) -> list[tuple[list, list]]:
     return [(ids[i:i + seq_len], ids[i:i + seq_len]) for i in range(0, len(ids) - seq_len + 1, seq_len)]
 
 
-def _collate(sequences: list[tuple[list, list]], pad: int) -> Batch:
+def collate(sequences: list[tuple[list, list]], pad: int) -> Batch:
+    """Right-pads (input ids, labels) sequences into one batch.
+
+    Args:
+        sequences (list[tuple[list, list]]): from :func:`token_sequences`.
+        pad (int): the id put after each sequence's end.
+    Returns:
+        Batch: ``input_ids`` (``pad`` after the end), ``attention_mask`` (1 on real tokens) and
+        ``labels`` (−100 after the end), each ``# [batch, longest sequence]``.
+    """
     length = max(len(ids) for ids, _ in sequences)
     input_ids = torch.full((len(sequences), length), pad, dtype=torch.long)
     labels = torch.full((len(sequences), length), -100, dtype=torch.long)

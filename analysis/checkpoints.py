@@ -22,21 +22,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from analysis.errors import SubnetscopeError
+from analysis.errors import LINE_BREAKS, SubnetscopeError, one_line, quoted
 from analysis.structure import (KINDS, Architecture, architecture_from_config, config_mismatch, normalize_name,
                                 tensor_role)
-
-
-# Characters that str.splitlines() breaks on, shown escaped so that a message stays one line
-# even when it quotes a file or tensor name holding one.
-_LINE_BREAKS = {c: repr(chr(c))[1:-1] for c in (0x0A, 0x0B, 0x0C, 0x0D, 0x1C, 0x1D, 0x1E, 0x85, 0x2028, 0x2029)}
 
 
 class CheckpointError(SubnetscopeError):
     """A checkpoint cannot be used; the message is one line naming the file and the problem."""
 
     def __init__(self, message: str):
-        super().__init__(str(message).translate(_LINE_BREAKS))
+        super().__init__(str(message).translate(LINE_BREAKS))
 
 
 # safetensors dtype tag -> bytes per element
@@ -135,7 +130,7 @@ class Checkpoint:
         except CheckpointError:
             raise
         except Exception as e:  # a file changed or damaged since it was opened
-            raise CheckpointError(f"{info.file}: cannot read tensor {_q(name)}: {_one_line(e)}") from None
+            raise CheckpointError(f"{info.file}: cannot read tensor {quoted(name)}: {one_line(e)}") from None
 
     def iter_tensors(self, names=None) -> Iterator[tuple[str, object]]:
         """Yields (stored name, tensor) one at a time, grouped by file."""
@@ -234,7 +229,7 @@ def _os_reason(e: OSError) -> str:
     """The OS's words for an error (``Permission denied``), without Python's decoration."""
     if e.errno == errno.ELOOP:
         return "symbolic link loop (Too many levels of symbolic links)"
-    return e.strerror or _one_line(e) or type(e).__name__
+    return e.strerror or one_line(e) or type(e).__name__
 
 
 def _open_regular(path: Path):
@@ -273,7 +268,7 @@ def _read_json_file(path: Path, what: str):
     try:
         return json.loads(raw.decode("utf-8"))
     except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        detail = "nested too deeply" if isinstance(e, RecursionError) else _one_line(e)
+        detail = "nested too deeply" if isinstance(e, RecursionError) else one_line(e)
         raise CheckpointError(f"{path}: malformed {what} ({detail})") from None
 
 
@@ -312,7 +307,7 @@ def resolve_hub_id(repo_id: str, *, revision: str | None = None) -> Path:
     except LocalEntryNotFoundError:
         pass  # not in the cache (or cached only in part): the hub, when online
     except HFValidationError as e:
-        raise CheckpointError(f"{repo_id}: not a valid hub id: {_one_line(e)}") from None
+        raise CheckpointError(f"{repo_id}: not a valid hub id: {one_line(e)}") from None
     except OSError as e:  # the cache is there but unreadable (permissions, a damaged entry)
         where = getattr(e, "filename", None) or constants.HF_HUB_CACHE
         raise CheckpointError(f"{repo_id}: cannot read the local hub cache ({where}): {_os_reason(e)}") from None
@@ -323,7 +318,7 @@ def resolve_hub_id(repo_id: str, *, revision: str | None = None) -> Path:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except Exception as e:
         raise CheckpointError(f"{repo_id}: hub id not in the local cache ({constants.HF_HUB_CACHE}) "
-                              f"and the hub cannot be reached: {_one_line(e)}") from None
+                              f"and the hub cannot be reached: {one_line(e)}") from None
 
 
 def _open_dir(ref: str, d: Path, trust_remote_code: bool) -> Checkpoint:
@@ -360,7 +355,7 @@ def _merge_shard(tensors: dict, shard_tensors: dict, shard: Path) -> None:
     """Adds one shard's tensors; a name held by two shards would make one of them unreachable."""
     for name, info in shard_tensors.items():
         if name in tensors:
-            raise CheckpointError(f"{shard}: tensor {_q(name)} is also in {Path(tensors[name][2]).name} "
+            raise CheckpointError(f"{shard}: tensor {quoted(name)} is also in {Path(tensors[name][2]).name} "
                                   f"(each tensor must be in exactly one shard)")
         tensors[name] = info
 
@@ -371,7 +366,7 @@ def _make(ref, path, source, files, config, raw: dict[str, tuple], trust_remote_
     try:
         arch = architecture_from_config(cfg_obj, names=raw.keys())
     except ValueError as e:  # a size field that is not a positive integer
-        raise CheckpointError(f"{path / 'config.json'}: invalid config ({_one_line(e)})") from None
+        raise CheckpointError(f"{path / 'config.json'}: invalid config ({one_line(e)})") from None
     if config is not None and "quantization_config" not in config:  # quantized weights are stored packed
         problem = config_mismatch(arch, ((name, shape) for name, (shape, _, _) in raw.items()))
         if problem:
@@ -410,7 +405,7 @@ def _config_object(path: Path, cfg: dict, trust_remote_code: bool):
 
     where = path / "config.json"
     if not isinstance(cfg.get("model_type", ""), str):
-        raise CheckpointError(f"{where}: invalid config (model_type is {_q(cfg['model_type'])}, not a string)")
+        raise CheckpointError(f"{where}: invalid config (model_type is {quoted(cfg['model_type'])}, not a string)")
     if cfg.get("auto_map") and not trust_remote_code and cfg.get("model_type") not in CONFIG_MAPPING:
         raise CheckpointError(f"{where}: this model needs remote code (auto_map); "
                               f"pass trust_remote_code only if you trust its author")
@@ -420,7 +415,7 @@ def _config_object(path: Path, cfg: dict, trust_remote_code: bool):
     try:
         return CONFIG_MAPPING[model_type].from_dict(dict(cfg))
     except Exception as e:
-        raise CheckpointError(f"{where}: invalid {model_type} config ({_one_line(e)})") from None
+        raise CheckpointError(f"{where}: invalid {model_type} config ({one_line(e)})") from None
 
 
 class _PlainConfig:
@@ -441,10 +436,10 @@ def _sharded(d: Path, index: Path, reader):
         raise CheckpointError(f"{index}: malformed index ({got}; expected an object of tensor name -> shard file)")
     for name, shard in weight_map.items():
         if not isinstance(shard, str) or not shard:
-            raise CheckpointError(f"{index}: malformed index (weight_map[{_q(name)}] is {_q(shard)}, "
+            raise CheckpointError(f"{index}: malformed index (weight_map[{quoted(name)}] is {quoted(shard)}, "
                                   f"not a shard file name)")
         if Path(shard).is_absolute() or ".." in Path(shard).parts:
-            raise CheckpointError(f"{index}: malformed index (shard {_q(shard)} for {_q(name)} points "
+            raise CheckpointError(f"{index}: malformed index (shard {quoted(shard)} for {quoted(name)} points "
                                   f"outside the checkpoint directory)")
     files, tensors = [], {}
     for p in dict.fromkeys(d / shard for shard in weight_map.values()):
@@ -455,7 +450,7 @@ def _sharded(d: Path, index: Path, reader):
     absent = [n for n in weight_map if n not in tensors]
     if absent:
         raise CheckpointError(f"{index}: {len(absent)} tensor(s) listed in the index are not in their "
-                              f"shard (first: {_q(absent[0])} in {weight_map[absent[0]]})")
+                              f"shard (first: {quoted(absent[0])} in {weight_map[absent[0]]})")
     return files, tensors
 
 
@@ -517,7 +512,7 @@ def read_safetensors_header(path: Path) -> tuple[dict, dict]:
     elif not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         bad = meta if not isinstance(meta, dict) else next(v for v in meta.values() if not isinstance(v, str))
         raise CheckpointError(f"{path}: corrupt safetensors header: __metadata__ must map strings to "
-                              f"strings (found {type(bad).__name__} {_q(bad)})")
+                              f"strings (found {type(bad).__name__} {quoted(bad)})")
     spans = sorted((_check_entry(path, name, t, size), name) for name, t in header.items())
     end = 0
     for (b, e), name in spans:
@@ -525,7 +520,7 @@ def read_safetensors_header(path: Path) -> tuple[dict, dict]:
             what = ("overlaps the previous tensor's data" if b < end else
                     f"leaves {b - end} bytes unused before it")
             after = "the previous tensor's data ends at" if end else "the data section starts at"
-            raise CheckpointError(f"{path}: corrupt safetensors header: tensor {_q(name)} starts at byte {b} "
+            raise CheckpointError(f"{path}: corrupt safetensors header: tensor {quoted(name)} starts at byte {b} "
                                   f"but {after} {end} ({what})")
         end = e
     data_len = size - 8 - n
@@ -546,7 +541,7 @@ def _parse_header(path: Path, raw: bytes) -> dict:
     except UnicodeDecodeError as e:
         raise CheckpointError(f"{bad} (header is not UTF-8: byte {e.start})") from None
     if not text.startswith("{"):
-        raise CheckpointError(f"{bad} (header does not start with '{{': {_q(text[:20])})")
+        raise CheckpointError(f"{bad} (header does not start with '{{': {quoted(text[:20])})")
     try:
         header, stop = _HEADER_JSON.raw_decode(text)
     except RecursionError:
@@ -554,10 +549,10 @@ def _parse_header(path: Path, raw: bytes) -> dict:
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{bad} (header is not JSON: {e.msg} at character {e.pos})") from None
     except ValueError as e:  # raised by the hooks below, or an integer too long to convert
-        raise CheckpointError(f"{bad} (header: {_one_line(e)})") from None
+        raise CheckpointError(f"{bad} (header: {one_line(e)})") from None
     rest = text[stop:]
     if rest.strip(" "):
-        kind = "NUL bytes" if not rest.strip(" \0") else _q(rest.strip(" ")[:20])
+        kind = "NUL bytes" if not rest.strip(" \0") else quoted(rest.strip(" ")[:20])
         raise CheckpointError(f"{bad} (header has {kind} after its JSON object; the format pads "
                               f"the header with spaces only)")
     if not isinstance(header, dict):
@@ -570,10 +565,10 @@ def _strict_pairs(pairs: list) -> dict:
     d = {}
     for k, v in pairs:
         if k in d:
-            raise ValueError(f"duplicate key {_q(k)}")
+            raise ValueError(f"duplicate key {quoted(k)}")
         for x in (k, v):
             if isinstance(x, str) and not _is_utf8(x):
-                raise ValueError(f"lone surrogate in the string {_q(x)}")
+                raise ValueError(f"lone surrogate in the string {quoted(x)}")
         d[k] = v
     return d
 
@@ -598,21 +593,21 @@ _ENTRY_FIELDS = ("data_offsets", "dtype", "shape")
 
 def _check_entry(path: Path, name: str, t, file_size: int) -> tuple[int, int]:
     """Checks one tensor entry of a header; returns its (begin, end) data offsets."""
-    where = f"{path}: corrupt safetensors header entry for {_q(name)}"
+    where = f"{path}: corrupt safetensors header entry for {quoted(name)}"
     if not isinstance(t, dict):
         raise CheckpointError(f"{where}: a {type(t).__name__}, not an object")
     if sorted(t) != list(_ENTRY_FIELDS):
         missing = [k for k in _ENTRY_FIELDS if k not in t]
         extra = [k for k in t if k not in _ENTRY_FIELDS]
-        problem = f"no {missing[0]!r}" if missing else f"unexpected field {_q(extra[0])}"
+        problem = f"no {missing[0]!r}" if missing else f"unexpected field {quoted(extra[0])}"
         raise CheckpointError(f"{where}: {problem} (expected exactly dtype, shape, data_offsets)")
     dtype, shape, offsets = t["dtype"], t["shape"], t["data_offsets"]
     if not isinstance(dtype, str) or dtype not in _ST_ITEMSIZE:
-        raise CheckpointError(f"{where}: unsupported dtype {_q(dtype)} (expected one of {', '.join(_ST_ITEMSIZE)})")
+        raise CheckpointError(f"{where}: unsupported dtype {quoted(dtype)} (expected one of {', '.join(_ST_ITEMSIZE)})")
     if not isinstance(shape, list) or not all(_is_u64(d) for d in shape):
-        raise CheckpointError(f"{where}: shape {_q(shape)} is not a list of non-negative integers")
+        raise CheckpointError(f"{where}: shape {quoted(shape)} is not a list of non-negative integers")
     if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_u64(o) for o in offsets):
-        raise CheckpointError(f"{where}: data_offsets {_q(offsets)} is not two non-negative integers")
+        raise CheckpointError(f"{where}: data_offsets {quoted(offsets)} is not two non-negative integers")
     b, e = offsets
     if e < b:
         raise CheckpointError(f"{where}: data_offsets [{b}, {e}] end before they begin")
@@ -620,12 +615,12 @@ def _check_entry(path: Path, name: str, t, file_size: int) -> tuple[int, int]:
     for d in shape:  # left to right like the format's checked multiplication: no bignum blow-up
         numel *= d
         if numel >= _USIZE:
-            raise CheckpointError(f"{where}: shape {_q(shape)} overflows 64 bits")
+            raise CheckpointError(f"{where}: shape {quoted(shape)} overflows 64 bits")
     need = numel * _ST_ITEMSIZE[dtype]
     if need >= _USIZE:
-        raise CheckpointError(f"{where}: shape {_q(shape)} {dtype} overflows 64 bits")
+        raise CheckpointError(f"{where}: shape {quoted(shape)} {dtype} overflows 64 bits")
     if e - b != need:
-        raise CheckpointError(f"{path}: corrupt safetensors header: {_q(name)} declares {e - b} bytes "
+        raise CheckpointError(f"{path}: corrupt safetensors header: {quoted(name)} declares {e - b} bytes "
                               f"for shape {shape} {dtype} ({need} expected)")
     if numel == 0 and shape and max(shape) > file_size:  # per-row arrays are sized from dimensions
         raise CheckpointError(f"{where}: dimension {max(shape)} of an empty tensor exceeds the file's "
@@ -635,12 +630,6 @@ def _check_entry(path: Path, name: str, t, file_size: int) -> tuple[int, int]:
 
 def _is_u64(x) -> bool:
     return type(x) is int and 0 <= x < _USIZE
-
-
-def _q(x, limit: int = 80) -> str:
-    """repr for messages: quoted, escaped (one line), shortened."""
-    r = repr(x)
-    return r if len(r) <= limit else r[: limit - 1] + "…"
 
 
 def _safetensors_tensors(path: Path) -> dict[str, tuple]:
@@ -674,14 +663,14 @@ def _torch_load(path: Path) -> dict:
         if refused is not None:  # a real pickle naming a callable: never run
             what = refused.split("WeightsUnpickler error:")[-1].split(". Please")[0]
             raise CheckpointError(f"{path}: refused to unpickle: the file holds objects other than "
-                                  f"tensors (torch.load weights_only=True): {_one_line(what)}") from None
+                                  f"tensors (torch.load weights_only=True): {one_line(what)}") from None
         problem = next((ln for ln in lines if ln.startswith("Unsupported")), lines[-1] if lines else "")
         raise CheckpointError(f"{path}: not a readable PyTorch state dict (not a pickle torch reads: "
-                              f"{_one_line(problem)})") from None
+                              f"{one_line(problem)})") from None
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read: {_os_reason(e)}") from None
     except Exception as e:
-        raise CheckpointError(f"{path}: not a readable PyTorch state dict ({_one_line(e)})") from None
+        raise CheckpointError(f"{path}: not a readable PyTorch state dict ({one_line(e)})") from None
     for key in ("state_dict", "model"):  # common training-checkpoint wrappers
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -689,7 +678,7 @@ def _torch_load(path: Path) -> dict:
         raise CheckpointError(f"{path}: not a state dict (expected a dict of tensors)")
     bad = [k for k in obj if not isinstance(k, str)]
     if bad:
-        raise CheckpointError(f"{path}: not a state dict (key {_q(bad[0])} is a {type(bad[0]).__name__}, "
+        raise CheckpointError(f"{path}: not a state dict (key {quoted(bad[0])} is a {type(bad[0]).__name__}, "
                               f"not a name)")
     return obj
 
@@ -697,11 +686,6 @@ def _torch_load(path: Path) -> dict:
 def _torch_tensors(path: Path) -> dict[str, tuple]:
     sd = _torch_load(path)
     return {n: (tuple(t.shape), str(t.dtype).replace("torch.", ""), str(path)) for n, t in sd.items()}
-
-
-def _one_line(e: BaseException) -> str:
-    s = " ".join(str(e).split())
-    return s[:300] + ("…" if len(s) > 300 else "")
 
 
 # ---------------------------------------------------------------------------- alignment
@@ -807,8 +791,8 @@ def _by_key(ck: Checkpoint) -> dict[str, TensorInfo]:
     keyed: dict[str, TensorInfo] = {}
     for t in ck.tensors.values():
         if t.key in keyed:
-            raise CheckpointError(f"{ck.path}: tensors {_q(keyed[t.key].name)} and {_q(t.name)} are the same "
-                                  f"tensor once wrapper prefixes are removed ({_q(t.key)}); cannot align them")
+            raise CheckpointError(f"{ck.path}: tensors {quoted(keyed[t.key].name)} and {quoted(t.name)} are the same "
+                                  f"tensor once wrapper prefixes are removed ({quoted(t.key)}); cannot align them")
         keyed[t.key] = t
     return keyed
 

@@ -236,7 +236,7 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
             f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; a normal file respects the umask
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; a normal file respects the umask
         os.replace(tmp, target)
     except OSError as e:
         if tmp is not None:
@@ -249,14 +249,33 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
     return path
 
 
-def _read_umask() -> int:
-    # Read once at import (os.umask sets it to read it, unsafe once Streamlit's threads run).
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+_PROC_STATUS = "/proc/self/status"
 
 
-_UMASK = _read_umask()
+def current_umask() -> int:
+    """The process's umask, read without changing it.
+
+    ``os.umask`` can only read the mask by setting a new one and back, and a file that another
+    thread (Streamlit runs pages in threads) creates in between gets the wrong permissions. Linux
+    (≥ 4.7) shows the mask on the ``Umask:`` line of ``/proc/self/status``; elsewhere it is read
+    off a file created with mode 0o777 in a fresh private directory (``open`` applies the mask).
+
+    Returns:
+        int: the permission bits a new file loses, e.g. ``0o022``.
+    """
+    try:
+        with open(_PROC_STATUS, encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with tempfile.TemporaryDirectory() as d:
+        fd = os.open(os.path.join(d, "probe"), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o777)
+        try:
+            return 0o777 & ~stat.S_IMODE(os.fstat(fd).st_mode)
+        finally:
+            os.close(fd)
 
 
 def write_json_atomic(path: str | os.PathLike, obj) -> Path:

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from analysis.checkpoints import _LINE_BREAKS, _one_line, _q, read_safetensors_header
-from analysis.errors import SubnetscopeError
+from analysis.checkpoints import read_safetensors_header
+from analysis.errors import LINE_BREAKS, SubnetscopeError, one_line, quoted
 from analysis.io import write_atomic
 
 FORMAT = "subnetscope.mask/1"
@@ -26,7 +26,7 @@ class MaskError(SubnetscopeError):
     """A mask file or mask operation that cannot be used, in one line."""
 
     def __init__(self, message: str):
-        super().__init__(str(message).translate(_LINE_BREAKS))
+        super().__init__(str(message).translate(LINE_BREAKS))
 
 
 def save_mask(path: str | Path, mask: Mask, source: str = "") -> Path:
@@ -74,24 +74,24 @@ def load_mask(path: str | Path) -> Mask:
         raise MaskError(f"{path}: no such mask file")
     header, meta = read_safetensors_header(path)  # regular file, complete, consistent offsets
     if meta.get("format") != FORMAT:
-        raise MaskError(f"{path}: not a Subnetscope mask (format {_q(meta.get('format'))}, expected {FORMAT})")
+        raise MaskError(f"{path}: not a Subnetscope mask (format {quoted(meta.get('format'))}, expected {FORMAT})")
     shapes = _recorded_shapes(path, meta)
     for name in shapes:
         if name not in header:
-            raise MaskError(f"{path}: the metadata gives a shape for {_q(name)}, but the file holds no such tensor")
+            raise MaskError(f"{path}: the metadata gives a shape for {quoted(name)}, but the file holds no such tensor")
     sizes = {}
     for name, t in header.items():
         if name not in shapes:
-            raise MaskError(f"{path}: tensor {_q(name)} has no shape in the metadata")
+            raise MaskError(f"{path}: tensor {quoted(name)} has no shape in the metadata")
         shape = shapes[name]
         if t["dtype"] != "U8" or len(t["shape"]) != 1:
-            raise MaskError(f"{path}: tensor {_q(name)} is stored unpacked or reshaped ({t['dtype']} of shape "
+            raise MaskError(f"{path}: tensor {quoted(name)} is stored unpacked or reshaped ({t['dtype']} of shape "
                             f"{t['shape']}); a mask stores a 1-D uint8 tensor of packed bits (numpy.packbits)")
         n = _numel(path, name, shape)
         need, have = (n + 7) // 8, t["shape"][0]
         if have != need:
             what = "short of" if have < need else "more than"
-            raise MaskError(f"{path}: tensor {_q(name)} holds {have} bytes of packed bits, {what} the {need} "
+            raise MaskError(f"{path}: tensor {quoted(name)} holds {have} bytes of packed bits, {what} the {need} "
                             f"that its shape {shape} ({n} elements) needs")
         sizes[name] = n
     out: Mask = {}
@@ -101,7 +101,7 @@ def load_mask(path: str | Path) -> Mask:
                 bits = np.unpackbits(f.get_tensor(name).numpy(), count=n, bitorder="big")
                 out[name] = torch.from_numpy(bits.astype(bool)).reshape(shapes[name])
     except Exception as e:  # the file changed since its header was checked
-        raise MaskError(f"{path}: cannot read the mask: {_one_line(e)}") from None
+        raise MaskError(f"{path}: cannot read the mask: {one_line(e)}") from None
     return out
 
 
@@ -120,13 +120,13 @@ def _recorded_shapes(path: Path, meta: dict) -> dict[str, list[int]]:
         shapes = json.loads(meta["shapes"], object_pairs_hook=no_duplicates)
     except (ValueError, RecursionError) as e:
         raise MaskError(f"{path}: mask metadata 'shapes' is not valid JSON "
-                        f"({_one_line(e) or 'nested too deeply'})") from None
+                        f"({one_line(e) or 'nested too deeply'})") from None
     if not isinstance(shapes, dict):
         raise MaskError(f"{path}: mask metadata 'shapes' is a JSON {type(shapes).__name__}, "
                         f"expected an object of tensor name -> shape")
     for name, shape in shapes.items():
         if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-            raise MaskError(f"{path}: mask metadata gives {_q(name)} the shape {_q(shape)}, "
+            raise MaskError(f"{path}: mask metadata gives {quoted(name)} the shape {quoted(shape)}, "
                             f"not a list of non-negative integers")
     return shapes
 
@@ -137,7 +137,7 @@ def _numel(path: Path, name: str, shape: list[int]) -> int:
     for d in shape:
         n *= d
         if n >= 2**64:
-            raise MaskError(f"{path}: mask metadata gives {_q(name)} the shape {_q(shape)}, "
+            raise MaskError(f"{path}: mask metadata gives {quoted(name)} the shape {quoted(shape)}, "
                             f"which overflows 64 bits")
     return n
 

@@ -128,7 +128,7 @@ class LanguageModeling(Task):
 
     def __init__(self, *a):
         super().__init__(*a)
-        from analysis.calibration import _collate, _sequences
+        from analysis.calibration import collate as _collate, token_sequences as _sequences
 
         if self.tokenizer is None:
             raise FinetuneConfigError(f"{self.config.checkpoint}: the lm task needs the checkpoint's tokenizer")

@@ -192,7 +192,8 @@ def test_cli_diff_norms_by_hand(tmp_path, dtype):
     out = tmp_path / "d.json"
     assert main(["diff", str(base), str(tdir), "--tol", "1e-5", "--json", str(out), "--quiet"]) == 0
     rows = {t["name"]: t for t in json.loads(out.read_text())["tensors"]}
-    assert (rows[Q]["base_fro"], rows[Q]["delta_fro"], rows[Q]["max_abs_delta"], rows[Q]["changed"]) == (16.0, 5.0, 4.0, 2)
+    q = rows[Q]
+    assert (q["base_fro"], q["delta_fro"], q["max_abs_delta"], q["changed"]) == (16.0, 5.0, 4.0, 2)
     assert rows[UP]["base_fro"] is None and rows[UP]["changed"] == 1
     emb = sd[EMB].double()
     assert rows[EMB]["base_fro"] == pytest.approx(float(emb.pow(2).sum().sqrt()), rel=1e-12)

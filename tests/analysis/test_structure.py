@@ -2,8 +2,8 @@
 
 import pytest
 
-from analysis.structure import (KINDS, architecture_from_config, block_index, detect_family, layer_index, normalize_name,
-                                tensor_role)
+from analysis.structure import (KINDS, architecture_from_config, block_index, detect_family, layer_index,
+                                normalize_name, tensor_role)
 from conftest import tiny_bert, tiny_gpt2, tiny_llama
 
 
