@@ -42,10 +42,12 @@ def test_large_model_is_scored_by_jobs(demo, tmp_path, monkeypatch):
     expected_selected = inline.metric[0].value
     expected_auroc = dict(zip(*(traces(inline.get("plotly_chart")[-2].proto.spec)[0][k] for k in ("x", "y"))))
 
-    home = tmp_path / "home"
+    home = tmp_path / "home"  # a fresh jobs folder; the demo family (and its parents) as before
+    home.mkdir()
+    (home / "demo").symlink_to(demo)
     monkeypatch.setenv("SUBNETSCOPE_HOME", str(home))
     monkeypatch.setenv("SUBNETSCOPE_INLINE_LIMIT", "1000")  # the demo's 184,512 parameters are "large"
-    at = _page(demo)
+    at = _page(home / "demo")  # the paths the demo family has under this home (its manifest's parents)
     at.run()
     assert not at.exception, at.exception
     assert not at.metric and not at.get("plotly_chart")  # nothing scored in the rerun

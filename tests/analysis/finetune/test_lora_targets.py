@@ -34,13 +34,13 @@ def test_lora_targets_by_module_kind(build, expected):
 def test_peft_wraps_every_target(build, conv1d):
     """PEFT accepts the names (no NoMatchingPeftModuleError) and adapts exactly those modules;
     GPT-2's Conv1D gets fan_in_fan_out set, so PEFT has nothing to correct (no warning)."""
-    from analysis.finetune.run import _with_lora
+    from analysis.finetune.sources import with_lora
 
     model = build()
     targets = lora_targets(model)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # PEFT warns when it has to flip fan_in_fan_out
-        peft_model = _with_lora(model, 4)
+        peft_model = with_lora(model, 4)
     assert peft_model.peft_config["default"].fan_in_fan_out is conv1d
     adapted = sorted(n.removeprefix("base_model.model.").removesuffix(".lora_A.default")
                      for n, _ in peft_model.named_modules() if n.endswith(".lora_A.default"))
@@ -51,10 +51,10 @@ def test_peft_wraps_every_target(build, conv1d):
 
 def test_no_targets_is_a_config_error():
     from analysis.finetune.config import FinetuneConfigError
-    from analysis.finetune.run import _with_lora
+    from analysis.finetune.sources import with_lora
 
     with pytest.raises(FinetuneConfigError, match="no attention or MLP projection"):
-        _with_lora(torch.nn.Sequential(torch.nn.Linear(4, 4)), 2)
+        with_lora(torch.nn.Sequential(torch.nn.Linear(4, 4)), 2)
 
 
 def test_lora_finetune_of_a_gpt2_checkpoint(tmp_path):
