@@ -43,13 +43,15 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
 
 
 def load_model(ref: str | os.PathLike, *, device: str | torch.device | None = "auto",
-               trust_remote_code: bool = False):
+               trust_remote_code: bool = False, masked_lm: bool = False):
     """Opens a checkpoint directory as an eval-mode float32 model and its tokenizer.
 
     Args:
         ref (str or PathLike): a Hugging Face model directory (or a hub id in the local cache).
         device (str, optional): ``auto``, ``cpu``, ``cuda`` ... Default: ``auto``.
         trust_remote_code (bool): allow code shipped with the checkpoint. Default: False.
+        masked_lm (bool): a BERT-family checkpoint is loaded with its masked-LM head
+            (``AutoModelForMaskedLM``; attribution scores its logits). Default: False.
     Returns:
         tuple: (``AutoModelForCausalLM`` — ``AutoModel`` for BERT-family encoders — in eval mode,
         the tokenizer, or None when the directory has none of ``TOKENIZER_FILES``).
@@ -65,6 +67,14 @@ def load_model(ref: str | os.PathLike, *, device: str | torch.device | None = "a
         raise ModelLoadError(f"{ck.path}: running a model needs a Hugging Face model directory with "
                              f"config.json (this is a {ck.source} checkpoint)")
     cls = AutoModel if ck.arch.family == "bert" else AutoModelForCausalLM
+    if masked_lm and ck.arch.family == "bert":
+        from transformers import AutoModelForMaskedLM
+
+        archs = list(ck.config.get("architectures") or [])
+        if not any(a.endswith("ForMaskedLM") or a.endswith("ForPreTraining") for a in archs):
+            raise ModelLoadError(f"{ck.path}: an encoder without a masked-LM head ({', '.join(archs) or 'no architectures'}"
+                                 "): there is no target logit to attribute")
+        cls = AutoModelForMaskedLM
     try:
         model = cls.from_pretrained(ck.path, dtype=torch.float32, trust_remote_code=trust_remote_code)
     except Exception as e:  # transformers raises many types; the user gets one line

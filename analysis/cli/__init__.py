@@ -3,6 +3,7 @@
 - :mod:`.checkpoints`: ``inspect``, ``align``, ``demo``;
 - :mod:`.sparsity`: ``diff``, ``overlap``;
 - :mod:`.importance`: ``selectors``, ``importance``, ``evaluate-selectors``;
+- :mod:`.attribution`: ``attribute``;
 - :mod:`.finetune`: ``finetune`` (its options generated from ``FinetuneConfig``), ``run-queue``,
   ``compare-runs``.
 
@@ -18,7 +19,7 @@ import os
 import signal
 import sys
 
-from analysis.cli import checkpoints, finetune, importance, sparsity
+from analysis.cli import attribution, checkpoints, finetune, importance, sparsity
 from analysis.cli.common import EXIT_USAGE
 from analysis.errors import SubnetscopeError
 from analysis.jobs.progress import Progress
@@ -30,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m analysis",
                                 description="Subnetscope: parameter importance and update sparsity.")
     sub = p.add_subparsers(dest="command", required=True)
-    for group in (checkpoints, sparsity, importance, finetune):
+    for group in (checkpoints, sparsity, importance, attribution, finetune):
         group.register(sub)
     return p
 

@@ -20,6 +20,7 @@ from analysis.selectors import (
     fluctuation,
     head_importance,
     lisa,
+    lrp,
     magnitude,
     random,
     sensitivity,
@@ -106,6 +107,12 @@ SELECTORS: dict[str, Selector] = {
         fluctuation.GRANULARITIES, True, "1 forward",
         {"granularity": "channel | head (default channel)",
          "standardize": "z-score each layer's channels, FLAP's adaptive structure (default false)"}),
+    "lrp": Selector(
+        lrp.score, "LRP relevance |W⊙∇ᴸᴿᴾW|",
+        "Parameter relevance for the next-token logits by CP-LRP or AttnLRP (modified gradient × weight).",
+        "Achtibat et al. 2024, AttnLRP (ICML); Yeom et al. 2021, Pruning by Explaining (Pattern Recognition)",
+        ("element",), True, "1 forward+backward",
+        {"variant": "cp (CP-LRP) | attn (AttnLRP); default cp"}),
     "diff": Selector(
         diff.score, "Diff (changed elements)", "Elements a real fine-tune changed (1) or not (0).",
         "Mukherjee et al. 2025, RL Finetunes Small Subnetworks in LLMs (arXiv 2505.11711)",

@@ -1,0 +1,222 @@
+"""Layer-wise Relevance Propagation for transformers, as input × modified gradient.
+
+Inside :func:`lrp_rules` a model's backward pass computes a *modified* gradient such that
+``relevance = activation × gradient`` at any tensor (input embeddings, residual stream, a head's
+output) is the LRP relevance of that tensor for the output the backward starts from. Two variants:
+
+- ``"cp"`` — CP-LRP (Ali et al., *XAI for Transformers: Better Explanations through Conservative
+  Propagation*, ICML 2022): attention weights are constants (no gradient through query and key),
+  normalisation layers are linear in their input (the normaliser 1/σ detached), element-wise
+  activations by the identity rule, and in gated MLPs the gate is a constant. On a model without
+  biases the modified network is linear in its input embeddings, so relevance is conserved
+  exactly (up to float rounding): Σ relevance = target logit.
+- ``"attn"`` — AttnLRP (Achtibat et al., *AttnLRP: Attention-Aware Layer-Wise Relevance Propagation
+  for Transformers*, ICML 2024): the same rules for norms and activations; the products of two
+  input-dependent tensors (Q·Kᵀ, A·V, the gated MLP's act(gate)·up) by the uniform rule — each
+  factor gets half the relevance, i.e. the gradient to query and key is divided by 4 and to the
+  value by 2 — and the softmax by its plain gradient (a Taylor decomposition at the input, whose
+  bias term is lost: AttnLRP does not conserve exactly through attention).
+
+The rules are applied **per model instance**: instance attributes ``forward`` on the norm, MLP and
+activation modules of this model, and an attention function registered through transformers'
+``AttentionInterface`` and selected with ``set_attn_implementation`` on this model only. Leaving the
+context deletes the instance forwards and selects the previous attention implementation, so the
+model is exactly as before. Nothing is patched process-wide.
+
+Written here because the reference implementation (the ``lxt`` package) patches classes and
+module-level functions process-wide (every Llama in the process, ``nn.Dropout``) without an undo,
+fails on transformers 5.x and pins a different torch; its rules (``lxt/efficient/rules.py``) are
+the ones implemented below.
+
+LRP is a patented technology (Fraunhofer HHI); it is free for research and personal use.
+"""
+
+from __future__ import annotations
+
+import types
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from analysis.errors import SubnetscopeError
+
+VARIANTS = {"cp": "CP-LRP", "attn": "AttnLRP"}
+FAMILIES = ("llama", "mistral", "qwen2", "gpt2", "bert")  # model_type values the rules are defined for
+ATTENTION = {"cp": "subnetscope-lrp-cp", "attn": "subnetscope-lrp-attn"}  # AttentionInterface names
+
+
+class LRPError(SubnetscopeError):
+    """A model or variant the rules are not defined for, in one line."""
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; the gradient divided by ``factor`` (the uniform rule in gradient form)."""
+
+    @staticmethod
+    def forward(ctx, x, factor):
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad / ctx.factor, None
+
+
+class _IdentityRule(torch.autograd.Function):
+    """``y = fn(x)`` exactly; the gradient to x is ``grad · y / x``, so x·grad_x = y·grad_y: the
+    element-wise non-linearity passes its relevance on unchanged (AttnLRP's identity rule)."""
+
+    @staticmethod
+    def forward(ctx, x, fn):
+        y = fn(x)
+        ctx.save_for_backward(torch.where(x != 0, y / torch.where(x != 0, x, 1), 0))
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (ratio,) = ctx.saved_tensors
+        return grad * ratio, None
+
+
+def scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
+    return _ScaleGrad.apply(x, factor)
+
+
+def identity_rule(fn, x: torch.Tensor) -> torch.Tensor:
+    return _IdentityRule.apply(x, fn)
+
+
+# ----------------------------------------------------------------------------- instance forwards
+
+def _rms_norm_forward(self, hidden_states):
+    # LlamaRMSNorm / Qwen2RMSNorm / MistralRMSNorm, the same operations, with 1/rms a constant
+    input_dtype = hidden_states.dtype
+    hidden_states = hidden_states.to(torch.float32)
+    variance = hidden_states.pow(2).mean(-1, keepdim=True)
+    hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon).detach()
+    return self.weight * hidden_states.to(input_dtype)
+
+
+def _layer_norm_forward(self, x):
+    mean = x.mean(-1, keepdim=True)
+    centered = x - mean
+    std = (centered.pow(2).mean(-1, keepdim=True) + self.eps).sqrt()
+    y = centered / std.detach()
+    if self.weight is not None:
+        y = y * self.weight
+    if self.bias is not None:
+        y = y + self.bias
+    return y
+
+
+def _activation_forward(original):
+    def forward(self, x):
+        return identity_rule(original, x)
+    return forward
+
+
+def _gated_mlp_cp(self, x):
+    return self.down_proj(self.act_fn(self.gate_proj(x).detach()) * self.up_proj(x))
+
+
+def _gated_mlp_attn(self, x):
+    return self.down_proj(scale_grad(self.act_fn(self.gate_proj(x)) * self.up_proj(x), 2))
+
+
+def _attention(variant: str):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    def attention(module, query, key, value, *args, **kwargs):
+        if variant == "cp":
+            query, key = query.detach(), key.detach()
+        else:
+            query, key, value = scale_grad(query, 4), scale_grad(key, 4), scale_grad(value, 2)
+        kwargs["dropout"] = 0.0
+        return sdpa_attention_forward(module, query, key, value, *args, **kwargs)
+    return attention
+
+
+def _register_attention() -> None:
+    """Adds the two attention functions (and sdpa's mask format for them) to transformers'
+    registries; selecting them is per model (``set_attn_implementation``)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    for variant, name in ATTENTION.items():
+        if name not in AttentionInterface._global_mapping:
+            AttentionInterface.register(name, _attention(variant))
+            AttentionMaskInterface.register(name, sdpa_mask)
+
+
+_ACTIVATION_ATTRS = ("act_fn", "act", "intermediate_act_fn")  # Llama/Qwen2 MLP, GPT-2 MLP, BERT intermediate
+
+
+def _instance_forwards(model: nn.Module, variant: str) -> list[tuple[nn.Module, object]]:
+    """(module, new forward) for every module this variant changes."""
+    out = []
+    for m in model.modules():
+        name = type(m).__name__
+        if isinstance(m, nn.LayerNorm):
+            out.append((m, _layer_norm_forward))
+        elif name.endswith("RMSNorm"):
+            if not hasattr(m, "variance_epsilon") or getattr(m, "weight", None) is None:
+                raise LRPError(f"LRP: {name} is not the RMSNorm the rules are written for")
+            out.append((m, _rms_norm_forward))
+        if all(hasattr(m, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+            out.append((m, _gated_mlp_cp if variant == "cp" else _gated_mlp_attn))
+        for attr in _ACTIVATION_ATTRS:
+            act = getattr(m, attr, None)
+            if isinstance(act, nn.Module):
+                out.append((act, _activation_forward(type(act).forward.__get__(act))))
+    return out
+
+
+def check_model(model: nn.Module) -> str:
+    """The model's family if the rules are defined for it; :class:`LRPError` otherwise."""
+    family = getattr(getattr(model, "config", None), "model_type", None)
+    if family not in FAMILIES:
+        raise LRPError(f"LRP rules are defined for {', '.join(FAMILIES)} models, not {family or type(model).__name__}")
+    return family
+
+
+@contextmanager
+def lrp_rules(model: nn.Module, variant: str = "cp"):
+    """Applies the LRP rules of ``variant`` to this model instance for a ``with`` block.
+
+    Inside, ``input × gradient`` of any tensor is its LRP relevance for the output the backward
+    starts from; the forward values are unchanged (up to float rounding in LayerNorm). The model is
+    put in eval mode (no dropout) inside. On exit — also after an exception — every instance
+    forward is removed, the previous attention implementation selected and the training flags
+    restored: the model computes exactly what it did before.
+
+    Args:
+        model (nn.Module): a Hugging Face Llama / Mistral / Qwen2 / GPT-2 / BERT model.
+        variant (str): ``"cp"`` (CP-LRP) or ``"attn"`` (AttnLRP). Default: ``"cp"``.
+    Raises:
+        LRPError: an unknown variant or a model family without rules.
+    """
+    if variant not in VARIANTS:
+        raise LRPError(f"unknown LRP variant {variant!r}; one of {', '.join(VARIANTS)}")
+    check_model(model)
+    changes = _instance_forwards(model, variant)
+    _register_attention()
+    previous = model.config._attn_implementation
+    modes = [(m, m.training) for m in model.modules()]
+    patched: list[tuple[nn.Module, object]] = []
+    try:
+        for m, fn in changes:
+            patched.append((m, m.__dict__.get("forward")))
+            m.forward = types.MethodType(fn, m)
+        model.set_attn_implementation(ATTENTION[variant])
+        model.eval()
+        yield model
+    finally:
+        for m, before in reversed(patched):
+            if before is None:
+                m.__dict__.pop("forward", None)
+            else:
+                m.forward = before
+        model.set_attn_implementation(previous)
+        for m, mode in modes:
+            m.training = mode
