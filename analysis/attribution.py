@@ -172,7 +172,7 @@ def greedy_target(model, tokenizer, prompt: str, max_tokens: int = DEFAULT_TARGE
     dev = next(model.parameters()).device
     with torch.no_grad():
         for _ in range(max_tokens):
-            logits = _model_logits(model, input_ids=torch.tensor([ids + out], device=dev))
+            logits = model_logits(model, input_ids=torch.tensor([ids + out], device=dev))
             nxt = int(logits[0, -1].argmax())
             if nxt == tokenizer.eos_token_id:
                 break
@@ -185,7 +185,8 @@ def greedy_target(model, tokenizer, prompt: str, max_tokens: int = DEFAULT_TARGE
 
 # ----------------------------------------------------------------------------- forward functions
 
-def _model_logits(model, **kwargs) -> torch.Tensor:
+def model_logits(model, **kwargs) -> torch.Tensor:
+    """All logits of ``model(input_ids=…)`` or ``model(inputs_embeds=…)``, no cache, no padding."""
     if "use_cache" in inspect.signature(model.forward).parameters:
         kwargs["use_cache"] = False
     x = kwargs.get("inputs_embeds", kwargs.get("input_ids"))
@@ -193,16 +194,29 @@ def _model_logits(model, **kwargs) -> torch.Tensor:
     return model(**kwargs).logits
 
 
-def _target_logit(logits: torch.Tensor, ex: Example) -> torch.Tensor:
-    pos = torch.tensor(ex.target_positions, device=logits.device)
-    tid = torch.tensor(ex.target_ids, device=logits.device)
-    return logits[:, pos, tid].sum(-1)  # [batch]
+def target_logits(model, ex: Example, **inputs) -> torch.Tensor:
+    """The logits that score the target tokens, ``# [batch, target tokens, vocab]``.
+
+    A causal LM's target positions are the last ones of ``ex.ids``: only those go through the
+    language-modelling head (``logits_to_keep``; on a 49k vocabulary that head is a large part of a
+    short prompt's forward and backward)."""
+    n = len(ex.target_ids)
+    causal = ex.target_positions[-1] == len(ex.ids) - 1
+    if causal and "logits_to_keep" in inspect.signature(model.forward).parameters:
+        return model_logits(model, logits_to_keep=n, **inputs)[:, -n:]
+    return model_logits(model, **inputs)[:, ex.target_positions]
 
 
-def _target_logprob(logits: torch.Tensor, ex: Example) -> torch.Tensor:
-    pos = torch.tensor(ex.target_positions, device=logits.device)
+def logit_of(logits: torch.Tensor, ex: Example) -> torch.Tensor:
+    """Σ over target tokens of the target token's logit, ``# [batch]`` (from :func:`target_logits`)."""
     tid = torch.tensor(ex.target_ids, device=logits.device)
-    return torch.log_softmax(logits[:, pos].float(), -1)[:, torch.arange(len(tid)), tid].sum(-1)
+    return logits[:, torch.arange(len(tid), device=logits.device), tid].sum(-1)
+
+
+def logprob_of(logits: torch.Tensor, ex: Example) -> torch.Tensor:
+    """log p(target | prompt) = Σ over target tokens of the log-softmax, ``# [batch]``."""
+    tid = torch.tensor(ex.target_ids, device=logits.device)
+    return torch.log_softmax(logits.float(), -1)[:, torch.arange(len(tid), device=logits.device), tid].sum(-1)
 
 
 class _Counter:
@@ -219,7 +233,7 @@ class _Counter:
         return out
 
 
-def _embeddings(model, ex: Example) -> tuple[torch.Tensor, torch.Tensor]:
+def embeddings(model, ex: Example) -> tuple[torch.Tensor, torch.Tensor]:
     """(input embeddings, baseline embeddings: every feature position replaced by the baseline token)."""
     dev = next(model.parameters()).device
     emb = model.get_input_embeddings()
@@ -235,10 +249,10 @@ def _embeddings(model, ex: Example) -> tuple[torch.Tensor, torch.Tensor]:
 def _captum(model, ex: Example, method: str, steps: int, batch: int, progress) -> dict:
     from captum.attr import FeatureAblation, IntegratedGradients, Saliency
 
-    embeds, base = _embeddings(model, ex)
+    embeds, base = embeddings(model, ex)
 
     def logprob(e):
-        return _target_logprob(_model_logits(model, inputs_embeds=e), ex)
+        return logprob_of(target_logits(model, ex, inputs_embeds=e), ex)
 
     out: dict = {}
     if method == "ig":
@@ -251,7 +265,7 @@ def _captum(model, ex: Example, method: str, steps: int, batch: int, progress) -
         out.update(steps=steps, convergence_delta=d, baseline_difference=diff,
                    completeness_error=abs(d) / abs(diff) if diff else None)
     elif method == "saliency":
-        attr = Saliency(_Counter(logprob, 1, progress, "saliency")).attribute(embeds, abs=True)
+        attr = Saliency(_Counter(logprob, 1, progress, "saliency")).attribute(embeds.requires_grad_(True), abs=True)
     else:  # ablation: one feature per prompt token; everything else one group that ablates to itself
         n = len(ex.features)
         mask = torch.full((1, len(ex.ids), 1), n, dtype=torch.long, device=embeds.device)
@@ -260,7 +274,10 @@ def _captum(model, ex: Example, method: str, steps: int, batch: int, progress) -
         with torch.no_grad():
             attr = FeatureAblation(fwd).attribute(embeds, baselines=base, feature_mask=mask.expand_as(embeds),
                                                   perturbations_per_eval=batch)
-    out["token_relevance"] = attr.detach().float().sum(-1)[0]
+    # the gradient methods give one value per embedding element (summed per token, as captum's LLM
+    # attribution does); ablation gives the whole token's Δ to each element of its group
+    attr = attr.detach().float()
+    out["token_relevance"] = (attr[..., 0] if method == "ablation" else attr.sum(-1))[0]
     return out
 
 
@@ -270,7 +287,7 @@ def _relevance(model, ex: Example, method: str, progress) -> dict:
     from analysis.lrp import lrp_rules
     from analysis.selectors.base import architecture, block_modules, hooks, modules_of_kind
 
-    embeds, _ = _embeddings(model, ex)
+    embeds, _ = embeddings(model, ex)
     embeds.requires_grad_(True)
     blocks = block_modules(model)
     o_proj = {L: m for L, (m, _, _) in modules_of_kind(model, "o").items()}
@@ -290,8 +307,8 @@ def _relevance(model, ex: Example, method: str, progress) -> dict:
     variant = LRP_VARIANT.get(method)
     rules = lrp_rules(model, variant) if variant else nullcontext()
     with rules, hooks(pre=[(m, pre(L)) for L, m in o_proj.items()], post=[(m, post(L)) for L, m in blocks.items()]):
-        logits = _model_logits(model, inputs_embeds=embeds)
-        f = _target_logit(logits, ex)[0]
+        logits = target_logits(model, ex, inputs_embeds=embeds)
+        f = logit_of(logits, ex)[0]
         layers, heads = sorted(outs), sorted(head_in)
         grads = torch.autograd.grad(f, [embeds, *(outs[L] for L in layers), *(head_in[L] for L in heads)],
                                     allow_unused=True)
@@ -299,7 +316,8 @@ def _relevance(model, ex: Example, method: str, progress) -> dict:
         progress(1, 1, method)
     rel = (embeds * grads[0]).detach().double().sum(-1)[0]  # [positions]
     total, logit = float(rel.sum()), float(f.detach())
-    out = {"token_relevance": rel, "relevance_sum": total,
+    out = {"token_relevance": rel, "relevance_sum": total, "target_logprob": float(logprob_of(logits.detach(), ex)[0]),
+           "target_logit": logit,
            "conservation_error": abs(total - logit) / abs(logit) if logit else None}
     layer_rel = [((outs[L] * g).detach().double().sum(-1)[0] if g is not None else torch.zeros(len(ex.ids),
                   dtype=torch.float64)) for L, g in zip(layers, grads[1:1 + len(layers)])]
@@ -338,7 +356,7 @@ def faithfulness(model, ex: Example, scores, *, batch: int = 16) -> dict:
             rows.append(ids)
     x = torch.tensor(rows, device=dev)
     with torch.no_grad():
-        lp = torch.cat([_target_logprob(_model_logits(model, input_ids=x[i:i + batch]), ex)
+        lp = torch.cat([logprob_of(target_logits(model, ex, input_ids=x[i:i + batch]), ex)
                         for i in range(0, len(rows), batch)]).double().cpu()
     n = len(order) + 1
     full = float(lp[0])
@@ -382,19 +400,19 @@ def attribute(model, tokenizer, prompt: str, target: str | None = None, method: 
     if max(ex.ids) >= model.get_input_embeddings().num_embeddings:
         raise AttributionError("the tokenizer produced ids outside the model's vocabulary")
     t0 = time.perf_counter()
-    with torch.no_grad():
-        logits = _model_logits(model, input_ids=torch.tensor([ex.ids], device=dev))
-        logit, logprob = float(_target_logit(logits, ex)[0]), float(_target_logprob(logits, ex)[0])
-    if method in RELEVANCE_METHODS:
+    if method in RELEVANCE_METHODS:  # its pass gives the logit and log-probability too
         res = _relevance(model, ex, method, progress)
     else:
-        res = _captum(model, ex, method, steps, batch, progress)
+        with torch.no_grad():
+            logits = target_logits(model, ex, input_ids=torch.tensor([ex.ids], device=dev))
+        res = {"target_logit": float(logit_of(logits, ex)[0]), "target_logprob": float(logprob_of(logits, ex)[0]),
+               **_captum(model, ex, method, steps, batch, progress)}
     seconds = time.perf_counter() - t0
     rel = res.pop("token_relevance")
     scores = [float(v) for v in rel[:ex.n_prompt]]
     out = Attribution(method=method, explains="target logit" if method in RELEVANCE_METHODS else "log p(target)",
                       tokens=ex.tokens, scores=scores, target=target, target_tokens=ex.target_tokens,
-                      target_logit=logit, target_logprob=logprob, seconds=seconds, device=str(dev), **res,
+                      seconds=seconds, device=str(dev), **res,
                       info={"features": ex.features, "baseline_token": ex.baseline_id,
                             "other_positions": [float(v) for v in rel[ex.n_prompt:]]})
     if with_faithfulness:

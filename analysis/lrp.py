@@ -79,12 +79,33 @@ class _IdentityRule(torch.autograd.Function):
         return grad * ratio, None
 
 
+class _EpsilonRule(torch.autograd.Function):
+    """Identity forward on a linear layer's output z; the gradient times z / (z + ε·sign(z)), so the
+    relevance z·grad of each output is split over the inputs in proportion to x_i·w_ij, with ε
+    absorbing part of it (LRP-ε; ε = 0 is gradient × input)."""
+
+    @staticmethod
+    def forward(ctx, z, eps):
+        sign = torch.where(z >= 0, 1.0, -1.0).to(z.dtype)
+        ctx.save_for_backward(z / (z + eps * sign))
+        return z.view_as(z)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (ratio,) = ctx.saved_tensors
+        return grad * ratio, None
+
+
 def scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
     return _ScaleGrad.apply(x, factor)
 
 
 def identity_rule(fn, x: torch.Tensor) -> torch.Tensor:
     return _IdentityRule.apply(x, fn)
+
+
+def epsilon_rule(z: torch.Tensor, eps: float) -> torch.Tensor:
+    return _EpsilonRule.apply(z, eps)
 
 
 # ----------------------------------------------------------------------------- instance forwards
@@ -110,9 +131,21 @@ def _layer_norm_forward(self, x):
     return y
 
 
-def _activation_forward(original):
+def identity_forward(module: nn.Module):
+    """An instance forward applying ``module``'s own (element-wise) forward by the identity rule."""
+    original = type(module).forward.__get__(module)
+
     def forward(self, x):
         return identity_rule(original, x)
+    return forward
+
+
+def epsilon_forward(module: nn.Module, eps: float):
+    """An instance forward of a linear layer (``nn.Linear``, GPT-2's ``Conv1D``) by the LRP-ε rule."""
+    original = type(module).forward.__get__(module)
+
+    def forward(self, x):
+        return epsilon_rule(original(x), eps)
     return forward
 
 
@@ -149,13 +182,24 @@ def _register_attention() -> None:
             AttentionMaskInterface.register(name, sdpa_mask)
 
 
-_ACTIVATION_ATTRS = ("act_fn", "act", "intermediate_act_fn")  # Llama/Qwen2 MLP, GPT-2 MLP, BERT intermediate
+# element-wise non-linearities: transformers' ACT2FN classes and torch's
+_ACTIVATIONS = (nn.GELU, nn.SiLU, nn.ReLU, nn.Tanh, nn.Mish, nn.LeakyReLU, nn.ELU, nn.Sigmoid)
+# where the supported families keep theirs (Llama/Qwen2 MLP, GPT-2 MLP, BERT intermediate and MLM head)
+_ACTIVATION_ATTRS = ("act_fn", "act", "intermediate_act_fn", "transform_act_fn")
 
 
-def _instance_forwards(model: nn.Module, variant: str) -> list[tuple[nn.Module, object]]:
+def _is_activation(m) -> bool:
+    return isinstance(m, _ACTIVATIONS) or type(m).__module__ == "transformers.activations"
+
+
+def _rules(model: nn.Module, variant: str, epsilon: float) -> list[tuple[nn.Module, object]]:
     """(module, new forward) for every module this variant changes."""
+    from transformers.pytorch_utils import Conv1D
+
     out = []
     for m in model.modules():
+        if epsilon and isinstance(m, (nn.Linear, Conv1D)):
+            out.append((m, epsilon_forward(m, epsilon)))
         name = type(m).__name__
         if isinstance(m, nn.LayerNorm):
             out.append((m, _layer_norm_forward))
@@ -165,10 +209,13 @@ def _instance_forwards(model: nn.Module, variant: str) -> list[tuple[nn.Module, 
             out.append((m, _rms_norm_forward))
         if all(hasattr(m, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn")):
             out.append((m, _gated_mlp_cp if variant == "cp" else _gated_mlp_attn))
-        for attr in _ACTIVATION_ATTRS:
+        for attr in () if _is_activation(m) else _ACTIVATION_ATTRS:
             act = getattr(m, attr, None)
-            if isinstance(act, nn.Module):
-                out.append((act, _activation_forward(type(act).forward.__get__(act))))
+            if act is not None and not isinstance(act, nn.Module):
+                raise LRPError(f"LRP: {type(m).__name__}.{attr} is a plain function, the identity rule "
+                               "needs an activation module")
+        if _is_activation(m):
+            out.append((m, identity_forward(m)))
     return out
 
 
@@ -181,7 +228,26 @@ def check_model(model: nn.Module) -> str:
 
 
 @contextmanager
-def lrp_rules(model: nn.Module, variant: str = "cp"):
+def instance_forwards(changes):
+    """Gives each module of ``changes`` (pairs ``(module, forward(self, ...))``) an instance
+    ``forward`` for a ``with`` block; on exit, also after an exception, the instance attributes are
+    removed (or the ones that were there before put back), so the class forward runs again."""
+    patched: list[tuple[nn.Module, object]] = []
+    try:
+        for m, fn in changes:
+            patched.append((m, m.__dict__.get("forward")))
+            m.forward = types.MethodType(fn, m)
+        yield
+    finally:
+        for m, before in reversed(patched):
+            if before is None:
+                m.__dict__.pop("forward", None)
+            else:
+                m.forward = before
+
+
+@contextmanager
+def lrp_rules(model: nn.Module, variant: str = "cp", *, epsilon: float = 0.0):
     """Applies the LRP rules of ``variant`` to this model instance for a ``with`` block.
 
     Inside, ``input × gradient`` of any tensor is its LRP relevance for the output the backward
@@ -193,30 +259,26 @@ def lrp_rules(model: nn.Module, variant: str = "cp"):
     Args:
         model (nn.Module): a Hugging Face Llama / Mistral / Qwen2 / GPT-2 / BERT model.
         variant (str): ``"cp"`` (CP-LRP) or ``"attn"`` (AttnLRP). Default: ``"cp"``.
+        epsilon (float): LRP-ε on every linear layer (ε absorbs relevance; it stabilises the
+            division by small pre-activations). Default: 0 (gradient × input on linear layers).
     Raises:
         LRPError: an unknown variant or a model family without rules.
     """
     if variant not in VARIANTS:
         raise LRPError(f"unknown LRP variant {variant!r}; one of {', '.join(VARIANTS)}")
+    if not (isinstance(epsilon, (int, float)) and 0 <= epsilon < float("inf")):
+        raise LRPError(f"LRP-ε needs a finite ε >= 0, got {epsilon!r}")
     check_model(model)
-    changes = _instance_forwards(model, variant)
+    changes = _rules(model, variant, float(epsilon))
     _register_attention()
     previous = model.config._attn_implementation
     modes = [(m, m.training) for m in model.modules()]
-    patched: list[tuple[nn.Module, object]] = []
     try:
-        for m, fn in changes:
-            patched.append((m, m.__dict__.get("forward")))
-            m.forward = types.MethodType(fn, m)
-        model.set_attn_implementation(ATTENTION[variant])
-        model.eval()
-        yield model
+        with instance_forwards(changes):
+            model.set_attn_implementation(ATTENTION[variant])
+            model.eval()
+            yield model
     finally:
-        for m, before in reversed(patched):
-            if before is None:
-                m.__dict__.pop("forward", None)
-            else:
-                m.forward = before
         model.set_attn_implementation(previous)
         for m, mode in modes:
             m.training = mode

@@ -81,3 +81,13 @@ def demo():
     if not demo_is_current(d):
         build_demo(d, progress=False)
     return d
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory):
+    """SmolLM2-135M-Instruct converted once per session from the PyPI package (about 40 s), in a
+    folder of its own; tests that need the real model share it."""
+    from analysis.smollm2 import build_real
+
+    return build_real(tmp_path_factory.mktemp("real") / "smollm2")
+

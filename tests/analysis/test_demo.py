@@ -154,12 +154,11 @@ def test_full_demo_family():
     # the sparsity / overlap findings on this family: tests/analysis/test_demo_findings.py
 
 
-def test_build_real_smollm2(tmp_path, monkeypatch):
+def test_build_real_smollm2(smollm2):
     from transformers import AutoConfig, AutoTokenizer
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    out = smollm2.build_real(tmp_path / "smollm2")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["smollm2"]
+    out = smollm2  # conftest's fixture: smollm2.build_real(<a fresh folder> / "smollm2"), offline
+    assert sorted(p.name for p in out.parent.iterdir()) == ["smollm2"]
     config = AutoConfig.from_pretrained(out)
     assert config.model_type == "llama"
     assert (config.num_hidden_layers, config.hidden_size, config.num_attention_heads,
