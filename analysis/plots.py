@@ -290,3 +290,57 @@ def interval_bars(rows: list[dict], value: str, title: str) -> go.Figure:
     if value.endswith("_gap"):
         fig.add_vline(x=0, line_dash="dot", line_color="gray")  # no difference from the reference
     return _layout(fig, title, value, "")
+
+
+# ---------------------------------------------------------------------------- attribution
+
+def token_label(tokens: list[str]) -> list[str]:
+    """Tokens as axis labels: position-prefixed (repeated tokens stay distinct), whitespace visible."""
+    return [f"{i}:{t.replace(chr(10), '⏎').replace(' ', '␣')}" for i, t in enumerate(tokens)]
+
+
+def token_scores(tokens: list[str], scores: dict[str, list[float]], title: str) -> go.Figure:
+    """Relevance per prompt token, one bar group per label (a checkpoint, or a difference)."""
+    x = token_label(tokens)
+    fig = go.Figure()
+    for label, s in scores.items():
+        fig.add_bar(x=x, y=s, name=label)
+    fig.update_layout(barmode="group")
+    fig.add_hline(y=0, line_color="gray", line_width=1)
+    return _layout(fig, title, "prompt token", "relevance")
+
+
+def layer_relevance(layers: dict[str, list[float]], title: str) -> go.Figure:
+    """Relevance of the residual stream after each block, one line per label."""
+    fig = go.Figure()
+    for label, v in layers.items():
+        fig.add_scatter(x=list(range(len(v))), y=v, mode="lines+markers", name=label)
+    fig.update_xaxes(dtick=1)
+    return _layout(fig, title, "layer (block output)", "relevance")
+
+
+def relevance_heatmap(z, x, y, title: str, xtitle: str, ytitle: str = "layer") -> go.Figure:
+    """A signed heatmap centred on 0 (red positive, blue negative), layers down the y axis."""
+    m = max((abs(v) for row in z for v in row), default=0.0) or 1.0
+    fig = go.Figure(go.Heatmap(z=z, x=x, y=y, colorscale="RdBu", reversescale=True, zmin=-m, zmax=m,
+                               hovertemplate=ytitle + " %{y} " + xtitle + " %{x}: %{z:.4g}<extra></extra>"))
+    fig.update_yaxes(autorange="reversed", dtick=1)
+    fig.update_layout(height=max(260, 28 * len(y) + 90))
+    return _layout(fig, title, xtitle, ytitle)
+
+
+def faithfulness_curves(curves: dict[str, dict]) -> go.Figure:
+    """Drop of log p(target) as prompt tokens are removed: most relevant first (solid) and least
+    relevant first (dotted), one colour per label; the legend gives each label's ABPC."""
+    palette = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2"]
+    fig = go.Figure()
+    for i, (label, c) in enumerate(curves.items()):
+        color = palette[i % len(palette)]
+        k = list(range(len(c["morf"])))
+        fig.add_scatter(x=k, y=c["morf"], mode="lines+markers", line=dict(color=color),
+                        name=f"{label}: most relevant first (ABPC {c['abpc']:+.3g})")
+        fig.add_scatter(x=k, y=c["lerf"], mode="lines", line=dict(color=color, dash="dot"),
+                        name=f"{label}: least relevant first")
+    fig.update_layout(height=360)
+    return _layout(fig, "Faithfulness: the target's log-probability as tokens are removed", "tokens removed",
+                   "drop of log p(target)")

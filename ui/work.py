@@ -178,3 +178,12 @@ def _changed(base: str, tuned: str, tol: float, fps: tuple) -> dict:
 def changed_mask(base: str, tuned: str, tol: float) -> dict:
     """name -> BoolTensor of the elements base → tuned changed at τ (cached)."""
     return _changed(base, tuned, tol, (fingerprint(base), fingerprint(tuned)))
+
+
+def attribution_job(ref: str, prompt: str, target: str, method: str, steps: int, device: str,
+                    compare: str | None, key: str) -> dict | None:
+    """``python -m analysis attribute`` as a job (IG with many steps, ablation of a long prompt on a
+    large model): its JSON, or None while it runs."""
+    argv = ["attribute", ref, "--prompt", prompt, "--target", target, "--method", method, "--steps", str(steps),
+            "--device", device, "--quiet", *(["--compare", compare] if compare else [])]
+    return _job(argv, [ref, *([compare] if compare else [])], key, label=f"{method} attribution")

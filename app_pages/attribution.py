@@ -1,0 +1,198 @@
+"""Attribution: which prompt tokens, layers and heads carry the relevance for a target continuation,
+by captum's methods and transformer LRP, on one checkpoint or a base and its fine-tune side by side.
+
+Small work (LRP, Input × Gradient and Saliency on any model here; every method on the demo) runs
+inside the page, cached per (checkpoint, prompt, target, method, steps, device); IG with many steps
+or ablation of a long prompt on a large model runs as a background ``attribute`` job with a progress
+bar and cancel.
+"""
+
+import html
+
+import pandas as pd
+import streamlit as st
+import torch
+
+from analysis import plots
+from analysis.attribution import COMPLETENESS_WARN, DEFAULT_STEPS, METHODS, Attribution, attribute, compare, \
+    head_weight_change
+from analysis.checkpoints import fingerprint
+from analysis.demo_task import qa_examples
+from analysis.errors import SubnetscopeError
+from analysis.lrp import VARIANTS
+from ui import work
+from ui.state import label_of, parent_of, selection
+
+st.header("Attribution")
+st.caption("Relevance of each prompt token for the target continuation, and of each layer and head. "
+           "captum explains log p(target); Input × Gradient and LRP explain the target logit. "
+           "LRP is patented (Fraunhofer HHI) and free for research and personal use.")
+base, tuned = selection()
+refs = [r for r in [base, *tuned] if r]
+if not refs:
+    st.info("Choose a checkpoint in the sidebar.")
+    st.stop()
+
+demo_prompt, demo_answer = qa_examples("held_out")[0]
+c1, c2 = st.columns(2)
+ref = c1.selectbox("Checkpoint", refs, format_func=label_of)
+others = [None] + [r for r in refs if r != ref]
+default_other = next((r for r in others if r and (parent_of(r) == ref or parent_of(ref) == r)), None)
+other = c2.selectbox("Compare with (same prompt and target)", others, index=others.index(default_other),
+                     format_func=lambda r: "—" if r is None else label_of(r))
+c3, c4 = st.columns(2)
+is_demo = label_of(ref).startswith("demo/")  # the demo family's task, else a factual prompt for a real LM
+prompt = c3.text_area("Prompt", demo_prompt if is_demo else "The capital of France is",
+                      height=80, help="The tokenizer adds its special tokens (e.g. <bos>).")
+target = c4.text_input("Target continuation", demo_answer if is_demo else " Paris",
+                       help="The continuation whose log-probability / logit is explained (teacher-forced).")
+c5, c6, c7 = st.columns(3)
+method = c5.selectbox("Method", list(METHODS), format_func=METHODS.get, index=list(METHODS).index("lrp-attn"))
+steps = c6.number_input("IG steps", 1, 4096, st.session_state.get("ig_steps", DEFAULT_STEPS), step=25,
+                        disabled=method != "ig", key="ig_steps_input")
+devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+device = c7.selectbox("Device", devices, index=len(devices) - 1,
+                      help="cuda when this machine has a GPU; every method runs on it, IG's steps batched.")
+
+if not prompt or not target:
+    st.info("Give a prompt and a target continuation.")
+    st.stop()
+
+
+@st.cache_resource(max_entries=2, show_spinner="Loading the model…")
+def _model(ref: str, fp: tuple, device: str):
+    from analysis.models import load_model
+
+    return load_model(ref, device=device, masked_lm=True)
+
+
+@st.cache_data(max_entries=64, show_spinner="Attributing…")
+def _inline(ref: str, fp: tuple, prompt: str, target: str, method: str, steps: int, device: str) -> dict:
+    model, tokenizer = _model(ref, fp, device)
+    return attribute(model, tokenizer, prompt, target, method, steps=steps).to_json()
+
+
+def passes(method: str, n_tokens: int) -> int:
+    """Forward(+backward) passes a method costs: what decides inline against a job."""
+    return steps if method == "ig" else n_tokens + 1 if method == "ablation" else 1
+
+
+def inline(r: str) -> dict | None:
+    """The result computed in the page when the work is small, else None (it is a job's)."""
+    if work.param_count(r) * passes(method, len(prompt.split()) + 4) <= 64 * work.inline_limit():
+        return _inline(r, fingerprint(r), prompt, target, method, int(steps), device)
+    return None
+
+
+try:
+    cheap = [inline(r) for r in [ref, *([other] if other else [])]]
+    if any(c is None for c in cheap):  # a large model and an expensive method: one job for both checkpoints
+        res = work.attribution_job(ref, prompt, target, method, int(steps), device, other, key="attr")
+        if res is None:
+            st.stop()
+        results = [res] + ([res["compare"]] if other else [])
+    else:
+        results = cheap
+except SubnetscopeError as e:
+    st.error(str(e))
+    st.stop()
+
+fields = set(Attribution.__dataclass_fields__)
+att = [Attribution(**{k: v for k, v in r.items() if k in fields}) for r in results]
+labels = [label_of(ref)] + ([label_of(other)] if other else [])
+
+
+def colored(tokens: list[str], scores: list[float]) -> str:
+    """The prompt as coloured tokens: red carries positive relevance, blue negative."""
+    m = max((abs(s) for s in scores), default=0.0) or 1.0
+    spans = []
+    for t, s in zip(tokens, scores):
+        a = min(abs(s) / m, 1.0)
+        rgb = "214,39,40" if s >= 0 else "31,119,180"
+        text = html.escape(t).replace("\n", "⏎").replace(" ", "&nbsp;")
+        spans.append(f'<span title="{s:+.4g}" style="background: rgba({rgb},{a:.2f}); padding: 2px 1px; '
+                     f'border-radius: 3px; font-family: monospace">{text}</span>')
+    return "".join(spans)
+
+
+cols = st.columns(len(att))
+for col, a, label in zip(cols, att, labels):
+    with col:
+        st.subheader(label)
+        st.markdown(colored(a.tokens, a.scores) + f' &nbsp;→ <b>{html.escape(a.target)}</b>', unsafe_allow_html=True)
+        m1, m2, m3 = st.columns(3)
+        m1.metric("target logit", f"{a.target_logit:.4g}")
+        m2.metric("log p(target)", f"{a.target_logprob:.4g}")
+        m3.metric("time", f"{a.seconds:.2f} s", help=f"on {a.device}")
+        if a.completeness_error is not None:
+            st.caption(f"IG completeness error {a.completeness_error:.3g} — |Σ scores − (f(x) − f(x′))| / "
+                       f"|f(x) − f(x′)| with {a.steps} steps (f(x) − f(x′) = {a.baseline_difference:.4g}).")
+            if a.completeness_error > COMPLETENESS_WARN:
+                st.warning(f"IG's integral is not converged: the scores miss {a.completeness_error:.0%} of the "
+                           "difference they should add up to. More steps close it.")
+                if st.button(f"Run with {min(4 * a.steps, 4096)} steps", key=f"more_{label}"):
+                    st.session_state["ig_steps"] = min(4 * a.steps, 4096)
+                    st.session_state.pop("ig_steps_input", None)
+                    st.rerun()
+        if a.conservation_error is not None:
+            st.caption(f"Conservation error {a.conservation_error:.3g} — |Σ relevance − target logit| / |target logit| "
+                       f"(Σ relevance {a.relevance_sum:.4g}). CP-LRP conserves on bias-free Llama-family models; "
+                       "AttnLRP loses part of the logit through the softmax; Input × Gradient does not conserve.")
+
+st.plotly_chart(plots.token_scores(att[0].tokens, {lb: a.scores for lb, a in zip(labels, att)},
+                                   f"{METHODS[method]}: relevance per prompt token"), key="tokens")
+diff = None
+if len(att) == 2:
+    try:
+        diff = compare(att[0], att[1])
+    except SubnetscopeError as e:
+        st.warning(str(e))
+if diff:
+    st.plotly_chart(plots.token_scores(att[0].tokens, {f"{labels[1]} − {labels[0]}": diff["scores"]},
+                                       "Difference map: fine-tune minus base, per token"), key="token_diff")
+
+if att[0].layers is not None:
+    st.subheader("Layers and heads")
+    st.plotly_chart(plots.layer_relevance({lb: a.layers for lb, a in zip(labels, att)},
+                                          "Relevance of the residual stream after each block"), key="layers")
+    hc = st.columns(len(att) + (1 if diff and "heads" in diff else 0))
+    for i, (a, lb) in enumerate(zip(att, labels)):
+        H = len(a.heads[0]) if a.heads else 0
+        hc[i].plotly_chart(plots.relevance_heatmap(a.heads, list(range(H)), list(range(len(a.heads))),
+                                                   f"{lb}: relevance per head (o_proj input)", "head"), key=f"heads{i}")
+    if diff and "heads" in diff:
+        H = len(diff["heads"][0])
+        hc[-1].plotly_chart(plots.relevance_heatmap(diff["heads"], list(range(H)), list(range(len(diff["heads"]))),
+                                                    f"{labels[1]} − {labels[0]}", "head"), key="heads_diff")
+    a0 = att[0]
+    st.plotly_chart(plots.relevance_heatmap(a0.layer_tokens, plots.token_label(a0.tokens),
+                                            list(range(len(a0.layer_tokens))),
+                                            f"{labels[0]}: relevance per layer and token", "prompt token"),
+                    key="layer_tokens")
+elif method not in ("lrp-cp", "lrp-attn", "ixg"):
+    st.caption("Layer and head relevance come with Input × Gradient and the LRP methods.")
+
+if diff and diff.get("heads_moved"):
+    st.subheader("Heads whose relevance moved most, and how much of their weights changed")
+    pair = (ref, other) if parent_of(other) == ref else (other, ref) if parent_of(ref) == other else (ref, other)
+    try:
+        change = {(r["layer"], r["head"]): r for r in head_weight_change(*pair)}
+        ranks = {k: i + 1 for i, k in enumerate(change)}
+    except SubnetscopeError as e:
+        change, ranks = {}, {}
+        st.caption(f"Weight change per head unavailable: {e}")
+    rows = [{"layer": m["layer"], "head": m["head"], "Δ relevance": m["delta"],
+             "weights changed": change.get((m["layer"], m["head"]), {}).get("fraction"),
+             "rank by weight change": ranks.get((m["layer"], m["head"]))} for m in diff["heads_moved"]]
+    st.dataframe(pd.DataFrame(rows), hide_index=True)
+    st.caption(f"Weights changed: the fraction of the head's q/k/v/o weights that differ between {label_of(pair[0])} "
+               f"and {label_of(pair[1])} at τ = 1e-5 (as on the Update sparsity page; GQA: a kv head's k/v count for "
+               "each query head it serves). Rank 1 is the head whose weights changed most.")
+
+curves = {lb: a.faithfulness for lb, a in zip(labels, att) if a.faithfulness}
+if curves:
+    st.subheader("Faithfulness")
+    st.plotly_chart(plots.faithfulness_curves(curves), key="faith")
+    st.caption("Prompt tokens are replaced by the baseline token most relevant first and least relevant first; "
+               "the area between the curves (ABPC) is larger when the method ranks tokens well. "
+               f"LRP variants: {', '.join(VARIANTS.values())}.")
