@@ -30,6 +30,7 @@ from __future__ import annotations
 import inspect
 import math
 import time
+import weakref
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 
@@ -281,16 +282,28 @@ def _captum(model, ex: Example, method: str, steps: int, batch: int, progress) -
     return out
 
 
+_STRUCTURE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _structure(model) -> tuple[dict, dict, int | None]:
+    """(blocks by layer, output projections by layer, query heads) of a model, found once per instance."""
+    from analysis.selectors.base import architecture, block_modules, modules_of_kind
+
+    if model not in _STRUCTURE:
+        _STRUCTURE[model] = (block_modules(model), {L: m for L, (m, _, _) in modules_of_kind(model, "o").items()},
+                             architecture(model).num_heads)
+    return _STRUCTURE[model]
+
+
 def _relevance(model, ex: Example, method: str, progress) -> dict:
     """Activation × (modified) gradient of the target logit at the embeddings, after every block and
     at every head's output, from one forward and one backward."""
     from analysis.lrp import lrp_rules
-    from analysis.selectors.base import architecture, block_modules, hooks, modules_of_kind
+    from analysis.selectors.base import hooks
 
     embeds, _ = embeddings(model, ex)
     embeds.requires_grad_(True)
-    blocks = block_modules(model)
-    o_proj = {L: m for L, (m, _, _) in modules_of_kind(model, "o").items()}
+    blocks, o_proj, H = _structure(model)
     outs: dict[int, torch.Tensor] = {}
     head_in: dict[int, torch.Tensor] = {}
 
@@ -324,8 +337,6 @@ def _relevance(model, ex: Example, method: str, progress) -> dict:
     if layer_rel:
         out["layers"] = [float(r.sum()) for r in layer_rel]
         out["layer_tokens"] = [r[:ex.n_prompt].tolist() for r in layer_rel]
-    arch = architecture(model)
-    H = arch.num_heads
     if heads and H:
         out["heads"] = [((head_in[L] * g).detach().double().unflatten(-1, (H, -1)).sum((0, 1, 3)).tolist()
                          if g is not None else [0.0] * H) for L, g in zip(heads, grads[1 + len(layers):])]

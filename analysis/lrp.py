@@ -34,6 +34,7 @@ LRP is a patented technology (Fraunhofer HHI); it is free for research and perso
 from __future__ import annotations
 
 import types
+import weakref
 from contextlib import contextmanager
 
 import torch
@@ -192,8 +193,19 @@ def _is_activation(m) -> bool:
     return isinstance(m, _ACTIVATIONS) or type(m).__module__ == "transformers.activations"
 
 
+_RULES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(variant, ε): changes}
+
+
 def _rules(model: nn.Module, variant: str, epsilon: float) -> list[tuple[nn.Module, object]]:
-    """(module, new forward) for every module this variant changes."""
+    """(module, new forward) for every module this variant changes; found once per model instance
+    (a model's modules do not change; the forwards only refer to their own module)."""
+    cache = _RULES.setdefault(model, {})
+    if (variant, epsilon) not in cache:
+        cache[(variant, epsilon)] = _find_rules(model, variant, epsilon)
+    return cache[(variant, epsilon)]
+
+
+def _find_rules(model: nn.Module, variant: str, epsilon: float) -> list[tuple[nn.Module, object]]:
     from transformers.pytorch_utils import Conv1D
 
     out = []

@@ -227,3 +227,26 @@ def test_unsupported_models_and_variants_say_so():
     with pytest.raises(LRPError, match="finite"):
         with lrp_rules(tiny_llama(), "cp", epsilon=-1):
             pass
+
+
+def test_lrp_selector_is_weight_times_modified_gradient():
+    """The `lrp` selector's score of an element = |Σ_batches W ⊙ ∂f/∂W| under the rules, f = Σ of the
+    true next token's logit over the labelled positions — recomputed here for two parameters."""
+    from analysis.selectors import SELECTORS
+
+    model = tiny_llama(vocab=21, seed=9)
+    ids = torch.tensor([[1, 5, 6, 7, 8, 9, 10], [1, 9, 8, 7, 6, 5, 4]])
+    labels = ids.clone()
+    labels[1, :3] = -100
+    batches = [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}]
+    scores = SELECTORS["lrp"].fn(model, batches, variant="attn")
+    names = ["model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"]
+    params = dict(model.named_parameters())
+    with lrp_rules(model, "attn"):
+        logits = model(input_ids=ids).logits
+        keep = labels[:, 1:] != -100
+        f = logits[:, :-1].gather(-1, labels[:, 1:].clamp(min=0)[..., None])[..., 0][keep].sum()
+        grads = torch.autograd.grad(f, [params[n] for n in names])
+    for n, g in zip(names, grads):
+        assert torch.allclose(scores.values[n], (params[n].detach() * g).abs(), rtol=1e-4, atol=1e-7)
+    assert scores.info["variant"] == "attn" and all(p.grad is None for p in model.parameters())
