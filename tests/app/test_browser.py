@@ -169,6 +169,22 @@ def test_importance_page_in_chromium(app_url, browser_page):
     assert "Smallest magnitude (SaRA)" in text and f"AUROC {auroc:.3f}" in text
 
 
+def test_attribution_page_in_chromium(app_url, browser_page):
+    """The prompt as coloured tokens, the conservation check and the charts, base against SFT."""
+    from analysis.attribution import attribute
+    from analysis.demo_task import qa_examples
+    from analysis.models import load_model
+
+    d = default_demo_dir()
+    prompt, answer = qa_examples("held_out")[0]
+    r = attribute(*load_model(d / "base", device="cpu"), prompt, answer, "lrp-attn", with_faithfulness=False)
+    values = _open(browser_page, app_url + "/attribution", "attribution-page.png")
+    assert values[0] == f"{r.target_logit:.4g}"  # the base's target logit, the first metric
+    text = browser_page.inner_text("body")
+    assert "Conservation error" in text and "Faithfulness" in text
+    assert browser_page.locator(".js-plotly-plot").count() >= 6  # tokens, difference, layers, heads x3, ...
+
+
 def test_finetune_page_in_chromium(app_url, browser_page):
     """Queue a random-mask run and a full run from the form; the page follows them live (no reload)
     until both finish and the comparison panel confirms nothing moved outside the mask."""
