@@ -21,17 +21,13 @@ from analysis.demo_task import qa_examples
 from analysis.errors import SubnetscopeError
 from analysis.lrp import VARIANTS
 from ui import work
-from ui.state import label_of, parent_of, selection
+from ui.state import chosen_refs, label_of, parent_of
 
 st.header("Attribution")
 st.caption("Relevance of each prompt token for the target continuation, and of each layer and head. "
            "captum explains log p(target); Input × Gradient and LRP explain the target logit. "
            "LRP is patented (Fraunhofer HHI) and free for research and personal use.")
-base, tuned = selection()
-refs = [r for r in [base, *tuned] if r]
-if not refs:
-    st.info("Choose a checkpoint in the sidebar.")
-    st.stop()
+refs = chosen_refs()
 
 demo_prompt, demo_answer = qa_examples("held_out")[0]
 c1, c2 = st.columns(2)

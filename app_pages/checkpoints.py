@@ -5,14 +5,11 @@ import streamlit as st
 
 from analysis import plots
 from ui.loaders import alignment, summary, try_load
-from ui.state import label_of, selection
+from ui.state import chosen_refs, label_of, selection
 
 st.header("Checkpoints")
+refs = chosen_refs("Choose a base checkpoint in the sidebar, or build the demo family: `python -m analysis demo`.")
 base, tuned = selection()
-refs = [r for r in [base, *tuned] if r]
-if not refs:
-    st.info("Choose a base checkpoint in the sidebar, or build the demo family: `python -m analysis demo`.")
-    st.stop()
 
 summaries: dict[str, dict] = {}
 for ref in refs:

@@ -19,7 +19,7 @@ from analysis.finetune.config import (BUDGETS, COMBINE, DEMO_RL_RECIPE, GRANULAR
                                       FinetuneConfig)
 from analysis.finetune.experiments import paper_experiment
 from analysis.selectors import SELECTORS
-from ui.state import demo_refs, label_of, parent_of, selection
+from ui.state import chosen_refs, demo_refs, label_of, parent_of
 
 HELP = FinetuneConfig.help()
 DEFAULTS = FinetuneConfig.defaults()  # the form's defaults are the CLI's: one declaration
@@ -32,8 +32,7 @@ st.caption("Train only a subnetwork — the elements an RL run changed, the top 
            "mask — and compare it with full fine-tuning and LoRA at the same budget (arXiv 2505.11711 §4; "
            "shared/DESIGN.md §8). Only masked elements can change: every run checks it.")
 
-base, tuned = selection()
-refs = [r for r in [base, *tuned] if r]
+refs = chosen_refs(None)
 demo = demo_refs()
 
 

@@ -18,14 +18,11 @@ from analysis.masks import load_mask
 from analysis.selector_eval import predictive_power, spearman, topk_jaccard
 from analysis.selectors import SELECTORS
 from ui import work
-from ui.state import label_of, parent_of, selection
+from ui.state import chosen_refs, label_of, parent_of, selection
 
 st.header("Importance")
+refs = chosen_refs()
 base, tuned = selection()
-refs = [r for r in [base, *tuned] if r]
-if not refs:
-    st.info("Choose a checkpoint in the sidebar.")
-    st.stop()
 # the fine-tune whose update the scores should predict: by default one trained from another selected
 # fine-tune (the demo's RL runs, from its SFT model), and the model scored is its parent
 chained = [t for t in tuned if parent_of(t) in tuned]

@@ -81,6 +81,17 @@ def selection() -> tuple[str | None, list[str]]:
     return ss["base_ref"], list(ss.get("tuned_refs", []))
 
 
+def chosen_refs(empty: str | None = "Choose a checkpoint in the sidebar.") -> list[str]:
+    """The base and fine-tunes chosen in the sidebar, base first; with none chosen, the page says
+    ``empty`` and stops (``empty=None``: it goes on with an empty list)."""
+    base, tuned = selection()
+    refs = [r for r in [base, *tuned] if r]
+    if not refs and empty is not None:
+        st.info(empty)
+        st.stop()
+    return refs
+
+
 def label_of(ref: str) -> str:
     """Short display name of a reference (demo/sft rather than the full path)."""
     return _label(ref, demo_refs())
