@@ -92,22 +92,38 @@ def _gpt2_with_biases():
     return model
 
 
+def _qwen2_with_biases():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(3)
+    model = Qwen2ForCausalLM(Qwen2Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=21)).eval()
+    with torch.no_grad():  # Qwen2's q/k/v projections have biases
+        for n, p in model.named_parameters():
+            if n.endswith("bias"):
+                p.normal_(0, 0.1)
+    assert any(n.endswith("v_proj.bias") for n, _ in model.named_parameters())
+    return model
+
+
 def _position_modules(model):
+    if model.config.model_type == "qwen2":
+        return []  # rotary positions act inside attention, on q and k: nothing is added to the stream
     if model.config.model_type == "gpt2":
         return [model.transformer.wpe]
     e = model.bert.embeddings
     return [e.position_embeddings, e.token_type_embeddings]
 
 
-@pytest.mark.parametrize("family", ["gpt2", "bert"])
+@pytest.mark.parametrize("family", ["gpt2", "bert", "qwen2"])
 def test_cp_lrp_bound_with_biases_and_position_embeddings(family):
     """GPT-2 and BERT add position (and token-type) embeddings and biases outside the input
-    embeddings. Under CP-LRP the modified network is linear in (token embeddings, position
+    embeddings (Qwen2: biases of q, k and v). Under CP-LRP the modified network is linear in (token embeddings, position
     embeddings, biases) jointly, so Σ R_tokens + Σ R_positions + Σ b·∂f/∂b = target logit exactly;
     the conservation error reported over the token embeddings alone is therefore
     |Σ R_positions + Σ R_biases| / |logit| — the bound we state, checked here to 1e-4."""
-    if family == "gpt2":
-        model, tok = _gpt2_with_biases(), make_tokenizer()
+    if family in ("gpt2", "qwen2"):
+        model, tok = (_gpt2_with_biases() if family == "gpt2" else _qwen2_with_biases()), make_tokenizer()
         ex = encode(tok, PROMPT, TARGET)
         prompt, target = PROMPT, TARGET
     else:
@@ -147,7 +163,8 @@ def _plain_pass(model, ids):
 
 
 @pytest.mark.parametrize("variant", ["cp", "attn"])
-@pytest.mark.parametrize("make", [lambda: tiny_llama(vocab=21), tiny_gpt2], ids=["llama", "gpt2"])
+@pytest.mark.parametrize("make", [lambda: tiny_llama(vocab=21), tiny_gpt2, lambda: _qwen2_with_biases(),
+                                  lambda: bert_masked_lm()[0]], ids=["llama", "gpt2", "qwen2", "bert"])
 def test_model_is_bit_identical_after_the_rules(make, variant):
     model = make()
     ids = torch.tensor([[1, 5, 6, 7, 8, 9]])
