@@ -410,6 +410,9 @@ def attribute(model, tokenizer, prompt: str, target: str | None = None, method: 
     ex = encode(tokenizer, prompt, target, masked_lm=_is_masked_lm(model), baseline_id=baseline_id)
     if max(ex.ids) >= model.get_input_embeddings().num_embeddings:
         raise AttributionError("the tokenizer produced ids outside the model's vocabulary")
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if limit and len(ex.ids) > limit:
+        raise AttributionError(f"prompt and target are {len(ex.ids)} tokens; the model reads at most {limit}")
     t0 = time.perf_counter()
     if method in RELEVANCE_METHODS:  # its pass gives the logit and log-probability too
         res = _relevance(model, ex, method, progress)

@@ -248,6 +248,8 @@ def test_cli_model_without_tokenizer(tmp_path):
 
 def test_unknown_method_and_bad_steps():
     model, tok = tiny_llama(vocab=21), make_tokenizer()
+    with pytest.raises(AttributionError, match="reads at most 64"):
+        attribute(tiny_gpt2(), tok, "Q:" + "1" * 70, TARGET, "ixg")  # n_positions 64
     with pytest.raises(AttributionError, match="unknown attribution method"):
         attribute(model, tok, PROMPT, TARGET, "shap")
     with pytest.raises(AttributionError, match="at least 1 step"):
