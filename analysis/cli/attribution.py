@@ -82,7 +82,7 @@ def register(sub) -> None:
     s.add_argument("--method", required=True, choices=tuple(METHODS),
                    help="ig, saliency, ixg (input x gradient), ablation, lrp-cp (CP-LRP), lrp-attn (AttnLRP)")
     s.add_argument("--steps", type=steps, default=DEFAULT_STEPS, help=f"IG steps (default {DEFAULT_STEPS})")
-    s.add_argument("--batch", type=steps, help="IG steps / ablations per forward (default: all on CUDA, 16 on CPU)")
+    s.add_argument("--batch", type=steps, help="IG steps / ablations per forward (default: as many as fit 4,096 tokens on CPU, 16,384 on CUDA)")
     s.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
     s.add_argument("--compare", metavar="CKPT2", help="the same prompt, target and method on a second checkpoint")
     s.add_argument("--no-faithfulness", action="store_true", help="skip the perturbation curves")

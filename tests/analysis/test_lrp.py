@@ -142,10 +142,10 @@ def test_cp_lrp_bound_with_biases_and_position_embeddings(family):
     finally:
         for h in handles:
             h.remove()
-    r_tok = float((embeds * grads[0]).sum())
-    r_pos = sum(float((c * g).sum()) for c, g in zip(captured, grads[1:1 + len(captured)]))
-    r_bias = sum(float((b * g).sum()) for b, g in zip(biases, grads[1 + len(captured):]) if g is not None)
-    logit = float(f)
+    r_tok = float((embeds * grads[0]).detach().sum())
+    r_pos = sum(float((c * g).detach().sum()) for c, g in zip(captured, grads[1:1 + len(captured)]))
+    r_bias = sum(float((b * g).detach().sum()) for b, g in zip(biases, grads[1 + len(captured):]) if g is not None)
+    logit = float(f.detach())
     assert abs(r_tok + r_pos + r_bias - logit) / abs(logit) < 1e-4
     res = attribute(model, tok, prompt, target, "lrp-cp", with_faithfulness=False)
     assert res.relevance_sum == pytest.approx(r_tok, rel=1e-4, abs=1e-6)
@@ -228,8 +228,8 @@ def test_per_head_relevance_sums_to_the_output_projection():
             h.remove()
     assert len(res.heads) == len(layers) and all(len(row) == model.config.num_attention_heads for row in res.heads)
     for i, L in enumerate(layers):
-        r_in = float((ins[L] * grads[i]).sum())
-        r_out = float((outs[L] * grads[len(layers) + i]).sum())
+        r_in = float((ins[L] * grads[i]).detach().sum())
+        r_out = float((outs[L] * grads[len(layers) + i]).detach().sum())
         assert sum(res.heads[L]) == pytest.approx(r_in, rel=1e-5, abs=1e-7)
         assert r_in == pytest.approx(r_out, rel=1e-4, abs=1e-6)
 
@@ -267,3 +267,16 @@ def test_lrp_selector_is_weight_times_modified_gradient():
     for n, g in zip(names, grads):
         assert torch.allclose(scores.values[n], (params[n].detach() * g).abs(), rtol=1e-4, atol=1e-7)
     assert scores.info["variant"] == "attn" and all(p.grad is None for p in model.parameters())
+
+
+def test_uniform_rule_keeps_the_value_and_divides_the_gradient():
+    from analysis.lrp import scale_grad
+
+    x = torch.randn(1000, dtype=torch.float32, requires_grad=True) * 1e3
+    x.retain_grad()
+    y = scale_grad(x, 4)
+    assert torch.equal(y, x)  # bit for bit
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.full_like(x, 0.25))
+    with pytest.raises(ValueError, match="power of two"):
+        scale_grad(x, 3)
