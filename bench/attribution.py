@@ -25,7 +25,12 @@ sys.path.insert(0, str(ROOT))
 from bench._models import bench_models  # noqa: E402
 
 METHODS = ("lrp-cp", "lrp-attn", "ixg", "saliency", "ablation", "ig")
-PROMPTS = {"demo": ("Q:12+07\nA:", "19"), "smollm2": ("The capital of France is", " Paris")}
+PARAGRAPH = ("France is a country in Western Europe. It borders Belgium, Luxembourg, Germany, Switzerland, "
+             "Italy, Monaco, Andorra and Spain, and its coasts face the English Channel, the Atlantic Ocean and "
+             "the Mediterranean Sea. Its largest city, home to the Louvre and the Eiffel Tower, is also the seat "
+             "of its government. The capital of France is")
+PROMPTS = {"demo": [("Q:12+07\nA:", "19")],
+           "smollm2": [("The capital of France is", " Paris"), (PARAGRAPH, " Paris")]}
 
 
 def run(models: str, repeat: int, device: str) -> list[dict]:
@@ -37,25 +42,25 @@ def run(models: str, repeat: int, device: str) -> list[dict]:
     rows = []
     for label, path in bench_models(models):
         model, tok = load_model(path, device=device)
-        prompt, target = PROMPTS["demo" if "demo" in label else "smollm2"]
-        attribute(model, tok, prompt, target, "lrp-cp", with_faithfulness=False)  # warm-up (first-call costs)
-        best = {m: float("inf") for m in METHODS}
-        for _ in range(repeat):
+        for prompt, target in PROMPTS["demo" if "demo" in label else "smollm2"]:
+            attribute(model, tok, prompt, target, "lrp-cp", with_faithfulness=False)  # warm-up (first-call costs)
+            best = {m: float("inf") for m in METHODS}
+            for _ in range(repeat):
+                for m in METHODS:
+                    if device.startswith("cuda"):
+                        torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    attribute(model, tok, prompt, target, m, steps=50, with_faithfulness=False)
+                    if device.startswith("cuda"):
+                        torch.cuda.synchronize()
+                    best[m] = min(best[m], time.perf_counter() - t0)
             for m in METHODS:
-                if device.startswith("cuda"):
-                    torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                attribute(model, tok, prompt, target, m, steps=50, with_faithfulness=False)
-                if device.startswith("cuda"):
-                    torch.cuda.synchronize()
-                best[m] = min(best[m], time.perf_counter() - t0)
-        for m in METHODS:
-            r = attribute(model, tok, prompt, target, m, steps=50)
-            check = (f"completeness {r.completeness_error:.3g}" if r.completeness_error is not None else
-                     f"conservation {r.conservation_error:.3g}" if r.conservation_error is not None else "—")
-            rows.append({"model": label, "method": m + ("-50" if m == "ig" else ""), "seconds": best[m],
-                         "speedup": best["ig"] / best[m], "abpc": r.faithfulness["abpc"], "check": check,
-                         "tokens": len(r.tokens)})
+                r = attribute(model, tok, prompt, target, m, steps=50)
+                check = (f"completeness {r.completeness_error:.3g}" if r.completeness_error is not None else
+                         f"conservation {r.conservation_error:.3g}" if r.conservation_error is not None else "—")
+                rows.append({"model": label, "method": m + ("-50" if m == "ig" else ""), "seconds": best[m],
+                             "speedup": best["ig"] / best[m], "abpc": r.faithfulness["abpc"], "check": check,
+                             "tokens": len(r.tokens)})
         del model
     return rows
 
@@ -74,16 +79,17 @@ def main(argv=None) -> int:
           f"{gpu}, torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, "
           f"best of {args.repeat}")
     print()
-    print("| model | method | seconds | speed-up vs IG-50 | ABPC | axiom check |")
-    print("|---|---|---:|---:|---:|---|")
+    print("| model | prompt tokens | method | seconds | speed-up vs IG-50 | ABPC | axiom check |")
+    print("|---|---:|---|---:|---:|---:|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['method']} | {r['seconds']:.4f} | {r['speedup']:.1f}× | {r['abpc']:+.3f} | "
-              f"{r['check']} |")
-    lrp = [r for r in rows if r["method"].startswith("lrp")]
-    ok = all(r["speedup"] >= 10 for r in lrp)
+        print(f"| {r['model']} | {r['tokens']} | {r['method']} | {r['seconds']:.4f} | {r['speedup']:.1f}× | "
+              f"{r['abpc']:+.3f} | {r['check']} |")
     print()
-    print(f"target: LRP >= 10x faster than IG-50 — {'met' if ok else 'NOT met'} "
-          f"(lowest {min(r['speedup'] for r in lrp):.1f}x)")
+    for (model, tokens) in dict.fromkeys((r["model"], r["tokens"]) for r in rows):
+        lrp = [r for r in rows if r["method"].startswith("lrp") and (r["model"], r["tokens"]) == (model, tokens)]
+        ok = all(r["speedup"] >= 10 for r in lrp)
+        print(f"target: LRP >= 10x faster than IG-50 on {model}, {tokens} prompt tokens — "
+              f"{'met' if ok else 'NOT met'} (lowest {min(r['speedup'] for r in lrp):.1f}x)")
     return 0
 
 
