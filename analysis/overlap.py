@@ -8,7 +8,10 @@ d_a·d_b / (d_a + d_b − d_a·d_b); and the magnitude-matched baseline, random 
 the same sizes drawn within each stratum s = (tensor, IEEE exponent field of θ⁰):
 E|I_a ∩ I_b| = Σ_s n_s·d_as·d_bs = Σ_s c_as·c_bs / n_s, exact, no sampling.
 The consensus histogram counts elements changed by exactly k of the N runs, k = 0..N.
-All in one streaming pass over the aligned tensors.
+All in one streaming pass over the aligned tensors: per tensor one fused kernel
+(:func:`kernels.diff_stats.overlap_counts`) reads the base and every fine-tune once and counts the
+elements by (stratum, change code), bit k of the code set when run k changed the element; every
+count above is a sum over that table. More than ``MAX_CODED_RUNS`` runs are counted pair by pair.
 
 Dtypes as in analysis.diff: floating-point tensors (fp8 included) are changed at τ, integer /
 bool / packed tensors when their stored bits differ (their elements form one stratum per
@@ -33,7 +36,8 @@ import torch
 from analysis.checkpoints import Checkpoint, align, iter_aligned, open_checkpoint
 from analysis.diff import PAPER_TOL
 from analysis.errors import SubnetscopeError
-from kernels.diff_stats import EXACT_BITS, TOLERANCE, Incomparable, changed_mask, comparison
+from kernels.diff_stats import (EXACT_BITS, MAX_CODED_RUNS, TOLERANCE, Incomparable, changed_mask, comparison,
+                                overlap_counts)
 
 SCHEMA = "subnetscope.overlap/1"
 
@@ -167,25 +171,16 @@ def overlap(base: str | Checkpoint, tuned: list[str | Checkpoint], *, tol: float
         except Incomparable as e:
             skipped.append({"name": at.key, "reason": str(e)})
             continue
-        masks = torch.stack([changed_mask(x, y, tol).reshape(-1) for y in ys])  # [N, n]
-        if EXACT_BITS in kinds_of:  # integer codes: the tensor is one stratum
-            exact += masks.shape[1]
-            exps = torch.zeros(masks.shape[1], dtype=torch.long)
-        else:
-            exps = ((x.detach().float().reshape(-1).view(torch.int32) >> 23) & 0xFF).long()
-        n_s = torch.bincount(exps, minlength=256).double()
-        c_s = torch.stack([torch.bincount(exps[m], minlength=256) for m in masks]).double()  # [N, 256]
-        safe = torch.where(n_s > 0, n_s, 1)
-        matched = ((c_s / safe) @ c_s.T).numpy()  # Σ_s c_as c_bs / n_s
-        inter = _intersections(masks)
-        changed = masks.sum(1).numpy()
-        consensus += np.bincount(masks.sum(0).numpy(), minlength=N + 1)
+        n, changed, inter, matched, cons = _tensor_counts(x, ys, tol, EXACT_BITS in kinds_of)
+        if EXACT_BITS in kinds_of:
+            exact += n
+        consensus += cons
         groups = [total, layers.setdefault(at.layer, _Acc(N)) if at.layer is not None else None,
                   kinds.setdefault(at.kind, _Acc(N))]
         for acc in groups:
             if acc is None:
                 continue
-            acc.numel += masks.shape[1]
+            acc.numel += n
             acc.changed += changed
             acc.inter += inter
             acc.matched += matched
@@ -201,12 +196,37 @@ def overlap(base: str | Checkpoint, tuned: list[str | Checkpoint], *, tol: float
     return res
 
 
-def _intersections(masks: torch.Tensor) -> np.ndarray:
-    """Pairwise intersection counts |I_a ∩ I_b| in integers, [N, N]."""
-    N = masks.shape[0]
-    out = np.zeros((N, N), np.int64)
+def _tensor_counts(x: torch.Tensor, ys: list[torch.Tensor], tol: float, exact: bool):
+    """One tensor's (elements, |I_k| [N], |I_a ∩ I_b| [N, N], Σ_s c_as c_bs / n_s [N, N],
+    consensus [N+1]) from the fused kernel's counts by (stratum, code)."""
+    N = len(ys)
+    if N > MAX_CODED_RUNS:
+        return _pairwise_counts(x, ys, tol, exact)
+    counts = overlap_counts(x, ys, tol)  # [256, 2^N]
+    bits = (np.arange(1 << N)[:, None] >> np.arange(N)) & 1  # [2^N, N]: run k changed under code
+    by_code = counts.sum(0)  # [2^N]
+    c_s = counts @ bits  # [256, N]: changed elements per stratum and run
+    n_s = counts.sum(1).astype(np.float64)
+    matched = (c_s.T / np.where(n_s > 0, n_s, 1)) @ c_s  # Σ_s c_as c_bs / n_s
+    inter = bits.T @ (by_code[:, None] * bits)
+    consensus = np.bincount(bits.sum(1), weights=by_code, minlength=N + 1).astype(np.int64)
+    return int(by_code.sum()), c_s.sum(0), inter, matched, consensus
+
+
+def _pairwise_counts(x: torch.Tensor, ys: list[torch.Tensor], tol: float, exact: bool):
+    """The same counts from N boolean masks, pair by pair (for more runs than codes allow)."""
+    N = len(ys)
+    masks = torch.stack([changed_mask(x, y, tol).reshape(-1) for y in ys])  # [N, n]
+    if exact:  # integer codes: the tensor is one stratum
+        exps = torch.zeros(masks.shape[1], dtype=torch.long)
+    else:
+        exps = ((x.detach().float().reshape(-1).view(torch.int32) >> 23) & 0xFF).long()
+    n_s = torch.bincount(exps, minlength=256).double()
+    c_s = torch.stack([torch.bincount(exps[m], minlength=256) for m in masks]).double()  # [N, 256]
+    matched = ((c_s / torch.where(n_s > 0, n_s, 1)) @ c_s.T).numpy()
+    inter = np.zeros((N, N), np.int64)
     for a in range(N):
         for b in range(a, N):
-            out[a, b] = out[b, a] = int((masks[a] & masks[b]).sum())
-    return out
-
+            inter[a, b] = inter[b, a] = int((masks[a] & masks[b]).sum())
+    consensus = np.bincount(masks.sum(0).numpy(), minlength=N + 1)
+    return masks.shape[1], masks.sum(1).numpy(), inter, matched, consensus

@@ -116,3 +116,29 @@ def loop(bs, ts, tol32, edges32, lut, hist, rows, cols, exp_total, exp_changed, 
         acc[blk, 4] += ssb
         acc[blk, 5] = max(acc[blk, 5], mx)
 
+
+
+@numba.njit(parallel=True, nogil=True, cache=True)
+def overlap_loop(bs, ts, tol32, hist):
+    """One pass over a base [R, C] and N fine-tunes of it (a tuple of [R, C] arrays of the base's
+    storage): each element adds 1 to ``hist[block, e, code]``, e the IEEE exponent field of the
+    base value as float32, bit k of ``code`` set when fine-tune k changed it at τ (the diff loop's
+    rule: not bit-identical and not |Δ| ≤ τ, NaN and ±inf changed)."""
+    R, C = bs.shape
+    nb = hist.shape[0]
+    N = len(ts)
+    for blk in numba.prange(nb):
+        h = hist[blk]
+        for r in range(blk * R // nb, (blk + 1) * R // nb):
+            for c in range(C):
+                x = bs[r, c]
+                bv = _value(x)
+                e = (_bits32(bv) >> 23) & 0xFF
+                code = 0
+                for k in range(N):
+                    y = ts[k][r, c]
+                    if _raw(x) != _raw(y):
+                        d = np.float32(abs(_value(y) - bv))
+                        if not d <= tol32:
+                            code |= 1 << k
+                h[e, code] += 1

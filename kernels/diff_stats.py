@@ -54,14 +54,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from kernels.diff_stats_reference import (DECADES, EDGES, EDGES32, EXACT_BITS, N_BINS, PER_DECADE, TOLERANCE,
-                                          DiffStats, Incomparable, bucket_lut, changed_mask, comparison,
-                                          diff_stats_reference, dtype_class, f32_floor, special_stats, stored_bits,
-                                          upcast32)
+from kernels.diff_stats_reference import (DECADES, EDGES, EDGES32, EXACT_BITS, MAX_CODED_RUNS, N_BINS, PER_DECADE,
+                                          TOLERANCE, DiffStats, Incomparable, bucket_lut, changed_mask, comparison,
+                                          diff_stats_reference, dtype_class, f32_floor, overlap_counts_reference,
+                                          special_stats, stored_bits, upcast32)
 
-__all__ = ["DECADES", "EDGES", "EDGES32", "EXACT_BITS", "N_BINS", "PER_DECADE", "TOLERANCE", "DiffStats",
-           "Incomparable", "changed_mask", "comparison", "diff_stats", "diff_stats_cpu", "diff_stats_reference",
-           "dtype_class", "f32_floor"]
+__all__ = ["DECADES", "EDGES", "EDGES32", "EXACT_BITS", "MAX_CODED_RUNS", "N_BINS", "PER_DECADE", "TOLERANCE",
+           "DiffStats", "Incomparable", "changed_mask", "comparison", "diff_stats", "diff_stats_cpu",
+           "diff_stats_reference", "dtype_class", "f32_floor", "overlap_counts", "overlap_counts_reference"]
 
 
 # ------------------------------------------------------------------ CPU: fused numba loop
@@ -138,6 +138,55 @@ def _fold(n: int) -> tuple[int, int]:
         if n % c == 0:
             return n // c, c
     return 1, n
+
+
+def overlap_counts(base: torch.Tensor, tuned: list[torch.Tensor], tol: float) -> np.ndarray:
+    """:func:`overlap_counts_reference`'s table in one pass over the base and the N fine-tunes: on
+    CPU the numba loop when every fine-tune is stored like the base in bf16, fp16 or fp32 (read as
+    stored, no upcast copy), otherwise (fp8, mixed storage, exact bits, float64, CUDA) the torch
+    reference.
+
+    Args:
+        base (Tensor): θ⁰.
+        tuned (list[Tensor]): N ≤ ``MAX_CODED_RUNS`` fine-tunes, same shape and device.
+        tol (float): τ ≥ 0.
+    Returns:
+        np.ndarray: ``# [256, 2^N]`` int64 counts by (stratum, change code).
+    Raises:
+        Incomparable: a pair with no defined comparison.
+    """
+    N = len(tuned)
+    if not 1 <= N <= MAX_CODED_RUNS:
+        raise ValueError(f"overlap_counts takes 1 to {MAX_CODED_RUNS} fine-tunes, got {N}")
+    for t in tuned:
+        comparison(base.dtype, t.dtype)  # Incomparable for complex / differently stored pairs
+    fast = (not base.is_cuda and base.numel() > 0 and base.dtype in (torch.bfloat16, torch.float16, torch.float32)
+            and all(t.dtype == base.dtype for t in tuned))
+    if fast:
+        try:
+            import numba
+
+            from kernels._diff_stats_numba import overlap_loop
+        except ImportError:
+            fast = False
+    if not fast:
+        return overlap_counts_reference(base, tuned, tol)
+    R, C = base.shape if base.dim() == 2 else (1, base.numel())
+    if base.dim() != 2 and C > 4096:
+        R, C = _fold(base.numel())
+    nb = max(1, min(numba.get_num_threads(), R))
+    hist = np.zeros((nb, 256, 1 << N), np.int64)
+
+    def arr(x):
+        x = x.detach().contiguous()
+        if x.dtype == torch.bfloat16:
+            return _np_bits16(x).reshape(R, C)
+        if x.dtype == torch.float16:
+            return x.view(torch.int16).numpy().reshape(R, C)
+        return x.numpy().reshape(R, C)
+
+    overlap_loop(arr(base), tuple(arr(t) for t in tuned), f32_floor(tol), hist)
+    return hist.sum(0)
 
 
 def diff_stats(base: torch.Tensor, tuned: torch.Tensor, tol: float, *, with_mask: bool = False) -> DiffStats:

@@ -318,3 +318,33 @@ def bucket_lut() -> np.ndarray:
     low = (cells << 15).astype(np.uint32).view(np.float32)
     low = np.where(np.isfinite(low), low, np.float32(np.inf))
     return np.searchsorted(EDGES32, low, side="left").astype(np.int32)
+
+
+# ------------------------------------------------------------------ overlap of N fine-tunes
+
+MAX_CODED_RUNS = 10  # overlap counts by code: [256, 2^N] per tensor (8 MiB at N = 10)
+
+
+def overlap_counts_reference(base: torch.Tensor, tuned: list[torch.Tensor], tol: float) -> np.ndarray:
+    """Elements by (stratum, change code): ``counts[e, code]``, ``# [256, 2^N]`` int64.
+
+    ``e`` is the IEEE exponent field of the base value as float32 (the magnitude-matched
+    baseline's stratum; 0 for every element of an exact-bits tensor, whose integer codes have no
+    exponent); bit k of ``code`` is set when fine-tune k changed the element at τ
+    (:func:`changed_mask`). Every overlap count — changed sets, pairwise intersections, the
+    consensus histogram, the strata — is a sum over this table.
+
+    Raises:
+        Incomparable: a pair with no defined comparison.
+    """
+    N = len(tuned)
+    exact = any(comparison(base.dtype, t.dtype) == EXACT_BITS for t in tuned)
+    code = torch.zeros(base.numel(), dtype=torch.long, device=base.device)
+    for k, t in enumerate(tuned):
+        code |= changed_mask(base, t, tol).reshape(-1).long() << k
+    if exact:
+        exps = torch.zeros_like(code)
+    else:
+        exps = ((base.detach().float().reshape(-1).view(torch.int32) >> 23) & 0xFF).long()
+    counts = torch.bincount(exps * (1 << N) + code, minlength=256 << N)
+    return counts.reshape(256, 1 << N).cpu().numpy().astype(np.int64)

@@ -95,3 +95,19 @@ def test_mask_errors(tmp_path):
         load_mask(tmp_path / "weights.safetensors")
     with pytest.raises(MaskError, match="different tensors"):
         union({"w": torch.zeros(2, dtype=torch.bool)}, {"v": torch.zeros(2, dtype=torch.bool)})
+
+
+def test_coded_and_pairwise_counts_agree(tmp_path, monkeypatch):
+    """The fused per-code counts (up to MAX_CODED_RUNS runs) and the pair-by-pair masks (beyond)
+    give the same overlap, every count and baseline."""
+    import analysis.overlap as ov
+
+    base, p = _runs(tmp_path)
+    coded = overlap(base, [p["A"], p["B"], p["C"]], tol=1e-5).to_json()
+    monkeypatch.setattr(ov, "MAX_CODED_RUNS", 2)  # three runs: counted pair by pair
+    pairwise = overlap(base, [p["A"], p["B"], p["C"]], tol=1e-5).to_json()
+    assert coded["consensus"] == pairwise["consensus"] == [55, 25, 20, 0]
+    for a, b in zip(coded["pairs"], pairwise["pairs"]):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k] == pytest.approx(b[k]) if isinstance(a[k], float) else a[k] == b[k], k

@@ -348,3 +348,66 @@ def test_mask_from_the_same_pass(dtype, shape, monkeypatch):
         s = fn(b, t, 1e-5, with_mask=True)
         assert torch.equal(s.mask, want) and int(want.sum()) == s.changed
         assert fn(b, t, 1e-5).mask is None
+
+
+# ------------------------------------------------------------------ overlap counts: CPU loop vs reference
+
+def _runs_of(x: torch.Tensor, n: int, seed: int) -> list[torch.Tensor]:
+    """n fine-tunes of x: ~30% of elements moved by 1e-2 … 1e-8 (around τ = 1e-5), some NaN, ±inf,
+    a -0.0 where the base has +0.0, and elements set back to the base's bits."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    flat = x.reshape(-1)
+    for k in range(n):
+        y = flat.float().clone()
+        m = torch.rand(flat.shape, generator=g) < 0.3
+        step = torch.randn(int(m.sum()), generator=g) * 10.0 ** -torch.randint(2, 9, (int(m.sum()),), generator=g)
+        y[m] += step
+        y = y.to(x.dtype)
+        y[k: k + 3] = float("nan")
+        y[10 + k] = float("inf")
+        y[20 + k] = -float("inf")
+        zeros = (flat == 0).nonzero().reshape(-1)
+        if len(zeros):
+            y[zeros[:2]] = -0.0
+        out.append(y.reshape(x.shape))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [(64, 97), (5000,), (3, 4, 50)])
+@pytest.mark.parametrize("n_runs", [1, 2, 4])
+def test_overlap_counts_loop_matches_reference(dtype, shape, n_runs):
+    from kernels.diff_stats import overlap_counts, overlap_counts_reference
+
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    x.reshape(-1)[:4] = 0.0
+    ys = _runs_of(x, n_runs, seed=n_runs)
+    got = overlap_counts(x, ys, 1e-5)
+    ref = overlap_counts_reference(x, ys, 1e-5)
+    assert got.shape == (256, 1 << n_runs) and got.sum() == x.numel()
+    assert np.array_equal(got, ref)
+    # and the table says what the masks say: run k's changed count, the pairwise intersections
+    masks = [changed_mask(x, y, 1e-5).reshape(-1) for y in ys]
+    codes = np.arange(1 << n_runs)
+    for k in range(n_runs):
+        assert got[:, (codes >> k) & 1 == 1].sum() == int(masks[k].sum())
+    if n_runs >= 2:
+        both = ((codes & 1) == 1) & ((codes >> 1) & 1 == 1)
+        assert got[:, both].sum() == int((masks[0] & masks[1]).sum())
+
+
+def test_overlap_counts_fallbacks_agree():
+    """fp8, mixed storage, integers and float64 go through the reference; the table is still exact."""
+    from kernels.diff_stats import overlap_counts, overlap_counts_reference
+
+    x = torch.randn(40, 33)
+    cases = [(x.to(torch.float8_e4m3fn), [(x * 1.1).to(torch.float8_e4m3fn)] * 2),
+             (x.double(), [x.double() + 1e-4, x.double()]),
+             ((x * 100).to(torch.int32), [(x * 100).to(torch.int32) + 1, (x * 100).to(torch.int32)])]
+    for base, ys in cases:
+        got = overlap_counts(base, ys, 1e-5)
+        assert np.array_equal(got, overlap_counts_reference(base, ys, 1e-5))
+        assert got.sum() == base.numel()
+    ints = overlap_counts(cases[2][0], cases[2][1], 1e-5)
+    assert ints[0].sum() == x.numel()  # integer codes: one stratum
