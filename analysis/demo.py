@@ -5,6 +5,8 @@
 - ``base``: pretrained from scratch on lines such as ``12+07=19`` (loss on the result);
 - ``sft``: a full fine-tune of ``base`` on a question/answer format, ``Q:12+07\\nA:19``;
 - ``rl-seed1``, ``rl-seed2``: policy gradient from ``sft`` with exact-match reward, two seeds;
+  ``rl-seed1``'s run is also saved at five points along the way (``rl-seed1-steps/step-10`` …
+  ``step-50``, the last equal to ``rl-seed1``): a short trajectory for ``trajectory`` and the app;
 
 each saved as a bf16 safetensors Hugging Face directory with a character tokenizer. At this toy
 scale it reproduces the qualitative findings of Mukherjee et al., *Reinforcement Learning
@@ -18,6 +20,7 @@ the SmolLM2 conversion (``demo --real``) is :mod:`analysis.smollm2`.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
@@ -38,8 +41,26 @@ from analysis.errors import SubnetscopeError
 from analysis.paths import default_demo_dir
 from analysis.training import lm_loss, scheduler
 
-RECIPE_VERSION = "3"  # bump whenever anything below changes the built weights (3: LambdaLR schedule, last-bit lr changes)
+RECIPE_VERSION = "4"  # bump whenever anything below changes what is built (4: rl-seed1's trajectory)
 MODEL_NAMES = ("base", "sft", "rl-seed1", "rl-seed2")
+TRAJECTORY_OF = "rl-seed1"  # the run saved along the way
+TRAJECTORY_POINTS = 5  # checkpoints of it, evenly spaced, the last at its final step
+
+
+def trajectory_steps(steps: int) -> list[int]:
+    """The steps at which the trajectory run is saved: every ``steps // 5``, and the last."""
+    every = max(1, steps // TRAJECTORY_POINTS)
+    return sorted({s for s in range(every, steps + 1, every)} | {steps})
+
+
+def trajectory_dirs(out_dir: Path) -> list[Path]:
+    """The demo run's checkpoints in training order (``rl-seed1-steps/step-N``), from the manifest;
+    [] when the family has none."""
+    try:
+        entry = json.loads((Path(out_dir) / "manifest.json").read_text())["models"][TRAJECTORY_OF]
+        return [Path(out_dir) / p for p in entry["trajectory"]["paths"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
 
 
 class DemoError(SubnetscopeError):
@@ -83,7 +104,8 @@ def demo_is_current(out_dir: Path) -> bool:
     if not isinstance(manifest, dict) or manifest.get("recipe_version") != RECIPE_VERSION:
         return False
     files = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
-    return all((Path(out_dir) / name / f).is_file() for name in MODEL_NAMES for f in files)
+    dirs = [Path(out_dir) / name for name in MODEL_NAMES] + trajectory_dirs(out_dir)
+    return len(dirs) > len(MODEL_NAMES) and all((d / f).is_file() for d in dirs for f in files)
 
 
 # --- model, training, evaluation -------------------------------------------------------------
@@ -137,7 +159,8 @@ def train_lm(model, examples: Callable[[], list[tuple[str, str]]], stage: Stage,
 
 
 def train_rl(model, problems: list[tuple[str, str]], stage: Stage, *, progress: bool = False,
-             should_stop: Callable[[], bool] | None = None) -> None:
+             should_stop: Callable[[], bool] | None = None,
+             after_step: Callable[[int], None] | None = None) -> None:
     """Policy gradient with exact-match reward and a group-mean baseline, in place.
 
     Each step samples ``stage.batch`` prompts and ``RL_GROUP`` completions of each; advantage =
@@ -148,16 +171,20 @@ def train_rl(model, problems: list[tuple[str, str]], stage: Stage, *, progress: 
         model (LlamaForCausalLM): an fp32 model.
         problems (list[tuple[str, str]]): the training problems prompts are drawn from.
         stage (Stage): steps, learning rate, seed and prompts per step.
+        after_step (callable, optional): called with the 1-based step after each optimizer step
+            (it must not touch the model's weights or the random state).
     """
     rng = random.Random(stage.seed)
     gen = torch.Generator().manual_seed(stage.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=stage.lr, weight_decay=0.0)
-    for _ in tqdm(range(stage.steps), desc=stage.name, disable=not progress, file=sys.stderr):
+    for step in tqdm(range(1, stage.steps + 1), desc=stage.name, disable=not progress, file=sys.stderr):
         _check_stop(should_stop)
         loss, _, _ = rl_loss(model, rng.sample(problems, stage.batch), gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if after_step is not None:
+            after_step(step)
 
 
 def _check_stop(should_stop) -> None:
@@ -270,9 +297,18 @@ def _train_family(tmp: Path, scale: float, progress: bool, should_stop) -> dict[
             batch = lambda: [fmt(p, a) for p, a in rng.choices(train, k=stage.batch)]  # noqa: E731
             train_lm(model, batch, stage, progress=progress, should_stop=should_stop)
         else:
-            train_rl(model, train, stage, progress=progress, should_stop=should_stop)
+            points = trajectory_steps(stage.steps) if stage.name == TRAJECTORY_OF else []
+
+            def save_point(step, model=model, points=points, name=stage.name):
+                if step in points:  # a bf16 copy: the fp32 master weights train on untouched
+                    save_bf16(copy.deepcopy(model), tokenizer, tmp / f"{name}-steps" / f"step-{step}")
+
+            train_rl(model, train, stage, progress=progress, should_stop=should_stop, after_step=save_point)
         save_bf16(model, tokenizer, tmp / stage.name)
         accuracy = evaluate(_load_fp32(tmp / stage.name), held_out)  # the saved bf16 weights
         entries[stage.name] = {"path": stage.name, "parent": stage.parent, "steps": stage.steps,
                                "lr": stage.lr, "seed": stage.seed, "accuracy": round(accuracy, 4)}
+        if stage.name == TRAJECTORY_OF:
+            entries[stage.name]["trajectory"] = {"steps": points,
+                                                 "paths": [f"{stage.name}-steps/step-{s}" for s in points]}
     return entries

@@ -344,3 +344,55 @@ def faithfulness_curves(curves: dict[str, dict]) -> go.Figure:
     fig.update_layout(height=360)
     return _layout(fig, "Faithfulness: the target's log-probability as tokens are removed", "tokens removed",
                    "drop of log p(target)")
+
+
+# ---------------------------------------------------------------------------- trajectory
+
+def trajectory_sparsity(d: dict) -> go.Figure:
+    """Update sparsity against the base and against the previous checkpoint, against the step."""
+    steps = [c["step"] for c in d["checkpoints"]]
+    fig = go.Figure()
+    fig.add_scatter(x=steps, y=[c["vs_base"]["update_sparsity"] for c in d["checkpoints"]], mode="lines+markers",
+                    name="against the base")
+    fig.add_scatter(x=steps, y=[c["vs_previous"]["update_sparsity"] for c in d["checkpoints"]],
+                    mode="lines+markers", name="against the previous checkpoint")
+    fig.update_yaxes(tickformat=".0%")
+    return _layout(fig, f"Update sparsity along the run (τ = {d['tolerance']:g})", "step", "unchanged")
+
+
+def trajectory_sets(d: dict) -> go.Figure:
+    """The changed set along the run: changed now, ever changed, first changed here, back at the base."""
+    steps = [c["step"] for c in d["checkpoints"]]
+    cs = d["checkpoints"]
+    fig = go.Figure()
+    fig.add_scatter(x=steps, y=[c["vs_base"]["changed"] for c in cs], mode="lines+markers", name="changed (vs base)")
+    fig.add_scatter(x=steps, y=[c["cumulative_changed"] for c in cs], mode="lines+markers", name="ever changed")
+    fig.add_bar(x=steps, y=[c["first_changed"] for c in cs], name="first changed at this step", opacity=0.6)
+    fig.add_scatter(x=steps, y=[c["returned_to_base"] for c in cs], mode="lines+markers",
+                    name="changed before, back at the base")
+    return _layout(fig, "The changed subnetwork grows and settles", "step", "elements")
+
+
+def trajectory_overlap(d: dict) -> go.Figure:
+    """o1, o2 and Jaccard of each checkpoint's changed set with the final one's."""
+    steps = [c["step"] for c in d["checkpoints"]]
+    fig = go.Figure()
+    for key, name in (("o1", "o1 = |I_k ∩ I_final| / |I_k|"), ("o2", "o2 = |I_k ∩ I_final| / |I_final|"),
+                      ("jaccard", "Jaccard")):
+        fig.add_scatter(x=steps, y=[c["overlap_with_final"][key] for c in d["checkpoints"]], mode="lines+markers",
+                        name=name)
+    fig.update_yaxes(range=[0, 1.02])
+    return _layout(fig, "How much of the final subnetwork each checkpoint already holds", "step", "")
+
+
+def trajectory_layers(d: dict) -> go.Figure:
+    """Layer × step heatmap of update sparsity against the base."""
+    steps = [str(c["step"]) for c in d["checkpoints"]]
+    rows = d["layers"]
+    fig = go.Figure(go.Heatmap(z=[r["update_sparsity"] for r in rows], x=steps, y=[r["layer"] for r in rows],
+                               colorscale="Viridis", zmin=0, zmax=1,
+                               hovertemplate="layer %{y} step %{x}: %{z:.2%} unchanged<extra></extra>"))
+    fig.update_yaxes(autorange="reversed", dtick=1)
+    fig.update_xaxes(type="category")
+    fig.update_layout(height=max(260, 28 * len(rows) + 90))
+    return _layout(fig, "Update sparsity per layer along the run", "step", "layer")

@@ -187,3 +187,10 @@ def attribution_job(ref: str, prompt: str, target: str, method: str, steps: int,
     argv = ["attribute", ref, "--prompt", prompt, "--target", target, "--method", method, "--steps", str(steps),
             "--device", device, "--quiet", *(["--compare", compare] if compare else [])]
     return _job(argv, [ref, *([compare] if compare else [])], key, label=f"{method} attribution")
+
+
+def trajectory_job(base: str, checkpoints: list[str], steps: list[int], tol: float, key: str) -> dict | None:
+    """``python -m analysis trajectory`` as a job: its JSON, or None while it runs."""
+    argv = ["trajectory", base, *checkpoints, "--tol", repr(tol), "--quiet",
+            *(["--steps", ",".join(map(str, steps))] if steps else [])]
+    return _job(argv, [base, *checkpoints], key, label="trajectory")

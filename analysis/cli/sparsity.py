@@ -1,4 +1,5 @@
-"""``diff`` and ``overlap``: update sparsity of a fine-tune, and the overlap of several."""
+"""``diff``, ``overlap`` and ``trajectory``: update sparsity of a fine-tune, the overlap of several,
+and the changed subnetwork along one run's checkpoints."""
 
 from __future__ import annotations
 
@@ -67,6 +68,39 @@ def cmd_overlap(args) -> int:
     return 0
 
 
+def step_list(s: str) -> list[int]:
+    """argparse type: comma-separated training steps, e.g. ``10,20,30``."""
+    import argparse
+
+    try:
+        return [int(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"steps are whole numbers separated by commas, got {s!r}") from None
+
+
+def cmd_trajectory(args) -> int:
+    from analysis.io import write_json_atomic
+    from analysis.trajectory import trajectory
+
+    check_outputs(args, inputs_of([args.base, *args.checkpoints]), "json")
+    prog = Progress("trajectory", not args.quiet, args.progress_file)
+    try:
+        res = trajectory(args.base, args.checkpoints, steps=args.steps, tol=args.tol, progress=prog)
+    finally:
+        prog.close()
+    d = res.to_json()
+    write_json_atomic(args.json, d)
+    print(f"base {res.base}; tolerance {res.tol:g}; {res.numel:,} elements; {len(res.checkpoints)} checkpoints")
+    print("  step      vs base   vs previous   cumulative changed   first changed   returned   o1 with final")
+    for c in d["checkpoints"]:
+        print(f"  {c['step']:>6}  {c['vs_base']['update_sparsity']:>10.4%}  {c['vs_previous']['update_sparsity']:>11.4%}"
+              f"  {c['cumulative_changed']:>19,}  {c['first_changed']:>14,}  {c['returned_to_base']:>9,}"
+              f"  {ratio(c['overlap_with_final']['o1']):>14}")
+    print(f"  never changed: {d['first_changed_histogram']['never']:,}")
+    print(f"wrote {args.json}")
+    return 0
+
+
 def register(sub) -> None:
     s = sub.add_parser("diff", help="update sparsity of TUNED against BASE (one streaming pass)")
     s.add_argument("base")
@@ -84,3 +118,11 @@ def register(sub) -> None:
     s.add_argument("--tol", type=tolerance, default=1e-5)
     add_run_args(s)
     s.set_defaults(func=cmd_overlap, min_args=("tuned", 2, "overlap needs at least two fine-tunes of the base"))
+
+    s = sub.add_parser("trajectory", help="update sparsity along one run: checkpoints against the base and each other")
+    s.add_argument("base")
+    s.add_argument("checkpoints", nargs="+", metavar="CKPT", help="the run's checkpoints in training order")
+    s.add_argument("--steps", type=step_list, help="their training steps, e.g. 10,20,30 (default: from the names)")
+    s.add_argument("--tol", type=tolerance, default=1e-5)
+    add_run_args(s)
+    s.set_defaults(func=cmd_trajectory)

@@ -1,0 +1,185 @@
+"""Update sparsity along one training run: N checkpoints against the base and against each other.
+
+For checkpoints θ¹ … θᴺ of one run from θ⁰ (shared/DESIGN.md §11), with I_k the elements θᵏ
+changed from θ⁰ at τ (DESIGN.md §3):
+
+- against the base and against the previous checkpoint (θᵏ⁻¹, θ⁰ for the first): every
+  statistic of :mod:`analysis.diff` (the same per-tensor kernel, so the numbers are those of the
+  pairwise ``diff`` commands), the sweep included;
+- the cumulative changed set |I_1 ∪ … ∪ I_k|, the elements first changed at checkpoint k (a
+  histogram over steps; the rest never changed), and the elements changed at some earlier
+  checkpoint that are back within τ of the base at k ("returned");
+- the overlap of I_k with the final I_N: o1 = |I_k ∩ I_N| / |I_k|, o2 = |I_k ∩ I_N| / |I_N|, Jaccard.
+
+Each aligned tensor is read once from every checkpoint (N + 1 reads, not 2N); the per-element state
+is the N changed masks of one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from analysis.checkpoints import Checkpoint, align, iter_aligned, open_checkpoint
+from analysis.diff import PAPER_TOL, DiffResult, TensorDiff
+from analysis.errors import SubnetscopeError
+from kernels.diff_stats import Incomparable, comparison, diff_stats
+
+SCHEMA = "subnetscope.trajectory/1"
+
+
+@dataclass
+class TrajectoryResult:
+    base: str
+    checkpoints: list[str]
+    steps: list[int]
+    tol: float
+    vs_base: list[DiffResult]
+    vs_previous: list[DiffResult]
+    cumulative: list[int]  # |I_1 ∪ … ∪ I_k|
+    first_changed: list[int]  # elements whose first change is at checkpoint k
+    returned: list[int]  # changed at some j < k, unchanged at k
+    with_final: list[int]  # |I_k ∩ I_N|
+    skipped: list[dict] = field(default_factory=list)
+
+    @property
+    def numel(self) -> int:
+        return self.vs_base[0].total_params
+
+    def overlap_with_final(self, k: int) -> dict:
+        a, b, i = self.vs_base[k].changed_params, self.vs_base[-1].changed_params, self.with_final[k]
+        return {"o1": i / a if a else None, "o2": i / b if b else None,
+                "jaccard": i / (a + b - i) if a + b - i else None, "intersection": i}
+
+    def layers(self) -> list[dict]:
+        """Per block, update sparsity against the base at each checkpoint (the layer × step heatmap)."""
+        rows: dict[int, list] = {}
+        for k, r in enumerate(self.vs_base):
+            for row in r.by_layer():
+                rows.setdefault(row["layer"], [None] * len(self.vs_base))[k] = row["update_sparsity"]
+        return [{"layer": L, "update_sparsity": v} for L, v in sorted(rows.items())]
+
+    def to_json(self) -> dict:
+        def pair(r: DiffResult) -> dict:
+            return {"changed": r.changed_params, "update_sparsity": r.update_sparsity, "tolerance_sweep": r.sweep()}
+
+        n = self.numel
+        return {
+            "schema": SCHEMA,
+            "base": self.base,
+            "tolerance": self.tol,
+            "total_params": n,
+            "checkpoints": [{"index": k, "checkpoint": c, "step": s, "vs_base": pair(self.vs_base[k]),
+                             "vs_previous": pair(self.vs_previous[k]), "cumulative_changed": self.cumulative[k],
+                             "first_changed": self.first_changed[k], "returned_to_base": self.returned[k],
+                             "overlap_with_final": self.overlap_with_final(k)}
+                            for k, (c, s) in enumerate(zip(self.checkpoints, self.steps))],
+            "first_changed_histogram": {"steps": self.steps, "counts": self.first_changed,
+                                        "never": n - self.cumulative[-1]},
+            "layers": self.layers(),
+            "skipped": self.skipped,
+        }
+
+
+def infer_steps(refs: list[str]) -> list[int]:
+    """Training steps from checkpoint names ending in a number (``checkpoint-500``, ``step_20``,
+    ``step-20.safetensors``), in
+    the order given; 1 … N when any name has none or the numbers do not increase."""
+    nums = [re.search(r"(\d+)(\.[A-Za-z]+)?$", str(r).rstrip("/\\")) for r in refs]  # a file's suffix aside
+    if all(nums):
+        steps = [int(m.group(1)) for m in nums]
+        if all(a < b for a, b in zip(steps, steps[1:])):
+            return steps
+    return list(range(1, len(refs) + 1))
+
+
+def trajectory(base: str | Checkpoint, checkpoints: list[str | Checkpoint], *, steps: list[int] | None = None,
+               tol: float = PAPER_TOL, progress: Callable[[int, int, str], None] | None = None,
+               should_stop: Callable[[], bool] | None = None) -> TrajectoryResult:
+    """Measures how the changed subnetwork of one run grows and settles over its checkpoints.
+
+    Args:
+        base: θ⁰ (path, hub id or Checkpoint).
+        checkpoints: θ¹ … θᴺ in training order (N ≥ 1).
+        steps (list[int], optional): the training step of each checkpoint, increasing. Default:
+            from the names (:func:`infer_steps`).
+        tol (float): τ ≥ 0. Default: 1e-5.
+        progress (callable, optional): progress(done_elements, total_elements, name).
+        should_stop (callable, optional): polled between tensors; True cancels.
+    Returns:
+        TrajectoryResult
+    Raises:
+        SubnetscopeError: no checkpoints, steps that do not match or do not increase, a bad
+            tolerance, unreadable checkpoints, or nothing to compare.
+    """
+    if not checkpoints:
+        raise SubnetscopeError("a trajectory needs at least one checkpoint after the base")
+    if not (tol >= 0 and math.isfinite(tol)):
+        raise SubnetscopeError(f"tolerance must be a finite number ≥ 0, got {tol}")
+    cks = [c if isinstance(c, Checkpoint) else open_checkpoint(c) for c in [base, *checkpoints]]
+    refs = [str(c.ref) for c in cks]
+    N = len(checkpoints)
+    if steps is None:
+        steps = infer_steps(refs[1:])
+    if len(steps) != N:
+        raise SubnetscopeError(f"{len(steps)} steps given for {N} checkpoints")
+    if any(a >= b for a, b in zip(steps, steps[1:])):
+        raise SubnetscopeError(f"steps must increase along the run, got {','.join(map(str, steps))}")
+    al = align(cks)
+    skipped = [{"name": m["key"], "reason": "missing in " + ", ".join(refs[i] for i in m["missing_in"])}
+               for m in al.missing]
+    skipped += [{"name": m["key"], "reason": "shapes " + str(m["shapes"])} for m in al.mismatched]
+    vs_base: list[list[TensorDiff]] = [[] for _ in range(N)]
+    vs_prev: list[list[TensorDiff]] = [[] for _ in range(N)]
+    cumulative, first, returned, with_final = (np.zeros(N, np.int64) for _ in range(4))
+    done = 0
+    for at, values in iter_aligned(al, cks):
+        if should_stop is not None and should_stop():
+            raise SubnetscopeError("trajectory cancelled")
+        try:
+            for a, b in zip(values, values[1:]):
+                comparison(a.dtype, b.dtype)
+            for v in values[2:]:
+                comparison(values[0].dtype, v.dtype)
+        except Incomparable as e:
+            skipped.append({"name": at.key, "reason": str(e)})
+            continue
+        x = values[0]
+        dtype = str(x.dtype).replace("torch.", "")
+        masks = []
+        for k in range(N):
+            st = diff_stats(x, values[k + 1], tol, with_mask=True)
+            masks.append(st.mask.reshape(-1))
+            st.mask = None
+            vs_base[k].append(TensorDiff(at.key, at.names[k + 1], at.compare_shape, dtype, at.layer, at.kind, st))
+            prev = diff_stats(values[k], values[k + 1], tol)
+            vs_prev[k].append(TensorDiff(at.key, at.names[k + 1], at.compare_shape,
+                                         str(values[k].dtype).replace("torch.", ""), at.layer, at.kind, prev))
+        ever = None
+        for k, m in enumerate(masks):
+            if ever is None:
+                first[k] += int(m.sum())
+                ever = m.clone()
+            else:
+                returned[k] += int((ever & ~m).sum())
+                first[k] += int((m & ~ever).sum())
+                ever |= m
+            cumulative[k] += int(ever.sum())
+            with_final[k] += int((m & masks[-1]).sum())
+        done += at.numel
+        if progress is not None:
+            progress(done, al.compared_params, at.key)
+    arch = cks[0].arch
+    res = TrajectoryResult(
+        refs[0], refs[1:], [int(s) for s in steps], float(tol),
+        [DiffResult(refs[0], refs[k + 1], float(tol), arch, vs_base[k], skipped, al.resized) for k in range(N)],
+        [DiffResult(refs[k], refs[k + 1], float(tol), arch, vs_prev[k], skipped, al.resized) for k in range(N)],
+        cumulative.tolist(), first.tolist(), returned.tolist(), with_final.tolist(), skipped)
+    if res.numel == 0:
+        raise SubnetscopeError(f"nothing to compare: of {len(al.tensors)} tensor(s) aligned across {refs[0]} and "
+                               f"{N} checkpoints, none has elements of a comparable dtype")
+    return res

@@ -1,0 +1,86 @@
+"""Trajectory: how the changed subnetwork of one run grows and settles over its checkpoints.
+
+The run is a base and its checkpoints in training order: by default the demo's RL run saved every
+10 steps; any list of checkpoint paths can be given. Small models are measured inside the page
+(cached by the files' fingerprints); larger ones by a background ``trajectory`` job.
+"""
+
+import json
+
+import pandas as pd
+import streamlit as st
+
+from analysis import plots
+from analysis.checkpoints import fingerprint
+from analysis.demo import trajectory_dirs
+from analysis.errors import SubnetscopeError
+from analysis.paths import default_demo_dir
+from analysis.trajectory import infer_steps, trajectory
+from ui import work
+from ui.state import label_of
+
+st.header("Trajectory")
+st.caption("One run's checkpoints against its base and against each other: update sparsity along the steps, the "
+           "changed set growing and settling, the step at which elements first change, and how much of the final "
+           "subnetwork each checkpoint already holds (shared/DESIGN.md §11).")
+
+demo = default_demo_dir()
+demo_run = trajectory_dirs(demo)
+c1, c2 = st.columns([1, 2])
+base = c1.text_input("Base (the run's start)", str(demo / "sft") if demo_run else "",
+                     help="The checkpoint the run started from: for the demo's RL run, demo/sft.")
+listed = c2.text_area("Checkpoints in training order, one per line", "\n".join(map(str, demo_run)), height=130,
+                      help="Directories or files, e.g. .../checkpoint-100, .../checkpoint-200 (the steps are read "
+                           "from the names when they end in increasing numbers).")
+cks = [line.strip() for line in listed.splitlines() if line.strip()]
+c3, c4 = st.columns(2)
+tol = c3.select_slider("Tolerance τ", options=[0.0, 1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3], value=1e-5,
+                       format_func=lambda t: f"{t:g}")
+steps_text = c4.text_input("Steps (optional)", ",".join(map(str, infer_steps(cks))) if cks else "",
+                           help="Comma-separated training step of each checkpoint.")
+if not base or not cks:
+    st.info("Give the base and at least one checkpoint of the run.")
+    st.stop()
+
+
+@st.cache_data(show_spinner="Measuring the trajectory…", max_entries=16)
+def _inline(base: str, cks: tuple[str, ...], steps: tuple[int, ...], tol: float, fps: tuple) -> dict:
+    return trajectory(base, list(cks), steps=list(steps), tol=tol).to_json()
+
+
+try:
+    steps = [int(s) for s in steps_text.split(",") if s.strip()]
+except ValueError:
+    st.error(f"Steps: whole numbers separated by commas, not {steps_text!r}")
+    st.stop()
+try:
+    refs = [base, *cks]
+    if work.param_count(base) < work.inline_limit():
+        d = _inline(base, tuple(cks), tuple(steps), tol, tuple(fingerprint(r) for r in refs))
+    else:
+        d = work.trajectory_job(base, cks, steps, tol, key="trajectory")
+        if d is None:
+            st.stop()
+except SubnetscopeError as e:
+    st.error(str(e))
+    st.stop()
+
+last = d["checkpoints"][-1]
+m1, m2, m3, m4 = st.columns(4)
+m1.metric("checkpoints", f"{len(d['checkpoints'])}")
+m2.metric("final update sparsity", f"{last['vs_base']['update_sparsity']:.2%}")
+m3.metric("ever changed", f"{last['cumulative_changed']:,}", help=f"of {d['total_params']:,} elements")
+m4.metric("never changed", f"{d['first_changed_histogram']['never']:,}")
+st.plotly_chart(plots.trajectory_sparsity(d), key="sparsity")
+a, b = st.columns(2)
+a.plotly_chart(plots.trajectory_sets(d), key="sets")
+b.plotly_chart(plots.trajectory_overlap(d), key="overlap")
+st.plotly_chart(plots.trajectory_layers(d), key="layers")
+rows = [{"step": c["step"], "checkpoint": label_of(c["checkpoint"]),
+         "sparsity vs base": c["vs_base"]["update_sparsity"], "sparsity vs previous": c["vs_previous"]["update_sparsity"],
+         "changed": c["vs_base"]["changed"], "ever changed": c["cumulative_changed"],
+         "first changed here": c["first_changed"], "back at the base": c["returned_to_base"],
+         "o1 with final": c["overlap_with_final"]["o1"]} for c in d["checkpoints"]]
+st.dataframe(pd.DataFrame(rows), hide_index=True)
+st.download_button("Download JSON", data=json.dumps(d, indent=2), file_name="trajectory.json",
+                   mime="application/json")

@@ -1,0 +1,96 @@
+"""Trajectories (analysis/trajectory.py): hand-computed counts on a crafted run, equality with the
+pairwise diffs it replaces on the demo's run, and the ``trajectory`` command."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from analysis.__main__ import main
+from analysis.diff import diff_checkpoints
+from analysis.errors import SubnetscopeError
+from analysis.trajectory import infer_steps, trajectory
+
+W = "model.layers.0.mlp.up_proj.weight"
+# run of three checkpoints over 10 elements of a base: element -> increment of θ at that checkpoint
+RUN = [{0: 1.0, 1: 1.0, 2: 1.0},  # I_1 = {0, 1, 2}
+       {1: 1.0, 2: 2.0, 3: 1.0, 4: 1.0},  # I_2 = {1, 2, 3, 4}: 0 back at the base
+       {2: 2.0, 3: 1.0, 4: 3.0, 5: 1.0}]  # I_3 = {2, 3, 4, 5}: 0 and 1 back at the base
+
+
+def _run(tmp_path):
+    base = torch.arange(10, dtype=torch.float32).reshape(2, 5)
+    save_file({W: base}, tmp_path / "base.safetensors")
+    paths = []
+    for k, inc in enumerate(RUN):
+        t = base.clone().reshape(-1)
+        for i, v in inc.items():
+            t[i] += v
+        p = tmp_path / f"checkpoint-{(k + 1) * 100}.safetensors"
+        save_file({W: t.reshape(2, 5)}, p)
+        paths.append(str(p))
+    return str(tmp_path / "base.safetensors"), paths
+
+
+def test_hand_computed_run(tmp_path):
+    base, cks = _run(tmp_path)
+    r = trajectory(base, cks, steps=[100, 200, 300])
+    assert [x.changed_params for x in r.vs_base] == [3, 4, 4]
+    # against the previous checkpoint: 1st vs base {0,1,2}; 2nd vs 1st {0,2,3,4}; 3rd vs 2nd {1,4,5}
+    assert [x.changed_params for x in r.vs_previous] == [3, 4, 3]
+    assert r.cumulative == [3, 5, 6]
+    assert r.first_changed == [3, 2, 1]  # {0,1,2}, then {3,4}, then {5}
+    assert r.returned == [0, 1, 2]  # element 0 at the 2nd; 0 and 1 at the 3rd
+    assert r.with_final == [1, 3, 4]  # |I_k ∩ I_3|: {2}, {2,3,4}, all four
+    d = r.to_json()
+    assert d["first_changed_histogram"] == {"steps": [100, 200, 300], "counts": [3, 2, 1], "never": 4}
+    first = d["checkpoints"][0]
+    assert first["overlap_with_final"] == {"o1": 1 / 3, "o2": 1 / 4, "jaccard": 1 / 6, "intersection": 1}
+    assert first["vs_base"]["update_sparsity"] == pytest.approx(0.7)
+    assert d["layers"] == [{"layer": 0, "update_sparsity": [0.7, 0.6, 0.6]}]
+    assert infer_steps(cks) == [100, 200, 300]  # from the names
+
+
+def test_equals_the_pairwise_diffs_on_the_demo_run(demo):
+    from analysis.demo import trajectory_dirs
+
+    cks = trajectory_dirs(demo)
+    assert [p.name for p in cks] == ["step-10", "step-20", "step-30", "step-40", "step-50"]
+    r = trajectory(demo / "sft", cks)
+    assert r.steps == [10, 20, 30, 40, 50]
+    prev = demo / "sft"
+    for k, ck in enumerate(cks):
+        assert r.vs_base[k].to_json() == diff_checkpoints(demo / "sft", ck).to_json()
+        assert r.vs_previous[k].to_json() == diff_checkpoints(prev, ck).to_json()
+        prev = ck
+    # the last checkpoint is the demo's rl-seed1: the same weights, bit for bit
+    assert diff_checkpoints(cks[-1], demo / "rl-seed1", tol=0.0).changed_params == 0
+    # the changed set grows; first changes add up to the cumulative set
+    assert r.cumulative == sorted(r.cumulative)
+    assert sum(r.first_changed) == r.cumulative[-1]
+    assert r.with_final[-1] == r.vs_base[-1].changed_params
+
+
+def test_cli(tmp_path, capsys):
+    base, cks = _run(tmp_path)
+    out = tmp_path / "t.json"
+    assert main(["trajectory", base, *cks, "--json", str(out), "--quiet"]) == 0
+    d = json.loads(out.read_text())
+    assert [c["step"] for c in d["checkpoints"]] == [100, 200, 300]
+    assert [c["returned_to_base"] for c in d["checkpoints"]] == [0, 1, 2]
+    assert "never changed: 4" in capsys.readouterr().out
+    assert main(["trajectory", base, *cks, "--steps", "1,2", "--json", str(out), "--quiet"]) == 2
+    assert "2 steps given for 3 checkpoints" in capsys.readouterr().err
+    assert main(["trajectory", base, *cks, "--steps", "3,2,1", "--json", str(out), "--quiet"]) == 2
+    assert "steps must increase" in capsys.readouterr().err
+    assert main(["trajectory", base, *cks, "--json", cks[0], "--quiet"]) == 2  # never overwrites an input
+
+
+def test_errors():
+    with pytest.raises(SubnetscopeError, match="at least one checkpoint"):
+        trajectory("x", [])
+    assert infer_steps(["a", "b"]) == [1, 2]
+    assert infer_steps(["run/step-20", "run/step-10"]) == [1, 2]  # not increasing: positions

@@ -1,0 +1,37 @@
+"""AppTest of the Trajectory page on the demo's RL run saved every 10 steps."""
+
+from __future__ import annotations
+
+from streamlit.testing.v1 import AppTest
+
+from analysis.demo import trajectory_dirs
+from analysis.trajectory import trajectory
+from conftest import ROOT
+from plotly_data import traces
+
+
+def test_trajectory_page_on_the_demo_run(demo):
+    at = AppTest.from_file(str(ROOT / "app_pages" / "trajectory.py"), default_timeout=300)
+    at.run()
+    assert not at.exception, at.exception
+    assert not at.error, [e.value for e in at.error]
+    cks = trajectory_dirs(demo)
+    assert at.text_area[0].value.splitlines() == [str(p) for p in cks]
+    expected = trajectory(demo / "sft", cks).to_json()
+    lines = traces(at.get("plotly_chart")[0].proto.spec)
+    assert lines[0]["x"] == [10, 20, 30, 40, 50]
+    assert lines[0]["y"] == [c["vs_base"]["update_sparsity"] for c in expected["checkpoints"]]
+    assert lines[1]["y"] == [c["vs_previous"]["update_sparsity"] for c in expected["checkpoints"]]
+    assert at.metric[3].value == f"{expected['first_changed_histogram']['never']:,}"
+    table = at.dataframe[0].value
+    assert list(table["ever changed"]) == [c["cumulative_changed"] for c in expected["checkpoints"]]
+
+
+def test_bad_steps_and_missing_checkpoint_are_errors(demo, tmp_path):
+    at = AppTest.from_file(str(ROOT / "app_pages" / "trajectory.py"), default_timeout=300)
+    at.run()
+    at.text_input[1].set_value("10,x").run()
+    assert not at.exception and at.error and "whole numbers" in at.error[0].value
+    at.text_input[1].set_value("").run()
+    at.text_area[0].set_value(str(tmp_path / "nowhere")).run()
+    assert not at.exception and at.error and "nowhere" in at.error[0].value
