@@ -40,9 +40,10 @@ from typing import Callable
 import numpy as np
 import torch
 
-from analysis.checkpoints import Alignment, Checkpoint, align, iter_aligned, open_checkpoint
+from analysis.checkpoints import Alignment, Checkpoint, align, open_checkpoint
 from analysis.errors import SubnetscopeError
 from analysis.structure import KINDS, Architecture, unit_slices
+from analysis.tensor_map import map_aligned
 from kernels.diff_stats import EDGES, EXACT_BITS, N_BINS, TOLERANCE, DiffStats, Incomparable, comparison, diff_stats
 from kernels.diff_stats import changed_mask as _changed_mask
 
@@ -300,7 +301,8 @@ def diff_checkpoints(base: str | Checkpoint, tuned: str | Checkpoint, *, tol: fl
                      rank: bool = False, device: str = "cpu",
                      progress: Callable[[int, int, str], None] | None = None,
                      should_stop: Callable[[], bool] | None = None,
-                     on_mask: Callable[[str, torch.Tensor], None] | None = None) -> DiffResult:
+                     on_mask: Callable[[str, torch.Tensor], None] | None = None,
+                     ray: str | None = None) -> DiffResult:
     """Streams aligned tensor pairs of base and tuned and measures what changed.
 
     Args:
@@ -315,6 +317,8 @@ def diff_checkpoints(base: str | Checkpoint, tuned: str | Checkpoint, *, tol: fl
         should_stop (callable, optional): polled between tensors; True cancels with an error.
         on_mask (callable, optional): receives (tuned name, bool changed mask on the CPU) per
             compared tensor, from the same pass as the statistics.
+        ray (str, optional): run as Ray tasks, one per shard file (:mod:`analysis.tensor_map`):
+            ``""`` for ``RAY_ADDRESS`` or a local Ray, or a cluster's address. Default: None (here).
     Returns:
         DiffResult
     Raises:
@@ -334,23 +338,16 @@ def diff_checkpoints(base: str | Checkpoint, tuned: str | Checkpoint, *, tol: fl
     done = 0
     out = []
     incomparable = []
-    for at, (x, y) in iter_aligned(al, [b, t]):
-        if should_stop is not None and should_stop():
-            raise SubnetscopeError("diff cancelled")
-        try:
-            comparison(x.dtype, y.dtype)
-        except Incomparable as e:
-            skipped.append({"name": at.key, "reason": str(e)})
+    for at, res in map_aligned([b, t], al, _diff_tensor, float(tol), rank, device, on_mask is not None, ray=ray,
+                               should_stop=should_stop, what="diff"):
+        if isinstance(res, str):  # incomparable dtypes: the reason
+            skipped.append({"name": at.key, "reason": res})
             incomparable.append(at.key)
             continue
-        if device != "cpu":
-            x, y = x.to(device), y.to(device)
-        st = diff_stats(x, y, tol, with_mask=on_mask is not None)
+        td, mask = res
         if on_mask is not None:
-            on_mask(at.names[1], st.mask.cpu())
-            st.mask = None  # the result keeps statistics only
-        out.append(TensorDiff(at.key, at.names[1], at.compare_shape, str(x.dtype).replace("torch.", ""),
-                              at.layer, at.kind, st, _rank(x, y) if rank else None))
+            on_mask(at.names[1], mask)
+        out.append(td)
         done += at.numel
         if progress is not None:
             progress(done, total, at.key)
@@ -358,6 +355,25 @@ def diff_checkpoints(base: str | Checkpoint, tuned: str | Checkpoint, *, tol: fl
     if res.total_params == 0:
         raise SubnetscopeError(_nothing_to_compare(res, len(al.tensors), incomparable))
     return res
+
+
+def _diff_tensor(at, values, tol: float, rank: bool, device: str, with_mask: bool):
+    """One aligned pair: (TensorDiff, changed mask on the CPU or None), or the reason it cannot be
+    compared (a module-level function: Ray tasks run it where the files are)."""
+    x, y = values
+    try:
+        comparison(x.dtype, y.dtype)
+    except Incomparable as e:
+        return str(e)
+    if device != "cpu":
+        x, y = x.to(device), y.to(device)
+    st = diff_stats(x, y, tol, with_mask=with_mask)
+    mask = None
+    if with_mask:
+        mask = st.mask.cpu()
+        st.mask = None  # the result keeps statistics only
+    return TensorDiff(at.key, at.names[1], at.compare_shape, str(x.dtype).replace("torch.", ""), at.layer, at.kind, st,
+                      _rank(x, y) if rank else None), mask
 
 
 def _rank(x: torch.Tensor, y: torch.Tensor) -> int | None:

@@ -33,9 +33,10 @@ from typing import Callable
 import numpy as np
 import torch
 
-from analysis.checkpoints import Checkpoint, align, iter_aligned, open_checkpoint
+from analysis.checkpoints import Checkpoint, align, open_checkpoint
 from analysis.diff import PAPER_TOL
 from analysis.errors import SubnetscopeError
+from analysis.tensor_map import map_aligned
 from kernels.diff_stats import (EXACT_BITS, MAX_CODED_RUNS, TOLERANCE, Incomparable, changed_mask, comparison,
                                 overlap_counts)
 
@@ -136,7 +137,7 @@ def _sub1(x):
 
 def overlap(base: str | Checkpoint, tuned: list[str | Checkpoint], *, tol: float = PAPER_TOL,
             progress: Callable[[int, int, str], None] | None = None,
-            should_stop: Callable[[], bool] | None = None) -> OverlapResult:
+            should_stop: Callable[[], bool] | None = None, ray: str | None = None) -> OverlapResult:
     """Measures how the changed subnetworks of N ≥ 2 fine-tunes of one base overlap.
 
     Args:
@@ -145,6 +146,8 @@ def overlap(base: str | Checkpoint, tuned: list[str | Checkpoint], *, tol: float
         tol (float): τ of "changed". Default: 1e-5.
         progress (callable, optional): progress(done_elements, total_elements, name).
         should_stop (callable, optional): polled between tensors; True cancels.
+        ray (str, optional): run as Ray tasks, one per shard file of the base (``""``: RAY_ADDRESS or
+            a local Ray; else a cluster's address). Default: None (here).
     Returns:
         OverlapResult
     Raises:
@@ -162,17 +165,13 @@ def overlap(base: str | Checkpoint, tuned: list[str | Checkpoint], *, tol: float
                for m in al.missing]
     skipped += [{"name": m["key"], "reason": "shapes " + str(m["shapes"])} for m in al.mismatched]
     done = exact = 0
-    for at, values in iter_aligned(al, cks):
-        if should_stop is not None and should_stop():
-            raise SubnetscopeError("overlap cancelled")
-        x, ys = values[0], values[1:]
-        try:
-            kinds_of = {comparison(x.dtype, y.dtype) for y in ys}
-        except Incomparable as e:
-            skipped.append({"name": at.key, "reason": str(e)})
+    for at, res in map_aligned(cks, al, _overlap_tensor, float(tol), ray=ray, should_stop=should_stop,
+                               what="overlap"):
+        if isinstance(res, str):  # incomparable dtypes: the reason
+            skipped.append({"name": at.key, "reason": res})
             continue
-        n, changed, inter, matched, cons = _tensor_counts(x, ys, tol, EXACT_BITS in kinds_of)
-        if EXACT_BITS in kinds_of:
+        n, changed, inter, matched, cons, is_exact = res
+        if is_exact:
             exact += n
         consensus += cons
         groups = [total, layers.setdefault(at.layer, _Acc(N)) if at.layer is not None else None,
@@ -194,6 +193,17 @@ def overlap(base: str | Checkpoint, tuned: list[str | Checkpoint], *, tol: float
         raise SubnetscopeError(f"nothing to compare: of {len(al.tensors)} tensor(s) aligned across {res.base} and "
                                f"{N} fine-tunes, none has elements of a comparable dtype{first}")
     return res
+
+
+def _overlap_tensor(at, values, tol: float):
+    """One aligned tensor's counts (:func:`_tensor_counts`) and whether it was compared by exact bits,
+    or the reason it cannot be compared (module level: Ray tasks run it where the files are)."""
+    x, ys = values[0], values[1:]
+    try:
+        kinds_of = {comparison(x.dtype, y.dtype) for y in ys}
+    except Incomparable as e:
+        return str(e)
+    return (*_tensor_counts(x, ys, tol, EXACT_BITS in kinds_of), EXACT_BITS in kinds_of)
 
 
 def _tensor_counts(x: torch.Tensor, ys: list[torch.Tensor], tol: float, exact: bool):

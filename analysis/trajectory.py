@@ -24,9 +24,10 @@ from typing import Callable
 
 import numpy as np
 
-from analysis.checkpoints import Checkpoint, align, iter_aligned, open_checkpoint
+from analysis.checkpoints import Checkpoint, align, open_checkpoint
 from analysis.diff import PAPER_TOL, DiffResult, TensorDiff
 from analysis.errors import SubnetscopeError
+from analysis.tensor_map import map_aligned
 from kernels.diff_stats import Incomparable, comparison, diff_stats
 
 SCHEMA = "subnetscope.trajectory/1"
@@ -99,7 +100,7 @@ def infer_steps(refs: list[str]) -> list[int]:
 
 def trajectory(base: str | Checkpoint, checkpoints: list[str | Checkpoint], *, steps: list[int] | None = None,
                tol: float = PAPER_TOL, progress: Callable[[int, int, str], None] | None = None,
-               should_stop: Callable[[], bool] | None = None) -> TrajectoryResult:
+               should_stop: Callable[[], bool] | None = None, ray: str | None = None) -> TrajectoryResult:
     """Measures how the changed subnetwork of one run grows and settles over its checkpoints.
 
     Args:
@@ -110,6 +111,8 @@ def trajectory(base: str | Checkpoint, checkpoints: list[str | Checkpoint], *, s
         tol (float): τ ≥ 0. Default: 1e-5.
         progress (callable, optional): progress(done_elements, total_elements, name).
         should_stop (callable, optional): polled between tensors; True cancels.
+        ray (str, optional): run as Ray tasks, one per shard file of the base (``""``: RAY_ADDRESS or
+            a local Ray; else a cluster's address). Default: None (here).
     Returns:
         TrajectoryResult
     Raises:
@@ -137,39 +140,19 @@ def trajectory(base: str | Checkpoint, checkpoints: list[str | Checkpoint], *, s
     vs_prev: list[list[TensorDiff]] = [[] for _ in range(N)]
     cumulative, first, returned, with_final = (np.zeros(N, np.int64) for _ in range(4))
     done = 0
-    for at, values in iter_aligned(al, cks):
-        if should_stop is not None and should_stop():
-            raise SubnetscopeError("trajectory cancelled")
-        try:
-            for a, b in zip(values, values[1:]):
-                comparison(a.dtype, b.dtype)
-            for v in values[2:]:
-                comparison(values[0].dtype, v.dtype)
-        except Incomparable as e:
-            skipped.append({"name": at.key, "reason": str(e)})
+    for at, res in map_aligned(cks, al, _trajectory_tensor, float(tol), ray=ray, should_stop=should_stop,
+                               what="trajectory"):
+        if isinstance(res, str):  # incomparable dtypes: the reason
+            skipped.append({"name": at.key, "reason": res})
             continue
-        x = values[0]
-        dtype = str(x.dtype).replace("torch.", "")
-        masks = []
+        base_diffs, prev_diffs, counts = res
         for k in range(N):
-            st = diff_stats(x, values[k + 1], tol, with_mask=True)
-            masks.append(st.mask.reshape(-1))
-            st.mask = None
-            vs_base[k].append(TensorDiff(at.key, at.names[k + 1], at.compare_shape, dtype, at.layer, at.kind, st))
-            prev = diff_stats(values[k], values[k + 1], tol)
-            vs_prev[k].append(TensorDiff(at.key, at.names[k + 1], at.compare_shape,
-                                         str(values[k].dtype).replace("torch.", ""), at.layer, at.kind, prev))
-        ever = None
-        for k, m in enumerate(masks):
-            if ever is None:
-                first[k] += int(m.sum())
-                ever = m.clone()
-            else:
-                returned[k] += int((ever & ~m).sum())
-                first[k] += int((m & ~ever).sum())
-                ever |= m
-            cumulative[k] += int(ever.sum())
-            with_final[k] += int((m & masks[-1]).sum())
+            vs_base[k].append(base_diffs[k])
+            vs_prev[k].append(prev_diffs[k])
+        cumulative += counts[0]
+        first += counts[1]
+        returned += counts[2]
+        with_final += counts[3]
         done += at.numel
         if progress is not None:
             progress(done, al.compared_params, at.key)
@@ -183,3 +166,39 @@ def trajectory(base: str | Checkpoint, checkpoints: list[str | Checkpoint], *, s
         raise SubnetscopeError(f"nothing to compare: of {len(al.tensors)} tensor(s) aligned across {refs[0]} and "
                                f"{N} checkpoints, none has elements of a comparable dtype")
     return res
+
+
+def _trajectory_tensor(at, values, tol: float):
+    """One aligned tensor along the run: the TensorDiffs against the base and the previous
+    checkpoint, and its [cumulative, first changed, returned, with final] counts per checkpoint —
+    or the reason it cannot be compared (module level: Ray tasks run it where the files are)."""
+    try:
+        for a, b in zip(values, values[1:]):
+            comparison(a.dtype, b.dtype)
+        for v in values[2:]:
+            comparison(values[0].dtype, v.dtype)
+    except Incomparable as e:
+        return str(e)
+    x, N = values[0], len(values) - 1
+    name = lambda v: str(v.dtype).replace("torch.", "")  # noqa: E731
+    masks, base_diffs, prev_diffs = [], [], []
+    for k in range(N):
+        st = diff_stats(x, values[k + 1], tol, with_mask=True)
+        masks.append(st.mask.reshape(-1))
+        st.mask = None
+        base_diffs.append(TensorDiff(at.key, at.names[k + 1], at.compare_shape, name(x), at.layer, at.kind, st))
+        prev = diff_stats(values[k], values[k + 1], tol)
+        prev_diffs.append(TensorDiff(at.key, at.names[k + 1], at.compare_shape, name(values[k]), at.layer, at.kind,
+                                     prev))
+    counts = np.zeros((4, N), np.int64)  # cumulative, first changed, returned, with final
+    ever = masks[0].clone()
+    for k, m in enumerate(masks):
+        if k:
+            counts[2, k] = int((ever & ~m).sum())
+            counts[1, k] = int((m & ~ever).sum())
+            ever |= m
+        else:
+            counts[1, k] = int(m.sum())
+        counts[0, k] = int(ever.sum())
+        counts[3, k] = int((m & masks[-1]).sum())
+    return base_diffs, prev_diffs, counts

@@ -16,7 +16,7 @@ def cmd_diff(args) -> int:
     prog = Progress("diff", not args.quiet, args.progress_file)
     try:
         res = diff_checkpoints(args.base, args.tuned, tol=args.tol, rank=args.rank, device=args.device,
-                               progress=prog, on_mask=masks.__setitem__ if args.mask_out else None)
+                               progress=prog, on_mask=masks.__setitem__ if args.mask_out else None, ray=args.ray)
     finally:
         prog.close()
     d = res.to_json()
@@ -50,7 +50,7 @@ def cmd_overlap(args) -> int:
     check_outputs(args, inputs_of([args.base, *args.tuned]), "json")
     prog = Progress("overlap", not args.quiet, args.progress_file)
     try:
-        res = overlap(args.base, args.tuned, tol=args.tol, progress=prog)
+        res = overlap(args.base, args.tuned, tol=args.tol, progress=prog, ray=args.ray)
     finally:
         prog.close()
     d = res.to_json()
@@ -85,7 +85,7 @@ def cmd_trajectory(args) -> int:
     check_outputs(args, inputs_of([args.base, *args.checkpoints]), "json")
     prog = Progress("trajectory", not args.quiet, args.progress_file)
     try:
-        res = trajectory(args.base, args.checkpoints, steps=args.steps, tol=args.tol, progress=prog)
+        res = trajectory(args.base, args.checkpoints, steps=args.steps, tol=args.tol, progress=prog, ray=args.ray)
     finally:
         prog.close()
     d = res.to_json()
@@ -101,6 +101,13 @@ def cmd_trajectory(args) -> int:
     return 0
 
 
+def add_ray_arg(s) -> None:
+    s.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                   help="run as Ray tasks, one per shard file: alone, RAY_ADDRESS or a local Ray started for the "
+                        "command; with an address (host:port, ray://host:port), that cluster (the checkpoints must be "
+                        "readable at the same paths on every node)")
+
+
 def register(sub) -> None:
     s = sub.add_parser("diff", help="update sparsity of TUNED against BASE (one streaming pass)")
     s.add_argument("base")
@@ -109,6 +116,7 @@ def register(sub) -> None:
     s.add_argument("--rank", action="store_true", help="also the rank of every 2-D update (costly)")
     s.add_argument("--device", default="cpu", help="cpu or cuda")
     s.add_argument("--mask-out", metavar="M", help="write the changed elements as a mask file")
+    add_ray_arg(s)
     add_run_args(s)
     s.set_defaults(func=cmd_diff)
 
@@ -116,6 +124,7 @@ def register(sub) -> None:
     s.add_argument("base")
     s.add_argument("tuned", nargs="+")
     s.add_argument("--tol", type=tolerance, default=1e-5)
+    add_ray_arg(s)
     add_run_args(s)
     s.set_defaults(func=cmd_overlap, min_args=("tuned", 2, "overlap needs at least two fine-tunes of the base"))
 
@@ -124,5 +133,6 @@ def register(sub) -> None:
     s.add_argument("checkpoints", nargs="+", metavar="CKPT", help="the run's checkpoints in training order")
     s.add_argument("--steps", type=step_list, help="their training steps, e.g. 10,20,30 (default: from the names)")
     s.add_argument("--tol", type=tolerance, default=1e-5)
+    add_ray_arg(s)
     add_run_args(s)
     s.set_defaults(func=cmd_trajectory)
