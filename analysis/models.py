@@ -25,6 +25,11 @@ class ModelLoadError(SubnetscopeError):
     """A checkpoint that cannot be loaded as a model, in one line."""
 
 
+def available_devices() -> list[str]:
+    """The devices a model can run on here: ``cpu``, and ``cuda`` when CUDA is available."""
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     """``"auto"`` (or None) -> ``cuda`` when available, else ``cpu``; anything else as given.
 

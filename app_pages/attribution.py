@@ -11,7 +11,6 @@ import html
 
 import pandas as pd
 import streamlit as st
-import torch
 
 from analysis import plots
 from analysis.attribution import COMPLETENESS_WARN, DEFAULT_STEPS, METHODS, Attribution, attribute, compare, \
@@ -20,6 +19,7 @@ from analysis.checkpoints import fingerprint
 from analysis.demo_task import qa_examples
 from analysis.errors import SubnetscopeError
 from analysis.lrp import VARIANTS
+from analysis.models import available_devices
 from ui import work
 from ui.state import chosen_refs, label_of, parent_of
 
@@ -46,7 +46,7 @@ c5, c6, c7 = st.columns(3)
 method = c5.selectbox("Method", list(METHODS), format_func=METHODS.get, index=list(METHODS).index("lrp-attn"))
 steps = c6.number_input("IG steps", 1, 4096, st.session_state.get("ig_steps", DEFAULT_STEPS), step=25,
                         disabled=method != "ig", key="ig_steps_input")
-devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+devices = available_devices()
 device = c7.selectbox("Device", devices, index=len(devices) - 1,
                       help="cuda when this machine has a GPU; every method runs on it, IG's steps batched.")
 

@@ -88,3 +88,14 @@ def test_no_private_imports_across_modules():
 def test_main_is_a_thin_entry_point():
     text = (ROOT / "analysis" / "__main__.py").read_text()
     assert len(text.splitlines()) <= 10 and "from analysis.cli import main" in text
+
+
+def test_pages_hold_no_tensor_code():
+    """Pages and UI glue call analysis/; torch, numpy math and kernels stay there."""
+    found = []
+    for p in sorted([*(ROOT / "app_pages").glob("*.py"), *(ROOT / "ui").glob("*.py"), ROOT / "app.py"]):
+        for node in ast.walk(ast.parse(p.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            found += [f"{p.name}: {n}" for n in names if n.split(".")[0] in ("torch", "kernels")]
+    assert found == []

@@ -66,11 +66,15 @@ def test_cli_trajectory_on_ray(local_ray, sharded_run, tmp_path):
     assert json.loads(a.read_text()) == json.loads(b.read_text())
 
 
-def test_unreachable_cluster_is_one_line(sharded_run, tmp_path):
+@pytest.mark.parametrize("address, message", [
+    ("127.0.0.1:1", "cannot reach a Ray cluster at 127.0.0.1:1: Connection refused"),
+    ("headnode", "Ray address 'headnode': expected host:port (or ray://host:port)"),
+])
+def test_unreachable_or_malformed_cluster_is_one_line(sharded_run, tmp_path, address, message):
     d = sharded_run
     p = subprocess.run([sys.executable, "-m", "analysis", "diff", str(d / "base"), str(d / "checkpoint-10"),
-                        "--ray", "127.0.0.1:1", "--json", str(tmp_path / "o.json"), "--quiet"],
+                        "--ray", address, "--json", str(tmp_path / "o.json"), "--quiet"],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2
-    assert p.stderr.strip().splitlines() == ["error: cannot reach a Ray cluster at 127.0.0.1:1: Connection refused"]
+    assert p.stderr.strip().splitlines() == [f"error: {message}"]
     assert not (tmp_path / "o.json").exists()

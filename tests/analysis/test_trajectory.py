@@ -89,8 +89,16 @@ def test_cli(tmp_path, capsys):
     assert main(["trajectory", base, *cks, "--json", cks[0], "--quiet"]) == 2  # never overwrites an input
 
 
-def test_errors():
+def test_errors(tmp_path):
     with pytest.raises(SubnetscopeError, match="at least one checkpoint"):
         trajectory("x", [])
+    base, cks = _run(tmp_path)
+    with pytest.raises(SubnetscopeError, match="tolerance must be a finite number"):
+        trajectory(base, cks, tol=float("nan"))
+    save_file({W: torch.zeros(3, 3)}, tmp_path / "other.safetensors")  # another shape: nothing aligns
+    with pytest.raises(SubnetscopeError, match="no tensor names in common"):
+        trajectory(base, [str(tmp_path / "other.safetensors")])
+    with pytest.raises(SubnetscopeError, match="no such|not found|does not exist|cannot"):
+        trajectory(base, [str(tmp_path / "missing")])
     assert infer_steps(["a", "b"]) == [1, 2]
     assert infer_steps(["run/step-20", "run/step-10"]) == [1, 2]  # not increasing: positions
