@@ -14,6 +14,8 @@ import numpy as np
 from numba import types
 from numba.extending import overload
 
+from kernels import diff_stats_reference as _ref
+
 
 def _value(x):  # stored element -> float32 value
     raise NotImplementedError
@@ -61,61 +63,68 @@ def _bits32(x):
     return np.float32(x).view(np.int32)
 
 
-@numba.njit(parallel=True, nogil=True, cache=True)
-def loop(bs, ts, tol32, edges32, lut, hist, rows, cols, exp_total, exp_changed, acc, mask):
+# Element codes of the histogram pass (|Δ| bits are ≥ 0, so negative codes are free): a bit-identical
+# element, and |Δ| = 0 without bit identity (±0, or an fp16 and bf16 upcast of the same value).
+CODE_IDENTICAL = np.int32(_ref.CODE_IDENTICAL)
+CODE_ZERO = np.int32(_ref.CODE_ZERO)
+_FM = {"reassoc", "contract", "nsz", "arcp"}  # float sums may be reordered (vector lanes); no NaN/inf shortcut
+
+
+@numba.njit(parallel=True, nogil=True, cache=True, fastmath=_FM)
+def loop(bs, ts, tol32, cell_slot, cell_edge, width, counts, rows, cols, acc, mx_bits, mask):
+    """Every statistic of a [R, C] pair, row by row, in three loops over the row (each simple enough
+    for LLVM to vectorize the first two; measured 2.1-2.3x faster than one loop doing everything):
+
+    A. (vector) Δ in float32, changed at τ (row and column counts, the mask), ‖θ⁰‖², and per
+       element a code (|Δ|'s bits, or CODE_IDENTICAL / CODE_ZERO) and its stratum·width + changed;
+    B. (vector) ‖Δ‖² and max |Δ| over the finite nonzero Δ;
+    C. (scalar) one update of ``counts[stratum, slot]``: the slot is ``cell_slot`` of the code's top
+       12 bits (2 · bucket of the cell's lowest value, or a special slot) plus 2 when |Δ| lies
+       above the one grid edge the cell may hold (``cell_edge``, +inf when none). Every count but
+       the row/column ones is a sum over that table (kernels.diff_stats.counts_to_stats)."""
     R, C = bs.shape
-    nb = hist.shape[0]
-    n_edges = edges32.shape[0]
+    nb = counts.shape[0]
     for blk in numba.prange(nb):
-        h = hist[blk]
-        et = exp_total[blk]
-        ec = exp_changed[blk]
+        h = counts[blk]
         cl = cols[blk]
-        identical = 0
-        zero = 0
-        nonfinite = 0
+        code = np.empty(C, np.int32)
+        base = np.empty(C, np.int32)
         ssd = 0.0
         ssb = 0.0
-        mx = np.float32(0)
+        mx = np.int32(0)
         for r in range(blk * R // nb, (blk + 1) * R // nb):
             nr = 0
-            for c in range(C):
-                bv = _value(bs[r, c])
-                tv = _value(ts[r, c])
-                e = (_bits32(bv) >> 23) & 0xFF
-                et[e] += 1
-                ssb += np.float64(bv) * np.float64(bv)
-                if _raw(bs[r, c]) == _raw(ts[r, c]):
-                    identical += 1
-                    continue
-                d = np.float32(abs(tv - bv))
-                if d == 0:
-                    zero += 1
-                    continue
-                if d != d or d == np.inf:
-                    nonfinite += 1
-                else:
-                    ssd += np.float64(d) * np.float64(d)
-                    mx = max(mx, d)
-                    k = lut[_bits32(d) >> 15]
-                    if k < n_edges and d > edges32[k]:
-                        k += 1
-                    h[k] += 1
-                    if d <= tol32:
-                        continue
-                ec[e] += 1
-                cl[c] += 1
-                nr += 1
+            for c in range(C):  # A
+                x = bs[r, c]
+                y = ts[r, c]
+                bv = _value(x)
+                d = np.float32(abs(_value(y) - bv))
+                same = _raw(x) == _raw(y)
+                ch = (not same) and (not d <= tol32)
+                cl[c] += ch
+                nr += ch
                 if mask is not None:
-                    mask[r, c] = True
+                    mask[r, c] = ch
+                ssb += np.float64(bv) * np.float64(bv)
+                bits = _bits32(d)
+                bits = CODE_ZERO if bits == 0 else bits
+                code[c] = CODE_IDENTICAL if same else bits
+                base[c] = ((_bits32(bv) >> 23) & 0xFF) * width + np.int32(ch)
             rows[r] = nr
-        acc[blk, 0] += identical
-        acc[blk, 1] += zero
-        acc[blk, 2] += nonfinite
-        acc[blk, 3] += ssd
-        acc[blk, 4] += ssb
-        acc[blk, 5] = max(acc[blk, 5], mx)
-
+            for c in range(C):  # B
+                bits = code[c]
+                fb = bits if (bits > 0) & (bits < 0x7F800000) else np.int32(0)
+                df = np.float64(np.int32(fb).view(np.float32))
+                ssd += df * df
+                mx = max(mx, fb)
+            for c in range(C):  # C
+                bits = code[c]
+                cell = np.uint32(bits) >> np.uint32(20)
+                above = np.int32(np.int32(bits).view(np.float32) > cell_edge[cell])
+                h[base[c] + cell_slot[cell] + 2 * above] += 1
+        acc[blk, 0] += ssd
+        acc[blk, 1] += ssb
+        mx_bits[blk] = max(mx_bits[blk], mx)
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)

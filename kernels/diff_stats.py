@@ -54,8 +54,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from kernels.diff_stats_reference import (DECADES, EDGES, EDGES32, EXACT_BITS, MAX_CODED_RUNS, N_BINS, PER_DECADE,
-                                          TOLERANCE, DiffStats, Incomparable, bucket_lut, changed_mask, comparison,
+from kernels.diff_stats_reference import (COUNT_SLOTS, DECADES, EDGES, EDGES32, EXACT_BITS, MAX_CODED_RUNS, N_BINS,
+                                          PER_DECADE, SPECIAL, TOLERANCE, DiffStats, Incomparable, cell_tables,
+                                          changed_mask, comparison,
                                           diff_stats_reference, dtype_class, f32_floor, overlap_counts_reference,
                                           special_stats, stored_bits, upcast32)
 
@@ -66,7 +67,7 @@ __all__ = ["DECADES", "EDGES", "EDGES32", "EXACT_BITS", "MAX_CODED_RUNS", "N_BIN
 
 # ------------------------------------------------------------------ CPU: fused numba loop
 
-_LUT = None
+_TABLES = None
 CHUNK = 1 << 22  # elements per upcast chunk (fp8 and mixed-dtype pairs)
 
 
@@ -75,12 +76,12 @@ def diff_stats_cpu(base: torch.Tensor, tuned: torch.Tensor, tol: float, *, with_
     bits with no upcast copy (fp16 widened exactly in the loop); fp32 in place; fp8 and
     mixed-dtype pairs are upcast in chunks; exact-bit, empty and float64 pairs take the torch
     path. With ``with_mask`` the same pass writes the changed mask."""
-    global _LUT
+    global _TABLES
     special = special_stats(base, tuned, tol, with_mask)
     if special is not None:
         return special
-    if _LUT is None:
-        _LUT = bucket_lut()
+    if _TABLES is None:
+        _TABLES = cell_tables()
     import numba
 
     from kernels._diff_stats_numba import loop  # compiled on first use, cached on disk
@@ -90,41 +91,41 @@ def diff_stats_cpu(base: torch.Tensor, tuned: torch.Tensor, tol: float, *, with_
     if not two_d and C > 4096:  # 1-D and N-D: fold into rows so threads share the work
         R, C = _fold(base.numel())
     nb = max(1, min(numba.get_num_threads(), R))
-    hist = np.zeros((nb, N_BINS), np.int64)
+    counts = np.zeros((nb, 256 * COUNT_SLOTS), np.int64)
     rows = np.zeros(R, np.int64)
     cols = np.zeros((nb, C), np.int64)
-    exp_total = np.zeros((nb, 256), np.int64)
-    exp_changed = np.zeros((nb, 256), np.int64)
-    acc = np.zeros((nb, 6), np.float64)
+    acc = np.zeros((nb, 2), np.float64)
+    mx = np.zeros(nb, np.int32)
     mask = np.zeros((R, C), np.bool_) if with_mask else None
     tol32 = f32_floor(tol)
+    slot, edge = _TABLES
     b = base.detach().contiguous()
     t = tuned.detach().contiguous()
     same_dtype = b.dtype == t.dtype
+
+    def run(bs, ts, part_rows, part_mask):
+        loop(bs, ts, tol32, slot, edge, COUNT_SLOTS, counts, part_rows, cols, acc, mx, part_mask)
+
     if same_dtype and b.dtype == torch.bfloat16:
-        loop(_np_bits16(b).reshape(R, C), _np_bits16(t).reshape(R, C), tol32, EDGES32, _LUT, hist, rows,
-             cols, exp_total, exp_changed, acc, mask)
+        run(_np_bits16(b).reshape(R, C), _np_bits16(t).reshape(R, C), rows, mask)
     elif same_dtype and b.dtype == torch.float16:  # int16 bits: widened exactly, NaN payloads kept
-        loop(b.view(torch.int16).numpy().reshape(R, C), t.view(torch.int16).numpy().reshape(R, C), tol32,
-             EDGES32, _LUT, hist, rows, cols, exp_total, exp_changed, acc, mask)
+        run(b.view(torch.int16).numpy().reshape(R, C), t.view(torch.int16).numpy().reshape(R, C), rows, mask)
     elif same_dtype and b.dtype == torch.float32:
-        loop(b.numpy().reshape(R, C), t.numpy().reshape(R, C), tol32, EDGES32, _LUT, hist, rows, cols,
-             exp_total, exp_changed, acc, mask)
+        run(b.numpy().reshape(R, C), t.numpy().reshape(R, C), rows, mask)
     else:  # fp8, mixed float dtypes: chunks of float32 upcasts (distinct codes stay distinct)
         step = max(1, CHUNK // C)
         bf, tf = b.reshape(R, C), t.reshape(R, C)
         for r0 in range(0, R, step):
-            part = rows[r0: r0 + step]
-            loop(upcast32(bf[r0: r0 + step]).numpy(), upcast32(tf[r0: r0 + step]).numpy(), tol32, EDGES32,
-                 _LUT, hist, part, cols, exp_total, exp_changed, acc,
-                 None if mask is None else mask[r0: r0 + step])
-    changed = int(rows.sum())
+            run(upcast32(bf[r0: r0 + step]).numpy(), upcast32(tf[r0: r0 + step]).numpy(), rows[r0: r0 + step],
+                None if mask is None else mask[r0: r0 + step])
+    table = counts.sum(0).reshape(256, N_BINS + 3, 2)  # [stratum, bucket or SPECIAL, changed]
     return DiffStats(
-        numel=base.numel(), tol=float(tol), identical=int(acc[:, 0].sum()), zero=int(acc[:, 1].sum()),
-        nonfinite=int(acc[:, 2].sum()), changed=changed, hist=hist.sum(0),
+        numel=base.numel(), tol=float(tol), identical=int(table[:, SPECIAL["identical"]].sum()),
+        zero=int(table[:, SPECIAL["zero"]].sum()), nonfinite=int(table[:, SPECIAL["nonfinite"]].sum()),
+        changed=int(rows.sum()), hist=table[:, :N_BINS].sum((0, 2)),
         row_changed=rows if two_d else None, col_changed=cols.sum(0) if two_d else None,
-        exp_total=exp_total.sum(0), exp_changed=exp_changed.sum(0), sum_sq_delta=float(acc[:, 3].sum()),
-        sum_sq_base=float(acc[:, 4].sum()), max_abs_delta=float(acc[:, 5].max()), compare=TOLERANCE,
+        exp_total=table.sum((1, 2)), exp_changed=table[:, :, 1].sum(1), sum_sq_delta=float(acc[:, 0].sum()),
+        sum_sq_base=float(acc[:, 1].sum()), max_abs_delta=float(mx.max().view(np.float32)), compare=TOLERANCE,
         mask=torch.from_numpy(mask).reshape(base.shape) if with_mask else None)
 
 

@@ -320,6 +320,32 @@ def bucket_lut() -> np.ndarray:
     return np.searchsorted(EDGES32, low, side="left").astype(np.int32)
 
 
+CODE_IDENTICAL = -1  # element codes of the CPU histogram pass (kernels._diff_stats_numba.loop): |Δ|'s
+CODE_ZERO = int(np.uint32(0xFFE00000).view(np.int32))  # float32 bits are ≥ 0, so negatives are free
+SPECIAL = {"identical": N_BINS, "zero": N_BINS + 1, "nonfinite": N_BINS + 2}  # pseudo-buckets after the grid
+COUNT_SLOTS = 2 * (N_BINS + 3)  # per stratum: 2 · bucket + changed
+
+
+def cell_tables() -> tuple[np.ndarray, np.ndarray]:
+    """Tables of the CPU histogram pass over the top 12 bits of an element's code (a cell: the
+    exponent and 3 mantissa bits of |Δ|, ≤ 2^(1/8) ≈ 1.09 wide, so at most one grid edge lies in
+    it, edges being 10^0.1 ≈ 1.26 apart). ``slot[cell]`` = 2 · the bucket of the cell's lowest
+    value (2 · a SPECIAL pseudo-bucket for NaN / inf cells and the two negative codes);
+    ``edge[cell]`` = the first grid edge ≥ that value (+inf for the special cells): the element's
+    bucket is one more when |Δ| > ``edge[cell]``. Both tables fit in L1 (32 KiB)."""
+    cells = np.arange(1 << 12, dtype=np.int64)
+    low = (cells << 20).astype(np.uint32).view(np.float32)
+    k = np.searchsorted(EDGES32, np.where(np.isfinite(low), low, np.float32(np.inf)), side="left")
+    edge = np.append(EDGES32, np.float32(np.inf))[k].astype(np.float32)
+    slot = 2 * k
+    slot[0x7F8:0x800] = 2 * SPECIAL["nonfinite"]  # |Δ| = inf or NaN
+    slot[0x800:] = 0  # other negative codes do not occur
+    slot[(CODE_ZERO & 0xFFFFFFFF) >> 20] = 2 * SPECIAL["zero"]
+    slot[(CODE_IDENTICAL & 0xFFFFFFFF) >> 20] = 2 * SPECIAL["identical"]
+    edge[0x7F8:] = np.inf
+    return slot.astype(np.int32), edge
+
+
 # ------------------------------------------------------------------ overlap of N fine-tunes
 
 MAX_CODED_RUNS = 10  # overlap counts by code: [256, 2^N] per tensor (8 MiB at N = 10)

@@ -123,6 +123,27 @@ def test_edges_are_inclusive_upper_bounds():
     assert N_BINS == len(EDGES) + 1
 
 
+def test_bucket_tables_at_every_edge_and_cell_boundary():
+    """The CPU pass finds |Δ|'s bucket from a 12-bit cell table plus one comparison: exact at each
+    grid edge and one float32 step either side, at every cell's lowest value and the value below it,
+    for subnormal, huge, inf and NaN |Δ| — the histogram equals searchsorted over the edges."""
+    from kernels.diff_stats_reference import cell_tables
+
+    slot, edge = cell_tables()
+    cells = (np.arange(0x7F8, dtype=np.int64) << 20).astype(np.uint32).view(np.float32)
+    hi = (np.arange(1, 0x7F9, dtype=np.int64) << 20).astype(np.uint32).view(np.float32)
+    assert max(((EDGES32 >= lo) & (EDGES32 < h)).sum() for lo, h in zip(cells, hi)) == 1  # ≤ 1 edge a cell
+    up, down = np.nextafter(EDGES32, np.float32(np.inf)), np.nextafter(EDGES32, np.float32(0))
+    d = np.concatenate([EDGES32, up, down, cells[1:], np.nextafter(cells[1:], np.float32(0)),
+                        np.float32([1e-45, 1e-39, 3e38, np.inf, np.nan])]).astype(np.float32)
+    s = diff_stats_cpu(torch.zeros(len(d)), torch.from_numpy(d), 1e-5)
+    finite = d[np.isfinite(d) & (d > 0)]
+    want = np.bincount(np.searchsorted(EDGES32, finite, side="left"), minlength=N_BINS)
+    assert np.array_equal(s.hist, want) and s.nonfinite == 2 and s.zero == 0 and s.identical == 0
+    assert s.max_abs_delta == float(finite.max())
+    _same(diff_stats_reference(torch.zeros(len(d)), torch.from_numpy(d), 1e-5), s)
+
+
 def test_f32_floor_is_exact():
     for x in (1e-5, 1e-8, 0.1, 3.3e-4, 1.0):
         y = f32_floor(x)
