@@ -142,10 +142,10 @@ def _fold(n: int) -> tuple[int, int]:
 
 
 def overlap_counts(base: torch.Tensor, tuned: list[torch.Tensor], tol: float) -> np.ndarray:
-    """:func:`overlap_counts_reference`'s table in one pass over the base and the N fine-tunes: on
-    CPU the numba loop when every fine-tune is stored like the base in bf16, fp16 or fp32 (read as
-    stored, no upcast copy), otherwise (fp8, mixed storage, exact bits, float64, CUDA) the torch
-    reference.
+    """:func:`overlap_counts_reference`'s table in one pass over the base and the N fine-tunes when
+    every fine-tune is stored like the base in bf16, fp16 or fp32 (read as stored, no upcast copy):
+    on CPU the numba loop, on CUDA the Triton kernel; otherwise (fp8, mixed storage, exact bits,
+    float64, or CUDA without Triton) the torch reference.
 
     Args:
         base (Tensor): θ⁰.
@@ -161,8 +161,14 @@ def overlap_counts(base: torch.Tensor, tuned: list[torch.Tensor], tol: float) ->
         raise ValueError(f"overlap_counts takes 1 to {MAX_CODED_RUNS} fine-tunes, got {N}")
     for t in tuned:
         comparison(base.dtype, t.dtype)  # Incomparable for complex / differently stored pairs
-    fast = (not base.is_cuda and base.numel() > 0 and base.dtype in (torch.bfloat16, torch.float16, torch.float32)
+    fast = (base.numel() > 0 and base.dtype in (torch.bfloat16, torch.float16, torch.float32)
             and all(t.dtype == base.dtype for t in tuned))
+    if base.is_cuda:
+        from kernels import diff_stats_triton
+
+        if fast and diff_stats_triton.available():
+            return diff_stats_triton.overlap_counts_triton(base, tuned, tol)
+        return overlap_counts_reference(base, tuned, tol)
     if fast:
         try:
             import numba

@@ -10,14 +10,18 @@ changed counts, ‖Δ‖², ‖θ⁰‖² (float64) and max |Δ|; with a mask it
 of every element. Exact-bit, empty and float64 pairs take the torch path (kernels.diff_stats).
 Tested against ``diff_stats_reference`` on CUDA, and on CPU under ``TRITON_INTERPRET=1`` for
 small shapes.
+
+The overlap table of N fine-tunes (``overlap_counts``, as the CPU ``overlap_loop``) is one more
+kernel: each program loads a block of the base and of every fine-tune once, builds each
+element's change code (bit k: fine-tune k changed it at τ) and adds 1 to ``counts[e, code]``.
 """
 
 from __future__ import annotations
 
 import torch
 
-from kernels.diff_stats_reference import (EDGES32, N_BINS, TOLERANCE, DiffStats, bucket_lut, f32_floor,
-                                          special_stats, stored_bits, upcast32)
+from kernels.diff_stats_reference import (EDGES32, MAX_CODED_RUNS, N_BINS, TOLERANCE, DiffStats, bucket_lut,
+                                          f32_floor, special_stats, stored_bits, upcast32)
 
 try:  # Triton is optional: CPU-only installs use the numba loop or the torch reference
     import triton
@@ -76,6 +80,74 @@ if triton is not None:
         tl.atomic_add(sums_ptr + 0, tl.sum(dd * dd))
         tl.atomic_add(sums_ptr + 1, tl.sum(bb * bb))
         tl.atomic_max(max_ptr, tl.max(tl.where(pos, d, 0.0)))
+
+
+if triton is not None:
+
+    @triton.jit
+    def _changed_bit(bv, bb, t_ptr, tb_ptr, offs, valid, tol32, K: tl.constexpr):
+        """Bit K set where fine-tune K changed the element at τ: not bit-identical and not |Δ| ≤ τ."""
+        tv = tl.load(t_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+        same = bb == tl.load(tb_ptr + offs, mask=valid, other=0)
+        d = tl.abs(tv - bv)
+        return tl.where(~same & ~(d <= tol32), 1 << K, 0)
+
+    @triton.jit
+    def _overlap_kernel(b_ptr, bb_ptr, t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, tb0, tb1, tb2, tb3, tb4, tb5, tb6,
+                        tb7, tb8, tb9, n, tol32, counts_ptr, N: tl.constexpr, BLOCK: tl.constexpr):
+        pid = tl.program_id(0)
+        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        valid = offs < n
+        bv = tl.load(b_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+        bb = tl.load(bb_ptr + offs, mask=valid, other=0)
+        code = _changed_bit(bv, bb, t0, tb0, offs, valid, tol32, 0)
+        if N > 1:
+            code |= _changed_bit(bv, bb, t1, tb1, offs, valid, tol32, 1)
+        if N > 2:
+            code |= _changed_bit(bv, bb, t2, tb2, offs, valid, tol32, 2)
+        if N > 3:
+            code |= _changed_bit(bv, bb, t3, tb3, offs, valid, tol32, 3)
+        if N > 4:
+            code |= _changed_bit(bv, bb, t4, tb4, offs, valid, tol32, 4)
+        if N > 5:
+            code |= _changed_bit(bv, bb, t5, tb5, offs, valid, tol32, 5)
+        if N > 6:
+            code |= _changed_bit(bv, bb, t6, tb6, offs, valid, tol32, 6)
+        if N > 7:
+            code |= _changed_bit(bv, bb, t7, tb7, offs, valid, tol32, 7)
+        if N > 8:
+            code |= _changed_bit(bv, bb, t8, tb8, offs, valid, tol32, 8)
+        if N > 9:
+            code |= _changed_bit(bv, bb, t9, tb9, offs, valid, tol32, 9)
+        e = (bv.to(tl.int32, bitcast=True) >> 23) & 0xFF
+        tl.atomic_add(counts_ptr + e * (1 << N) + code, 1, mask=valid)
+
+
+def overlap_counts_triton(base: torch.Tensor, tuned: list[torch.Tensor], tol: float, block: int = 2048):
+    """``overlap_counts``' table in one kernel (CUDA tensors, or CPU tensors under
+    TRITON_INTERPRET=1): the base and N ≤ ``MAX_CODED_RUNS`` fine-tunes stored like it in bf16,
+    fp16 or fp32, read once each.
+
+    Returns:
+        np.ndarray: ``# [256, 2^N]`` int64 counts by (stratum, change code).
+    """
+    if triton is None:
+        raise ImportError("triton is not installed")
+    N = len(tuned)
+    if not 1 <= N <= MAX_CODED_RUNS:
+        raise ValueError(f"overlap_counts takes 1 to {MAX_CODED_RUNS} fine-tunes, got {N}")
+    if base.dtype not in (torch.bfloat16, torch.float16, torch.float32) or any(t.dtype != base.dtype for t in tuned):
+        raise ValueError("the Triton overlap kernel takes a base and fine-tunes stored alike in bf16, fp16 or fp32")
+    b = base.detach().contiguous().reshape(-1)
+    ts = [t.detach().contiguous().reshape(-1) for t in tuned]
+    counts = torch.zeros(256 * (1 << N), dtype=torch.int64, device=b.device)
+    n = b.numel()
+    if n:
+        vals = ts + [b] * (MAX_CODED_RUNS - N)  # unused slots: any valid pointer (pruned at compile time)
+        bits = [stored_bits(t) for t in ts] + [stored_bits(b)] * (MAX_CODED_RUNS - N)
+        _overlap_kernel[(triton.cdiv(n, block),)](b, stored_bits(b), *vals, *bits, n, float(f32_floor(tol)), counts,
+                                                  N=N, BLOCK=block)
+    return counts.reshape(256, 1 << N).cpu().numpy()
 
 
 _TABLES: dict = {}
