@@ -19,7 +19,7 @@ import os
 import signal
 import sys
 
-from analysis.cli import attribution, checkpoints, finetune, importance, sparsity
+from analysis.cli import attribution, checkpoints, finetune, geometry, importance, sparsity
 from analysis.cli.common import EXIT_USAGE
 from analysis.errors import SubnetscopeError
 from analysis.jobs.progress import Progress
@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m analysis",
                                 description="Subnetscope: parameter importance and update sparsity.")
     sub = p.add_subparsers(dest="command", required=True)
-    for group in (checkpoints, sparsity, importance, attribution, finetune):
+    for group in (checkpoints, sparsity, geometry, importance, attribution, finetune):
         group.register(sub)
     return p
 

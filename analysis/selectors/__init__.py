@@ -22,6 +22,7 @@ from analysis.selectors import (
     lisa,
     lrp,
     magnitude,
+    principal,
     random,
     sensitivity,
     smallest_magnitude,
@@ -56,6 +57,12 @@ SELECTORS: dict[str, Selector] = {
         smallest_magnitude.score, "Smallest magnitude (SaRA)", "Smallest absolute weights, the free ones (−|W|).",
         "Hu et al. 2024, SaRA: Progressive Sparse Low-Rank Adaptation (arXiv 2409.06633)",
         ("element",), False, "none (data-free)"),
+    "principal": Selector(
+        principal.score, "Principal weights |U_kΣ_kV_kᵀ|",
+        "Magnitude of each element in its matrix's best rank-k approximation (block matrices).",
+        "The Path Not Taken: RLVR Provably Learns Off the Principals (arXiv 2511.08567)",
+        ("element",), False, "one SVD per block matrix (no model passes)",
+        {"k": "rank of the approximation: a count, or a fraction of the rank in (0, 1) (default 1% of the rank)"}),
     "random": Selector(
         random.score, "Random", "Seeded uniform random scores: the chance baseline.", "—",
         random.GRANULARITIES, False, "none (data-free)",

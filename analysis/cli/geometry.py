@@ -1,0 +1,80 @@
+"""``geometry``: how a fine-tune moved each block matrix — spectral drift, rotation of the principal
+subspaces, alignment of the update with them, overlap with the principal weights, and the
+heavy-tail exponent α of base and tuned (analysis.geometry)."""
+
+from __future__ import annotations
+
+import argparse
+
+from analysis.cli.common import add_run_args, check_outputs, inputs_of, ratio, tolerance
+
+
+def k_value(s: str) -> float | int:
+    """argparse type: a count (``8``), a fraction of the rank (``0.05``) or a percentage (``1%``)."""
+    t = s.strip()
+    try:
+        if t.endswith("%"):
+            v: float | int = float(t[:-1]) / 100
+        elif any(c in t for c in ".eE"):
+            v = float(t)
+        else:
+            v = int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"k is a count (8), a fraction of the rank (0.05) or a percentage (1%), "
+                                         f"got {s!r}") from None
+    if not v > 0 or (isinstance(v, float) and v >= 1):
+        raise argparse.ArgumentTypeError(f"k must be a count ≥ 1 or a fraction in (0, 1), got {s!r}")
+    return v
+
+
+def _num(x, fmt: str = ".3f") -> str:
+    return "—" if x is None else format(x, fmt)
+
+
+def cmd_geometry(args) -> int:
+    from analysis.geometry import geometry
+    from analysis.io import write_json_atomic
+    from analysis.jobs.progress import Progress
+
+    check_outputs(args, inputs_of([args.base, args.tuned]), "json")
+    prog = Progress("geometry", not args.quiet, args.progress_file)
+    try:
+        res = geometry(args.base, args.tuned, k=args.k, tol=args.tol, device=args.device, dtype=args.dtype,
+                       spectra=args.spectra, progress=prog, ray=args.ray)
+    finally:
+        prog.close()
+    d = res.to_json()
+    write_json_atomic(args.json, d)
+    print(f"{res.base} -> {res.tuned}; k {d['k']}; tolerance {res.tol:g}; {len(res.matrices)} block matrices")
+    print("  kind   drift  top-k drift  angle U (mean/max)  alignment (random)   principal o1 (smallest, random)"
+          "  α base → tuned")
+    for r in d["kinds"]:
+        print(f"  {r['kind']:<5} {_num(r['spectral_drift'], '.4f'):>6}  {_num(r['top_k_drift'], '.4f'):>11}"
+              f"  {_num(r['angle_u_mean'], '.1f'):>8}°/{_num(r['angle_u_max'], '.1f'):>5}°"
+              f"  {_num(r['alignment'], '.2e'):>9} ({_num(r['alignment_random'], '.1e')})"
+              f"  {ratio(r['principal_o1']):>12} ({ratio(r['smallest_o1'])}, {ratio(r['random_o1'])})"
+              f"  {_num(r['alpha_base'], '.2f')} → {_num(r['alpha_tuned'], '.2f')}")
+    worst = max((g.svd_error for g in res.matrices), default=0.0)
+    if worst:
+        print(f"  randomized top-k: largest σ error {worst:.2e} of σ₁")
+    if d["skipped"]:
+        print(f"  skipped {len(d['skipped'])} tensors (see JSON): " + ", ".join(s["name"] for s in d["skipped"][:5]))
+    print(f"wrote {args.json}")
+    return 0
+
+
+def register(sub) -> None:
+    from analysis.cli.sparsity import add_ray_arg
+
+    s = sub.add_parser("geometry", help="spectra, principal subspaces and principal weights of BASE vs TUNED")
+    s.add_argument("base")
+    s.add_argument("tuned")
+    s.add_argument("--k", type=k_value, default=None,
+                   help="principal subspace size: a count (8), a fraction of the rank (0.05) or 1%% (the default)")
+    s.add_argument("--tol", type=tolerance, default=1e-5, help="tolerance τ of the changed sets (default 1e-5)")
+    s.add_argument("--device", default="cpu", help="where the SVDs run: cpu or cuda")
+    s.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="SVD precision")
+    s.add_argument("--spectra", action="store_true", help="keep every matrix's full spectra in the JSON")
+    add_ray_arg(s)
+    add_run_args(s)
+    s.set_defaults(func=cmd_geometry)

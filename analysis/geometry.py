@@ -1,0 +1,334 @@
+"""The geometry of an update: how a fine-tune moved each weight matrix, not only where it wrote.
+
+"The Path Not Taken: RLVR Provably Learns Off the Principals" (arXiv 2511.08567) explains the
+sparsity of RL updates by their geometry: RL barely moves a matrix's spectrum, rotates its
+principal subspaces little and avoids its principal weights; SFT targets them. For every 2-D
+weight of the transformer blocks, base W₀ against tuned W₁ (ΔW = W₁ − W₀), with k the size of
+the principal subspace (a count, or a fraction of the rank; default 1% of the rank, at least 1):
+
+- **spectral drift** ‖σ(W₁) − σ(W₀)‖₂ / ‖σ(W₀)‖₂, and the same over the top-k σᵢ;
+- **principal-subspace rotation**: the principal angles between span(U₀[:, :k]) and
+  span(U₁[:, :k]) (cosines = singular values of U₀ₖᵀU₁ₖ), the same for V; mean and largest, in
+  degrees;
+- **alignment of the update with the principal subspace** ‖U₀ₖᵀ ΔW V₀ₖ‖²_F / ‖ΔW‖²_F, beside its
+  value for a random update, k²/(m·n) (its expectation for an isotropic ΔW);
+- **principal-weight overlap**: the c elements with the largest |(U₀ₖ Σ₀ₖ V₀ₖᵀ)ᵢⱼ| (the paper's
+  principal weights), c the number the update changed at τ, against the changed set: o₁ = |P ∩ C|
+  / |C| (= |P ∩ C| / |P|, both have c elements) and Jaccard; the same for the c smallest |W₀| and
+  for a random set of c (its expectation, shared/DESIGN.md §5);
+- **heavy-tail exponent** α of the empirical spectral density (the eigenvalues σᵢ² of WᵀW) of W₀
+  and W₁, by WeightWatcher's own fit (``weightwatcher`` 0.7.7, ``WW_powerlaw.WWFit``, the fit its
+  ``analyze()`` runs per layer by default: maximum-likelihood α for each candidate xmin, the xmin
+  of smallest Kolmogorov–Smirnov distance, no xmax). We call it per matrix on the spectrum we
+  already have instead of ``WeightWatcher(model).analyze()``, which would load the model and redo
+  every SVD.
+
+SVDs run in float32 (or float64) with torch, on CUDA when asked. The spectra σ(W₀), σ(W₁) are
+always full (drift and α need them, ``torch.linalg.svdvals``). The top-k singular vectors come
+from a full SVD when min(m, n) ≤ ``FULL_SVD_MAX`` and from ``torch.svd_lowrank`` (randomized,
+k + 10 columns, 4 power iterations) beyond; the error is stated per matrix as ``svd_error``, the
+largest of |σ̃ᵢ − σᵢ| (against the exact spectrum) and the residual ‖W ṽᵢ − σ̃ᵢ ũᵢ‖ over i < k,
+relative to σ₁ (0 for a full SVD); the sine of a top-k vector's angle to the exact one is at most
+that residual over the gap σₖ − σₖ₊₁ (Wedin).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from analysis.checkpoints import Checkpoint, align, open_checkpoint
+from analysis.diff import PAPER_TOL
+from analysis.errors import SubnetscopeError
+from analysis.tensor_map import map_aligned
+from kernels.diff_stats import Incomparable, changed_mask, comparison
+
+SCHEMA = "subnetscope.geometry/1"
+DEFAULT_K = 0.01  # 1% of the rank
+FULL_SVD_MAX = 1024  # min(m, n) up to which the top-k vectors come from a full SVD
+OVERSAMPLE = 10
+POWER_ITERS = 4
+MATRIX_KINDS = ("q", "k", "v", "qkv", "o", "gate", "up", "down")
+
+
+def resolve_k(k: float | int | None, rank: int) -> int:
+    """k as a count: an int ≥ 1 (at most the rank), a fraction in (0, 1) of the rank, or None for
+    1% of the rank; always ≥ 1."""
+    if k is None:
+        k = DEFAULT_K
+    if isinstance(k, bool) or not isinstance(k, (int, float)) or not math.isfinite(k) or k <= 0:
+        raise SubnetscopeError(f"k must be a count ≥ 1 or a fraction of the rank in (0, 1), got {k!r}")
+    if isinstance(k, float) and k < 1:
+        return max(1, int(round(k * rank)))
+    if float(k) != int(k):
+        raise SubnetscopeError(f"k must be a whole count or a fraction below 1, got {k!r}")
+    return max(1, min(int(k), rank))
+
+
+def principal_angles(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Principal angles in degrees between the column spans of two [m, k] matrices with
+    orthonormal columns (the cosines are the singular values of aᵀb), smallest first."""
+    cos = torch.linalg.svdvals(a.T @ b).clamp(0.0, 1.0)
+    return torch.rad2deg(torch.arccos(cos))
+
+
+def spectrum_top_k(w: torch.Tensor, k: int):
+    """The full spectrum of w, its top-k singular triplets, and the stated error of the top-k.
+
+    Args:
+        w (Tensor): ``# [m, n]`` float32 or float64.
+        k (int): 1 ≤ k ≤ min(m, n).
+    Returns:
+        (σ ``# [min(m, n)]``, U ``# [m, k]``, S ``# [k]``, V ``# [n, k]``, error float): one full SVD
+        when min(m, n) ≤ FULL_SVD_MAX (error 0); otherwise ``torch.linalg.svdvals`` for σ and
+        ``torch.svd_lowrank`` (seeded) for the triplets, error = the largest σ error or residual
+        over the top k, relative to σ₁ (module docstring).
+    """
+    r = min(w.shape)
+    if r <= FULL_SVD_MAX:
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        return s, u[:, :k], s[:k], vh[:k].T, 0.0
+    sigma = torch.linalg.svdvals(w)
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(0)  # svd_lowrank draws its sketch from the global generator: seeded, then restored
+    try:
+        u, s, v = torch.svd_lowrank(w, q=min(k + OVERSAMPLE, r), niter=POWER_ITERS)
+    finally:
+        torch.random.set_rng_state(gen_state)
+    u, s, v = u[:, :k], s[:k], v[:, :k]
+    if float(sigma[0]) > 0:  # σ error and the residual ‖W vᵢ − σᵢ uᵢ‖ (sin of the subspace error ≤ residual / gap)
+        resid = torch.linalg.vector_norm(w @ v - u * s, dim=0).max()
+        err = float((torch.maximum((s - sigma[:k]).abs().max(), resid) / sigma[0]).item())
+    else:
+        err = 0.0
+    return sigma, u, s, v, err
+
+
+def power_law_alpha(sigma: np.ndarray) -> float | None:
+    """α of the power law WeightWatcher fits to the eigenvalues σᵢ² (its default fit,
+    ``weightwatcher.WW_powerlaw.WWFit``: the continuous maximum-likelihood α for every candidate
+    xmin, the xmin with the smallest Kolmogorov–Smirnov distance); None for fewer than 4 positive
+    eigenvalues or a failed fit."""
+    import contextlib
+    import io
+    import warnings
+
+    ev = np.sort(np.asarray(sigma, np.float64) ** 2)
+    ev = ev[ev > 0]
+    if len(ev) < 4:
+        return None
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), \
+            warnings.catch_warnings(), np.errstate(all="ignore"):  # the package prints on import and for small N
+        warnings.simplefilter("ignore")
+        from weightwatcher.WW_powerlaw import WWFit
+
+        a = float(WWFit(ev).alpha)
+    return a if math.isfinite(a) else None
+
+
+def _mask_overlap(sel: torch.Tensor, changed: torch.Tensor) -> tuple[float, float]:
+    inter = int((sel & changed).sum())
+    c, u = int(changed.sum()), int((sel | changed).sum())
+    return (inter / c if c else float("nan")), (inter / u if u else float("nan"))
+
+
+def _top_mask(score: torch.Tensor, c: int) -> torch.Tensor:
+    """The c largest entries of a flat score (ties by index: torch.topk on CPU is deterministic)."""
+    m = torch.zeros(score.numel(), dtype=torch.bool)
+    if c:
+        m[torch.topk(score.reshape(-1).cpu(), c, sorted=False).indices] = True
+    return m
+
+
+@dataclass
+class MatrixGeometry:
+    """The geometry of one matrix's update (every angle in degrees; None where undefined)."""
+
+    name: str
+    layer: int | None
+    kind: str
+    shape: tuple[int, int]
+    k: int
+    spectral_drift: float | None
+    top_k_drift: float | None
+    angle_u_mean: float
+    angle_u_max: float
+    angle_v_mean: float
+    angle_v_max: float
+    alignment: float | None  # ‖U₀ₖᵀ ΔW V₀ₖ‖² / ‖ΔW‖², None when ΔW = 0
+    alignment_random: float  # k² / (m n)
+    changed: int  # elements changed at τ
+    principal_o1: float | None
+    principal_jaccard: float | None
+    smallest_o1: float | None
+    smallest_jaccard: float | None
+    random_o1: float | None
+    random_jaccard: float | None
+    alpha_base: float | None
+    alpha_tuned: float | None
+    svd_error: float
+    sigma_base: list[float] | None = None  # the full spectra, only when asked
+    sigma_tuned: list[float] | None = None
+
+
+def matrix_geometry(w0: torch.Tensor, w1: torch.Tensor, *, k: float | int | None = None, tol: float = PAPER_TOL,
+                    device: str = "cpu", dtype: torch.dtype = torch.float32, spectra: bool = False,
+                    name: str = "", layer: int | None = None, kind: str = "") -> MatrixGeometry:
+    """Every quantity of the module docstring for one stored pair (any float dtype).
+
+    Args:
+        w0, w1 (Tensor): ``# [m, n]`` base and tuned, as stored.
+        k: the principal subspace's size (:func:`resolve_k`). Default: 1% of the rank.
+        tol (float): τ of the changed set. Default: 1e-5.
+        device (str): where the SVDs run. Default: cpu.
+        dtype: float32 or float64 for the SVDs. Default: float32.
+        spectra (bool): keep both full spectra in the result. Default: False.
+    """
+    if w0.dim() != 2 or w0.shape != w1.shape:
+        raise SubnetscopeError(f"{name or 'matrix'}: geometry needs two matrices of one shape, got "
+                               f"{tuple(w0.shape)} and {tuple(w1.shape)}")
+    m, n = w0.shape
+    kk = resolve_k(k, min(m, n))
+    a = w0.to(device=device, dtype=dtype)
+    b = w1.to(device=device, dtype=dtype)
+    s0, u0, S0, v0, e0 = spectrum_top_k(a, kk)
+    s1, u1, _, v1, e1 = spectrum_top_k(b, kk)
+    n0 = float(torch.linalg.vector_norm(s0))
+    nk = float(torch.linalg.vector_norm(s0[:kk]))
+    drift = float(torch.linalg.vector_norm(s1 - s0)) / n0 if n0 > 0 else None
+    kdrift = float(torch.linalg.vector_norm(s1[:kk] - s0[:kk])) / nk if nk > 0 else None
+    au, av = principal_angles(u0, u1), principal_angles(v0, v1)
+    dw = b - a
+    dn = float(torch.linalg.matrix_norm(dw) ** 2)
+    proj = float(torch.linalg.matrix_norm(u0.T @ dw @ v0) ** 2)
+    changed = changed_mask(w0, w1, tol).reshape(-1).cpu()
+    c = int(changed.sum())
+    principal = (u0 * S0) @ v0.T
+    p_o1, p_j = _mask_overlap(_top_mask(principal.abs(), c), changed)
+    s_o1, s_j = _mask_overlap(_top_mask(-a.abs(), c), changed)
+    d = c / (m * n)
+    r_o1, r_j = (d, d * d / (2 * d - d * d)) if c else (float("nan"), float("nan"))
+    s0n, s1n = s0.double().cpu().numpy(), s1.double().cpu().numpy()
+    nan_none = lambda x: None if x is None or not math.isfinite(x) else float(x)  # noqa: E731
+    return MatrixGeometry(
+        name, layer, kind, (m, n), kk, nan_none(drift), nan_none(kdrift),
+        float(au.mean()), float(au.max()), float(av.mean()), float(av.max()),
+        nan_none(proj / dn) if dn > 0 else None, kk * kk / (m * n), c,
+        nan_none(p_o1), nan_none(p_j), nan_none(s_o1), nan_none(s_j), nan_none(r_o1), nan_none(r_j),
+        power_law_alpha(s0n), power_law_alpha(s1n), max(e0, e1),
+        s0n.tolist() if spectra else None, s1n.tolist() if spectra else None)
+
+
+@dataclass
+class GeometryResult:
+    """Geometry of every block matrix of one (base, tuned) pair."""
+
+    base: str
+    tuned: str
+    k: float | int | None
+    tol: float
+    matrices: list[MatrixGeometry]
+    skipped: list[dict]
+
+    def _group(self, key: Callable[[MatrixGeometry], object]) -> list[dict]:
+        fields = ("spectral_drift", "top_k_drift", "angle_u_mean", "angle_u_max", "angle_v_mean", "angle_v_max",
+                  "alignment", "alignment_random", "principal_o1", "smallest_o1", "random_o1", "alpha_base",
+                  "alpha_tuned")
+        groups: dict = {}
+        for g in self.matrices:
+            groups.setdefault(key(g), []).append(g)
+        out = []
+        for kv, gs in groups.items():
+            row = {"matrices": len(gs), "changed": sum(g.changed for g in gs),
+                   "elements": sum(g.shape[0] * g.shape[1] for g in gs)}
+            for f in fields:
+                vals = [getattr(g, f) for g in gs if getattr(g, f) is not None]
+                row[f] = float(np.mean(vals)) if vals else None
+            out.append((kv, row))
+        return out
+
+    def layers(self) -> list[dict]:
+        """Means over the matrices of each block."""
+        return [{"layer": kv, **row} for kv, row in sorted(self._group(lambda g: g.layer), key=lambda x: x[0])]
+
+    def kinds(self) -> list[dict]:
+        """Means over the matrices of each kind (q, k, v, o, gate, up, down …)."""
+        return [{"kind": kv, **row} for kv, row in self._group(lambda g: g.kind)]
+
+    def to_json(self) -> dict:
+        return {"schema": SCHEMA, "base": self.base, "tuned": self.tuned,
+                "k": "1% of the rank" if self.k is None else self.k, "tolerance": self.tol,
+                "tensors": [{**asdict(g), "shape": list(g.shape)} for g in self.matrices],
+                "layers": self.layers(), "kinds": self.kinds(), "skipped": self.skipped}
+
+
+def _geometry_tensor(at, values, k, tol, device, dtype_name, spectra):
+    """One aligned block matrix (module level: Ray tasks run it where the files are)."""
+    try:
+        comparison(values[0].dtype, values[1].dtype)
+    except Incomparable as e:
+        return str(e)
+    if not values[0].is_floating_point() or not values[1].is_floating_point():
+        return "not a floating-point matrix"
+    w0, w1 = values[0], values[1]
+    if w0.shape != tuple(at.compare_shape):  # a resized vocabulary: the shared rows
+        w0, w1 = w0[: at.compare_shape[0]], w1[: at.compare_shape[0]]
+    return matrix_geometry(w0, w1, k=k, tol=tol, device=device, dtype=getattr(torch, dtype_name), spectra=spectra,
+                           name=at.key, layer=at.layer, kind=at.kind)
+
+
+def geometry(base: str | Checkpoint, tuned: str | Checkpoint, *, k: float | int | None = None,
+             tol: float = PAPER_TOL, device: str = "cpu", dtype: str = "float32", spectra: bool = False,
+             progress: Callable[[int, int, str], None] | None = None,
+             should_stop: Callable[[], bool] | None = None, ray: str | None = None) -> GeometryResult:
+    """The geometry of every 2-D weight of the blocks, base against tuned.
+
+    Args:
+        base, tuned: paths, hub ids or Checkpoints.
+        k: principal subspace size (:func:`resolve_k`). Default: 1% of each matrix's rank.
+        tol (float): τ of the changed sets. Default: 1e-5.
+        device (str): cpu or cuda for the SVDs. Default: cpu.
+        dtype (str): float32 or float64. Default: float32.
+        spectra (bool): keep the full spectra per matrix. Default: False.
+        progress (callable, optional): progress(done_matrices, total_matrices, name).
+        should_stop (callable, optional): polled between matrices; True cancels.
+        ray (str, optional): as :func:`analysis.trajectory.trajectory`.
+    Returns:
+        GeometryResult
+    Raises:
+        SubnetscopeError: bad k, τ, device or dtype, unreadable checkpoints, no block matrices.
+    """
+    if not (tol >= 0 and math.isfinite(tol)):
+        raise SubnetscopeError(f"tolerance must be a finite number ≥ 0, got {tol}")
+    if dtype not in ("float32", "float64"):
+        raise SubnetscopeError(f"dtype must be float32 or float64, got {dtype!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SubnetscopeError(f"device {device!r} asked for, but CUDA is not available here")
+    resolve_k(k, 100)  # validates k before any reading
+    cks = [c if isinstance(c, Checkpoint) else open_checkpoint(c) for c in (base, tuned)]
+    al = align(cks)
+    skipped = [{"name": m["key"], "reason": "missing in " + ", ".join(str(cks[i].ref) for i in m["missing_in"])}
+               for m in al.missing]
+    skipped += [{"name": m["key"], "reason": "shapes " + str(m["shapes"])} for m in al.mismatched]
+    keep = [at for at in al.tensors if at.layer is not None and len(at.compare_shape) == 2
+            and at.kind in MATRIX_KINDS]
+    if not keep:
+        raise SubnetscopeError(f"no 2-D weights of transformer blocks to compare in {cks[0].ref} and {cks[1].ref}")
+    sub = dataclasses.replace(al, tensors=keep)
+    out: list[MatrixGeometry] = []
+    for i, (at, res) in enumerate(map_aligned(cks, sub, _geometry_tensor, k, float(tol), device, dtype, spectra,
+                                              ray=ray, should_stop=should_stop, what="geometry")):
+        if isinstance(res, str):
+            skipped.append({"name": at.key, "reason": res})
+        else:
+            out.append(res)
+        if progress is not None:
+            progress(i + 1, len(keep), at.key)
+    if not out:
+        raise SubnetscopeError("no block matrix could be compared: " + "; ".join(s["reason"] for s in skipped[:3]))
+    return GeometryResult(str(cks[0].ref), str(cks[1].ref), k, float(tol), out, skipped)
