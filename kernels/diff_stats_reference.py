@@ -326,23 +326,29 @@ SPECIAL = {"identical": N_BINS, "zero": N_BINS + 1, "nonfinite": N_BINS + 2}  # 
 COUNT_SLOTS = 2 * (N_BINS + 3)  # per stratum: 2 · bucket + changed
 
 
+STRADDLE = 1 << 20  # flag in cell_tables' slot: the cell holds a grid edge, compare |Δ| with it
+
+
 def cell_tables() -> tuple[np.ndarray, np.ndarray]:
-    """Tables of the CPU histogram pass over the top 12 bits of an element's code (a cell: the
-    exponent and 3 mantissa bits of |Δ|, ≤ 2^(1/8) ≈ 1.09 wide, so at most one grid edge lies in
-    it, edges being 10^0.1 ≈ 1.26 apart). ``slot[cell]`` = 2 · the bucket of the cell's lowest
-    value (2 · a SPECIAL pseudo-bucket for NaN / inf cells and the two negative codes);
-    ``edge[cell]`` = the first grid edge ≥ that value (+inf for the special cells): the element's
-    bucket is one more when |Δ| > ``edge[cell]``. Both tables fit in L1 (32 KiB)."""
-    cells = np.arange(1 << 12, dtype=np.int64)
-    low = (cells << 20).astype(np.uint32).view(np.float32)
-    k = np.searchsorted(EDGES32, np.where(np.isfinite(low), low, np.float32(np.inf)), side="left")
+    """Tables of the CPU histogram pass over the top 16 bits of an element's code (a cell: the
+    exponent and 7 mantissa bits of |Δ|, ≤ 2^(1/128) wide, so at most one grid edge lies in it,
+    edges being 10^0.1 ≈ 1.26 apart). ``slot[cell]`` = 2 · the bucket of every value in the cell,
+    or, for the ~1 cell in 40 that holds an edge, 2 · the bucket of its lowest value + STRADDLE
+    (then the element's bucket is one more when |Δ| > ``edge[cell]``, the edge inside it); NaN /
+    inf cells and the two negative codes map to 2 · their SPECIAL pseudo-bucket."""
+    cells = np.arange(1 << 16, dtype=np.int64)
+    low = (cells << 16).astype(np.uint32).view(np.float32)
+    high = ((cells + 1) << 16).astype(np.uint32).view(np.float32)
+    finite = np.isfinite(low) & (cells < 0x7F80)
+    k = np.searchsorted(EDGES32, np.where(finite, low, np.float32(np.inf)), side="left")
     edge = np.append(EDGES32, np.float32(np.inf))[k].astype(np.float32)
-    slot = 2 * k
-    slot[0x7F8:0x800] = 2 * SPECIAL["nonfinite"]  # |Δ| = inf or NaN
-    slot[0x800:] = 0  # other negative codes do not occur
-    slot[(CODE_ZERO & 0xFFFFFFFF) >> 20] = 2 * SPECIAL["zero"]
-    slot[(CODE_IDENTICAL & 0xFFFFFFFF) >> 20] = 2 * SPECIAL["identical"]
-    edge[0x7F8:] = np.inf
+    straddle = finite & (edge < np.where(cells < 0x7F7F, high, np.float32(np.inf)))
+    slot = 2 * k + np.where(straddle, STRADDLE, 0)
+    slot[0x7F80:0x8000] = 2 * SPECIAL["nonfinite"]  # |Δ| = inf or NaN
+    slot[0x8000:] = 0  # other negative codes do not occur
+    slot[(CODE_ZERO & 0xFFFFFFFF) >> 16] = 2 * SPECIAL["zero"]
+    slot[(CODE_IDENTICAL & 0xFFFFFFFF) >> 16] = 2 * SPECIAL["identical"]
+    edge[~straddle] = np.inf
     return slot.astype(np.int32), edge
 
 

@@ -124,14 +124,16 @@ def test_edges_are_inclusive_upper_bounds():
 
 
 def test_bucket_tables_at_every_edge_and_cell_boundary():
-    """The CPU pass finds |Δ|'s bucket from a 12-bit cell table plus one comparison: exact at each
+    """The CPU pass finds |Δ|'s bucket from a 16-bit cell table (plus one comparison in the cells
+    that hold a grid edge): exact at each
     grid edge and one float32 step either side, at every cell's lowest value and the value below it,
     for subnormal, huge, inf and NaN |Δ| — the histogram equals searchsorted over the edges."""
     from kernels.diff_stats_reference import cell_tables
 
     slot, edge = cell_tables()
-    cells = (np.arange(0x7F8, dtype=np.int64) << 20).astype(np.uint32).view(np.float32)
-    hi = (np.arange(1, 0x7F9, dtype=np.int64) << 20).astype(np.uint32).view(np.float32)
+    assert (slot >= (1 << 20)).sum() == len(EDGES32) and np.isfinite(edge).sum() == len(EDGES32)  # one cell an edge
+    cells = (np.arange(0x7F80, dtype=np.int64) << 16).astype(np.uint32).view(np.float32)
+    hi = (np.arange(1, 0x7F81, dtype=np.int64) << 16).astype(np.uint32).view(np.float32)
     assert max(((EDGES32 >= lo) & (EDGES32 < h)).sum() for lo, h in zip(cells, hi)) == 1  # ≤ 1 edge a cell
     up, down = np.nextafter(EDGES32, np.float32(np.inf)), np.nextafter(EDGES32, np.float32(0))
     d = np.concatenate([EDGES32, up, down, cells[1:], np.nextafter(cells[1:], np.float32(0)),
