@@ -101,7 +101,7 @@ def loop(bs, ts, tol32, cell_slot, cell_edge, width, counts, rows, cols, acc, mx
                 bv = _value(x)
                 d = np.float32(abs(_value(y) - bv))
                 same = _raw(x) == _raw(y)
-                ch = (not same) and (not d <= tol32)
+                ch = (not same) & (not d <= tol32)
                 cl[c] += ch
                 nr += ch
                 if mask is not None:
