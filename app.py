@@ -15,6 +15,7 @@ pages = [
     st.Page("app_pages/update_sparsity.py", title="Update sparsity", icon=":material/grid_on:"),
     st.Page("app_pages/overlap.py", title="Overlap", icon=":material/join_inner:"),
     st.Page("app_pages/trajectory.py", title="Trajectory", icon=":material/timeline:"),
+    st.Page("app_pages/geometry.py", title="Geometry", icon=":material/architecture:"),
     st.Page("app_pages/importance.py", title="Importance", icon=":material/leaderboard:"),
     st.Page("app_pages/attribution.py", title="Attribution", icon=":material/highlight:"),
     st.Page("app_pages/finetune.py", title="Masked fine-tune", icon=":material/model_training:"),

@@ -70,6 +70,32 @@ def resolve_k(k: float | int | None, rank: int) -> int:
     return max(1, min(int(k), rank))
 
 
+def parse_k(text: str) -> float | int | None:
+    """k as typed: a count (``8``), a fraction of the rank (``0.05``), a percentage (``1%``); empty
+    or ``1%`` of the default gives None (1% of each matrix's rank).
+
+    Raises:
+        SubnetscopeError: anything else, or a value :func:`resolve_k` rejects.
+    """
+    t = (text or "").strip()
+    if t in ("", "1%"):
+        return None
+    try:
+        if t.endswith("%"):
+            v: float | int = float(t[:-1]) / 100
+        elif any(c in t for c in ".eE"):
+            v = float(t)
+        else:
+            v = int(t)
+    except ValueError:
+        raise SubnetscopeError(f"k is a count (8), a fraction of the rank (0.05) or a percentage (1%), "
+                               f"got {text!r}") from None
+    if isinstance(v, float) and v >= 1:
+        raise SubnetscopeError(f"k must be a count ≥ 1 or a fraction in (0, 1), got {text!r}")
+    resolve_k(v, 100)
+    return v
+
+
 def principal_angles(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Principal angles in degrees between the column spans of two [m, k] matrices with
     orthonormal columns (the cosines are the singular values of aᵀb), smallest first."""
@@ -332,3 +358,32 @@ def geometry(base: str | Checkpoint, tuned: str | Checkpoint, *, k: float | int 
     if not out:
         raise SubnetscopeError("no block matrix could be compared: " + "; ".join(s["reason"] for s in skipped[:3]))
     return GeometryResult(str(cks[0].ref), str(cks[1].ref), k, float(tol), out, skipped)
+
+
+def matrix_detail(base: str | Checkpoint, tuned: str | Checkpoint, key: str, *, k: float | int | None = None,
+                  tol: float = PAPER_TOL) -> dict:
+    """One block matrix in full: both spectra and every principal angle of U and V (the page's
+    detail view; the sweep over every matrix keeps only means and maxima).
+
+    Args:
+        base, tuned: the pair.
+        key (str): the matrix's normalized name, as in ``GeometryResult`` (``layers.3.mlp.up_proj.weight``).
+    Returns:
+        dict: ``name``, ``k``, ``sigma_base``, ``sigma_tuned``, ``angles_u``, ``angles_v`` (degrees,
+        smallest first) and the matrix's MatrixGeometry fields.
+    Raises:
+        SubnetscopeError: the key is not a 2-D tensor present in both.
+    """
+    cks = [c if isinstance(c, Checkpoint) else open_checkpoint(c) for c in (base, tuned)]
+    al = align(cks)
+    at = next((t for t in al.tensors if t.key == key), None)
+    if at is None or len(at.compare_shape) != 2:
+        raise SubnetscopeError(f"{key}: not a matrix present in both {cks[0].ref} and {cks[1].ref}")
+    w0, w1 = (ck.tensor(n) for ck, n in zip(cks, at.names))
+    rows = at.compare_shape[0]
+    w0, w1 = w0[:rows], w1[:rows]
+    g = matrix_geometry(w0, w1, k=k, tol=tol, spectra=True, name=at.key, layer=at.layer, kind=at.kind)
+    a, b = w0.float(), w1.float()
+    _, u0, _, v0, _ = spectrum_top_k(a, g.k)
+    _, u1, _, v1, _ = spectrum_top_k(b, g.k)
+    return {**asdict(g), "angles_u": principal_angles(u0, u1).tolist(), "angles_v": principal_angles(v0, v1).tolist()}

@@ -396,3 +396,72 @@ def trajectory_layers(d: dict) -> go.Figure:
     fig.update_xaxes(type="category")
     fig.update_layout(height=max(260, 28 * len(rows) + 90))
     return _layout(fig, "Update sparsity per layer along the run", "step", "layer")
+
+
+# ------------------------------------------------------------------ geometry of an update
+
+GEOMETRY_FIELDS = {  # field -> (title, format)
+    "spectral_drift": ("Spectral drift ‖σ(W₁) − σ(W₀)‖ / ‖σ(W₀)‖", ".2e"),
+    "top_k_drift": ("Top-k spectral drift", ".2e"),
+    "angle_u_mean": ("Rotation of the principal left subspace (mean angle, °)", ".2f"),
+    "angle_v_mean": ("Rotation of the principal right subspace (mean angle, °)", ".2f"),
+    "alignment_ratio": ("Update in the principal subspace ÷ random (1 = chance)", ".2f"),
+    "principal_o1": ("Changed set ∩ principal weights, o1", ".3f"),
+}
+
+
+def geometry_heatmap(d: dict, field: str, title: str | None = None) -> go.Figure:
+    """Layer × kind heatmap of one geometry quantity (``alignment_ratio`` = alignment ÷ its random
+    value); a sequential scale from the smallest to the largest value, no wrap."""
+    kinds = [k for k in ("q", "k", "v", "qkv", "o", "gate", "up", "down")
+             if any(t["kind"] == k for t in d["tensors"])]
+    layers = sorted({t["layer"] for t in d["tensors"]})
+    z = [[None] * len(kinds) for _ in layers]
+    for t in d["tensors"]:
+        if field == "alignment_ratio":
+            v = None if t["alignment"] is None else t["alignment"] / t["alignment_random"]
+        else:
+            v = t[field]
+        z[layers.index(t["layer"])][kinds.index(t["kind"])] = v
+    name, fmt = GEOMETRY_FIELDS.get(field, (field, ".3g"))
+    fig = go.Figure(go.Heatmap(z=z, x=kinds, y=layers, colorscale="Viridis",
+                               hovertemplate=f"layer %{{y}} %{{x}}: %{{z:{fmt}}}<extra></extra>"))
+    fig.update_yaxes(autorange="reversed", dtick=1 if len(layers) <= 32 else None)
+    return _layout(fig, title or name, "kind", "layer").update_layout(height=max(260, 18 * len(layers) + 110))
+
+
+def geometry_alpha(runs: dict[str, dict]) -> go.Figure:
+    """Heavy-tail exponent α per layer (mean over its matrices): each distinct base once (dotted),
+    each tuned run."""
+    fig = go.Figure()
+    bases = set()
+    for label, d in runs.items():
+        layers = [r["layer"] for r in d["layers"]]
+        if d["base"] not in bases:
+            bases.add(d["base"])
+            fig.add_scatter(x=layers, y=[r["alpha_base"] for r in d["layers"]], mode="lines+markers",
+                            name="base " + "/".join(str(d["base"]).rstrip("/").split("/")[-2:]),
+                            line=dict(dash="dot"))
+        fig.add_scatter(x=layers, y=[r["alpha_tuned"] for r in d["layers"]], mode="lines+markers", name=label)
+    return _layout(fig, "Heavy-tail exponent α of the eigenvalue spectrum (WeightWatcher's fit)", "layer",
+                   "α").update_layout(height=360, legend=dict(orientation="h", y=-0.3))
+
+
+def geometry_spectra(sigma_base: list[float], sigma_tuned: list[float], name: str) -> go.Figure:
+    """Both singular value spectra of one matrix, log scale."""
+    fig = go.Figure()
+    idx = list(range(1, len(sigma_base) + 1))
+    fig.add_scatter(x=idx, y=sigma_base, mode="lines", name="base")
+    fig.add_scatter(x=idx, y=sigma_tuned, mode="lines", name="tuned", line=dict(dash="dash"))
+    fig.update_yaxes(type="log")
+    return _layout(fig, f"Singular values of {name}", "index i", "σᵢ").update_layout(
+        legend=dict(orientation="h", y=-0.3))
+
+
+def geometry_angles(angles_u: list[float], angles_v: list[float]) -> go.Figure:
+    """Principal angles between the base's and the tuned's top-k subspaces, left and right."""
+    fig = go.Figure()
+    fig.add_bar(x=list(range(1, len(angles_u) + 1)), y=angles_u, name="U (left)")
+    fig.add_bar(x=list(range(1, len(angles_v) + 1)), y=angles_v, name="V (right)")
+    return _layout(fig, "Principal angles between the top-k subspaces", "angle index", "degrees").update_layout(
+        barmode="group", legend=dict(orientation="h", y=-0.3))

@@ -194,3 +194,10 @@ def trajectory_job(base: str, checkpoints: list[str], steps: list[int], tol: flo
     argv = ["trajectory", base, *checkpoints, "--tol", repr(tol), "--quiet",
             *(["--steps", ",".join(map(str, steps))] if steps else [])]
     return _job(argv, [base, *checkpoints], key, label="trajectory")
+
+
+def geometry_job(base: str, tuned: str, k, tol: float, key: str) -> dict | None:
+    """``python -m analysis geometry`` as a job (a large pair: an SVD per block matrix): its JSON,
+    or None while it runs."""
+    argv = ["geometry", base, tuned, "--tol", repr(tol), "--quiet", *(["--k", str(k)] if k is not None else [])]
+    return _job(argv, [base, tuned], key, label=f"geometry of {tuned}")

@@ -9,22 +9,15 @@ import argparse
 from analysis.cli.common import add_run_args, check_outputs, inputs_of, ratio, tolerance
 
 
-def k_value(s: str) -> float | int:
+def k_value(s: str) -> float | int | None:
     """argparse type: a count (``8``), a fraction of the rank (``0.05``) or a percentage (``1%``)."""
-    t = s.strip()
+    from analysis.errors import SubnetscopeError
+    from analysis.geometry import parse_k
+
     try:
-        if t.endswith("%"):
-            v: float | int = float(t[:-1]) / 100
-        elif any(c in t for c in ".eE"):
-            v = float(t)
-        else:
-            v = int(t)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"k is a count (8), a fraction of the rank (0.05) or a percentage (1%), "
-                                         f"got {s!r}") from None
-    if not v > 0 or (isinstance(v, float) and v >= 1):
-        raise argparse.ArgumentTypeError(f"k must be a count ≥ 1 or a fraction in (0, 1), got {s!r}")
-    return v
+        return parse_k(s)
+    except SubnetscopeError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _num(x, fmt: str = ".3f") -> str:

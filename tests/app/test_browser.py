@@ -185,6 +185,16 @@ def test_attribution_page_in_chromium(app_url, browser_page):
     assert browser_page.locator(".js-plotly-plot").count() >= 6  # tokens, difference, layers, heads x3, ...
 
 
+def test_geometry_page_in_chromium(app_url, browser_page):
+    """SFT from the base and both RL runs from SFT side by side: three heatmaps, the kind table, α and
+    the one-matrix detail (spectra and principal angles) drawn; k = 1% of the demo's rank is 1."""
+    values = _open(browser_page, app_url + "/geometry", "geometry-page.png")
+    assert values[0] == "1"
+    text = browser_page.inner_text("body")
+    assert "demo/rl-seed1 (from demo/sft)" in text and "On the principal weights, or off them?" in text
+    assert browser_page.locator(".js-plotly-plot").count() >= 6  # 3 heatmaps, α, spectra, angles
+
+
 def test_finetune_page_in_chromium(app_url, browser_page):
     """Queue a random-mask run and a full run from the form; the page follows them live (no reload)
     until both finish and the comparison panel confirms nothing moved outside the mask."""
