@@ -93,32 +93,15 @@ if triton is not None:
         return tl.where(~same & ~(d <= tol32), 1 << K, 0)
 
     @triton.jit
-    def _overlap_kernel(b_ptr, bb_ptr, t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, tb0, tb1, tb2, tb3, tb4, tb5, tb6,
-                        tb7, tb8, tb9, n, tol32, counts_ptr, N: tl.constexpr, BLOCK: tl.constexpr):
+    def _overlap_kernel(b_ptr, bb_ptr, ts, tbs, n, tol32, counts_ptr, N: tl.constexpr, BLOCK: tl.constexpr):
         pid = tl.program_id(0)
         offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         valid = offs < n
         bv = tl.load(b_ptr + offs, mask=valid, other=0.0).to(tl.float32)
         bb = tl.load(bb_ptr + offs, mask=valid, other=0)
-        code = _changed_bit(bv, bb, t0, tb0, offs, valid, tol32, 0)
-        if N > 1:
-            code |= _changed_bit(bv, bb, t1, tb1, offs, valid, tol32, 1)
-        if N > 2:
-            code |= _changed_bit(bv, bb, t2, tb2, offs, valid, tol32, 2)
-        if N > 3:
-            code |= _changed_bit(bv, bb, t3, tb3, offs, valid, tol32, 3)
-        if N > 4:
-            code |= _changed_bit(bv, bb, t4, tb4, offs, valid, tol32, 4)
-        if N > 5:
-            code |= _changed_bit(bv, bb, t5, tb5, offs, valid, tol32, 5)
-        if N > 6:
-            code |= _changed_bit(bv, bb, t6, tb6, offs, valid, tol32, 6)
-        if N > 7:
-            code |= _changed_bit(bv, bb, t7, tb7, offs, valid, tol32, 7)
-        if N > 8:
-            code |= _changed_bit(bv, bb, t8, tb8, offs, valid, tol32, 8)
-        if N > 9:
-            code |= _changed_bit(bv, bb, t9, tb9, offs, valid, tol32, 9)
+        code = tl.zeros([BLOCK], dtype=tl.int32)
+        for k in tl.static_range(N):  # ts / tbs: tuples of N pointers (values, stored bits)
+            code |= _changed_bit(bv, bb, ts[k], tbs[k], offs, valid, tol32, k)
         e = (bv.to(tl.int32, bitcast=True) >> 23) & 0xFF
         tl.atomic_add(counts_ptr + e * (1 << N) + code, 1, mask=valid)
 
@@ -143,10 +126,8 @@ def overlap_counts_triton(base: torch.Tensor, tuned: list[torch.Tensor], tol: fl
     counts = torch.zeros(256 * (1 << N), dtype=torch.int64, device=b.device)
     n = b.numel()
     if n:
-        vals = ts + [b] * (MAX_CODED_RUNS - N)  # unused slots: any valid pointer (pruned at compile time)
-        bits = [stored_bits(t) for t in ts] + [stored_bits(b)] * (MAX_CODED_RUNS - N)
-        _overlap_kernel[(triton.cdiv(n, block),)](b, stored_bits(b), *vals, *bits, n, float(f32_floor(tol)), counts,
-                                                  N=N, BLOCK=block)
+        _overlap_kernel[(triton.cdiv(n, block),)](b, stored_bits(b), tuple(ts), tuple(stored_bits(t) for t in ts), n,
+                                                  float(f32_floor(tol)), counts, N=N, BLOCK=block)
     return counts.reshape(256, 1 << N).cpu().numpy()
 
 
