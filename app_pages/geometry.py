@@ -12,7 +12,7 @@ from analysis.diff import tolerance_grid
 from analysis.errors import SubnetscopeError
 from analysis.geometry import geometry, matrix_detail, parse_k
 from ui import work
-from ui.state import label_of, parent_of, selection
+from ui.state import label_of, parent_of, selection, url_bound
 
 st.header("Geometry of an update")
 st.caption("Per block matrix, base W₀ against tuned W₁: how far the singular values moved (spectral drift), how "
@@ -25,10 +25,12 @@ if not base or not tuned:
     st.info("Choose a base and at least one fine-tune in the sidebar.")
     st.stop()
 c1, c2, c3 = st.columns([1, 2, 2])
-k_text = c1.text_input("k", "1%", help="Size of the principal subspace: a count (8), a fraction of each matrix's "
+url_bound("geometry_k", "1%", param="k")
+url_bound("geometry_tol", 1e-5, param="tol", parse=float, valid=lambda v: v in tolerance_grid())
+k_text = c1.text_input("k", help="Size of the principal subspace: a count (8), a fraction of each matrix's "
                                        "rank (0.05) or a percentage (1%, the default).", key="geometry_k")
-tol = c2.select_slider("Tolerance τ of the changed sets", options=tolerance_grid(), value=1e-5,
-                       format_func=lambda t: f"{t:g}", key="geometry_tol")
+tol = c2.select_slider("Tolerance τ of the changed sets", options=tolerance_grid(), format_func=lambda t: f"{t:g}",
+                       key="geometry_tol")
 against = c3.radio("Compare each fine-tune with", ["its start checkpoint", "the sidebar base"], horizontal=True,
                    help="The demo's RL runs start from its SFT model: against their start, the update is the RL "
                         "update alone.", key="geometry_against")
@@ -71,6 +73,7 @@ for i, t in enumerate(tuned):
 if not runs:
     st.stop()
 
+url_bound("geometry_field", "spectral_drift", param="show", valid=lambda v: v in plots.GEOMETRY_FIELDS)
 field = st.radio("Heatmap", list(plots.GEOMETRY_FIELDS), horizontal=True, key="geometry_field",
                  format_func=lambda f: plots.GEOMETRY_FIELDS[f][0].split(" (")[0].split(" ‖")[0])
 cols = st.columns(len(runs))

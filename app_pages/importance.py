@@ -18,7 +18,7 @@ from analysis.masks import load_mask
 from analysis.selector_eval import predictive_power, spearman, topk_jaccard
 from analysis.selectors import SELECTORS
 from ui import work
-from ui.state import chosen_refs, label_of, parent_of, selection
+from ui.state import chosen_refs, label_of, parent_of, selection, url_bound
 
 st.header("Importance")
 refs = chosen_refs()
@@ -30,16 +30,20 @@ default_target = (chained or tuned or [None])[0]
 default_model = parent_of(default_target) if default_target and parent_of(default_target) in refs else refs[0]
 c1, c2, c3 = st.columns(3)
 ref = c1.selectbox("Model to score", refs, index=refs.index(default_model), format_func=label_of)
-name = c2.selectbox("Selector", list(SELECTORS), format_func=lambda n: SELECTORS[n].label,
-                    index=list(SELECTORS).index("magnitude"))
+url_bound("imp_selector", "magnitude", param="selector", valid=lambda v: v in SELECTORS)
+name = c2.selectbox("Selector", list(SELECTORS), format_func=lambda n: SELECTORS[n].label, key="imp_selector")
 entry = SELECTORS[name]
 c2.caption(f"{entry.description} — *{entry.paper}*. Cost: {entry.cost}.")
 coarser = [g for g in ("element", "row", "head", "channel", "layer")
            if g in entry.granularities or entry.granularities[0] == "element"]
-granularity = c3.selectbox("Granularity", coarser, index=coarser.index(entry.granularities[0]),
+url_bound("imp_granularity", entry.granularities[0], param="granularity", valid=lambda v: v in coarser)
+if st.session_state["imp_granularity"] not in coarser:  # another selector: its own default
+    st.session_state["imp_granularity"] = entry.granularities[0]
+granularity = c3.selectbox("Granularity", coarser, key="imp_granularity",
                            help="Element scores can be summed to rows, heads (GQA aware), channels or layers.")
 c4, c5, c6, c7 = st.columns(4)
-density = c4.number_input("Density (fraction selected)", 0.001, 1.0, 0.05, step=0.01, format="%.3f")
+url_bound("imp_density", 0.05, param="density", parse=float, valid=lambda v: 0.001 <= v <= 1.0)
+density = c4.number_input("Density (fraction selected)", 0.001, 1.0, step=0.01, format="%.3f", key="imp_density")
 scope = c5.radio("Scope", ["blocks", "all"], horizontal=True,
                  help="blocks: the attention and MLP matrices of the transformer blocks; all: every parameter.")
 data = c6.text_input("Calibration data", "demo", help="demo (the arithmetic task), or a .txt / .jsonl file path",

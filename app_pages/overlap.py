@@ -10,7 +10,7 @@ from analysis.diff import tolerance_grid
 from analysis.errors import SubnetscopeError
 from ui import work
 from ui.loaders import summary, try_load
-from ui.state import label_of, parent_of, selection
+from ui.state import label_of, parent_of, selection, url_bound
 
 st.header("Subnetwork overlap")
 base, tuned = selection()
@@ -23,8 +23,8 @@ shared = [parent_of(t) for t in tuned]
 common = max(set(shared) - {None}, key=shared.count, default=None)
 default_base = common if common in [base, *tuned] and shared.count(common) >= 2 else base
 c1, c2, c3 = st.columns([3, 2, 2])
-tol = c1.select_slider("Tolerance τ", options=tolerance_grid(), value=1e-5, format_func=lambda t: f"{t:g}",
-                       key="overlap_tol")
+url_bound("overlap_tol", 1e-5, param="tol", parse=float, valid=lambda v: v in tolerance_grid())
+tol = c1.select_slider("Tolerance τ", options=tolerance_grid(), format_func=lambda t: f"{t:g}", key="overlap_tol")
 options = [base, *tuned]
 run_base = c2.selectbox("Base of the runs", options, index=options.index(default_base), format_func=label_of,
                         help="The checkpoint every run was fine-tuned from.")

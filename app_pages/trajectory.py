@@ -17,7 +17,7 @@ from analysis.errors import SubnetscopeError
 from analysis.paths import default_demo_dir
 from analysis.trajectory import infer_steps, trajectory
 from ui import work
-from ui.state import label_of
+from ui.state import label_of, url_bound
 
 st.header("Trajectory")
 st.caption("One run's checkpoints against its base and against each other: update sparsity along the steps, the "
@@ -34,8 +34,9 @@ listed = c2.text_area("Checkpoints in training order, one per line", "\n".join(m
                            "from the names when they end in increasing numbers).")
 cks = [line.strip() for line in listed.splitlines() if line.strip()]
 c3, c4 = st.columns(2)
-tol = c3.select_slider("Tolerance τ", options=[0.0, 1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3], value=1e-5,
-                       format_func=lambda t: f"{t:g}")
+TAUS = [0.0, 1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3]
+url_bound("trajectory_tol", 1e-5, param="tol", parse=float, valid=lambda v: v in TAUS)
+tol = c3.select_slider("Tolerance τ", options=TAUS, format_func=lambda t: f"{t:g}", key="trajectory_tol")
 steps_text = c4.text_input("Steps (optional)", ",".join(map(str, infer_steps(cks))) if cks else "",
                            help="Comma-separated training step of each checkpoint.")
 if not base or not cks:

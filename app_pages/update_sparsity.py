@@ -10,7 +10,7 @@ from analysis.diff import tolerance_grid
 from analysis.errors import SubnetscopeError
 from ui import work
 from ui.loaders import summary, try_load
-from ui.state import label_of, parent_of, selection
+from ui.state import label_of, parent_of, selection, url_bound
 
 st.header("Update sparsity")
 base, tuned = selection()
@@ -19,10 +19,14 @@ if not base or not tuned:
     st.stop()
 
 c1, c2, c3 = st.columns([3, 2, 1])
-tol = c1.select_slider("Tolerance τ", options=tolerance_grid(), value=1e-5, format_func=lambda t: f"{t:g}",
+url_bound("sparsity_tol", 1e-5, param="tol", parse=float, valid=lambda v: v in tolerance_grid())
+tol = c1.select_slider("Tolerance τ", options=tolerance_grid(), key="sparsity_tol", format_func=lambda t: f"{t:g}",
                        help="Element i is unchanged iff its stored values are bit-identical or |θ¹ᵢ − θ⁰ᵢ| ≤ τ "
                             "(float32 difference). The paper (arXiv 2505.11711) uses 1e-5 on bf16 weights.")
-focus = c2.selectbox("Details for", tuned, format_func=label_of)
+url_bound("sparsity_focus", tuned[0], param="focus", valid=lambda v: v in tuned)
+if st.session_state["sparsity_focus"] not in tuned:  # the sidebar's fine-tunes changed
+    st.session_state["sparsity_focus"] = tuned[0]
+focus = c2.selectbox("Details for", tuned, format_func=label_of, key="sparsity_focus")
 rank = c3.checkbox("Update rank", help="rank(ΔW) / min(m, n) per matrix (torch.linalg.matrix_rank; costly).")
 
 # each fine-tune is compared with the checkpoint it was trained from: the base unless known

@@ -46,24 +46,31 @@ def remember(ref: str) -> None:
 
 
 def demo_refs() -> dict[str, str]:
-    """label -> path of the built demo family ({} when it is not built)."""
+    """label -> path of the built demo family, and of the SmolLM2 family when ``demo --real
+    --finetunes`` built it ({} when neither is built)."""
+    from analysis.real_family import family_refs
+
     d = default_demo_dir()
-    if not (d / "manifest.json").is_file():
-        return {}
-    names = ["base", *DEMO_TUNED]
-    return {f"demo/{n}": str(d / n) for n in names if (d / n).is_dir()}
+    refs = {}
+    if (d / "manifest.json").is_file():
+        names = ["base", *DEMO_TUNED]
+        refs = {f"demo/{n}": str(d / n) for n in names if (d / n).is_dir()}
+    return refs | family_refs()
 
 
 def parent_of(ref: str) -> str | None:
-    """The checkpoint a fine-tune was trained from, when known (the demo manifest's parents)."""
-    d = default_demo_dir()
-    try:
-        models = json.loads((d / "manifest.json").read_text())["models"]
-    except (OSError, ValueError, KeyError):
-        return None
-    for name, m in models.items():
-        if str(d / name) == ref and m.get("parent"):
-            return str(d / m["parent"])
+    """The checkpoint a fine-tune was trained from, when known (the demo and SmolLM2 family
+    manifests' parents)."""
+    from analysis.real_family import real_family_dir
+
+    for d in (default_demo_dir(), real_family_dir()):
+        try:
+            models = json.loads((d / "manifest.json").read_text())["models"]
+        except (OSError, ValueError, KeyError):
+            continue
+        for name, m in models.items():
+            if str(d / name) == ref and m.get("parent"):
+                return str(d / m["parent"])
     return None
 
 
@@ -71,13 +78,60 @@ def _label(ref: str, labels: dict[str, str]) -> str:
     return next((lab for lab, r in labels.items() if r == ref), ref)
 
 
+BASE_KEY, TUNED_KEY = "picker_base", "picker_tuned"  # the sidebar widgets' keys
+
+
+def normalize_ref(ref: str | None) -> str | None:
+    """One spelling per checkpoint: a local path without trailing slashes, ``~`` expanded and
+    ``.``/``..`` folded (``/x/demo/sft/`` and ``/x/demo/sft`` are one entry); a hub id unchanged."""
+    import os
+
+    if not ref or not isinstance(ref, str):
+        return None
+    ref = ref.strip()
+    if ref.startswith(("/", ".", "~")):
+        ref = os.path.normpath(os.path.expanduser(ref))
+    return ref or None
+
+
+def _from_url() -> tuple[str | None, list[str], list[str]]:
+    """(base, fine-tunes, dropped) from the page URL's ``base`` and ``tuned`` parameters; a local
+    path that does not exist is dropped (and named, for a warning)."""
+    from pathlib import Path
+
+    qp = st.query_params
+    base = normalize_ref(qp.get("base"))
+    tuned = [normalize_ref(t) for t in qp.get_all("tuned")]
+    dropped = []
+
+    def ok(r):
+        if r and r.startswith("/") and not Path(r).exists():
+            dropped.append(r)
+            return False
+        return bool(r)
+
+    base = base if ok(base) else None
+    tuned = list(dict.fromkeys(t for t in tuned if ok(t) and t != base))[:MAX_TUNED]
+    return base, tuned, dropped
+
+
 def selection() -> tuple[str | None, list[str]]:
-    """(base ref, fine-tune refs) chosen in the sidebar, defaulting to the demo family."""
+    """(base ref, fine-tune refs) chosen in the sidebar. On a session's first run they come from
+    the page URL (``?base=…&tuned=…``, so a reload or a shared link shows the same checkpoints),
+    else the demo family."""
     ss = st.session_state
+    if BASE_KEY in ss:  # the sidebar's widgets hold the latest choice
+        ss["base_ref"] = normalize_ref(ss[BASE_KEY])
+        ss["tuned_refs"] = list(dict.fromkeys(normalize_ref(t) for t in ss.get(TUNED_KEY) or [] if t))
     if "base_ref" not in ss:
-        refs = demo_refs()
-        ss["base_ref"] = refs.get("demo/base")
-        ss["tuned_refs"] = [refs[f"demo/{n}"] for n in DEMO_TUNED if f"demo/{n}" in refs]
+        base, tuned, dropped = _from_url()
+        if dropped:
+            ss["url_dropped"] = dropped
+        if base is None and not tuned:
+            refs = demo_refs()
+            base = refs.get("demo/base")
+            tuned = [refs[f"demo/{n}"] for n in DEMO_TUNED if f"demo/{n}" in refs]
+        ss["base_ref"], ss["tuned_refs"] = base, tuned
     return ss["base_ref"], list(ss.get("tuned_refs", []))
 
 
@@ -98,22 +152,79 @@ def label_of(ref: str) -> str:
 
 
 def sidebar() -> None:
-    """Draws the picker: a base and up to three fine-tunes from the demo family, recent
-    references, or a typed path / hub id (typed values are accepted as new options)."""
+    """Draws the picker: a base and up to three fine-tunes from the demo families, recent
+    references, or a typed path / hub id (typed values are accepted as new options).
+
+    The widgets are keyed and never given an ``index`` / ``default`` after the first run: a value
+    passed again on every rerun, computed from the previous choice, made Streamlit treat the widget
+    as new and undo every second change. The choice is mirrored into the URL."""
+    ss = st.session_state
     base, tuned = selection()
     labels = demo_refs()
-    options = list(dict.fromkeys([*labels.values(), *recent_refs(), *([base] if base else []), *tuned]))
+    options = ss.setdefault("picker_options", [])  # grows only: a stable option list
+    for r in [*labels.values(), *recent_refs(), base, *tuned]:
+        if r and r not in options:
+            options.append(r)
+    ss[BASE_KEY] = base  # the latest choice (selection() read it from these keys first)
+    ss[TUNED_KEY] = [t for t in tuned if t in options]
     fmt = lambda r: _label(r, labels)  # noqa: E731
     with st.sidebar:
         st.subheader("Checkpoints")
-        new_base = st.selectbox("Base", options, index=options.index(base) if base in options else None,
-                                format_func=fmt, accept_new_options=True, placeholder="path or hub id",
-                                help="A model directory, a .safetensors or .bin file, or a hub id (org/name).")
-        new_tuned = st.multiselect("Fine-tunes", options, default=[t for t in tuned if t in options],
-                                   format_func=fmt, accept_new_options=True, max_selections=MAX_TUNED,
-                                   placeholder="paths or hub ids",
-                                   help="Up to three fine-tunes of the base; type a path and press Enter to add one.")
+        for r in ss.pop("url_dropped", []):
+            st.warning(f"{r}: no such path; dropped from the link")
+        st.selectbox("Base", options, key=BASE_KEY, format_func=fmt, accept_new_options=True,
+                     placeholder="path or hub id",
+                     help="A model directory, a .safetensors or .bin file, or a hub id (org/name).")
+        st.multiselect("Fine-tunes", options, key=TUNED_KEY, format_func=fmt, accept_new_options=True,
+                       max_selections=MAX_TUNED, placeholder="paths or hub ids",
+                       help="Up to three fine-tunes of the base; type a path and press Enter to add one.")
         if not labels:
             st.caption("Demo family not built yet: `python -m analysis demo`")
-    st.session_state["base_ref"] = new_base
-    st.session_state["tuned_refs"] = list(new_tuned)
+    base, tuned = selection()
+    _mirror({"base": base, "tuned": tuned})
+
+
+def _mirror(params: dict) -> None:
+    """Writes ``params`` into the page URL (a list: the key repeated; None: removed), touching it
+    only where it differs."""
+    qp = st.query_params
+    for k, v in params.items():
+        want = [] if v is None else [str(x) for x in v] if isinstance(v, list) else [str(v)]
+        if qp.get_all(k) != want:
+            if want:
+                qp[k] = want if isinstance(v, list) else want[0]
+            elif k in qp:
+                del qp[k]
+
+
+def url_bound(key: str, default, *, parse=str, valid=None, param: str | None = None):
+    """Binds the page widget keyed ``key`` to the URL parameter ``param`` (default: ``key``), so
+    a reload, a new tab or a shared link shows the same choice. Call it just before the widget
+    and create the widget with ``key=key`` and no ``value`` / ``index`` / ``default`` of its own.
+
+    The first time in a session the value comes from the URL when it is there and valid
+    (``parse`` raises or ``valid`` says no: an ``st.warning`` names what was dropped, and the
+    default is used), else from ``default``; every run then writes the current value back.
+    A list default binds a repeated parameter (``?runs=a&runs=b``).
+
+    Returns:
+        the widget's current value.
+    """
+    ss = st.session_state
+    param = param or key
+    if key not in ss:
+        value = default
+        raw = st.query_params.get_all(param) if isinstance(default, list) else st.query_params.get(param)
+        if raw not in (None, []):
+            try:
+                v = [parse(r) for r in raw] if isinstance(default, list) else parse(raw)
+                ok = valid is None or valid(v)
+            except (ValueError, TypeError):
+                ok = False
+            if ok:
+                value = v
+            else:
+                st.warning(f"`{param}={raw}` from the link does not apply here; using the default")
+        ss[key] = value
+    _mirror({param: ss[key]})
+    return ss[key]
