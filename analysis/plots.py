@@ -10,9 +10,26 @@ from analysis.diff import PAPER_TOL
 
 
 def _layout(fig: go.Figure, title: str, x: str, y: str) -> go.Figure:
+    """Title, axis titles, margins; 320 px high unless the figure already chose its height (a heatmap
+    that grows with the number of layers keeps its own)."""
     fig.update_layout(title=title, xaxis_title=x, yaxis_title=y, margin=dict(l=10, r=10, t=40, b=10),
-                      height=320, bargap=0.15)
+                      height=fig.layout.height or 320, bargap=0.15)
     return fig
+
+
+def _range_bar(values) -> dict:
+    """A sequential heatmap's range: exactly the data's finite min and max, printed at the colour
+    bar's two ends (a reader sees the range, and no value maps outside the scale)."""
+    import math
+
+    flat = [v for row in values for v in (row if isinstance(row, (list, tuple)) else [row])
+            if v is not None and isinstance(v, (int, float)) and math.isfinite(v)]
+    if not flat:
+        return {}
+    lo, hi = min(flat), max(flat)
+    if lo == hi:
+        return {"zmin": lo, "zmax": hi}
+    return {"zmin": lo, "zmax": hi, "colorbar": dict(tickvals=[lo, hi], ticktext=[f"{lo:.3g}", f"{hi:.3g}"])}
 
 
 def params_by_kind(summaries: dict[str, dict]) -> go.Figure:
@@ -207,7 +224,8 @@ def consensus_bar(consensus: list[int]) -> go.Figure:
 
 def score_heatmap(z, x, y, title: str, xtitle: str, ytitle: str = "layer") -> go.Figure:
     """A plain heatmap of scores (auto range), layers down the y axis."""
-    fig = go.Figure(go.Heatmap(z=z, x=x, y=y, colorscale="Magma",
+    z = [[None if v is None else float(v) for v in row] for row in z]
+    fig = go.Figure(go.Heatmap(z=z, x=x, y=y, colorscale="Viridis", **_range_bar(z),
                                hovertemplate=ytitle + " %{y} " + xtitle + " %{x}: %{z:.4g}<extra></extra>"))
     fig.update_yaxes(autorange="reversed", dtick=1)
     fig.update_layout(height=max(260, 28 * len(y) + 90))
@@ -424,7 +442,7 @@ def geometry_heatmap(d: dict, field: str, title: str | None = None) -> go.Figure
             v = t[field]
         z[layers.index(t["layer"])][kinds.index(t["kind"])] = v
     name, fmt = GEOMETRY_FIELDS.get(field, (field, ".3g"))
-    fig = go.Figure(go.Heatmap(z=z, x=kinds, y=layers, colorscale="Viridis",
+    fig = go.Figure(go.Heatmap(z=z, x=kinds, y=layers, colorscale="Viridis", **_range_bar(z),
                                hovertemplate=f"layer %{{y}} %{{x}}: %{{z:{fmt}}}<extra></extra>"))
     fig.update_yaxes(autorange="reversed", dtick=1 if len(layers) <= 32 else None)
     return _layout(fig, title or name, "kind", "layer").update_layout(height=max(260, 18 * len(layers) + 110))

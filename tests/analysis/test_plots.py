@@ -37,3 +37,16 @@ def test_sparsity_sweep_without_tau_zero_keeps_the_default_axis():
     (line,) = traces(fig)
     assert line["x"] == [1e-8, 1e-5, 1.0]
     assert "tickvals" not in fig["layout"]["xaxis"]
+
+
+def test_heatmaps_keep_their_height_and_show_the_data_range():
+    """A heatmap that grows with its layers keeps that height (it used to be reset to 320 px), and
+    a score heatmap's colour range is exactly the data's, printed at both ends of the bar."""
+    from analysis import plots
+
+    z = [[0.0002, 0.005], [0.003, None]] * 15  # 30 layers
+    fig = plots.score_heatmap(z, ["mlp", "k"], list(range(30)), "t", "kind")
+    assert fig.layout.height == 28 * 30 + 90
+    hm = fig.data[0]
+    assert (hm.zmin, hm.zmax) == (0.0002, 0.005) and list(hm.colorbar.ticktext) == ["0.0002", "0.005"]
+    assert hm.colorscale[0][1] == "#440154"  # Viridis: a sequential scale, dark at the minimum
