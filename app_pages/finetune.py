@@ -101,15 +101,24 @@ with st.expander("New run", expanded=True):
                                                         help=HELP["lisa_layers"])),
                      "lisa_interval": int(l2.number_input("Resample every", 1, 10_000, d["lisa_interval"],
                                                           help=HELP["lisa_interval"]))}
+        def _config():
+            return FinetuneConfig(checkpoint=checkpoint, task=task, data=data or None, steps=steps, lr=lr,
+                                  batch_size=batch, seed=seed, eval_every=eval_every, optimizer=optimizer,
+                                  **sched, **src)
+
+        try:
+            suggested = queue.default_title(_config(), demo)
+        except SubnetscopeError:
+            suggested = "run"
+        title = st.text_input("Name", "", placeholder=suggested, key="ft_title",
+                              help="How the run is listed; empty: the mask source, start checkpoint and time.")
         b1, b2 = st.columns([1, 3])
         if b1.button("Add to queue", type="primary", icon=":material/playlist_add:"):
             try:
-                cfg = FinetuneConfig(checkpoint=checkpoint, task=task, data=data or None, steps=steps, lr=lr,
-                                     batch_size=batch, seed=seed, eval_every=eval_every, optimizer=optimizer,
-                                     **sched, **src)
-                queue.enqueue(cfg)
+                cfg = _config()
+                d = queue.enqueue(cfg, title=title.strip() or queue.default_title(cfg, demo))
                 queue.ensure_worker()
-                st.toast(f"Queued: {cfg.mask_source}")
+                st.toast(f"Queued: {queue.title_of(d)}")
             except SubnetscopeError as e:
                 st.error(str(e))
         if "demo/sft" in demo and "demo/rl-seed1" in demo and b2.button(
@@ -119,7 +128,7 @@ with st.expander("New run", expanded=True):
                      "LoRA r=4 (lr 1e-4)."):
             try:
                 for cfg in paper_experiment(demo["demo/sft"], demo["demo/rl-seed1"]):
-                    queue.enqueue(cfg)
+                    queue.enqueue(cfg, title=queue.default_title(cfg, demo))
                 queue.ensure_worker()
                 st.toast("Queued four runs")
             except SubnetscopeError as e:
@@ -133,10 +142,12 @@ def _short(text: str | None) -> str | None:
     return text
 
 
-def _run_name(d: Path) -> str:
-    """A run's display name: its directory's name, with its parent's when another run shares it."""
-    clash = [x for x in queue.list_runs() if x.name == d.name]
-    return d.name if len(clash) < 2 else f"{d.parent.name}/{d.name}"
+def _run_names(dirs: list[Path]) -> dict[Path, str]:
+    """Each run's display name: the title it was queued under (a run from the CLI: its directory's
+    name), with the directory's name added where two titles are the same."""
+    titles = {d: queue.title_of(d) for d in dirs}
+    counts = {t: list(titles.values()).count(t) for t in titles.values()}
+    return {d: t if counts[t] == 1 else f"{t} ({d.parent.name}/{d.name})" for d, t in titles.items()}
 
 
 def _load(d: Path) -> dict | None:
@@ -154,16 +165,16 @@ def _table(runs: dict[str, dict]) -> pd.DataFrame:
         metric = "perplexity" if cfg.get("task") == "lm" else "accuracy"
         evals = [x[metric] for x in m if x.get(metric) is not None]
         step_s = sorted(x["step_s"] for x in m if "step_s" in x)
-        rows.append({"run": name, "status": r["status"],
-                     "task": cfg.get("task"), "mask source": _short(s.get("mask_source")),
+        rows.append({"run": name, f"final {metric}": evals[-1] if evals else None,
+                     f"start {metric}": (s.get("initial") or {}).get(metric),
                      "steps": f"{m[-1]['step'] if m else 0}/{cfg.get('steps')}",
                      "trainable": (final or {}).get("trainable", s.get("trainable")),
+                     "outside mask": s.get("outside_mask_changed"),
                      "step time (s)": step_s[len(step_s) // 2] if step_s else None,
                      "peak memory (MB)": s["peak_rss_bytes"] / 2**20 if s.get("peak_rss_bytes") else None,
-                     f"start {metric}": (s.get("initial") or {}).get(metric),
-                     f"final {metric}": evals[-1] if evals else None,
-                     "outside mask": s.get("outside_mask_changed"), "error": s.get("error", "")})
-    return pd.DataFrame(rows)
+                     "status": r["status"], "task": cfg.get("task"), "mask source": _short(s.get("mask_source")),
+                     "error": s.get("error", "")})
+    return pd.DataFrame(rows)  # the numbers first, newest run first (the caller's order)
 
 
 active_any = any(queue.status(d) in queue.ACTIVE for d in queue.list_runs())
@@ -181,15 +192,40 @@ def live():
                 "here too.")
         return
     runs = {}
-    for d in dirs:
+    names = _run_names(dirs)
+    for d in reversed(dirs):  # newest first
         r = _load(d)
         if r is not None:
             r["status"] = queue.status(d)
-            runs[_run_name(d)] = r | {"dir": d}
+            runs[names[d]] = r | {"dir": d}
     if any(r["status"] in queue.ACTIVE for r in runs.values()) != active_any:
         st.rerun()  # start or stop the live refresh
     st.subheader("Runs")
-    st.dataframe(_table(runs), hide_index=True, width="stretch")
+    f1, f2, f3 = st.columns(3)
+    statuses = sorted({r["status"] for r in runs.values()})
+    tasks = sorted({str(r["config"].get("task")) for r in runs.values()})
+    starts = sorted({str(r["config"].get("checkpoint")) for r in runs.values()})
+    want_status = f1.multiselect("Status", statuses, key="ft_f_status", placeholder="any status")
+    want_task = f2.multiselect("Task", tasks, key="ft_f_task", placeholder="any task")
+    want_start = f3.multiselect("Start checkpoint", starts, key="ft_f_start", format_func=label_of,
+                                placeholder="any start")
+    shown = {n: r for n, r in runs.items()
+             if (not want_status or r["status"] in want_status) and (not want_task or str(r["config"].get("task")) in want_task)
+             and (not want_start or str(r["config"].get("checkpoint")) in want_start)}
+    st.dataframe(_table(shown), hide_index=True, width="stretch")
+    finished = [n for n, r in shown.items() if r["status"] not in queue.ACTIVE]
+    if finished:
+        d1, d2 = st.columns([4, 1])
+        doomed = d1.selectbox("Delete a finished run", finished, index=None, key="ft_delete",
+                              placeholder="choose a run to move to the trash",
+                              help="The run's folder moves to $SUBNETSCOPE_HOME/trash: nothing is lost.")
+        if d2.button("Move to trash", icon=":material/delete:", disabled=doomed is None, key="ft_delete_go"):
+            try:
+                where = queue.trash(runs[doomed]["dir"])
+                st.toast(f"Moved {doomed} to {where}")
+                st.rerun()
+            except SubnetscopeError as e:
+                st.error(str(e))
     for name, r in runs.items():
         if r["status"] not in queue.ACTIVE:
             continue
@@ -197,16 +233,21 @@ def live():
         done = r["metrics"][-1]["step"] if r["metrics"] else 0
         total = r["config"].get("steps") or 1
         c1.progress(done / total, text=f"{name}: {r['status']}, step {done} of {total}")
-        if c2.button("Cancel", key=f"cancel_{name}", icon=":material/stop:"):
+        if c2.button("Cancel", key=f"cancel_{r['dir'].name}", icon=":material/stop:"):
             queue.cancel(r["dir"])
             st.toast(f"Cancelling {name}")
-    names = list(runs)
-    # new runs join the overlay as they appear; runs the user removed stay removed
-    seen = st.session_state.get("ft_seen", [])
+    names = list(runs)  # newest first
+    # the overlay starts from the latest runs of the current comparison (started from a checkpoint
+    # chosen in the sidebar), at most four; new runs join as they appear, removed ones stay removed
+    seen = st.session_state.get("ft_seen")
     pick = [n for n in st.session_state.get("ft_pick", []) if n in names]
-    new = [n for n in names if n not in seen]
-    if new or "ft_pick" not in st.session_state:
-        st.session_state["ft_pick"] = (pick + new)[-6:]
+    if seen is None or "ft_pick" not in st.session_state:
+        current = [n for n in names if runs[n]["config"].get("checkpoint") in refs] or names
+        st.session_state["ft_pick"] = current[:4]
+    else:
+        new = [n for n in names if n not in seen]
+        if new:
+            st.session_state["ft_pick"] = (new + pick)[:4]
     st.session_state["ft_seen"] = names
     chosen = st.multiselect("Overlay", names, key="ft_pick")
     curves = {n: runs[n]["metrics"] for n in chosen}
@@ -231,17 +272,25 @@ if len(finished) < 2:  # (re-checked below once unreadable runs are dropped)
                "outside each mask (must be 0), the fraction of elements identical to the reference at τ, the "
                "cosine of the two updates, and the metric gaps with 95% intervals.")
     st.stop()
-loaded = {_run_name(d): (d, _load(d)) for d in finished}
+run_names = _run_names(finished)
+loaded = {run_names[d]: (d, _load(d)) for d in reversed(finished)}  # newest first
 by_name = {n: d for n, (d, r) in loaded.items() if r is not None}
 configs = {n: loaded[n][1]["config"] for n in by_name}
 if len(by_name) < 2:
     st.stop()
 fulls = [n for n, c in configs.items() if c.get("full")]
 c1, c2, c3 = st.columns([2, 3, 1])
-ref = c1.selectbox("Reference", list(by_name), index=list(by_name).index(fulls[-1]) if fulls else 0,
+# keyed widgets whose state is set here, never re-defaulted: a default given again on every rerun (or a
+# selection kept from before the runs finished) left "Runs" empty while eligible runs were listed
+ss = st.session_state
+if ss.get("ft_cmp_ref") not in by_name:
+    ss["ft_cmp_ref"] = fulls[0] if fulls else next(iter(by_name))
+ref = c1.selectbox("Reference", list(by_name), key="ft_cmp_ref",
                    help="Usually the full fine-tune of the same task (the paper compares with it).")
 same = [n for n in by_name if n != ref and configs[n].get("checkpoint") == configs[ref].get("checkpoint")]
-others = c2.multiselect("Runs", same, default=same[-4:], key="ft_cmp_runs")
+kept = [n for n in ss.get("ft_cmp_runs", []) if n in same]
+ss["ft_cmp_runs"] = kept if kept else same[:4]
+others = c2.multiselect("Runs", same, key="ft_cmp_runs")
 tol = c3.select_slider("τ", [0.0, 1e-7, 1e-6, 1e-5, 1e-4], value=1e-5, key="ft_cmp_tol")
 if not others:
     st.info("No other finished run starts from the reference's checkpoint.")
@@ -265,17 +314,17 @@ def _fmt_ci(ci) -> str:
 
 
 rows, intervals = [], []
+name_of = {str(d): n for n, d in by_name.items()}
 for r in cmp["runs"]:
-    name = _run_name(Path(r["run"]))
+    name = name_of.get(r["run"], Path(r["run"]).name)
     rows.append({"run": name + (" (reference)" if r["run"] == str(by_name[ref]) else ""),
-                 "mask source": _short(r["mask_source"]), "trainable": r["trainable"],
-                 "outside mask": r["outside_mask_changed"],
                  f"identical to reference at τ={tol:g}": r.get("to_reference_identical_fraction"),
                  "update cosine": r.get("to_reference_cosine"),
                  "accuracy": r.get("accuracy"), "accuracy gap (95%)": _fmt_ci(r.get("accuracy_gap_ci")),
                  "sampled reward": r.get("reward_sampled"),
                  "reward gap (95%)": _fmt_ci(r.get("reward_sampled_gap_ci")),
-                 "perplexity": r.get("perplexity")})
+                 "perplexity": r.get("perplexity"), "outside mask": r["outside_mask_changed"],
+                 "trainable": r["trainable"], "mask source": _short(r["mask_source"])})  # the numbers first
     intervals.append({"label": name, **{k: r.get(k) for k in ("reward_sampled_gap", "reward_sampled_gap_ci",
                                                                "accuracy_gap", "accuracy_gap_ci")}})
 st.dataframe(pd.DataFrame(rows).dropna(axis=1, how="all"), hide_index=True, width="stretch")

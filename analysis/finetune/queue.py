@@ -63,12 +63,54 @@ def list_runs() -> list[Path]:
     return sorted(unique.values(), key=lambda d: ((d / "config.json").stat().st_mtime, d.name))
 
 
-def enqueue(config: FinetuneConfig, name: str | None = None) -> Path:
-    """A new queued run directory under :func:`runs_dir` (the worker trains it when its turn comes)."""
+def short_label(ref: str | None, labels: dict[str, str] | None = None) -> str:
+    """A checkpoint as a reader names it: its label when known (``demo/sft``), else the last two
+    parts of its path (``demo/sft``), a hub id unchanged."""
+    if not ref:
+        return "?"
+    for label, path in (labels or {}).items():
+        if path == ref:
+            return label
+    parts = str(ref).rstrip("/").split("/")
+    return "/".join(parts[-2:]) if len(parts) > 2 else str(ref)
+
+
+def default_title(config: FinetuneConfig, labels: dict[str, str] | None = None, when: float | None = None) -> str:
+    """A short readable run name: the mask source, the start checkpoint's label and the time,
+    e.g. ``diff sft→rl-seed1 · demo/sft · 23:15``."""
+    name = lambda r: short_label(r, labels).split("/")[-1]  # noqa: E731
+    s = config.source
+    if s == "diff":
+        src = f"diff {name(config.diff[0])}→{name(config.diff[1])}"
+    elif s == "random":
+        src = f"random {config.random:.3g}"
+    elif s == "selector":
+        src = f"{config.selector} {config.density:.3g}" + (f" {config.granularity}" if config.granularity else "")
+    elif s == "mask":
+        src = "mask " + "+".join(name(m) for m in config.mask)
+    elif s == "id3":
+        src = f"id3 {config.id3:.3g}"
+    else:
+        src = config.mask_source  # full, lora r=K
+    if config.schedule == "lisa":
+        src += " + LISA"
+    return f"{src} · {short_label(config.checkpoint, labels)} · {time.strftime('%H:%M', time.localtime(when))}"
+
+
+def enqueue(config: FinetuneConfig, name: str | None = None, *, title: str | None = None) -> Path:
+    """A new queued run directory under :func:`runs_dir` (the worker trains it when its turn comes).
+
+    Args:
+        config: the run.
+        name: the directory name's stem (made safe; the time is prefixed and a clash numbered).
+            Default: the title.
+        title: the name the page shows (``summary.json``'s ``title``). Default: :func:`default_title`.
+    """
     from analysis.finetune.run import preflight
 
     preflight(config)  # a bad input fails now, not later in the worker
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name or config.mask_source)[:60].strip("-") or "run"
+    title = (title or "").strip() or default_title(config)
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name or title)[:60].strip("-") or "run"
     d = runs_dir() / f"{time.strftime('%Y%m%d-%H%M%S')}-{slug}"
     n = 1
     while d.exists():
@@ -76,10 +118,43 @@ def enqueue(config: FinetuneConfig, name: str | None = None) -> Path:
         d = d.with_name(f"{d.name.rsplit('~', 1)[0]}~{n}")
     run = RunDir(d)
     run.mark()
-    write_json_atomic(run.summary_file, {"status": "queued", "mask_source": config.mask_source,
+    write_json_atomic(run.summary_file, {"status": "queued", "mask_source": config.mask_source, "title": title,
                                            "task": config.task, "queued": time.time()})
     write_json_atomic(run.config_file, config.to_dict())
     return d
+
+
+def title_of(run_dir: str | Path) -> str:
+    """The name a run is listed under: the title it was queued with, else its directory's name."""
+    return RunDir(run_dir).summary().get("title") or Path(run_dir).name
+
+
+def trash(run_dir: str | Path) -> Path:
+    """Moves a finished run of the app's (under :func:`runs_dir`) to ``$SUBNETSCOPE_HOME/trash``, so a
+    misclick loses nothing (move it back to restore it).
+
+    Returns:
+        Path: where it went.
+    Raises:
+        SubnetscopeError: the run is queued or running, or it is not one of the app's runs (a run
+            written by the CLI elsewhere is the user's folder: the app does not move it).
+    """
+    from analysis.errors import SubnetscopeError
+    from analysis.io import os_error
+    from analysis.paths import subnetscope_home
+
+    d = Path(run_dir)
+    if status(d) in ACTIVE:
+        raise SubnetscopeError(f"{d}: the run is {status(d)}; cancel it before deleting it")
+    if d.resolve().parent != runs_dir().resolve():
+        raise SubnetscopeError(f"{d}: not one of the app's runs (started from the CLI); delete its folder yourself")
+    dest = subnetscope_home() / "trash" / f"{d.name}-deleted-{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(d, dest)
+    except OSError as e:
+        raise os_error(dest, e) from None
+    return dest
 
 
 def queued() -> list[Path]:

@@ -83,6 +83,8 @@ def _run_locked(config: FinetuneConfig, out: Path, should_stop, progress, resume
     metrics_file = None
     if dist.main:
         previous = run.summary()
+        if previous.get("title"):  # the name it was queued under
+            summary["title"] = previous["title"]
         if resume and "initial" in previous:
             summary["initial"] = previous["initial"]  # the start of the run, measured before it was cut
         write_json_atomic(run.summary_file, summary)  # before config.json: never read as "queued"

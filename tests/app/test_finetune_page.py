@@ -66,6 +66,10 @@ def test_queue_runs_compare_and_cli_run(demo, tmp_path):
     table = at.dataframe[0].value
     assert len(table) == 3 and all("finished" in s for s in table["status"])
     assert set(table["run"]) >= {"cli-run"}
+    hhmm = r"\d\d:\d\d"  # readable names: mask source · start checkpoint · time; the newest first
+    assert table["run"].iloc[1].startswith("full · demo/sft · ") and table["run"].str.match(
+        r"random 0.05 · demo/sft · " + hhmm).iloc[2]
+    assert list(table.columns[:3]) == ["run", "final accuracy", "start accuracy"]  # the numbers first
     rand = table[table["mask source"].str.startswith("random")].iloc[0]
     assert rand["steps"] == "3/3" and rand["outside mask"] == 0
     assert rand["trainable"] == json.loads((queue.list_runs()[0] / "summary.json").read_text())["trainable"]
@@ -74,7 +78,9 @@ def test_queue_runs_compare_and_cli_run(demo, tmp_path):
     assert len(loss) == 3 and sorted(len(t["x"]) for t in loss) == [2, 3, 3]
     # the comparison panel: the full run is the reference; numbers as compare_runs computes them
     panel = at.dataframe[1].value
-    full, rand_dir = (next(d for d in queue.list_runs() if d.name.endswith(s)) for s in ("full", "seed-1"))
+    source = lambda d: json.loads((d / "summary.json").read_text())["mask_source"]  # noqa: E731
+    full = next(d for d in queue.list_runs() if source(d) == "full")
+    rand_dir = next(d for d in queue.list_runs() if source(d).startswith("random"))
     expected = compare_runs([full, rand_dir], reference=full)["runs"][1]
     row = panel[panel["mask source"].str.startswith("random")].iloc[0]
     assert row["outside mask"] == 0
@@ -96,10 +102,10 @@ def test_cancel_a_running_run_and_a_queued_one(demo):
     at.run()
     cancels = [b for b in at.button if b.label == "Cancel"]
     assert len(cancels) == 2  # the running and the queued run
-    assert [b.key for b in cancels] == [f"cancel_{first.name}", f"cancel_{second.name}"]
-    cancels[1].click().run()  # the queued one: never starts
+    assert [b.key for b in cancels] == [f"cancel_{second.name}", f"cancel_{first.name}"]  # newest first
+    cancels[0].click().run()  # the queued one: never starts
     assert queue.status(second) == "cancelled", [b.key for b in at.button]
-    next(b for b in at.button if b.label == "Cancel").click().run()
+    at.button(key=f"cancel_{first.name}").click().run()
     t = time.time()
     while queue.status(first) == "running":
         assert time.time() - t < 10
@@ -131,3 +137,29 @@ def test_cli_run_directory_is_listed(demo, tmp_path):
     assert queue.list_runs() == []  # the API does not register; the CLI does
     queue.register(run)
     assert queue.list_runs() == [run.resolve()] or [p.resolve() for p in queue.list_runs()] == [run.resolve()]
+
+
+def test_filter_and_move_a_finished_run_to_the_trash(demo, tmp_path, monkeypatch):
+    """The runs table filters by status / task / start; a finished run goes to the trash folder (not
+    deleted), a running one cannot; the overlay starts from the latest four runs."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("SUBNETSCOPE_HOME", str(home))
+    cfg = FinetuneConfig(checkpoint=str(demo / "sft"), task="demo-sft", random=0.05, steps=1, batch_size=4,
+                         eval_every=1, reward_samples=0)
+    dirs = [queue.enqueue(cfg, title=f"run {i}") for i in range(5)]
+    for d in dirs[:4]:
+        run_finetune(cfg, d)
+    queue.cancel(dirs[4])
+    at = _page(demo)
+    at.run()
+    assert not at.exception, at.exception
+    assert at.multiselect(key="ft_pick").value == ["run 4", "run 3", "run 2", "run 1"]  # newest four
+    at.multiselect(key="ft_f_status").set_value(["cancelled"]).run()
+    assert list(at.dataframe[0].value["run"]) == ["run 4"]
+    at.multiselect(key="ft_f_status").set_value([]).run()
+    at.selectbox(key="ft_delete").set_value("run 0").run()
+    at.button(key="ft_delete_go").click().run()
+    assert not at.exception and not dirs[0].exists()
+    trashed = list((home / "trash").iterdir())
+    assert len(trashed) == 1 and (trashed[0] / "config.json").is_file()
+    assert "run 0" not in list(at.dataframe[0].value["run"])
