@@ -208,6 +208,30 @@ class DiffResult:
                 "zero": sum(t.stats.zero for t in ts),
                 "nonfinite": sum(t.stats.nonfinite for t in ts)}
 
+    def by_tolerance(self) -> dict:
+        """Changed counts at every grid tolerance (``tolerance_grid()``), from the per-tensor |Δ|
+        histograms of the one pass: per tensor (in ``tensors`` order), and per layer, kind and
+        (layer, kind) — what a page needs to answer any grid τ without reading the weights again
+        (:func:`at_tolerance`). Heads, channels and the absorption view stay at the pass's τ."""
+        grid = tolerance_grid()
+        per = [[t.numel - t.stats.unchanged_at(g) for g in grid] for t in self.tensors]
+
+        def group(key) -> list[dict]:
+            out: dict = {}
+            for t, ch in zip(self.tensors, per):
+                k = key(t)
+                if k is None:
+                    continue
+                row = out.setdefault(k, {"numel": 0, "changed": [0] * len(grid)})
+                row["numel"] += t.numel
+                row["changed"] = [a + b for a, b in zip(row["changed"], ch)]
+            return [{"key": list(k) if isinstance(k, tuple) else k, **v} for k, v in out.items()]
+
+        return {"tolerances": grid, "tensors": per,
+                "layers": group(lambda t: t.layer),
+                "kinds": group(lambda t: t.kind),
+                "layer_kinds": group(lambda t: (t.layer, t.kind) if t.layer is not None else None)}
+
     def to_json(self) -> dict:
         """The CLI contract (schema subnetscope.diff/1); counts are exact integers.
 
@@ -241,6 +265,7 @@ class DiffResult:
             "units": self.by_unit(),
             "delta_histogram": self.delta_histogram(),
             "absorption": self.absorption(),
+            "by_tolerance": self.by_tolerance(),
             "skipped": self.skipped,
             "resized": self.resized,
         }
@@ -411,3 +436,48 @@ def changed_mask(base: torch.Tensor, tuned: torch.Tensor, tol: float) -> torch.T
         return _changed_mask(base, tuned, tol)
     except Incomparable as e:
         raise SubnetscopeError(str(e)) from None
+
+
+def at_tolerance(d: dict, tol: float) -> dict:
+    """The diff JSON ``d`` re-aggregated at another grid τ from its ``by_tolerance`` arrays: the
+    headline counts, ``tensors`` (changed, update_sparsity), ``layers``, ``kinds`` and
+    ``layer_kinds`` (their weighted and unweighted sparsity) — equal to a fresh ``diff --tol τ``
+    for all of these. ``units`` (heads, channels) and ``absorption`` keep the pass's τ, which
+    ``detail_tolerance`` names.
+
+    Raises:
+        ValueError: τ not on the grid, or a JSON without ``by_tolerance``.
+    """
+    bt = d.get("by_tolerance")
+    if not bt:
+        raise ValueError("this diff result has no per-tolerance counts (written before they existed): rerun it")
+    grid = bt["tolerances"]
+    if tol not in grid:
+        raise ValueError(f"tolerance {tol:g} is not on the grid")
+    i = grid.index(tol)
+    out = {**d, "tolerance": float(tol), "detail_tolerance": d.get("detail_tolerance", d["tolerance"])}
+    tensors = []
+    for row, ch in zip(d["tensors"], bt["tensors"]):
+        c = ch[i]
+        tensors.append({**row, "changed": c, "update_sparsity": 1 - c / row["numel"] if row["numel"] else None})
+    out["tensors"] = tensors
+    n = d["total_params"]
+    changed = sum(t["changed"] for t in tensors)
+    out.update(changed_params=changed, update_sparsity=(n - changed) / n if n else None,
+               density=changed / n if n else None)
+
+    def regroup(rows: list[dict], match) -> list[dict]:
+        res = []
+        for r in rows:
+            members = [t for t in tensors if match(r, t)]
+            c = sum(t["changed"] for t in members)
+            nonempty = [t for t in members if t["numel"]]
+            res.append({**r, "changed": c, "update_sparsity": (r["numel"] - c) / r["numel"] if r["numel"] else None,
+                        "update_sparsity_unweighted": (sum(1 - t["changed"] / t["numel"] for t in nonempty)
+                                                       / len(nonempty)) if nonempty else None})
+        return res
+
+    out["layers"] = regroup(d["layers"], lambda r, t: t["layer"] == r["layer"])
+    out["kinds"] = regroup(d["kinds"], lambda r, t: t["kind"] == r["kind"])
+    out["layer_kinds"] = regroup(d["layer_kinds"], lambda r, t: (t["layer"], t["kind"]) == (r["layer"], r["kind"]))
+    return out

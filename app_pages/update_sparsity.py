@@ -6,7 +6,7 @@ import pandas as pd
 import streamlit as st
 
 from analysis import plots
-from analysis.diff import tolerance_grid
+from analysis.diff import at_tolerance, tolerance_grid
 from analysis.errors import SubnetscopeError
 from ui import work
 from ui.loaders import summary, try_load
@@ -49,10 +49,21 @@ def pair_label(t: str) -> str:
 base_summary = try_load(summary, base)
 if base_summary is None:
     st.stop()
+# One pass answers every grid τ: the diff runs at the "pass τ" (1e-5 until the user asks for details at
+# another τ) and the slider re-aggregates its per-τ counts; only heads, channels and the absorption view
+# (and --rank) need the weights again, on request.
+pass_tol = st.session_state.setdefault("sparsity_pass_tol", 1e-5)
 results: dict[str, dict] = {}
 for ref in tuned:
     try:
-        r = work.diff(parents[ref], ref, tol, rank and ref == focus, base_summary["total_params"], key=f"diff_{ref}")
+        r = work.diff(parents[ref], ref, pass_tol, rank and ref == focus, base_summary["total_params"],
+                      key=f"diff_{ref}")
+        if r is not None and tol != pass_tol:
+            try:
+                r = at_tolerance(r, tol)
+            except ValueError:  # a result written before the per-τ counts existed: a pass at τ
+                r = work.diff(parents[ref], ref, tol, rank and ref == focus, base_summary["total_params"],
+                              key=f"diff_{ref}_tol")
     except SubnetscopeError as e:
         st.error(f"{label_of(ref)}: {e}")
         continue
@@ -78,6 +89,14 @@ if focus not in results:
     st.stop()
 r = results[focus]
 st.subheader(pair_label(focus))
+detail = r.get("detail_tolerance", r["tolerance"])
+if detail != tol:
+    n1, n2 = st.columns([4, 1])
+    n1.caption(f"Counts, layers, kinds and tensors are at τ = {tol:g}. Heads, MLP channels and the absorption view "
+               f"come from the pass at τ = {detail:g}; recomputing them reads the weights again.")
+    if n2.button(f"Details at τ = {tol:g}", key="sparsity_details"):
+        st.session_state["sparsity_pass_tol"] = tol
+        st.rerun()
 left, right = st.columns(2)
 left.plotly_chart(plots.layer_kind_heatmap(r["layer_kinds"]), key="layer_kind")
 components = [c for c in ("q", "k", "v", "o") if any(u["component"] == c for u in r["units"])]
@@ -88,7 +107,7 @@ if components:
 
 left, right = st.columns(2)
 left.plotly_chart(plots.delta_histogram(r["delta_histogram"]), key="hist")
-right.plotly_chart(plots.absorption(r["absorption"], tol), key="absorption")
+right.plotly_chart(plots.absorption(r["absorption"], detail), key="absorption")
 channels = [c for c in ("gate", "up", "down") if any(u["component"] == c for u in r["units"])]
 if channels:
     ch = st.radio("MLP channels of", channels, horizontal=True, key="chan_comp")

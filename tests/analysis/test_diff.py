@@ -250,3 +250,27 @@ def test_update_rank(tmp_path):
     assert ranks["model.norm.weight"] is None  # 1-D: no rank
     q = next(x for x in r.to_json()["tensors"] if x["name"] == Q)
     assert q["rank_fraction"] == 2 / 64
+
+
+def test_every_grid_tolerance_from_one_pass(demo):
+    """at_tolerance re-aggregates the JSON of one pass at τ = 1e-5 to any grid τ: headline, tensors,
+    layers, kinds and layer × kind equal a fresh diff at that τ exactly, in well under 100 ms."""
+    import time
+
+    from analysis.diff import at_tolerance, tolerance_grid
+
+    base, tuned = demo / "sft", demo / "rl-seed1"
+    one = diff_checkpoints(base, tuned, tol=1e-5).to_json()
+    assert one["by_tolerance"]["tolerances"] == tolerance_grid() and len(one["by_tolerance"]["tensors"]) == len(
+        one["tensors"])
+    for tol in (0.0, 1e-8, 1e-6, 1e-4, 1e-2):
+        t0 = time.perf_counter()
+        got = at_tolerance(one, tol)
+        took = time.perf_counter() - t0
+        want = diff_checkpoints(base, tuned, tol=tol).to_json()
+        assert took < 0.1, took
+        for key in ("changed_params", "update_sparsity", "tensors", "layers", "kinds", "layer_kinds"):
+            assert got[key] == want[key], (tol, key)
+        assert got["tolerance"] == tol and got["detail_tolerance"] == 1e-5
+    with pytest.raises(ValueError, match="not on the grid"):
+        at_tolerance(one, 3e-5)

@@ -167,3 +167,29 @@ def test_update_sparsity_page_shows_exact_bit_tensors(tmp_path):
     table = next(df.value for df in at.dataframe if "compare" in df.value.columns)
     rows = dict(zip(table["name"], table["compare"]))
     assert rows[q] == "exact_bits" and rows["model.layers.1.mlp.up_proj.weight"] == "tolerance"
+
+
+def test_slider_reaggregates_without_a_new_job(family, tmp_path, monkeypatch):
+    """Above the inline limit one background diff serves every τ: moving the slider starts no job
+    and shows the counts a fresh diff at that τ gives; details (heads, channels) at the new τ are
+    one button away."""
+    import time
+
+    from analysis.jobs import JobDir
+
+    monkeypatch.setenv("SUBNETSCOPE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("SUBNETSCOPE_INLINE_LIMIT", "0")
+    at = _run("update_sparsity.py", family["base"], [family["r2"]])
+    next(b for b in at.button if b.label == "Run diff in the background").click().run()
+    job = JobDir(next((tmp_path / "home" / "jobs").iterdir()))
+    deadline = time.time() + 120
+    while job.state().status == "running" and time.time() < deadline:
+        time.sleep(0.3)
+    at.run()
+    for tol in (0.0, 1e-2, 1e-1, 1.0):
+        at.select_slider(key="sparsity_tol").set_value(tol).run()
+        assert not at.exception, at.exception
+        want = diff_checkpoints(family["base"], family["r2"], tol=tol)
+        assert at.metric[0].value == f"{want.update_sparsity:.2%}", tol
+        assert len(list((tmp_path / "home" / "jobs").iterdir())) == 1  # still the one job
+    assert any("recomputing them reads the weights again" in c.value for c in at.caption)
