@@ -9,11 +9,24 @@ import plotly.graph_objects as go
 from analysis.diff import PAPER_TOL
 
 
-def _layout(fig: go.Figure, title: str, x: str, y: str) -> go.Figure:
-    """Title, axis titles, margins; 320 px high unless the figure already chose its height (a heatmap
-    that grows with the number of layers keeps its own)."""
-    fig.update_layout(title=title, xaxis_title=x, yaxis_title=y, margin=dict(l=10, r=10, t=40, b=10),
+LEGEND_CHARS = 40  # longer trace names are cut in the legend (the hover keeps the whole name)
+
+
+def _layout(fig: go.Figure, title: str, x: str, y: str, subtitle: str | None = None) -> go.Figure:
+    """Title (and a subtitle for the details a long title would cut), axis titles, margins; 320 px
+    high unless the figure already chose its height (a heatmap that grows with its layers keeps
+    its own); the legend below the plot, horizontal, names cut to LEGEND_CHARS, so long run names
+    never squeeze the plot area."""
+    fig.update_layout(title=dict(text=title, subtitle=dict(text=subtitle) if subtitle else None),
+                      xaxis_title=x, yaxis_title=y, margin=dict(l=10, r=10, t=60 if subtitle else 40, b=10),
                       height=fig.layout.height or 320, bargap=0.15)
+    if fig.layout.legend.orientation is None:
+        fig.update_layout(legend=dict(orientation="h", yanchor="top", y=-0.22, x=0, xanchor="left"))
+    for tr in fig.data:
+        if tr.name and len(tr.name) > LEGEND_CHARS:
+            tr.name = tr.name[:LEGEND_CHARS - 1] + "…"
+        if tr.type == "heatmap":  # a slim colour bar: heatmaps in narrow columns keep their plot area
+            tr.update(colorbar=dict(thickness=10, xpad=4))
     return fig
 
 
@@ -146,9 +159,8 @@ def delta_histogram(h: dict) -> go.Figure:
     fig = go.Figure(go.Bar(x=x, y=counts, marker_color="#2b8cbe",
                            hovertemplate="|Δ| %{x}: %{y:,}<extra></extra>"))
     fig.update_yaxes(type="log")
-    title = (f"|Δ| of changed-bit elements — bit-identical {h['identical']:,}, "
-             f"±0 {h['zero']:,}, non-finite {h['nonfinite']:,}")
-    return _layout(fig, title, "|θ¹ − θ⁰| bin (upper edge)", "elements")
+    return _layout(fig, "|Δ| of the elements whose bits changed", "|θ¹ − θ⁰| bin (upper edge)", "elements",
+                   subtitle=f"bit-identical {h['identical']:,} · ±0 {h['zero']:,} · non-finite {h['nonfinite']:,}")
 
 
 def absorption(rows: list[dict], tol: float) -> go.Figure:
@@ -163,12 +175,17 @@ def absorption(rows: list[dict], tol: float) -> go.Figure:
                               "<extra></extra>")
     fig.add_scatter(x=x, y=[r["bf16_half_ulp"] for r in rows], yaxis="y2", mode="lines+markers",
                     name="bf16 half-ulp", line=dict(color="firebrick"))
-    if tol > 0:
-        fig.add_hline(y=tol, yref="y2", line_dash="dot", line_color="firebrick", annotation_text=f"τ = {tol:g}")
+    if tol > 0:  # the label right of the plot area, above the line: never on the bars
+        fig.add_hline(y=tol, yref="y2", line_dash="dot", line_color="firebrick", annotation_text=f"τ = {tol:g}",
+                      annotation_position="top right", annotation_font_color="firebrick")
+    ulps = [r["bf16_half_ulp"] for r in rows] + ([tol] if tol > 0 else [])
+    y2 = dict(type="log", overlaying="y", side="right", title="bf16 half-ulp", exponentformat="power")
+    if ulps:  # the axis spans the binades shown (and τ), a decade of room either side
+        import math
+
+        y2["range"] = [math.floor(math.log10(min(ulps))) - 1, math.ceil(math.log10(max(ulps))) + 1]
     fig.update_layout(xaxis=dict(type="log", exponentformat="power"), yaxis=dict(tickformat=".0%", range=[0, 1.02]),
-                      yaxis2=dict(type="log", overlaying="y", side="right", title="bf16 half-ulp",
-                                  exponentformat="power"),
-                      legend=dict(orientation="h", y=-0.25))
+                      yaxis2=y2, legend=dict(orientation="h", y=-0.25))
     return _layout(fig, "Unchanged elements by |θ⁰| (bf16 absorption)", "|θ⁰| (binade lower edge)",
                    "unchanged fraction")
 
@@ -215,8 +232,7 @@ def consensus_bar(consensus: list[int]) -> go.Figure:
     """Elements changed by exactly k of the N runs."""
     fig = go.Figure(go.Bar(x=list(range(len(consensus))), y=consensus, marker_color="#756bb1",
                            hovertemplate="%{y:,} elements changed by exactly %{x} runs<extra></extra>"))
-    fig.update_yaxes(type="log")
-    fig.update_xaxes(dtick=1)
+    fig.update_xaxes(dtick=1)  # a linear axis: the counts are compared with each other
     return _layout(fig, "Consensus: elements changed by exactly k runs", "k runs", "elements")
 
 
@@ -300,8 +316,10 @@ def interval_bars(rows: list[dict], value: str, title: str) -> go.Figure:
         rows (list[dict]): ``{"label", value, value + "_ci": [lo, hi]}``.
     """
     rows = [r for r in rows if r.get(value) is not None and r.get(value + "_ci")]
+    cut = 22  # run names on the y axis: short, so a chart in half the page keeps its plot area
+    short = [r["label"] if len(r["label"]) <= cut else r["label"][:cut - 1] + "…" for r in rows]
     fig = go.Figure()
-    fig.add_scatter(x=[r[value] for r in rows], y=[r["label"] for r in rows], mode="markers",
+    fig.add_scatter(x=[r[value] for r in rows], y=short, mode="markers",
                     error_x=dict(type="data", symmetric=False, array=[r[value + "_ci"][1] - r[value] for r in rows],
                                  arrayminus=[r[value] - r[value + "_ci"][0] for r in rows]),
                     hovertemplate="%{y}: %{x:.4f}<extra></extra>")

@@ -151,15 +151,16 @@ if att[0].layers is not None:
     st.subheader("Layers and heads")
     st.plotly_chart(plots.layer_relevance({lb: a.layers for lb, a in zip(labels, att)},
                                           "Relevance of the residual stream after each block"), key="layers")
-    hc = st.columns(len(att) + (1 if diff and "heads" in diff else 0))
-    for i, (a, lb) in enumerate(zip(att, labels)):
-        H = len(a.heads[0]) if a.heads else 0
-        hc[i].plotly_chart(plots.relevance_heatmap(a.heads, list(range(H)), list(range(len(a.heads))),
-                                                   f"{lb}: relevance per head (o_proj input)", "head"), key=f"heads{i}")
+    figs = [(plots.relevance_heatmap(a.heads, list(range(len(a.heads[0]) if a.heads else 0)), list(range(len(a.heads))),
+                                     f"{lb}: relevance per head (o_proj input)", "head"), f"heads{i}")
+            for i, (a, lb) in enumerate(zip(att, labels))]
     if diff and "heads" in diff:
-        H = len(diff["heads"][0])
-        hc[-1].plotly_chart(plots.relevance_heatmap(diff["heads"], list(range(H)), list(range(len(diff["heads"]))),
-                                                    f"{labels[1]} − {labels[0]}", "head"), key="heads_diff")
+        figs.append((plots.relevance_heatmap(diff["heads"], list(range(len(diff["heads"][0]))),
+                                             list(range(len(diff["heads"]))), f"{labels[1]} − {labels[0]}", "head"),
+                     "heads_diff"))
+    for row in range(0, len(figs), 2):  # two a row: three heatmaps side by side lost half their plot area
+        for col, (fig, key) in zip(st.columns(2), figs[row:row + 2]):
+            col.plotly_chart(fig, key=key)
     a0 = att[0]
     st.plotly_chart(plots.relevance_heatmap(a0.layer_tokens, plots.token_label(a0.tokens),
                                             list(range(len(a0.layer_tokens))),

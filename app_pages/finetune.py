@@ -336,7 +336,7 @@ else:
 st.caption("Identical: elements whose final values agree with the reference's within τ (the paper: 94% for the "
            "subnetwork run against full fine-tuning). Gaps are paired per held-out problem, run − reference, with "
            "95% normal intervals; the sampled reward averages each problem's samples first.")
-i1, i2 = st.columns(2)
+i1, i2 = st, st  # full width, one under the other: run names on the y axis left half a column too little plot
 if any(x.get("reward_sampled_gap_ci") for x in intervals):
     i1.plotly_chart(plots.interval_bars(intervals, "reward_sampled_gap", "Sampled reward − reference (paired, 95%)"),
                     key="ft_ci_r")

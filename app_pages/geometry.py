@@ -76,9 +76,11 @@ if not runs:
 url_bound("geometry_field", "spectral_drift", param="show", valid=lambda v: v in plots.GEOMETRY_FIELDS)
 field = st.radio("Heatmap", list(plots.GEOMETRY_FIELDS), horizontal=True, key="geometry_field",
                  format_func=lambda f: plots.GEOMETRY_FIELDS[f][0].split(" (")[0].split(" ‖")[0])
-cols = st.columns(len(runs))
-for i, (col, (label, d)) in enumerate(zip(cols, runs.items())):
-    col.plotly_chart(plots.geometry_heatmap(d, field, title=label), key=f"heat_{i}")
+items = list(runs.items())
+for row in range(0, len(items), 2):  # two a row: a heatmap in a third of the page lost its plot area
+    cols = st.columns(2)
+    for i, (col, (label, d)) in enumerate(zip(cols, items[row:row + 2]), start=row):
+        col.plotly_chart(plots.geometry_heatmap(d, field, title=label), key=f"heat_{i}")
 
 st.subheader("On the principal weights, or off them?")
 st.caption("Per kind, means over the layers. *o1*: the share of the changed elements that are among the same number "

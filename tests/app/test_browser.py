@@ -84,6 +84,45 @@ def browser_page(app_url):
             browser.close()
 
 
+# What a reader needs of every Plotly chart, read from the rendered page: the plot area (the drag
+# rectangle of each subplot) takes ≥ 60% of the figure's width (legends and long labels must not
+# squeeze it); no tick or title text sticks out of its figure; and a heatmap whose colour range is
+# not the fixed, labelled 0–100% scale of the sparsity maps, nor a diverging scale centred on 0
+# (relevance, ±max|z|), spans exactly its data's min and max.
+_CHART_CHECK = """
+() => [...document.querySelectorAll('.js-plotly-plot')].map((el, i) => {
+  const svg = el.querySelector('.main-svg');
+  if (!svg) return {i, skip: true};
+  const box = svg.getBoundingClientRect();
+  if (box.width < 50) return {i, skip: true};
+  const drag = [...el.querySelectorAll('.nsewdrag')].map(r => r.getBoundingClientRect().width);
+  const area = drag.length ? Math.max(...drag) : box.width;
+  const over = [...el.querySelectorAll('.xtick text, .ytick text, .g-xtitle text, .g-ytitle text, .gtitle')]
+    .filter(t => { const b = t.getBoundingClientRect();
+                   return b.width > 0 && (b.left < box.left - 2 || b.right > box.right + 2); })
+    .map(t => t.textContent);
+  const ranges = (el._fullData || []).filter(d => d.type === 'heatmap' && !(d.zmin === 0 && d.zmax === 1)
+                                               && !(d.zmin === -d.zmax))  // diverging: ±max|z| around 0
+    .map(d => { const z = (d.z || []).flat().filter(v => v !== null && isFinite(v));
+                return {zmin: d.zmin, zmax: d.zmax, lo: Math.min(...z), hi: Math.max(...z)}; });
+  const title = (el.layout && el.layout.title && el.layout.title.text) || String(i);
+  return {i, title, share: area / box.width, over, ranges};
+})
+"""
+
+
+def check_charts(page, where: str) -> int:
+    """Asserts the reading checks above on every chart of the page; returns how many were checked."""
+    found = [c for c in page.evaluate(_CHART_CHECK) if not c.get("skip")]
+    for c in found:
+        assert c["share"] >= 0.6, f"{where}: chart {c['title']!r} plot area is {c['share']:.0%} of its width"
+        assert not c["over"], f"{where}: chart {c['title']!r} text outside the figure: {c['over'][:3]}"
+        for r in c["ranges"]:
+            assert abs(r["zmin"] - r["lo"]) <= 1e-9 * max(1, abs(r["lo"])) and \
+                abs(r["zmax"] - r["hi"]) <= 1e-9 * max(1, abs(r["hi"])), f"{where}: {c['title']!r} colour range {r}"
+    return len(found)
+
+
 def _open(page, url: str, shot: str) -> list[str]:
     """Opens a page, waits for its metrics and charts, keeps a screenshot, returns metric values."""
     page.goto(url, wait_until="domcontentloaded")
@@ -95,6 +134,7 @@ def _open(page, url: str, shot: str) -> list[str]:
     page.screenshot(path=str(out), full_page=True)
     body = page.inner_text("body")
     assert "Traceback" not in body and "Error" not in body
+    assert check_charts(page, shot) >= 1
     return page.get_by_test_id("stMetricValue").all_inner_texts()
 
 
@@ -126,6 +166,36 @@ def test_typed_bad_path_shows_error_rest_works(app_url, browser_page, tmp_path):
     assert values[0] == f"{open_checkpoint(d / 'sft').total_params:,}" and len(values) == 3 * 4
 
 
+def test_typed_pair_survives_a_reload(app_url, browser_page):
+    """Type a base (with a trailing slash), drop two fine-tunes, reload: the same pair is shown, the
+    URL carries it, and the typed path is one entry with the demo's own sft."""
+    d = default_demo_dir()
+    page = browser_page
+    _open(page, app_url, "checkpoints-page.png")
+    box = page.get_by_test_id("stSelectbox").locator("input").first
+    box.click()
+    box.fill(str(d / "sft") + "/")
+    box.press("Enter")
+    page.wait_for_timeout(2500)
+    for name in ("demo/sft", "demo/rl-seed2"):  # the fine-tunes' chips: remove two, one after the other
+        page.get_by_role("button", name=f"Remove {name}").first.click()
+        page.wait_for_timeout(2000)
+    assert "base=" in page.url and "rl-seed1" in page.url
+    page.reload(wait_until="domcontentloaded")
+    page.get_by_test_id("stMetricValue").first.wait_for(timeout=90_000)
+    page.wait_for_timeout(1500)
+    sidebar = page.get_by_test_id("stSidebar").inner_text()  # the fine-tunes' chips
+    assert page.get_by_test_id("stSelectbox").first.locator("input").input_value() == "demo/sft"  # one entry
+    assert "demo/rl-seed1" in sidebar and "demo/rl-seed2" not in sidebar and "demo/sft" not in sidebar
+    page.goto(app_url, wait_until="domcontentloaded")  # back to the default family for the next tests
+    page.wait_for_timeout(500)
+
+
+def test_trajectory_page_in_chromium(app_url, browser_page):
+    values = _open(browser_page, app_url + "/trajectory", "trajectory-page.png")
+    assert values[0] == "5"  # the demo's RL run saved every 10 steps
+
+
 def test_update_sparsity_page_in_chromium(app_url, browser_page):
     d = default_demo_dir()
     # each fine-tune against its parent: base -> sft, sft -> rl-seed1, sft -> rl-seed2
@@ -144,6 +214,7 @@ def test_overlap_page_in_chromium(app_url, browser_page):
     browser_page.locator(".js-plotly-plot").first.wait_for(timeout=90_000)
     browser_page.wait_for_timeout(1500)
     browser_page.screenshot(path=str(ROOT / "artifacts" / "overlap-page.png"), full_page=True)
+    assert check_charts(browser_page, "overlap-page.png") >= 1
     texts = " ".join(browser_page.locator(".js-plotly-plot svg text").all_text_contents())
     for p in pairs:  # the matrix cells show each measured o1 and its random baseline
         assert f"{p['o1']:.2f}" in texts and f"rand {p['o1_random']:.2f}" in texts
@@ -165,6 +236,7 @@ def test_importance_page_in_chromium(app_url, browser_page):
     ok.wait_for(timeout=180_000)
     browser_page.wait_for_timeout(1500)
     browser_page.screenshot(path=str(ROOT / "artifacts" / "importance-page.png"), full_page=True)
+    assert check_charts(browser_page, "importance-page.png") >= 1
     text = ok.inner_text()
     assert "Smallest magnitude (SaRA)" in text and f"AUROC {auroc:.3f}" in text
 
@@ -216,5 +288,6 @@ def test_finetune_page_in_chromium(app_url, browser_page):
     assert "only elements inside its mask" in ok.inner_text()
     page.wait_for_timeout(1500)
     page.screenshot(path=str(ROOT / "artifacts" / "finetune-page.png"), full_page=True)
+    assert check_charts(page, "finetune-page.png") >= 1
     charts = page.locator(".js-plotly-plot")
     assert charts.count() >= 2  # loss curves and the metric curves
