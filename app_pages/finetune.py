@@ -19,7 +19,7 @@ from analysis.finetune.config import (BUDGETS, COMBINE, DEMO_RL_RECIPE, GRANULAR
                                       FinetuneConfig)
 from analysis.finetune.experiments import paper_experiment
 from analysis.selectors import SELECTORS
-from ui.state import chosen_refs, demo_refs, label_of, parent_of
+from ui.state import chosen_refs, demo_refs, label_of, mirror_to_url, parent_of
 
 HELP = FinetuneConfig.help()
 DEFAULTS = FinetuneConfig.defaults()  # the form's defaults are the CLI's: one declaration
@@ -242,14 +242,16 @@ def live():
     seen = st.session_state.get("ft_seen")
     pick = [n for n in st.session_state.get("ft_pick", []) if n in names]
     if seen is None or "ft_pick" not in st.session_state:
+        linked = [n for n in st.query_params.get_all("runs") if n in names]  # a reload or a shared link
         current = [n for n in names if runs[n]["config"].get("checkpoint") in refs] or names
-        st.session_state["ft_pick"] = current[:4]
+        st.session_state["ft_pick"] = linked or current[:4]
     else:
         new = [n for n in names if n not in seen]
         if new:
             st.session_state["ft_pick"] = (new + pick)[:4]
     st.session_state["ft_seen"] = names
     chosen = st.multiselect("Overlay", names, key="ft_pick")
+    mirror_to_url({"runs": list(chosen)})
     curves = {n: runs[n]["metrics"] for n in chosen}
     left, right = st.columns(2)
     smooth = left.slider("Smoothing (steps)", 1, 25, 5, key="ft_smooth")

@@ -120,8 +120,8 @@ if not layers.empty:
     st.dataframe(layers, hide_index=True)
 
 tensors = pd.DataFrame(r["tensors"])
-show = ["name", "kind", "layer", "shape", "dtype", "compare", "numel", "changed", "update_sparsity", "delta_fro",
-        "max_abs_delta", "rank", "rank_fraction"]
+show = ["name", "update_sparsity", "changed", "numel", "delta_fro", "max_abs_delta", "rank", "rank_fraction", "kind",
+        "layer", "shape", "dtype", "compare"]  # the numbers right after the name: visible without scrolling
 show = [c for c in show if c in tensors]  # compare: "tolerance", or "exact_bits" for integer / bool tensors
 t1, t2 = st.columns(2)
 t1.caption("Most changed tensors")

@@ -181,10 +181,10 @@ def sidebar() -> None:
         if not labels:
             st.caption("Demo family not built yet: `python -m analysis demo`")
     base, tuned = selection()
-    _mirror({"base": base, "tuned": tuned})
+    mirror_to_url({"base": base, "tuned": tuned})
 
 
-def _mirror(params: dict) -> None:
+def mirror_to_url(params: dict) -> None:
     """Writes ``params`` into the page URL (a list: the key repeated; None: removed), touching it
     only where it differs."""
     qp = st.query_params
@@ -226,5 +226,5 @@ def url_bound(key: str, default, *, parse=str, valid=None, param: str | None = N
             else:
                 st.warning(f"`{param}={raw}` from the link does not apply here; using the default")
         ss[key] = value
-    _mirror({param: ss[key]})
+    mirror_to_url({param: ss[key]})
     return ss[key]

@@ -171,24 +171,24 @@ def test_typed_pair_survives_a_reload(app_url, browser_page):
     URL carries it, and the typed path is one entry with the demo's own sft."""
     d = default_demo_dir()
     page = browser_page
-    _open(page, app_url, "checkpoints-page.png")
+    page.goto(app_url, wait_until="domcontentloaded")
+    page.get_by_test_id("stMetricValue").first.wait_for(timeout=90_000)
     box = page.get_by_test_id("stSelectbox").locator("input").first
     box.click()
     box.fill(str(d / "sft") + "/")
     box.press("Enter")
-    page.wait_for_timeout(2500)
+    page.wait_for_function("() => location.search.includes('demo%2Fsft&')", timeout=30_000)
     for name in ("demo/sft", "demo/rl-seed2"):  # the fine-tunes' chips: remove two, one after the other
         page.get_by_role("button", name=f"Remove {name}").first.click()
-        page.wait_for_timeout(2000)
+        page.wait_for_timeout(1200)
+    page.wait_for_function("() => !location.search.includes('rl-seed2')", timeout=30_000)
     assert "base=" in page.url and "rl-seed1" in page.url
     page.reload(wait_until="domcontentloaded")
     page.get_by_test_id("stMetricValue").first.wait_for(timeout=90_000)
-    page.wait_for_timeout(1500)
     sidebar = page.get_by_test_id("stSidebar").inner_text()  # the fine-tunes' chips
     assert page.get_by_test_id("stSelectbox").first.locator("input").input_value() == "demo/sft"  # one entry
     assert "demo/rl-seed1" in sidebar and "demo/rl-seed2" not in sidebar and "demo/sft" not in sidebar
     page.goto(app_url, wait_until="domcontentloaded")  # back to the default family for the next tests
-    page.wait_for_timeout(500)
 
 
 def test_trajectory_page_in_chromium(app_url, browser_page):

@@ -154,6 +154,11 @@ def test_filter_and_move_a_finished_run_to_the_trash(demo, tmp_path, monkeypatch
     at.run()
     assert not at.exception, at.exception
     assert at.multiselect(key="ft_pick").value == ["run 4", "run 3", "run 2", "run 1"]  # newest four
+    assert at.query_params["runs"] == ["run 4", "run 3", "run 2", "run 1"]  # in the URL
+    linked = _page(demo)
+    linked.query_params["runs"] = ["run 0", "run 2", "no such run"]
+    linked.run()
+    assert linked.multiselect(key="ft_pick").value == ["run 0", "run 2"]  # a shared link's overlay
     at.multiselect(key="ft_f_status").set_value(["cancelled"]).run()
     assert list(at.dataframe[0].value["run"]) == ["run 4"]
     at.multiselect(key="ft_f_status").set_value([]).run()
