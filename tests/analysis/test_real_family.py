@@ -24,13 +24,13 @@ def test_reduced_family_resumes_after_an_interruption(smollm2, tmp_path):
         return calls["n"] > 3
 
     with pytest.raises(DemoError, match="cancelled"):
-        build_real_family(out, source=smollm2, scale=0.02, eval_problems=8, progress=False,
+        build_real_family(out, source=smollm2, scale=0.02, eval_problems=4, progress=False,
                           should_stop=stop_in_rl_seed2)
     partial = tmp_path / "fam.partial"
     assert not out.exists()
     assert {p.name for p in partial.iterdir() if (p / "stage.json").is_file()} == {"base", "sft", "rl-seed1"}
     sft_bytes = (partial / "sft" / "model.safetensors").read_bytes()
-    build_real_family(out, source=smollm2, scale=0.02, eval_problems=8, progress=False)
+    build_real_family(out, source=smollm2, scale=0.02, eval_problems=4, progress=False)
     assert not partial.exists()
     assert (out / "sft" / "model.safetensors").read_bytes() == sft_bytes  # not retrained
     m = json.loads((out / "manifest.json").read_text())
@@ -39,7 +39,7 @@ def test_reduced_family_resumes_after_an_interruption(smollm2, tmp_path):
     assert [len(m["models"][n]["curve"]) for n in MODEL_NAMES[1:]] == [2, 1, 1]
     for n in MODEL_NAMES:
         e = m["models"][n]
-        assert e["n"] == 8 and e["ci95"][0] <= e["accuracy"] <= e["ci95"][1]
+        assert e["n"] == 4 and e["ci95"][0] <= e["accuracy"] <= e["ci95"][1]
         with safe_open(out / n / "model.safetensors", "pt") as f:
             assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
     # one RL step at lr 2e-6 stays under bf16's step for most weights; two SFT steps at 5e-5 do not
