@@ -63,7 +63,7 @@ for i, t in enumerate(tuned):
         if work.param_count(t) < work.inline_limit():
             d = _inline(b, t, k, tol, (fingerprint(b), fingerprint(t)))
         else:
-            d = work.geometry_job(b, t, k, tol, key=f"geometry_{i}")
+            d = work.geometry_job(b, t, k, tol, key=f"geometry_{i}", label=label)
     except SubnetscopeError as e:
         st.error(f"{label}: {e}")
         continue

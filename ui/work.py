@@ -196,8 +196,8 @@ def trajectory_job(base: str, checkpoints: list[str], steps: list[int], tol: flo
     return _job(argv, [base, *checkpoints], key, label="trajectory")
 
 
-def geometry_job(base: str, tuned: str, k, tol: float, key: str) -> dict | None:
+def geometry_job(base: str, tuned: str, k, tol: float, key: str, label: str | None = None) -> dict | None:
     """``python -m analysis geometry`` as a job (a large pair: an SVD per block matrix): its JSON,
-    or None while it runs."""
+    or None while it runs; ``label`` names the pair on the button."""
     argv = ["geometry", base, tuned, "--tol", repr(tol), "--quiet", *(["--k", str(k)] if k is not None else [])]
-    return _job(argv, [base, tuned], key, label=f"geometry of {tuned}")
+    return _job(argv, [base, tuned], key, label=f"geometry of {label or tuned}")
