@@ -200,6 +200,8 @@ class MatrixGeometry:
     svd_error: float
     sigma_base: list[float] | None = None  # the full spectra, only when asked
     sigma_tuned: list[float] | None = None
+    angles_u: list[float] | None = None  # every principal angle, with the spectra
+    angles_v: list[float] | None = None
 
 
 def matrix_geometry(w0: torch.Tensor, w1: torch.Tensor, *, k: float | int | None = None, tol: float = PAPER_TOL,
@@ -213,7 +215,7 @@ def matrix_geometry(w0: torch.Tensor, w1: torch.Tensor, *, k: float | int | None
         tol (float): τ of the changed set. Default: 1e-5.
         device (str): where the SVDs run. Default: cpu.
         dtype: float32 or float64 for the SVDs. Default: float32.
-        spectra (bool): keep both full spectra in the result. Default: False.
+        spectra (bool): keep both full spectra and every principal angle in the result. Default: False.
     """
     if w0.dim() != 2 or w0.shape != w1.shape:
         raise SubnetscopeError(f"{name or 'matrix'}: geometry needs two matrices of one shape, got "
@@ -247,7 +249,8 @@ def matrix_geometry(w0: torch.Tensor, w1: torch.Tensor, *, k: float | int | None
         nan_none(proj / dn) if dn > 0 else None, kk * kk / (m * n), c,
         nan_none(p_o1), nan_none(p_j), nan_none(s_o1), nan_none(s_j), nan_none(r_o1), nan_none(r_j),
         power_law_alpha(s0n), power_law_alpha(s1n), max(e0, e1),
-        s0n.tolist() if spectra else None, s1n.tolist() if spectra else None)
+        s0n.tolist() if spectra else None, s1n.tolist() if spectra else None,
+        au.tolist() if spectra else None, av.tolist() if spectra else None)
 
 
 @dataclass
@@ -382,8 +385,4 @@ def matrix_detail(base: str | Checkpoint, tuned: str | Checkpoint, key: str, *, 
     w0, w1 = (ck.tensor(n) for ck, n in zip(cks, at.names))
     rows = at.compare_shape[0]
     w0, w1 = w0[:rows], w1[:rows]
-    g = matrix_geometry(w0, w1, k=k, tol=tol, spectra=True, name=at.key, layer=at.layer, kind=at.kind)
-    a, b = w0.float(), w1.float()
-    _, u0, _, v0, _ = spectrum_top_k(a, g.k)
-    _, u1, _, v1, _ = spectrum_top_k(b, g.k)
-    return {**asdict(g), "angles_u": principal_angles(u0, u1).tolist(), "angles_v": principal_angles(v0, v1).tolist()}
+    return asdict(matrix_geometry(w0, w1, k=k, tol=tol, spectra=True, name=at.key, layer=at.layer, kind=at.kind))

@@ -35,6 +35,12 @@ def test_resolve_k():
     for bad in (0, -1, 0.0, float("nan"), 2.5, True):
         with pytest.raises(SubnetscopeError, match="k must be"):
             resolve_k(bad, 30)
+    from analysis.geometry import parse_k
+
+    assert (parse_k(""), parse_k("1%"), parse_k("8"), parse_k("0.05"), parse_k("5%")) == (None, None, 8, 0.05, 0.05)
+    for bad in ("abc", "1.5", "-3", "0%"):
+        with pytest.raises(SubnetscopeError, match="k "):
+            parse_k(bad)
 
 
 def test_identical_matrices():
@@ -178,6 +184,13 @@ def test_geometry_of_a_checkpoint_pair_and_the_cli(tmp_path, capsys):
     if not torch.cuda.is_available():
         assert main(["geometry", base, tuned, "--device", "cuda", "--json", str(out), "--quiet"]) == 2
         assert "CUDA is not available" in capsys.readouterr().err
+    from analysis.geometry import matrix_detail
+
+    m = matrix_detail(base, tuned, "layers.1.mlp.up_proj.weight", k=2)
+    assert len(m["sigma_base"]) == 64 and len(m["angles_u"]) == 2 and max(m["angles_u"]) == pytest.approx(
+        r.matrices[12].angle_u_max, abs=1e-3)
+    with pytest.raises(SubnetscopeError, match="not a matrix present in both"):
+        matrix_detail(base, tuned, "layers.1.mlp.nope.weight")
 
 
 def test_principal_selector_formula():

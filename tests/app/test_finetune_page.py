@@ -168,3 +168,20 @@ def test_filter_and_move_a_finished_run_to_the_trash(demo, tmp_path, monkeypatch
     trashed = list((home / "trash").iterdir())
     assert len(trashed) == 1 and (trashed[0] / "config.json").is_file()
     assert "run 0" not in list(at.dataframe[0].value["run"])
+
+
+def test_trash_refuses_active_and_outside_runs(demo, tmp_path, monkeypatch):
+    from analysis.errors import SubnetscopeError
+
+    monkeypatch.setenv("SUBNETSCOPE_HOME", str(tmp_path / "home"))
+    cfg = FinetuneConfig(checkpoint=str(demo / "sft"), task="demo-sft", random=0.05, steps=1, batch_size=4,
+                         reward_samples=0)
+    queued = queue.enqueue(cfg, title="waiting")
+    with pytest.raises(SubnetscopeError, match="the run is queued; cancel it before deleting it"):
+        queue.trash(queued)
+    outside = tmp_path / "mine" / "run"
+    run_finetune(cfg, outside)
+    with pytest.raises(SubnetscopeError, match="not one of the app's runs"):
+        queue.trash(outside)
+    assert queued.is_dir() and (outside / "config.json").is_file()  # nothing moved
+    queue.cancel(queued)
