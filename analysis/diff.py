@@ -70,6 +70,8 @@ class TensorDiff:
     kind: str
     stats: DiffStats
     rank: int | None = None  # rank of ΔW (2-D only, when asked)
+    # per head-bearing component (q k v o): unchanged counts # [heads, 1 + len(EDGES)] at every grid τ
+    head_grid: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def numel(self) -> int:
@@ -212,7 +214,9 @@ class DiffResult:
         """Changed counts at every grid tolerance (``tolerance_grid()``), from the per-tensor |Δ|
         histograms of the one pass: per tensor (in ``tensors`` order), and per layer, kind and
         (layer, kind) — what a page needs to answer any grid τ without reading the weights again
-        (:func:`at_tolerance`). Heads, channels and the absorption view stay at the pass's τ."""
+        (:func:`at_tolerance`); ``units``, aligned with ``units``' rows: for a head row the changed
+        count of each head at every grid τ (``[τ][head]``), for a channel row None. Channels and
+        the absorption view stay at the pass's τ."""
         grid = tolerance_grid()
         per = [[t.numel - t.stats.unchanged_at(g) for g in grid] for t in self.tensors]
 
@@ -227,7 +231,15 @@ class DiffResult:
                 row["changed"] = [a + b for a, b in zip(row["changed"], ch)]
             return [{"key": list(k) if isinstance(k, tuple) else k, **v} for k, v in out.items()]
 
-        return {"tolerances": grid, "tensors": per,
+        units = []  # aligned with by_unit()'s rows: heads at every grid τ, channels None (pass τ only)
+        for t in self.tensors:
+            if t.layer is None or t.stats.row_changed is None or t.compare != TOLERANCE or not t.numel:
+                continue
+            for sl in unit_slices(t.kind, t.shape, self.arch):
+                g = t.head_grid.get(sl.component) if sl.unit != "channel" else None
+                per_unit = sl.size * t.shape[1 - sl.axis]
+                units.append(None if g is None else (per_unit - g.T).tolist())
+        return {"tolerances": grid, "tensors": per, "units": units,
                 "layers": group(lambda t: t.layer),
                 "kinds": group(lambda t: t.kind),
                 "layer_kinds": group(lambda t: (t.layer, t.kind) if t.layer is not None else None)}
@@ -363,7 +375,7 @@ def diff_checkpoints(base: str | Checkpoint, tuned: str | Checkpoint, *, tol: fl
     done = 0
     out = []
     incomparable = []
-    for at, res in map_aligned([b, t], al, _diff_tensor, float(tol), rank, device, on_mask is not None, ray=ray,
+    for at, res in map_aligned([b, t], al, _diff_tensor, float(tol), rank, device, on_mask is not None, b.arch, ray=ray,
                                should_stop=should_stop, what="diff"):
         if isinstance(res, str):  # incomparable dtypes: the reason
             skipped.append({"name": at.key, "reason": res})
@@ -382,7 +394,7 @@ def diff_checkpoints(base: str | Checkpoint, tuned: str | Checkpoint, *, tol: fl
     return res
 
 
-def _diff_tensor(at, values, tol: float, rank: bool, device: str, with_mask: bool):
+def _diff_tensor(at, values, tol: float, rank: bool, device: str, with_mask: bool, arch: Architecture):
     """One aligned pair: (TensorDiff, changed mask on the CPU or None), or the reason it cannot be
     compared (a module-level function: Ray tasks run it where the files are)."""
     x, y = values
@@ -392,13 +404,32 @@ def _diff_tensor(at, values, tol: float, rank: bool, device: str, with_mask: boo
         return str(e)
     if device != "cpu":
         x, y = x.to(device), y.to(device)
-    st = diff_stats(x, y, tol, with_mask=with_mask)
+    return tensor_diff(at, x, y, tol, arch, name=at.names[1], with_mask=with_mask, rank=rank)
+
+
+def tensor_diff(at, x: torch.Tensor, y: torch.Tensor, tol: float, arch: Architecture, *, name: str,
+                with_mask: bool = False, rank: bool = False) -> tuple[TensorDiff, torch.Tensor | None]:
+    """The TensorDiff of one comparable aligned pair (and its changed mask on the CPU when asked).
+    For a tensor with attention heads the same pass keeps each head's |Δ| histogram: its changed
+    count at every grid τ (``head_grid``)."""
+    heads = [sl for sl in unit_slices(at.kind, tuple(x.shape), arch) if sl.unit != "channel"] \
+        if comparison(x.dtype, y.dtype) == TOLERANCE and at.layer is not None and x.numel() else []
+    units = (heads[0].axis, [(sl.start + u * sl.size, sl.start + (u + 1) * sl.size)
+                             for sl in heads for u in range(sl.count)]) if heads else None
+    if units and units[1][-1][1] > x.shape[units[0]]:  # heads that do not fit the shape: none kept
+        heads, units = [], None
+    st = diff_stats(x, y, tol, with_mask=with_mask, units=units)
+    head_grid, first = {}, 0
+    for sl in heads:
+        head_grid[sl.component] = st.unit_unchanged[first: first + sl.count]
+        first += sl.count
+    st.unit_unchanged = None  # kept per component in the TensorDiff
     mask = None
     if with_mask:
         mask = st.mask.cpu()
         st.mask = None  # the result keeps statistics only
-    return TensorDiff(at.key, at.names[1], at.compare_shape, str(x.dtype).replace("torch.", ""), at.layer, at.kind, st,
-                      _rank(x, y) if rank else None), mask
+    return TensorDiff(at.key, name, at.compare_shape, str(x.dtype).replace("torch.", ""), at.layer, at.kind, st,
+                      _rank(x, y) if rank else None, head_grid), mask
 
 
 def _rank(x: torch.Tensor, y: torch.Tensor) -> int | None:
@@ -441,9 +472,9 @@ def changed_mask(base: torch.Tensor, tuned: torch.Tensor, tol: float) -> torch.T
 def at_tolerance(d: dict, tol: float) -> dict:
     """The diff JSON ``d`` re-aggregated at another grid τ from its ``by_tolerance`` arrays: the
     headline counts, ``tensors`` (changed, update_sparsity), ``layers``, ``kinds`` and
-    ``layer_kinds`` (their weighted and unweighted sparsity) — equal to a fresh ``diff --tol τ``
-    for all of these. ``units`` (heads, channels) and ``absorption`` keep the pass's τ, which
-    ``detail_tolerance`` names.
+    ``layer_kinds`` (their weighted and unweighted sparsity) and the heads in ``units`` — equal to
+    a fresh ``diff --tol τ`` for all of these. MLP channels and ``absorption`` keep the pass's τ,
+    which ``detail_tolerance`` names.
 
     Raises:
         ValueError: τ not on the grid, or a JSON without ``by_tolerance``.
@@ -477,6 +508,10 @@ def at_tolerance(d: dict, tol: float) -> dict:
                                                        / len(nonempty)) if nonempty else None})
         return res
 
+    per_unit = bt.get("units")
+    if per_unit is None:
+        raise ValueError("this diff result has no per-tolerance head counts (written before they existed): rerun it")
+    out["units"] = [{**u, "changed": g[i]} if g is not None else u for u, g in zip(d["units"], per_unit)]
     out["layers"] = regroup(d["layers"], lambda r, t: t["layer"] == r["layer"])
     out["kinds"] = regroup(d["kinds"], lambda r, t: t["kind"] == r["kind"])
     out["layer_kinds"] = regroup(d["layer_kinds"], lambda r, t: (t["layer"], t["kind"]) == (r["layer"], r["kind"]))

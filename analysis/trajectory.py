@@ -25,10 +25,10 @@ from typing import Callable
 import numpy as np
 
 from analysis.checkpoints import Checkpoint, align, open_checkpoint
-from analysis.diff import PAPER_TOL, DiffResult, TensorDiff
+from analysis.diff import PAPER_TOL, DiffResult, TensorDiff, tensor_diff
 from analysis.errors import SubnetscopeError
 from analysis.tensor_map import map_aligned
-from kernels.diff_stats import Incomparable, comparison, diff_stats
+from kernels.diff_stats import Incomparable, comparison
 
 SCHEMA = "subnetscope.trajectory/1"
 
@@ -140,8 +140,8 @@ def trajectory(base: str | Checkpoint, checkpoints: list[str | Checkpoint], *, s
     vs_prev: list[list[TensorDiff]] = [[] for _ in range(N)]
     cumulative, first, returned, with_final = (np.zeros(N, np.int64) for _ in range(4))
     done = 0
-    for at, res in map_aligned(cks, al, _trajectory_tensor, float(tol), ray=ray, should_stop=should_stop,
-                               what="trajectory"):
+    for at, res in map_aligned(cks, al, _trajectory_tensor, float(tol), cks[0].arch, ray=ray,
+                               should_stop=should_stop, what="trajectory"):
         if isinstance(res, str):  # incomparable dtypes: the reason
             skipped.append({"name": at.key, "reason": res})
             continue
@@ -168,7 +168,7 @@ def trajectory(base: str | Checkpoint, checkpoints: list[str | Checkpoint], *, s
     return res
 
 
-def _trajectory_tensor(at, values, tol: float):
+def _trajectory_tensor(at, values, tol: float, arch):
     """One aligned tensor along the run: the TensorDiffs against the base and the previous
     checkpoint, and its [cumulative, first changed, returned, with final] counts per checkpoint —
     or the reason it cannot be compared (module level: Ray tasks run it where the files are)."""
@@ -180,16 +180,12 @@ def _trajectory_tensor(at, values, tol: float):
     except Incomparable as e:
         return str(e)
     x, N = values[0], len(values) - 1
-    name = lambda v: str(v.dtype).replace("torch.", "")  # noqa: E731
     masks, base_diffs, prev_diffs = [], [], []
     for k in range(N):
-        st = diff_stats(x, values[k + 1], tol, with_mask=True)
-        masks.append(st.mask.reshape(-1))
-        st.mask = None
-        base_diffs.append(TensorDiff(at.key, at.names[k + 1], at.compare_shape, name(x), at.layer, at.kind, st))
-        prev = diff_stats(values[k], values[k + 1], tol)
-        prev_diffs.append(TensorDiff(at.key, at.names[k + 1], at.compare_shape, name(values[k]), at.layer, at.kind,
-                                     prev))
+        td, mask = tensor_diff(at, x, values[k + 1], tol, arch, name=at.names[k + 1], with_mask=True)
+        masks.append(mask.reshape(-1))
+        base_diffs.append(td)
+        prev_diffs.append(tensor_diff(at, values[k], values[k + 1], tol, arch, name=at.names[k + 1])[0])
     counts = np.zeros((4, N), np.int64)  # cumulative, first changed, returned, with final
     ever = masks[0].clone()
     for k, m in enumerate(masks):

@@ -50,8 +50,8 @@ base_summary = try_load(summary, base)
 if base_summary is None:
     st.stop()
 # One pass answers every grid τ: the diff runs at the "pass τ" (1e-5 until the user asks for details at
-# another τ) and the slider re-aggregates its per-τ counts; only heads, channels and the absorption view
-# (and --rank) need the weights again, on request.
+# another τ) and the slider re-aggregates its per-τ counts (tensors, layers, kinds, heads); only MLP
+# channels and the absorption view (and --rank) need the weights again, on request.
 pass_tol = st.session_state.setdefault("sparsity_pass_tol", 1e-5)
 results: dict[str, dict] = {}
 for ref in tuned:
@@ -92,8 +92,8 @@ st.subheader(pair_label(focus))
 detail = r.get("detail_tolerance", r["tolerance"])
 if detail != tol:
     n1, n2 = st.columns([4, 1])
-    n1.caption(f"Counts, layers, kinds and tensors are at τ = {tol:g}. Heads, MLP channels and the absorption view "
-               f"come from the pass at τ = {detail:g}; recomputing them reads the weights again.")
+    n1.caption(f"Counts, layers, kinds, tensors and heads are at τ = {tol:g}. MLP channels and the absorption "
+               f"view come from the pass at τ = {detail:g}; recomputing them reads the weights again.")
     if n2.button(f"Details at τ = {tol:g}", key="sparsity_details"):
         st.session_state["sparsity_pass_tol"] = tol
         st.rerun()

@@ -63,6 +63,17 @@ def _bits32(x):
     return np.float32(x).view(np.int32)
 
 
+@numba.njit(inline="always")
+def _slot(bits, cell_slot, cell_edge):
+    """The count slot of an element code: ``cell_slot`` of its top 16 bits, resolved by one
+    comparison in the ~1 cell in 40 that holds a grid edge (flagged STRADDLE)."""
+    cell = np.uint32(bits) >> np.uint32(16)
+    s = cell_slot[cell]
+    if s >= STRADDLE:
+        s += 2 * np.int32(np.int32(bits).view(np.float32) > cell_edge[cell]) - STRADDLE
+    return s
+
+
 # Element codes of the histogram pass (|Δ| bits are ≥ 0, so negative codes are free): a bit-identical
 # element, and |Δ| = 0 without bit identity (±0, or an fp16 and bf16 upcast of the same value).
 CODE_IDENTICAL = np.int32(_ref.CODE_IDENTICAL)
@@ -72,7 +83,7 @@ _FM = {"reassoc", "contract", "nsz", "arcp"}  # float sums may be reordered (vec
 
 
 @numba.njit(parallel=True, nogil=True, cache=True, fastmath=_FM)
-def loop(bs, ts, tol32, cell_slot, cell_edge, width, counts, rows, cols, acc, mx_bits, mask):
+def loop(bs, ts, tol32, cell_slot, cell_edge, width, counts, rows, cols, acc, mx_bits, mask, unit_axis, unit_of, units):
     """Every statistic of a [R, C] pair, row by row, in three loops over the row (each simple enough
     for LLVM to vectorize the first two; measured 2-3x faster than one loop doing everything):
 
@@ -82,7 +93,11 @@ def loop(bs, ts, tol32, cell_slot, cell_edge, width, counts, rows, cols, acc, mx
     C. (scalar) one update of ``counts[stratum, slot]``: the slot is ``cell_slot`` of the code's top
        16 bits (2 · the cell's bucket, or a special slot); in the few cells that hold a grid edge
        (flagged STRADDLE) plus 2 when |Δ| lies above it (``cell_edge``). Every count but the
-       row/column ones is a sum over that table (kernels.diff_stats.diff_stats_cpu)."""
+       row/column ones is a sum over that table (kernels.diff_stats.diff_stats_cpu).
+       With ``units`` (None otherwise: numba prunes it at compile time, as the mask; any test of
+       it in the compiled loop cost tensors without heads 10-30%) and ``unit_axis`` 1 (rows) or 2
+       (columns), C also adds 1 to ``units[block, unit_of[row or column], slot]``: the |Δ|
+       histogram of each attention head."""
     R, C = bs.shape
     nb = counts.shape[0]
     for blk in numba.prange(nb):
@@ -118,13 +133,21 @@ def loop(bs, ts, tol32, cell_slot, cell_edge, width, counts, rows, cols, acc, mx
                 df = np.float64(np.int32(fb).view(np.float32))
                 ssd += df * df
                 mx = max(mx, fb)
-            for c in range(C):  # C
-                bits = code[c]
-                cell = np.uint32(bits) >> np.uint32(16)
-                s = cell_slot[cell]
-                if s >= STRADDLE:  # ~1 element in 40: the cell holds a grid edge
-                    s += 2 * np.int32(np.int32(bits).view(np.float32) > cell_edge[cell]) - STRADDLE
-                h[base[c] + s] += 1
+            if units is None:  # pruned at compile time
+                for c in range(C):  # C
+                    h[base[c] + _slot(code[c], cell_slot, cell_edge)] += 1
+            elif unit_axis == 1:
+                hu = units[blk, unit_of[r]]
+                for c in range(C):
+                    s = _slot(code[c], cell_slot, cell_edge)
+                    h[base[c] + s] += 1
+                    hu[s] += 1
+            else:
+                hb = units[blk]
+                for c in range(C):
+                    s = _slot(code[c], cell_slot, cell_edge)
+                    h[base[c] + s] += 1
+                    hb[unit_of[c], s] += 1
         acc[blk, 0] += ssd
         acc[blk, 1] += ssb
         mx_bits[blk] = max(mx_bits[blk], mx)

@@ -56,12 +56,12 @@ import torch
 
 from kernels.diff_stats_reference import (COUNT_SLOTS, DECADES, EDGES, EDGES32, EXACT_BITS, MAX_CODED_RUNS, N_BINS,
                                           PER_DECADE, SPECIAL, TOLERANCE, DiffStats, Incomparable, cell_tables,
-                                          changed_mask, comparison,
+                                          changed_mask, check_units, comparison, grid_unchanged, merge_stats,
                                           diff_stats_reference, dtype_class, f32_floor, overlap_counts_reference,
-                                          special_stats, stored_bits, upcast32)
+                                          special_stats, stats_by_units, stored_bits, upcast32)
 
 __all__ = ["DECADES", "EDGES", "EDGES32", "EXACT_BITS", "MAX_CODED_RUNS", "N_BINS", "PER_DECADE", "TOLERANCE",
-           "DiffStats", "Incomparable", "changed_mask", "comparison", "diff_stats", "diff_stats_cpu",
+           "DiffStats", "Incomparable", "changed_mask", "comparison", "diff_stats", "diff_stats_cpu", "merge_stats",
            "diff_stats_reference", "dtype_class", "f32_floor", "overlap_counts", "overlap_counts_reference"]
 
 
@@ -71,15 +71,19 @@ _TABLES = None
 CHUNK = 1 << 22  # elements per upcast chunk (fp8 and mixed-dtype pairs)
 
 
-def diff_stats_cpu(base: torch.Tensor, tuned: torch.Tensor, tol: float, *, with_mask: bool = False) -> DiffStats:
+def diff_stats_cpu(base: torch.Tensor, tuned: torch.Tensor, tol: float, *, with_mask: bool = False,
+                   units=None) -> DiffStats:
     """Fused single pass on CPU (numba, threads over row blocks). bf16 and fp16 are read as raw
     bits with no upcast copy (fp16 widened exactly in the loop); fp32 in place; fp8 and
     mixed-dtype pairs are upcast in chunks; exact-bit, empty and float64 pairs take the torch
-    path. With ``with_mask`` the same pass writes the changed mask."""
+    path. With ``with_mask`` the same pass writes the changed mask; with ``units`` (see
+    :func:`diff_stats`) it also counts each unit's |Δ| histogram."""
     global _TABLES
-    special = special_stats(base, tuned, tol, with_mask)
+    special = special_stats(base, tuned, tol, with_mask, units)
     if special is not None:
         return special
+    if units is not None:
+        check_units(base, units)
     if _TABLES is None:
         _TABLES = cell_tables()
     import numba
@@ -97,14 +101,22 @@ def diff_stats_cpu(base: torch.Tensor, tuned: torch.Tensor, tol: float, *, with_
     acc = np.zeros((nb, 2), np.float64)
     mx = np.zeros(nb, np.int32)
     mask = np.zeros((R, C), np.bool_) if with_mask else None
+    U = 0 if units is None else len(units[1])
+    unit_axis = 0 if units is None else 1 + units[0]
+    unit_of = np.full(0 if units is None else base.shape[units[0]], U, np.int32)  # U: outside every unit
+    for u, (a, z) in enumerate(() if units is None else units[1]):
+        unit_of[a:z] = u
+    unit_counts = np.zeros((nb, U + 1, COUNT_SLOTS), np.int64) if units is not None else None
     tol32 = f32_floor(tol)
     slot, edge = _TABLES
     b = base.detach().contiguous()
     t = tuned.detach().contiguous()
     same_dtype = b.dtype == t.dtype
 
-    def run(bs, ts, part_rows, part_mask):
-        loop(bs, ts, tol32, slot, edge, COUNT_SLOTS, counts, part_rows, cols, acc, mx, part_mask)
+    def run(bs, ts, part_rows, part_mask, r0=0):
+        of = None if units is None else unit_of[r0: r0 + len(bs)] if unit_axis == 1 else unit_of
+        loop(bs, ts, tol32, slot, edge, COUNT_SLOTS, counts, part_rows, cols, acc, mx, part_mask, unit_axis, of,
+             unit_counts)
 
     if same_dtype and b.dtype == torch.bfloat16:
         run(_np_bits16(b).reshape(R, C), _np_bits16(t).reshape(R, C), rows, mask)
@@ -117,8 +129,12 @@ def diff_stats_cpu(base: torch.Tensor, tuned: torch.Tensor, tol: float, *, with_
         bf, tf = b.reshape(R, C), t.reshape(R, C)
         for r0 in range(0, R, step):
             run(upcast32(bf[r0: r0 + step]).numpy(), upcast32(tf[r0: r0 + step]).numpy(), rows[r0: r0 + step],
-                None if mask is None else mask[r0: r0 + step])
+                None if mask is None else mask[r0: r0 + step], r0)
     table = counts.sum(0).reshape(256, N_BINS + 3, 2)  # [stratum, bucket or SPECIAL, changed]
+    unit_unchanged = None
+    if units is not None:  # [unit, bucket or SPECIAL] (only the even slots: 2 · bucket)
+        ut = unit_counts.sum(0)[:U].reshape(U, N_BINS + 3, 2)[:, :, 0]
+        unit_unchanged = grid_unchanged(ut[:, :N_BINS], ut[:, SPECIAL["identical"]] + ut[:, SPECIAL["zero"]])
     return DiffStats(
         numel=base.numel(), tol=float(tol), identical=int(table[:, SPECIAL["identical"]].sum()),
         zero=int(table[:, SPECIAL["zero"]].sum()), nonfinite=int(table[:, SPECIAL["nonfinite"]].sum()),
@@ -126,7 +142,7 @@ def diff_stats_cpu(base: torch.Tensor, tuned: torch.Tensor, tol: float, *, with_
         row_changed=rows if two_d else None, col_changed=cols.sum(0) if two_d else None,
         exp_total=table.sum((1, 2)), exp_changed=table[:, :, 1].sum(1), sum_sq_delta=float(acc[:, 0].sum()),
         sum_sq_base=float(acc[:, 1].sum()), max_abs_delta=float(mx.max().view(np.float32)), compare=TOLERANCE,
-        mask=torch.from_numpy(mask).reshape(base.shape) if with_mask else None)
+        mask=torch.from_numpy(mask).reshape(base.shape) if with_mask else None, unit_unchanged=unit_unchanged)
 
 
 def _np_bits16(x: torch.Tensor) -> np.ndarray:
@@ -196,7 +212,8 @@ def overlap_counts(base: torch.Tensor, tuned: list[torch.Tensor], tol: float) ->
     return hist.sum(0)
 
 
-def diff_stats(base: torch.Tensor, tuned: torch.Tensor, tol: float, *, with_mask: bool = False) -> DiffStats:
+def diff_stats(base: torch.Tensor, tuned: torch.Tensor, tol: float, *, with_mask: bool = False,
+               units=None) -> DiffStats:
     """Chooses at call time: CUDA tensors -> Triton kernel when available; CPU -> the numba
     loop when numba imports; otherwise the torch reference. Every path accepts every dtype
     :func:`comparison` accepts (exact-bit, empty and float64 pairs go through torch).
@@ -207,18 +224,26 @@ def diff_stats(base: torch.Tensor, tuned: torch.Tensor, tol: float, *, with_mask
         tol (float): τ ≥ 0.
         with_mask (bool): also return the changed mask (``DiffStats.mask``), from the same pass.
             Default: False.
+        units (tuple, optional): ``(axis, [(start, stop), ...])``: consecutive line ranges (rows
+            for axis 0, columns for 1) of a 2-D tensor, one per unit (an attention head);
+            ``DiffStats.unit_unchanged`` then holds each unit's unchanged count at 0 and every
+            grid edge. The CPU loop counts them in its pass; Triton measures unit by unit.
     Returns:
         DiffStats
     Raises:
         Incomparable: complex, or stored differently.
+        ValueError: ``units`` not ordered ranges of the tensor's lines.
     """
     if base.is_cuda:
         from kernels import diff_stats_triton
 
         if diff_stats_triton.available():
-            return diff_stats_triton.diff_stats_triton(base, tuned, tol, with_mask=with_mask)
-        return diff_stats_reference(base, tuned, tol, with_mask=with_mask)
+            fn = diff_stats_triton.diff_stats_triton
+            if units is not None:
+                return stats_by_units(fn, base, tuned, tol, with_mask, units)
+            return fn(base, tuned, tol, with_mask=with_mask)
+        return diff_stats_reference(base, tuned, tol, with_mask=with_mask, units=units)
     try:
-        return diff_stats_cpu(base, tuned, tol, with_mask=with_mask)
+        return diff_stats_cpu(base, tuned, tol, with_mask=with_mask, units=units)
     except ImportError:
-        return diff_stats_reference(base, tuned, tol, with_mask=with_mask)
+        return diff_stats_reference(base, tuned, tol, with_mask=with_mask, units=units)

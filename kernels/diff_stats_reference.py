@@ -63,6 +63,9 @@ class DiffStats:
     max_abs_delta: float
     compare: str = TOLERANCE  # or EXACT_BITS
     mask: torch.Tensor | None = field(default=None, repr=False, compare=False)  # bool, base's shape, when asked
+    # when asked for units (attention heads): # [units, 1 + len(EDGES)] unchanged counts of each
+    # unit at 0 and at every grid edge
+    unit_unchanged: np.ndarray | None = field(default=None, repr=False)
 
     def unchanged_at(self, tol: float) -> int:
         """Unchanged elements at a tolerance on the grid (0 or one of EDGES); for an exact-bit
@@ -73,6 +76,72 @@ class DiffStats:
         if k == len(EDGES) or EDGES[k] != tol:
             raise ValueError(f"tolerance {tol:g} is not on the grid (0 or 10**(k/{PER_DECADE}), 1e-10..1)")
         return self.identical + self.zero + int(self.hist[: k + 1].sum())
+
+    def unchanged_grid(self) -> np.ndarray:
+        """``# [1 + len(EDGES)]`` unchanged counts at 0 and at every grid edge (``unchanged_at`` of
+        each, in one cumulative sum)."""
+        return grid_unchanged(self.hist[None], np.array([self.identical + self.zero]))[0]
+
+
+def grid_unchanged(hist: np.ndarray, identical_or_zero: np.ndarray) -> np.ndarray:
+    """Unchanged counts at 0 and at every grid edge, ``# [U, 1 + len(EDGES)]``, from |Δ| histograms
+    ``# [U, N_BINS]`` and the bit-identical or ±0 counts ``# [U]``."""
+    cum = np.cumsum(hist, axis=1)[:, : len(EDGES)]
+    return (identical_or_zero[:, None] + np.concatenate([np.zeros((len(hist), 1), np.int64), cum], 1)).astype(np.int64)
+
+
+def check_units(base: torch.Tensor, units) -> None:
+    """``units`` = (axis, [(start, stop), ...]): consecutive, non-overlapping lines of a 2-D tensor."""
+    axis, bounds = units
+    if base.dim() != 2 or axis not in (0, 1):
+        raise ValueError("units apply to the rows (axis 0) or columns (axis 1) of a 2-D tensor")
+    last = 0
+    for a, b in bounds:
+        if not last <= a < b <= base.shape[axis]:
+            raise ValueError(f"unit lines {a}..{b} out of order or outside 0..{base.shape[axis]}")
+        last = b
+
+
+def stats_by_units(fn, base: torch.Tensor, tuned: torch.Tensor, tol: float, with_mask: bool, units) -> DiffStats:
+    """``fn``'s statistics with per-unit grid counts, by slicing: each unit (and each gap between
+    units) is measured on its own and the parts merged exactly (:func:`merge_stats`). The path of
+    the torch reference and the Triton kernel; the CPU loop counts units in its one pass."""
+    check_units(base, units)
+    axis, bounds = units
+    cuts, unit_parts, last = [], [], 0
+    for a, b in bounds:
+        if a > last:
+            cuts.append((last, a))
+        unit_parts.append(len(cuts))
+        cuts.append((a, b))
+        last = b
+    if last < base.shape[axis]:
+        cuts.append((last, base.shape[axis]))
+    parts = [fn(base.narrow(axis, a, b - a), tuned.narrow(axis, a, b - a), tol, with_mask=with_mask) for a, b in cuts]
+    st = merge_stats(parts, axis)
+    st.unit_unchanged = np.stack([parts[i].unchanged_grid() for i in unit_parts]) if unit_parts else \
+        np.zeros((0, len(EDGES) + 1), np.int64)
+    return st
+
+
+def merge_stats(parts: list[DiffStats], axis: int) -> DiffStats:
+    """The statistics of a 2-D pair from those of its consecutive slices along ``axis`` (0: row
+    blocks, 1: column blocks), exactly: counts, histograms and sums add, the per-line counts of
+    the sliced axis are concatenated and of the other added, max |Δ| is the largest, masks are
+    concatenated. All parts must share τ and the kind of comparison."""
+    p0 = parts[0]
+    cat, add = ("row_changed", "col_changed") if axis == 0 else ("col_changed", "row_changed")
+    lines = {cat: np.concatenate([getattr(p, cat) for p in parts]),
+             add: functools.reduce(np.add, (getattr(p, add) for p in parts))}
+    masks = [p.mask for p in parts]
+    return DiffStats(
+        numel=sum(p.numel for p in parts), tol=p0.tol, identical=sum(p.identical for p in parts),
+        zero=sum(p.zero for p in parts), nonfinite=sum(p.nonfinite for p in parts),
+        changed=sum(p.changed for p in parts), hist=sum(p.hist for p in parts), **lines,
+        exp_total=sum(p.exp_total for p in parts), exp_changed=sum(p.exp_changed for p in parts),
+        sum_sq_delta=sum(p.sum_sq_delta for p in parts), sum_sq_base=sum(p.sum_sq_base for p in parts),
+        max_abs_delta=max(p.max_abs_delta for p in parts), compare=p0.compare,
+        mask=None if masks[0] is None else torch.cat(masks, axis))
 
 
 # ------------------------------------------------------------------ dtypes
@@ -247,22 +316,27 @@ def _exact_stats(base: torch.Tensor, tuned: torch.Tensor, tol: float, with_mask:
                      mask=ne if with_mask else None)
 
 
-def special_stats(base: torch.Tensor, tuned: torch.Tensor, tol: float, with_mask: bool) -> DiffStats | None:
+def special_stats(base: torch.Tensor, tuned: torch.Tensor, tol: float, with_mask: bool,
+                  units=None) -> DiffStats | None:
     """Stats of the pairs every implementation hands to torch: exact bits, empty, float64."""
     kind = _prepare(base, tuned)
     if kind == EXACT_BITS:
-        return _exact_stats(base, tuned, tol, with_mask)
+        return diff_stats_reference(base, tuned, tol, with_mask=with_mask, units=units)
     if base.numel() == 0:
-        return _empty_stats(base, tol, kind, with_mask)
+        st = _empty_stats(base, tol, kind, with_mask)
+        if units is not None:
+            check_units(base, units)
+            st.unit_unchanged = np.zeros((len(units[1]), len(EDGES) + 1), np.int64)
+        return st
     if torch.float64 in (base.dtype, tuned.dtype):
-        return _reference(base, tuned, tol, with_mask)
+        return diff_stats_reference(base, tuned, tol, with_mask=with_mask, units=units)
     return None
 
 
 # ------------------------------------------------------------------ reference (torch)
 
 def diff_stats_reference(base: torch.Tensor, tuned: torch.Tensor, tol: float, *,
-                         with_mask: bool = False) -> DiffStats:
+                         with_mask: bool = False, units=None) -> DiffStats:
     """Plain-torch definition of every statistic (the other paths are tested against it).
 
     Args:
@@ -270,18 +344,28 @@ def diff_stats_reference(base: torch.Tensor, tuned: torch.Tensor, tol: float, *,
         tuned (Tensor): θ¹, same shape.
         tol (float): τ ≥ 0.
         with_mask (bool): also return the changed mask as ``DiffStats.mask``. Default: False.
+        units (tuple, optional): ``(axis, [(start, stop), ...])``, the lines of each unit (attention
+            head) of a 2-D tensor: ``DiffStats.unit_unchanged`` gets each unit's unchanged count
+            at every grid τ. Default: None.
     Returns:
         DiffStats
     Raises:
         Incomparable: complex, or stored differently.
     """
     kind = _prepare(base, tuned)
+    if units is not None:
+        check_units(base, units)
     if kind == EXACT_BITS:
-        return _exact_stats(base, tuned, tol, with_mask)
-    return _reference(base, tuned, tol, with_mask)
+        st = _exact_stats(base, tuned, tol, with_mask)
+        if units is not None:  # τ does not apply: a unit's identical elements at every grid point
+            ne = (stored_bits(base) != stored_bits(tuned)).movedim(units[0], 0)
+            same = [int((~ne[a:b]).sum()) for a, b in units[1]]
+            st.unit_unchanged = np.repeat(np.array(same, np.int64).reshape(-1, 1), len(EDGES) + 1, 1)
+        return st
+    return _reference(base, tuned, tol, with_mask, units)
 
 
-def _reference(base: torch.Tensor, tuned: torch.Tensor, tol: float, with_mask: bool) -> DiffStats:
+def _reference(base: torch.Tensor, tuned: torch.Tensor, tol: float, with_mask: bool, units=None) -> DiffStats:
     shape = base.shape if base.dim() == 2 else (-1,)
     bv, tv, same, thr, edges = _operands(base, tuned, tol)
     b, t, same = bv.reshape(shape), tv.reshape(shape), same.reshape(shape)
@@ -296,6 +380,20 @@ def _reference(base: torch.Tensor, tuned: torch.Tensor, tol: float, with_mask: b
     exps = ((b.float().contiguous().view(torch.int32) >> 23) & 0xFF).reshape(-1).long()
     df = torch.where(finite, d, 0).double()
     two_d = b.dim() == 2
+    unit_unchanged = None
+    if units is not None:  # each element's unit (-1 outside every unit), its bucket, bincount per unit
+        axis, bounds = units
+        line = torch.full((b.shape[axis],), -1, dtype=torch.long, device=b.device)
+        for u, (lo, hi) in enumerate(bounds):
+            line[lo:hi] = u
+        unit = (line[:, None] if axis == 0 else line[None, :]).expand(b.shape)
+        U = len(bounds)
+        inside = unit >= 0
+        upos = unit[pos]
+        keep = upos >= 0
+        uh = torch.bincount(upos[keep] * N_BINS + idx[keep], minlength=U * N_BINS).reshape(U, N_BINS)
+        iz = torch.bincount(unit[(same | zero) & inside], minlength=U)
+        unit_unchanged = grid_unchanged(_np64(uh).reshape(U, N_BINS), _np64(iz))
     return DiffStats(
         numel=b.numel(), tol=float(tol),
         identical=int(same.sum()), zero=int(zero.sum()), nonfinite=int(nonfinite.sum()),
@@ -306,7 +404,7 @@ def _reference(base: torch.Tensor, tuned: torch.Tensor, tol: float, with_mask: b
         exp_changed=_np64(torch.bincount(exps[changed.reshape(-1)], minlength=256)),
         sum_sq_delta=float((df * df).sum()), sum_sq_base=float((b.double() ** 2).sum()),
         max_abs_delta=float(df.max()) if df.numel() else 0.0, compare=TOLERANCE,
-        mask=changed.reshape(base.shape) if with_mask else None,
+        mask=changed.reshape(base.shape) if with_mask else None, unit_unchanged=unit_unchanged,
     )
 
 

@@ -254,7 +254,8 @@ def test_update_rank(tmp_path):
 
 def test_every_grid_tolerance_from_one_pass(demo):
     """at_tolerance re-aggregates the JSON of one pass at τ = 1e-5 to any grid τ: headline, tensors,
-    layers, kinds and layer × kind equal a fresh diff at that τ exactly, in well under 100 ms."""
+    layers, kinds, layer × kind and every attention head equal a fresh diff at that τ exactly, in
+    well under 100 ms; MLP channels stay at the pass τ."""
     import time
 
     from analysis.diff import at_tolerance, tolerance_grid
@@ -263,6 +264,7 @@ def test_every_grid_tolerance_from_one_pass(demo):
     one = diff_checkpoints(base, tuned, tol=1e-5).to_json()
     assert one["by_tolerance"]["tolerances"] == tolerance_grid() and len(one["by_tolerance"]["tensors"]) == len(
         one["tensors"])
+    moved = False
     for tol in (0.0, 1e-8, 1e-6, 1e-4, 1e-2):
         t0 = time.perf_counter()
         got = at_tolerance(one, tol)
@@ -271,6 +273,12 @@ def test_every_grid_tolerance_from_one_pass(demo):
         assert took < 0.1, took
         for key in ("changed_params", "update_sparsity", "tensors", "layers", "kinds", "layer_kinds"):
             assert got[key] == want[key], (tol, key)
+        heads = [(g, w, o) for g, w, o in zip(got["units"], want["units"], one["units"]) if g["unit"] != "channel"]
+        assert heads and all(g == w for g, w, _ in heads), tol  # every head at τ, from the one pass
+        moved |= any(g["changed"] != o["changed"] for g, _, o in heads)
+        assert [u for u in got["units"] if u["unit"] == "channel"] == [
+            u for u in one["units"] if u["unit"] == "channel"]  # channels keep the pass τ
         assert got["tolerance"] == tol and got["detail_tolerance"] == 1e-5
+    assert moved  # the head counts do depend on τ here
     with pytest.raises(ValueError, match="not on the grid"):
         at_tolerance(one, 3e-5)

@@ -171,8 +171,8 @@ def test_update_sparsity_page_shows_exact_bit_tensors(tmp_path):
 
 def test_slider_reaggregates_without_a_new_job(family, tmp_path, monkeypatch):
     """Above the inline limit one background diff serves every τ: moving the slider starts no job
-    and shows the counts a fresh diff at that τ gives; details (heads, channels) at the new τ are
-    one button away."""
+    and shows the counts a fresh diff at that τ gives, heads included; details (MLP channels,
+    absorption) at the new τ are one button away."""
     import time
 
     from analysis.jobs import JobDir
@@ -186,10 +186,27 @@ def test_slider_reaggregates_without_a_new_job(family, tmp_path, monkeypatch):
     while job.state().status == "running" and time.time() < deadline:
         time.sleep(0.3)
     at.run()
+    import analysis.diff
+
+    took = []
+
+    def timed(d, tol, _f=analysis.diff.at_tolerance):
+        t0 = time.perf_counter()
+        out = _f(d, tol)
+        took.append(time.perf_counter() - t0)
+        return out
+
+    monkeypatch.setattr(analysis.diff, "at_tolerance", timed)  # the page imports it on each rerun
     for tol in (0.0, 1e-2, 1e-1, 1.0):
         at.select_slider(key="sparsity_tol").set_value(tol).run()
+        assert took and max(took) < 0.1, took  # a move re-aggregates in < 100 ms
         assert not at.exception, at.exception
         want = diff_checkpoints(family["base"], family["r2"], tol=tol)
         assert at.metric[0].value == f"{want.update_sparsity:.2%}", tol
+        heads = next(c for c in at.get("plotly_chart") if "per head" in c.proto.spec)
+        z = traces(heads.proto.spec)[0]["z"]
+        want_q = sorted((u for u in want.by_unit() if u["component"] == at.radio(key="head_comp").value),
+                        key=lambda u: u["layer"])
+        assert z == [[1 - c / u["numel"] for c in u["changed"]] for u in want_q], tol  # heads at this τ
         assert len(list((tmp_path / "home" / "jobs").iterdir())) == 1  # still the one job
     assert any("recomputing them reads the weights again" in c.value for c in at.caption)

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from kernels.diff_stats import (EDGES, EDGES32, EXACT_BITS, N_BINS, TOLERANCE, Incomparable, changed_mask, comparison,
-                                diff_stats, diff_stats_cpu, diff_stats_reference, dtype_class, f32_floor)
+                                diff_stats, diff_stats_cpu, diff_stats_reference, dtype_class, f32_floor,
+                                merge_stats, stats_by_units)
 
 FIELDS = ("numel", "identical", "zero", "nonfinite", "changed", "compare")
 IMPLS = (diff_stats_reference, diff_stats_cpu)
@@ -371,6 +372,55 @@ def test_mask_from_the_same_pass(dtype, shape, monkeypatch):
         s = fn(b, t, 1e-5, with_mask=True)
         assert torch.equal(s.mask, want) and int(want.sum()) == s.changed
         assert fn(b, t, 1e-5).mask is None
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_merged_slices_equal_the_whole(axis, dtype):
+    """Stats of consecutive slices (uneven, one empty) merge into exactly the whole tensor's, mask
+    included; each slice's unchanged count at every grid τ is unchanged_at's."""
+    b, t = _pair((37, 129), dtype, seed=_seed("merge", axis, str(dtype)))
+    cuts = [0, 5, 5, 20, b.shape[axis]]
+    parts = [diff_stats(b.narrow(axis, x, y - x), t.narrow(axis, x, y - x), 1e-5, with_mask=True)
+             for x, y in zip(cuts, cuts[1:])]
+    _same(diff_stats_reference(b, t, 1e-5, with_mask=True), merge_stats(parts, axis))
+    grid = [0.0, *EDGES.tolist()]
+    for p in parts:
+        assert p.unchanged_grid().tolist() == [p.unchanged_at(g) for g in grid]
+    assert len(set(parts[-1].unchanged_grid().tolist())) > 3  # the counts move along the grid
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64, torch.float8_e4m3fn,
+                                   torch.int8])
+def test_unit_counts_every_path(axis, dtype, monkeypatch):
+    """Per-unit unchanged counts at every grid τ: the reference (one bincount over the elements),
+    the CPU loop (in its pass, fp8 chunks cutting units) and slicing + merge agree, and a unit's
+    counts equal unchanged_at of that unit's slice measured alone; units may leave gaps."""
+    import kernels.diff_stats as ds
+
+    monkeypatch.setattr(ds, "CHUNK", 700)
+    shape = (40, 96)
+    if dtype == torch.int8:
+        g = torch.Generator().manual_seed(3)
+        b = torch.randint(-128, 127, shape, generator=g, dtype=torch.int8)
+        t = torch.where(torch.rand(shape, generator=g) < 0.3, b + 1, b).to(torch.int8)
+    else:
+        b, t = _pair(shape, dtype, seed=_seed("units", axis, str(dtype)))
+    units = (axis, [(0, 8), (8, 16), (20, 21), (30, shape[axis])])
+    grid = [0.0, *EDGES.tolist()]
+    ref = diff_stats_reference(b, t, 1e-5, units=units)
+    want = np.array([[diff_stats_reference(b.narrow(axis, x, y - x), t.narrow(axis, x, y - x), 1e-5).unchanged_at(g)
+                      for g in grid] for x, y in units[1]])
+    assert np.array_equal(ref.unit_unchanged, want)
+    if dtype != torch.int8:
+        assert len(set(want[0].tolist())) > 3  # the counts move along the grid
+    for st in (diff_stats_cpu(b, t, 1e-5, units=units, with_mask=True), diff_stats(b, t, 1e-5, units=units),
+               stats_by_units(diff_stats_reference, b, t, 1e-5, False, units)):
+        assert np.array_equal(st.unit_unchanged, want)
+        _same(diff_stats_reference(b, t, 1e-5), st)  # the tensor's own statistics are unchanged by units
+    with pytest.raises(ValueError, match="out of order"):
+        diff_stats(b, t, 1e-5, units=(axis, [(8, 16), (0, 8)]))
 
 
 # ------------------------------------------------------------------ overlap counts: CPU loop vs reference
