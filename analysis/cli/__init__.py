@@ -46,6 +46,17 @@ def _usage_error(args) -> str | None:
     return check(args) if check else None
 
 
+def _names(args) -> list[str]:
+    """The checkpoints a command reads, by their last two path parts (for a waiting job's message)."""
+    from pathlib import Path
+
+    refs = []
+    for name in ("base", "tuned", "checkpoint", "checkpoints"):
+        v = getattr(args, name, None)
+        refs += v if isinstance(v, list) else [v] if isinstance(v, str) else []
+    return ["/".join(Path(r).parts[-2:]) for r in refs]
+
+
 def _terminate(signum, frame):
     raise KeyboardInterrupt
 
@@ -60,6 +71,11 @@ def main(argv=None) -> int:
     if status.file and args.command != "finetune":  # a background job: SIGTERM is a cancel
         signal.signal(signal.SIGTERM, _terminate)
     try:
+        from analysis.jobs.jobdir import is_app_job, job_slot
+
+        if status.file and args.command != "finetune" and is_app_job(status.file):  # jobs take turns
+            with job_slot(status.file, " ".join([args.command, *_names(args)])):
+                return args.func(args)
         return args.func(args)
     except SubnetscopeError as e:
         print(f"error: {e}", file=sys.stderr)

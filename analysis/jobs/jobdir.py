@@ -15,6 +15,7 @@ request finds its finished result instead of recomputing.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
@@ -25,6 +26,60 @@ from analysis.io import os_error, write_json_atomic
 from analysis.jobs.process import alive, last_line, spawn, terminate
 from analysis.jobs.progress import read_json
 from analysis.paths import jobs_dir
+
+
+SLOT_LOCK = "jobs.lock"  # beside the jobs folder (not in it: it holds only job directories)
+
+
+def is_app_job(progress_file: str | Path) -> bool:
+    """Whether a progress file is a job's of the app's jobs folder (only those take turns: a
+    ``--progress-file`` elsewhere is the user's, and no lock goes next to it)."""
+    try:
+        return Path(progress_file).resolve().parent.parent == jobs_dir().resolve()
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def job_slot(progress_file: str | Path, what: str):
+    """Runs the body once no other job of this jobs folder is computing: jobs take turns in one
+    slot (an ``fcntl`` lock on SLOT_LOCK beside the folder, released when the holder exits, even if it
+    dies), because each already uses every core (numba and torch threads): three geometry jobs at
+    once on two cores ran each 3x slower, together slower than one after another. While waiting
+    the progress file says so and a cancel (SIGTERM) still ends the job.
+
+    Args:
+        progress_file (str | Path): the job's ``progress.json`` in ``<jobs>/<id>/``; the lock is
+            ``<jobs>/../SLOT_LOCK``.
+        what (str): this job, for the message of the jobs waiting behind it.
+    """
+    import fcntl
+
+    lock = Path(progress_file).resolve().parent.parent.parent / SLOT_LOCK
+    with open(lock, "a+") as f:
+        told = False
+        while True:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not told:
+                    f.seek(0)
+                    holder = f.read().strip() or "another job"
+                    write_json_atomic(progress_file, {"status": "running", "done": 0, "total": 0,
+                                                      "current": f"queued: waiting for {holder[:120]} to finish"})
+                    told = True
+                time.sleep(0.5)
+        f.seek(0)
+        f.truncate()
+        f.write(what)
+        f.flush()
+        try:
+            yield
+        finally:
+            f.seek(0)
+            f.truncate()
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def job_id(argv: list[str], refs: list[str]) -> str:

@@ -62,3 +62,51 @@ def test_killed_job_is_died(tmp_path):
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
     assert JobDir(d).state().status == "died"
+
+
+def test_jobs_take_turns(tmp_path, monkeypatch):
+    """An app job waits while another one computes (the jobs folder's lock), says so in its
+    progress, starts when the slot frees, and can be cancelled while it waits. A CLI run with
+    a progress file outside the jobs folder takes no turn and leaves no lock beside it."""
+    import fcntl
+    import subprocess
+    import sys
+
+    from analysis.jobs.jobdir import SLOT_LOCK
+
+    monkeypatch.setenv("SUBNETSCOPE_HOME", str(tmp_path / "home"))
+    a, b = tmp_path / "a", tmp_path / "b"
+    tiny_llama(seed=0).save_pretrained(a)
+    tiny_llama(seed=1).save_pretrained(b)
+    jobs = tmp_path / "home" / "jobs"
+    jobs.mkdir(parents=True)
+    held = open(jobs.parent / SLOT_LOCK, "w")  # another job computing
+    held.write("geometry demo/base demo/sft")
+    held.flush()
+    fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+    argv = ["diff", str(a), str(b), "--quiet"]
+    st = JobDir.of(argv, [str(a), str(b)]).start(argv, [str(a), str(b)])
+    t0 = time.time()
+    while "queued" not in JobDir(st.dir).state().current and time.time() - t0 < 60:
+        time.sleep(0.2)
+    assert JobDir(st.dir).state().current == "queued: waiting for geometry demo/base demo/sft to finish"
+    time.sleep(1.0)
+    assert JobDir(st.dir).state().status == "running"  # still waiting: no result while the slot is held
+    argv2 = ["diff", str(b), str(a), "--quiet"]
+    st2 = JobDir.of(argv2, [str(b), str(a)]).start(argv2, [str(b), str(a)])
+    t0 = time.time()
+    while "queued" not in JobDir(st2.dir).state().current and time.time() - t0 < 60:
+        time.sleep(0.2)
+    JobDir(st2.dir).cancel()
+    assert _wait(st2.dir).status == "cancelled"
+    fcntl.flock(held.fileno(), fcntl.LOCK_UN)
+    held.close()
+    done = _wait(st.dir)
+    assert done.status == "done" and done.result()["changed_params"] == diff_checkpoints(a, b).changed_params
+    outside = tmp_path / "mine" / "p"
+    outside.mkdir(parents=True)
+    r = subprocess.run([sys.executable, "-m", "analysis", "diff", str(a), str(b), "--quiet", "--json",
+                        str(outside / "o.json"), "--progress-file", str(outside / "progress.json")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert not (tmp_path / SLOT_LOCK).exists()  # nothing beside the user's own progress file
