@@ -82,8 +82,53 @@ class TrajectoryResult:
             "first_changed_histogram": {"steps": self.steps, "counts": self.first_changed,
                                         "never": n - self.cumulative[-1]},
             "layers": self.layers(),
+            "by_tolerance": self.by_tolerance(),
             "skipped": self.skipped,
         }
+
+    def by_tolerance(self) -> dict:
+        """Changed counts against the base per layer at every grid τ (``[checkpoint][τ]``), from the
+        per-tensor |Δ| histograms of the one pass: with the sweeps of ``vs_base`` / ``vs_previous``
+        what :func:`at_tolerance` needs to answer any grid τ without reading the weights again."""
+        per = [r.by_tolerance() for r in self.vs_base]
+        rows: dict[int, dict] = {}
+        for k, bt in enumerate(per):
+            for row in bt["layers"]:
+                r = rows.setdefault(row["key"], {"layer": row["key"], "numel": row["numel"],
+                                                 "changed": [None] * len(per)})
+                r["changed"][k] = row["changed"]
+        return {"tolerances": per[0]["tolerances"], "layers": [rows[L] for L in sorted(rows)]}
+
+
+def at_tolerance(d: dict, tol: float) -> dict:
+    """The trajectory JSON ``d`` re-aggregated at another grid τ: each checkpoint's ``vs_base`` and
+    ``vs_previous`` (changed, update sparsity) from their sweeps and ``layers`` from
+    ``by_tolerance`` — equal to a fresh ``trajectory --tol τ``. The counts that need the changed
+    sets themselves (ever changed, first changed, back at the base, overlap with the final set)
+    keep the pass's τ, which ``detail_tolerance`` names.
+
+    Raises:
+        ValueError: τ not on the grid, or a JSON without ``by_tolerance``.
+    """
+    bt = d.get("by_tolerance")
+    if not bt:
+        raise ValueError("this trajectory result has no per-tolerance counts (written before they existed): rerun it")
+    grid = bt["tolerances"]
+    if tol not in grid:
+        raise ValueError(f"tolerance {tol:g} is not on the grid")
+    i = grid.index(tol)
+    n = d["total_params"]
+
+    def pair(p: dict) -> dict:
+        row = next(r for r in p["tolerance_sweep"] if r["tolerance"] == tol)
+        return {**p, "changed": n - row["unchanged"], "update_sparsity": row["update_sparsity"]}
+
+    cks = [{**c, "vs_base": pair(c["vs_base"]), "vs_previous": pair(c["vs_previous"])} for c in d["checkpoints"]]
+    layers = [{"layer": r["layer"], "update_sparsity": [None if ch is None else (r["numel"] - ch[i]) / r["numel"]
+                                                        if r["numel"] else None for ch in r["changed"]]}
+              for r in bt["layers"]]
+    return {**d, "tolerance": float(tol), "detail_tolerance": d.get("detail_tolerance", d["tolerance"]),
+            "checkpoints": cks, "layers": layers}
 
 
 def infer_steps(refs: list[str]) -> list[int]:

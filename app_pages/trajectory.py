@@ -15,7 +15,7 @@ from analysis.checkpoints import fingerprint
 from analysis.demo import trajectory_dirs
 from analysis.errors import SubnetscopeError
 from analysis.paths import default_demo_dir
-from analysis.trajectory import infer_steps, trajectory
+from analysis.trajectory import at_tolerance, infer_steps, trajectory
 from ui import work
 from ui.state import label_of, url_bound
 
@@ -54,34 +54,55 @@ try:
 except ValueError:
     st.error(f"Steps: whole numbers separated by commas, not {steps_text!r}")
     st.stop()
+# One pass answers every τ of the slider for the sparsity lines and the layer heatmap (at_tolerance);
+# the set counts (ever changed, first changed, back at the base, overlap with the final set) need the
+# changed sets, so they stay at the pass τ until the user asks for them at another.
+pass_tol = st.session_state.setdefault("trajectory_pass_tol", 1e-5)
 try:
     refs = [base, *cks]
     if work.param_count(base) < work.inline_limit():
-        d = _inline(base, tuple(cks), tuple(steps), tol, tuple(fingerprint(r) for r in refs))
+        d = _inline(base, tuple(cks), tuple(steps), pass_tol, tuple(fingerprint(r) for r in refs))
     else:
-        d = work.trajectory_job(base, cks, steps, tol, key="trajectory")
+        d = work.trajectory_job(base, cks, steps, pass_tol, key="trajectory")
         if d is None:
             st.stop()
+    sets = d  # the set counts, at the pass τ
+    if tol != pass_tol:
+        d = at_tolerance(d, tol)
 except SubnetscopeError as e:
     st.error(str(e))
     st.stop()
+except ValueError as e:  # a result written before the per-τ counts existed
+    st.warning(f"{e}; the page measures the run at τ = {tol:g} instead.")
+    st.session_state["trajectory_pass_tol"] = tol
+    st.rerun()
 
+detail = d.get("detail_tolerance", d["tolerance"])
+if detail != tol:
+    n1, n2 = st.columns([4, 1])
+    n1.caption(f"Sparsity and the layer heatmap are at τ = {tol:g}. Ever changed, first changed, back at the base "
+               f"and the overlap with the final set come from the pass at τ = {detail:g}; recomputing them reads "
+               f"the weights again.")
+    if n2.button(f"Sets at τ = {tol:g}", key="trajectory_details"):
+        st.session_state["trajectory_pass_tol"] = tol
+        st.rerun()
 last = d["checkpoints"][-1]
+suffix = "" if detail == tol else f" (τ = {detail:g})"
 m1, m2, m3, m4 = st.columns(4)
 m1.metric("checkpoints", f"{len(d['checkpoints'])}")
 m2.metric("final update sparsity", f"{last['vs_base']['update_sparsity']:.2%}")
-m3.metric("ever changed", f"{last['cumulative_changed']:,}", help=f"of {d['total_params']:,} elements")
-m4.metric("never changed", f"{d['first_changed_histogram']['never']:,}")
+m3.metric("ever changed" + suffix, f"{last['cumulative_changed']:,}", help=f"of {d['total_params']:,} elements")
+m4.metric("never changed" + suffix, f"{d['first_changed_histogram']['never']:,}")
 st.plotly_chart(plots.trajectory_sparsity(d), key="sparsity")
 a, b = st.columns(2)
-a.plotly_chart(plots.trajectory_sets(d), key="sets")
-b.plotly_chart(plots.trajectory_overlap(d), key="overlap")
+a.plotly_chart(plots.trajectory_sets(sets), key="sets")  # one τ in one chart: the pass's
+b.plotly_chart(plots.trajectory_overlap(sets), key="overlap")
 st.plotly_chart(plots.trajectory_layers(d), key="layers")
 rows = [{"step": c["step"], "checkpoint": label_of(c["checkpoint"]),
          "sparsity vs base": c["vs_base"]["update_sparsity"], "sparsity vs previous": c["vs_previous"]["update_sparsity"],
-         "changed": c["vs_base"]["changed"], "ever changed": c["cumulative_changed"],
-         "first changed here": c["first_changed"], "back at the base": c["returned_to_base"],
-         "o1 with final": c["overlap_with_final"]["o1"]} for c in d["checkpoints"]]
+         "changed": c["vs_base"]["changed"], "ever changed" + suffix: c["cumulative_changed"],
+         "first changed here" + suffix: c["first_changed"], "back at the base" + suffix: c["returned_to_base"],
+         "o1 with final" + suffix: c["overlap_with_final"]["o1"]} for c in d["checkpoints"]]
 st.dataframe(pd.DataFrame(rows), hide_index=True)
 st.download_button("Download JSON", data=json.dumps(d, indent=2), file_name="trajectory.json",
                    mime="application/json")

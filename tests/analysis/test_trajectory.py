@@ -102,3 +102,28 @@ def test_errors(tmp_path):
         trajectory(base, [str(tmp_path / "missing")])
     assert infer_steps(["a", "b"]) == [1, 2]
     assert infer_steps(["run/step-20", "run/step-10"]) == [1, 2]  # not increasing: positions
+
+
+def test_every_grid_tolerance_from_one_pass(demo):
+    """at_tolerance answers another τ from the one pass: each checkpoint's sparsity against the base
+    and the previous checkpoint and the layer × step heatmap equal a fresh trajectory at that τ; the
+    set counts keep the pass τ."""
+    from analysis.demo import trajectory_dirs
+    from analysis.trajectory import at_tolerance
+
+    cks = trajectory_dirs(demo)[:3]
+    one = trajectory(demo / "sft", cks, tol=1e-5).to_json()
+    moved = False
+    for tol in (0.0, 1e-6, 1e-3):
+        got, want = at_tolerance(one, tol), trajectory(demo / "sft", cks, tol=tol).to_json()
+        for g, w, o in zip(got["checkpoints"], want["checkpoints"], one["checkpoints"]):
+            for side in ("vs_base", "vs_previous"):
+                assert (g[side]["changed"], g[side]["update_sparsity"]) == (
+                    w[side]["changed"], w[side]["update_sparsity"]), (tol, side)
+            assert g["cumulative_changed"] == o["cumulative_changed"]  # the pass τ's
+            moved |= g["vs_base"]["changed"] != o["vs_base"]["changed"]
+        assert got["layers"] == want["layers"], tol
+        assert got["tolerance"] == tol and got["detail_tolerance"] == 1e-5
+    assert moved
+    with pytest.raises(ValueError, match="not on the grid"):
+        at_tolerance(one, 2e-5)

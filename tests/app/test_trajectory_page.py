@@ -35,3 +35,41 @@ def test_bad_steps_and_missing_checkpoint_are_errors(demo, tmp_path):
     at.text_input[1].set_value("").run()
     at.text_area[0].set_value(str(tmp_path / "nowhere")).run()
     assert not at.exception and at.error and "nowhere" in at.error[0].value
+
+
+def test_slider_reaggregates_and_sets_on_request(demo, monkeypatch):
+    """Moving τ answers the sparsity lines and the layer heatmap from the one pass (no second
+    trajectory), equal to a fresh trajectory at that τ; the set counts say their τ until the
+    button measures them at the new one."""
+    import analysis.trajectory as tr
+
+    calls = []
+    real = tr.trajectory
+
+    def counted(*a, **k):
+        calls.append(k.get("tol"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(tr, "trajectory", counted)
+    import streamlit as st
+
+    st.cache_data.clear()  # the page caches its passes by the files' fingerprints: count from scratch
+    at = AppTest.from_file(str(ROOT / "app_pages" / "trajectory.py"), default_timeout=300)
+    at.run()
+    assert calls == [1e-5]
+    at.select_slider(key="trajectory_tol").set_value(1e-3).run()
+    assert not at.exception and not at.error, at.exception
+    assert calls == [1e-5]  # no second pass
+    cks = trajectory_dirs(demo)
+    want = real(demo / "sft", cks, tol=1e-3).to_json()
+    lines = traces(at.get("plotly_chart")[0].proto.spec)
+    assert lines[0]["y"] == [c["vs_base"]["update_sparsity"] for c in want["checkpoints"]]
+    assert lines[1]["y"] == [c["vs_previous"]["update_sparsity"] for c in want["checkpoints"]]
+    heat = traces(at.get("plotly_chart")[3].proto.spec)[0]
+    assert heat["z"] == [r["update_sparsity"] for r in want["layers"]]
+    table = at.dataframe[0].value
+    assert "ever changed (τ = 1e-05)" in table.columns
+    next(b for b in at.button if b.label == "Sets at τ = 0.001").click().run()
+    assert calls == [1e-5, 1e-3]
+    table = at.dataframe[0].value
+    assert list(table["ever changed"]) == [c["cumulative_changed"] for c in want["checkpoints"]]
