@@ -469,6 +469,20 @@ def changed_mask(base: torch.Tensor, tuned: torch.Tensor, tol: float) -> torch.T
         raise SubnetscopeError(str(e)) from None
 
 
+def grid_position(d: dict, tol: float, what: str) -> tuple[dict, int]:
+    """A result JSON's ``by_tolerance`` and the index of ``tol`` in its grid.
+
+    Raises:
+        ValueError: τ not on the grid, or a result without ``by_tolerance``.
+    """
+    bt = d.get("by_tolerance")
+    if not bt:
+        raise ValueError(f"this {what} result has no per-tolerance counts (written before they existed): rerun it")
+    if tol not in bt["tolerances"]:
+        raise ValueError(f"tolerance {tol:g} is not on the grid")
+    return bt, bt["tolerances"].index(tol)
+
+
 def at_tolerance(d: dict, tol: float) -> dict:
     """The diff JSON ``d`` re-aggregated at another grid τ from its ``by_tolerance`` arrays: the
     headline counts, ``tensors`` (changed, update_sparsity), ``layers``, ``kinds`` and
@@ -479,13 +493,7 @@ def at_tolerance(d: dict, tol: float) -> dict:
     Raises:
         ValueError: τ not on the grid, or a JSON without ``by_tolerance``.
     """
-    bt = d.get("by_tolerance")
-    if not bt:
-        raise ValueError("this diff result has no per-tolerance counts (written before they existed): rerun it")
-    grid = bt["tolerances"]
-    if tol not in grid:
-        raise ValueError(f"tolerance {tol:g} is not on the grid")
-    i = grid.index(tol)
+    bt, i = grid_position(d, tol, "diff")
     out = {**d, "tolerance": float(tol), "detail_tolerance": d.get("detail_tolerance", d["tolerance"])}
     tensors = []
     for row, ch in zip(d["tensors"], bt["tensors"]):

@@ -25,7 +25,7 @@ from typing import Callable
 import numpy as np
 
 from analysis.checkpoints import Checkpoint, align, open_checkpoint
-from analysis.diff import PAPER_TOL, DiffResult, TensorDiff, tensor_diff
+from analysis.diff import PAPER_TOL, DiffResult, TensorDiff, grid_position, tensor_diff
 from analysis.errors import SubnetscopeError
 from analysis.tensor_map import map_aligned
 from kernels.diff_stats import Incomparable, comparison
@@ -110,13 +110,7 @@ def at_tolerance(d: dict, tol: float) -> dict:
     Raises:
         ValueError: τ not on the grid, or a JSON without ``by_tolerance``.
     """
-    bt = d.get("by_tolerance")
-    if not bt:
-        raise ValueError("this trajectory result has no per-tolerance counts (written before they existed): rerun it")
-    grid = bt["tolerances"]
-    if tol not in grid:
-        raise ValueError(f"tolerance {tol:g} is not on the grid")
-    i = grid.index(tol)
+    bt, i = grid_position(d, tol, "trajectory")
     n = d["total_params"]
 
     def pair(p: dict) -> dict:
