@@ -175,9 +175,9 @@ def absorption(rows: list[dict], tol: float) -> go.Figure:
                               "<extra></extra>")
     fig.add_scatter(x=x, y=[r["bf16_half_ulp"] for r in rows], yaxis="y2", mode="lines+markers",
                     name="bf16 half-ulp", line=dict(color="firebrick"))
-    if tol > 0:  # the label right of the plot area, above the line: never on the bars
-        fig.add_hline(y=tol, yref="y2", line_dash="dot", line_color="firebrick", annotation_text=f"τ = {tol:g}",
-                      annotation_position="top right", annotation_font_color="firebrick")
+    if tol > 0 and x:  # τ as a dotted line named in the legend: no label text on the bars
+        fig.add_scatter(x=[min(x), max(x)], y=[tol, tol], yaxis="y2", mode="lines", name=f"τ = {tol:g}",
+                        line=dict(color="firebrick", dash="dot"), hoverinfo="skip")
     ulps = [r["bf16_half_ulp"] for r in rows] + ([tol] if tol > 0 else [])
     y2 = dict(type="log", overlaying="y", side="right", title="bf16 half-ulp", exponentformat="power")
     if ulps:  # the axis spans the binades shown (and τ), a decade of room either side

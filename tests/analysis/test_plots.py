@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -50,3 +51,19 @@ def test_heatmaps_keep_their_height_and_show_the_data_range():
     hm = fig.data[0]
     assert (hm.zmin, hm.zmax) == (0.0002, 0.005) and list(hm.colorbar.ticktext) == ["0.0002", "0.005"]
     assert hm.colorscale[0][1] == "#440154"  # Viridis: a sequential scale, dark at the minimum
+
+
+def test_absorption_marks_tau_in_the_legend_not_on_the_bars():
+    """τ is a dotted trace on the half-ulp axis named in the legend (no annotation text that could
+    sit on the bars), spanning the binades shown; the half-ulp axis spans them and τ."""
+    from analysis.plots import absorption
+
+    rows = [{"exponent": e, "abs_base_low": 2.0 ** (e - 127), "bf16_half_ulp": 2.0 ** (e - 135), "numel": 10,
+             "unchanged": 4, "unchanged_fraction": 0.4} for e in (110, 118, 122)]
+    fig = absorption(rows, 1e-5)
+    assert not fig.layout.annotations
+    tau = next(t for t in fig.data if t.name == "τ = 1e-05")
+    assert list(tau.y) == [1e-5, 1e-5] and tau.yaxis == "y2"
+    assert list(tau.x) == [2.0 ** -17, 2.0 ** -5]
+    lo, hi = fig.layout.yaxis2.range
+    assert lo <= math.log10(2.0 ** -25) and hi >= math.log10(2.0 ** -13)
