@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from typing import Callable, Iterator
 
 from analysis.checkpoints import Alignment, AlignedTensor, Checkpoint, align, iter_aligned, open_checkpoint
@@ -50,15 +51,16 @@ def connect(address: str | None = LOCAL):
     Raises:
         RayError: ray is not installed, or the address cannot be reached.
     """
+    running = sys.modules.get("ray")
+    if running is not None and running.is_initialized():
+        return running
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address and address != "auto":
+        _reachable(address)  # before importing ray (seconds): a typo or a closed port is said at once
     try:
         import ray
     except ImportError:
         raise RayError("--ray needs the ray package: pip install ray") from None
-    if ray.is_initialized():
-        return ray
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    if address and address != "auto":
-        _reachable(address)
     try:
         if address:  # a cluster: ship our two packages to its workers (they need no checkout of this repository)
             import analysis

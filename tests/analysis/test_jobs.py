@@ -65,14 +65,12 @@ def test_killed_job_is_died(tmp_path):
 
 
 def test_jobs_take_turns(tmp_path, monkeypatch):
-    """An app job waits while another one computes (the jobs folder's lock), says so in its
-    progress, starts when the slot frees, and can be cancelled while it waits. A CLI run with
-    a progress file outside the jobs folder takes no turn and leaves no lock beside it."""
+    """An app job waits while another one computes (the lock beside the jobs folder), says so in
+    its progress, starts when the slot frees, and can be cancelled while it waits. A progress file
+    outside the jobs folder is not an app job's (no turn, no lock beside it)."""
     import fcntl
-    import subprocess
-    import sys
 
-    from analysis.jobs.jobdir import SLOT_LOCK
+    from analysis.jobs.jobdir import SLOT_LOCK, is_app_job
 
     monkeypatch.setenv("SUBNETSCOPE_HOME", str(tmp_path / "home"))
     a, b = tmp_path / "a", tmp_path / "b"
@@ -103,10 +101,6 @@ def test_jobs_take_turns(tmp_path, monkeypatch):
     held.close()
     done = _wait(st.dir)
     assert done.status == "done" and done.result()["changed_params"] == diff_checkpoints(a, b).changed_params
-    outside = tmp_path / "mine" / "p"
-    outside.mkdir(parents=True)
-    r = subprocess.run([sys.executable, "-m", "analysis", "diff", str(a), str(b), "--quiet", "--json",
-                        str(outside / "o.json"), "--progress-file", str(outside / "progress.json")],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    assert not (tmp_path / SLOT_LOCK).exists()  # nothing beside the user's own progress file
+    # only the app's jobs take turns: a --progress-file of the user's elsewhere puts no lock beside it
+    assert is_app_job(jobs / "some-id" / "progress.json")
+    assert not is_app_job(tmp_path / "mine" / "p" / "progress.json")

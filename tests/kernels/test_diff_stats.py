@@ -390,9 +390,9 @@ def test_merged_slices_equal_the_whole(axis, dtype):
     assert len(set(parts[-1].unchanged_grid().tolist())) > 3  # the counts move along the grid
 
 
-@pytest.mark.parametrize("axis", [0, 1])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64, torch.float8_e4m3fn,
-                                   torch.int8])
+@pytest.mark.parametrize(("axis", "dtype"), [(0, torch.bfloat16), (1, torch.bfloat16), (0, torch.float16),
+                                             (1, torch.float32), (0, torch.float64), (1, torch.float8_e4m3fn),
+                                             (0, torch.int8)])
 def test_unit_counts_every_path(axis, dtype, monkeypatch):
     """Per-unit unchanged counts at every grid τ: the reference (one bincount over the elements),
     the CPU loop (in its pass, fp8 chunks cutting units) and slicing + merge agree, and a unit's
