@@ -42,7 +42,13 @@ def _range_bar(values) -> dict:
     lo, hi = min(flat), max(flat)
     if lo == hi:
         return {"zmin": lo, "zmax": hi}
-    return {"zmin": lo, "zmax": hi, "colorbar": dict(tickvals=[lo, hi], ticktext=[f"{lo:.3g}", f"{hi:.3g}"])}
+    return {"zmin": lo, "zmax": hi, "colorbar": dict(tickvals=[lo, hi], ticktext=[_short(lo), _short(hi)])}
+
+
+def _short(v: float) -> str:
+    """A colour bar's end label: 3 significant digits, the exponent without padding (1.23e-6), so
+    the bar stays narrow beside a heatmap in a half-width column."""
+    return f"{v:.3g}".replace("e-0", "e-").replace("e+0", "e+")
 
 
 def params_by_kind(summaries: dict[str, dict]) -> go.Figure:
@@ -179,15 +185,17 @@ def absorption(rows: list[dict], tol: float) -> go.Figure:
         fig.add_scatter(x=[min(x), max(x)], y=[tol, tol], yaxis="y2", mode="lines", name=f"τ = {tol:g}",
                         line=dict(color="firebrick", dash="dot"), hoverinfo="skip")
     ulps = [r["bf16_half_ulp"] for r in rows] + ([tol] if tol > 0 else [])
-    y2 = dict(type="log", overlaying="y", side="right", title="bf16 half-ulp", exponentformat="power")
+    # the right axis is named by its red line's legend entry and red tick labels: a title there took
+    # the plot area below 70% of a half-width column
+    y2 = dict(type="log", overlaying="y", side="right", exponentformat="power", tickfont=dict(color="firebrick"))
     if ulps:  # the axis spans the binades shown (and τ), a decade of room either side
         import math
 
         y2["range"] = [math.floor(math.log10(min(ulps))) - 1, math.ceil(math.log10(max(ulps))) + 1]
+        y2["dtick"] = max(1, math.ceil((y2["range"][1] - y2["range"][0]) / 5))  # whole decades: 10⁻⁴, not 4×10⁻⁴
     fig.update_layout(xaxis=dict(type="log", exponentformat="power"), yaxis=dict(tickformat=".0%", range=[0, 1.02]),
                       yaxis2=y2, legend=dict(orientation="h", y=-0.25))
-    return _layout(fig, "Unchanged elements by |θ⁰| (bf16 absorption)", "|θ⁰| (binade lower edge)",
-                   "unchanged fraction")
+    return _layout(fig, "Unchanged elements by |θ⁰| (bf16 absorption)", "|θ⁰| (binade lower edge)", "unchanged")
 
 
 # ---------------------------------------------------------------------------- overlap
@@ -463,7 +471,11 @@ def geometry_heatmap(d: dict, field: str, title: str | None = None) -> go.Figure
     fig = go.Figure(go.Heatmap(z=z, x=kinds, y=layers, colorscale="Viridis", **_range_bar(z),
                                hovertemplate=f"layer %{{y}} %{{x}}: %{{z:{fmt}}}<extra></extra>"))
     fig.update_yaxes(autorange="reversed", dtick=1 if len(layers) <= 32 else None)
-    return _layout(fig, title or name, "kind", "layer").update_layout(height=max(260, 18 * len(layers) + 110))
+    fig = _layout(fig, title or name, "kind", "layer").update_layout(height=max(280, 18 * len(layers) + 150))
+    # the colour bar lies under the plot: these maps sit two to a row, and a bar beside one (with its
+    # end labels) took the plot area below 70% of the column
+    return fig.update_traces(colorbar=dict(orientation="h", yref="container", y=0, yanchor="bottom", x=0.5,
+                                           xanchor="center", len=0.6, thickness=10))
 
 
 def geometry_alpha(runs: dict[str, dict]) -> go.Figure:
