@@ -282,3 +282,6 @@ def test_every_grid_tolerance_from_one_pass(demo):
     assert moved  # the head counts do depend on τ here
     with pytest.raises(ValueError, match="not on the grid"):
         at_tolerance(one, 3e-5)
+    old = {**one, "by_tolerance": {k: v for k, v in one["by_tolerance"].items() if k != "units"}}
+    with pytest.raises(ValueError, match="no per-tolerance head counts .*rerun it"):  # written before heads per τ
+        at_tolerance(old, 1e-4)

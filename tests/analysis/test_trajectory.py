@@ -127,3 +127,5 @@ def test_every_grid_tolerance_from_one_pass(demo):
     assert moved
     with pytest.raises(ValueError, match="not on the grid"):
         at_tolerance(one, 2e-5)
+    with pytest.raises(ValueError, match="no per-tolerance counts .*rerun it"):  # a result from before them
+        at_tolerance({k: v for k, v in one.items() if k != "by_tolerance"}, 1e-3)
