@@ -400,7 +400,7 @@ def trajectory_sparsity(d: dict) -> go.Figure:
                     name="against the base")
     fig.add_scatter(x=steps, y=[c["vs_previous"]["update_sparsity"] for c in d["checkpoints"]],
                     mode="lines+markers", name="against the previous checkpoint")
-    fig.update_yaxes(tickformat=".0%")
+    fig.update_yaxes(tickformat=".0%", range=[0, 1.02])  # a fraction: never autoranged to 200% when flat
     return _layout(fig, f"Update sparsity along the run (τ = {d['tolerance']:g})", "step", "unchanged")
 
 
@@ -414,6 +414,7 @@ def trajectory_sets(d: dict) -> go.Figure:
     fig.add_bar(x=steps, y=[c["first_changed"] for c in cs], name="first changed at this step", opacity=0.6)
     fig.add_scatter(x=steps, y=[c["returned_to_base"] for c in cs], mode="lines+markers",
                     name="changed before, back at the base")
+    fig.update_yaxes(rangemode="tozero")  # counts: no negative axis when every count is 0
     return _layout(fig, "The changed subnetwork grows and settles", "step", "elements")
 
 
