@@ -7,9 +7,9 @@ fields (name, type, choices, help, default), the single declaration the page's f
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
+import sys
 import typing
 from dataclasses import MISSING, fields
 from pathlib import Path
@@ -74,15 +74,45 @@ def config_from_args(args) -> FinetuneConfig:  # noqa: F821 (a string annotation
 
 
 def cmd_finetune(args) -> int:
-    from analysis.finetune.config import FinetuneConfig
-    from analysis.finetune.run import resume_finetune, run_finetune
-
+    """``finetune``: SIGTERM (a cancel) and Ctrl-C stop after the current step with the state
+    saved, so ``--resume`` continues; a second Ctrl-C stops at once."""
     stop = {"flag": False}
+    main_rank = int(os.environ.get("RANK", "0")) == 0
 
     def _stop(signum, frame):  # a cancel: finish the current step, keep every metric, status cancelled
         stop["flag"] = True
 
-    signal.signal(signal.SIGTERM, _stop)
+    def _interrupt(signum, frame):  # Ctrl-C: as SIGTERM (the state is saved); a second one stops at once
+        if stop["flag"]:
+            raise KeyboardInterrupt
+        stop["flag"] = True
+        if main_rank:
+            _say("\ninterrupted: stopping after the current step and saving the state (finetune --resume "
+                 "continues it); press Ctrl-C again to stop at once, without saving\n")
+
+    previous = signal.signal(signal.SIGTERM, _stop), signal.signal(signal.SIGINT, _interrupt)
+    try:
+        return _finetune(args, stop)
+    finally:
+        signal.signal(signal.SIGTERM, previous[0])
+        signal.signal(signal.SIGINT, previous[1])
+
+
+def _say(text: str) -> None:
+    """Writes to stderr from a signal handler: straight to the descriptor, since the handler may run
+    while the progress bar is in the middle of a buffered write (a reentrant write would raise)."""
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # a replaced stderr (tests): its own write
+        sys.stderr.write(text)
+        return
+    os.write(fd, text.encode())
+
+
+def _finetune(args, stop: dict) -> int:
+    from analysis.finetune.config import FinetuneConfig
+    from analysis.finetune.run import resume_finetune, run_finetune
+
     quiet_transformers(args.quiet)
     prog = Progress("finetune", not args.quiet and int(os.environ.get("RANK", "0")) == 0, args.progress_file)
     try:
@@ -94,12 +124,17 @@ def cmd_finetune(args) -> int:
             if args.out is None or (args.checkpoint is None) == (args.config is None):
                 raise FinetuneArgsError("finetune needs CKPT (or --config FILE) and --out RUN_DIR, or --resume RUN_DIR")
             if args.config is not None:
-                try:
-                    saved = json.loads(Path(args.config).read_text())
-                except (OSError, ValueError) as e:
-                    raise FinetuneArgsError(f"{args.config}: unreadable run configuration ({e})") from None
-                config = FinetuneConfig.from_dict(saved)
                 from analysis.jobs import RunDir
+                from analysis.jobs.rundir import read_json_file
+
+                try:
+                    saved = read_json_file(Path(args.config), "run configuration")
+                except FileNotFoundError:
+                    raise FinetuneArgsError(f"{args.config}: no such run configuration file") from None
+                try:
+                    config = FinetuneConfig.from_dict(saved)
+                except SubnetscopeError as e:
+                    raise FinetuneArgsError(f"{args.config}: damaged run configuration ({e})") from None
 
                 run = RunDir(args.out)
                 if run.status() == "cancelled" and not run.metrics_file.exists():
@@ -124,6 +159,9 @@ def cmd_finetune(args) -> int:
     print(f"{summary['status']}: {summary['steps_done']} steps, {summary['trainable']:,} trainable elements "
           f"({source}); loss {final.get('loss', float('nan')):.4f}, {metric} "
           + (f"{start:.4g} -> " if start is not None else "") + f"{'n/a' if value is None else f'{value:.4g}'}")
+    if summary.get("metrics_missing"):
+        print(f"warning: {Path(out) / 'metrics.jsonl'}: {summary['metrics_missing']} rows before the saved step "
+              "were lost (a damaged file) and cannot be recomputed", file=sys.stderr)
     if summary.get("outside_mask_changed") is not None:
         print(f"  elements changed outside the mask: {summary['outside_mask_changed']}")
     if "ranks_identical" in summary:
@@ -146,6 +184,8 @@ def cmd_compare_runs(args) -> int:
 
     check_outputs(args, Inputs([*args.runs, args.reference]), "json")
     d = compare_runs(args.runs, reference=args.reference, tol=args.tol)
+    for w in d["warnings"]:
+        print(f"warning: {w}", file=sys.stderr)
     write_json_atomic(args.json, d)
     for r in d["runs"]:
         extra = ""

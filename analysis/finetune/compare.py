@@ -7,11 +7,15 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from analysis.jobs import RunDir, RunError, read_json
+from analysis.jobs import RunDir, RunError
 
 
 def read_run(run_dir: str | Path) -> dict:
-    """config, summary and the metric rows of one run directory (see :meth:`RunDir.read`)."""
+    """config, summary, the metric rows and the warnings of one run directory, every file checked
+    (see :meth:`RunDir.read`).
+
+    Raises:
+        RunError: not a run directory, or a damaged file (one line naming it)."""
     return RunDir(run_dir).read()
 
 
@@ -56,8 +60,9 @@ def mean_ci(values: list[float]) -> dict:
 
 
 def read_eval(run_dir: str | Path) -> dict | None:
-    """``eval.json`` of a finished demo-task run (per-problem accuracy and sampled reward), or None."""
-    return read_json(RunDir(run_dir).eval_file)
+    """``eval.json`` of a finished demo-task run (per-problem accuracy and sampled reward), or None
+    (see :meth:`RunDir.read_eval`)."""
+    return RunDir(run_dir).read_eval()
 
 
 def eval_intervals(ev: dict, ref: dict | None = None) -> dict:
@@ -76,7 +81,13 @@ def eval_intervals(ev: dict, ref: dict | None = None) -> dict:
 
 
 def compare_runs(run_dirs: list[str | Path], *, reference: str | Path | None = None, tol: float = 1e-5) -> dict:
-    """Metrics table, curves and, with a reference run, each run's distance to it."""
+    """Metrics table, curves and, with a reference run, each run's distance to it; ``warnings``: the
+    damaged metric lines skipped (a NaN loss of a diverged run is written as null).
+
+    Raises:
+        RunError: a run (or the reference) that is not a run directory or has a damaged file."""
+    from analysis.finetune.run import finite
+
     runs = [read_run(r) for r in run_dirs]
     ref = read_run(reference) if reference is not None else None
     table = []
@@ -102,5 +113,6 @@ def compare_runs(run_dirs: list[str | Path], *, reference: str | Path | None = N
             ref_ev = read_eval(ref["run"]) if ref is not None and Path(r["run"]).resolve() != Path(ref["run"]).resolve() else None
             row.update(eval_intervals(ev, ref_ev))
         table.append(row)
-    return {"reference": str(reference) if reference is not None else None, "tol": tol, "runs": table,
-            "curves": {r["run"]: r["metrics"] for r in runs}}
+    warnings = list(dict.fromkeys(w for r in [*runs, *([ref] if ref else [])] for w in r["warnings"]))
+    return finite({"reference": str(reference) if reference is not None else None, "tol": tol, "runs": table,
+                   "curves": {r["run"]: r["metrics"] for r in runs}, "warnings": warnings})

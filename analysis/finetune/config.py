@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import typing
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from pathlib import Path
 
 from analysis.errors import SubnetscopeError
 
@@ -42,8 +44,9 @@ class FinetuneConfig:
                 "prompt), as its RL runs were trained; lm: causal-LM loss on --data (metric: held-out loss and "
                 "perplexity)."})
     data: str | None = field(default=None, metadata={"metavar": "FILE",
-        "help": "lm task: a .txt (one example per line, or chunks) or .jsonl (text, or prompt+completion) file, "
-                "or a dataset name when online."})
+        "help": "lm task: a .txt (tokenized and cut into seq_len-token chunks) or .jsonl (text, or "
+                "prompt+completion) file, or a dataset name when online; read only as far as the run needs "
+                "(steps × batch size + 5 × eval samples sequences)."})
     seq_len: int = field(default=128, metadata={"help": "lm task: tokens per sequence at most."})
     eval_samples: int = field(default=64, metadata={
         "help": "lm task: sequences held out for the eval loss (at most a fifth of the data)."})
@@ -204,6 +207,19 @@ class FinetuneConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def with_absolute_paths(self) -> FinetuneConfig:
+        """This configuration with each local path it names (the checkpoint, mask files, the diff's
+        checkpoints, the lm data file) made absolute, so that a run's ``config.json`` names the same
+        files from any working directory (a relative ``ck/sft`` would later be taken for a hub id);
+        a hub id or a dataset name, which names nothing on disk, stays as given."""
+        def local(ref):
+            p = Path(ref).expanduser()
+            return os.path.abspath(p) if p.exists() else ref
+
+        return replace(self, checkpoint=local(self.checkpoint), data=None if self.data is None else local(self.data),
+                       mask=None if self.mask is None else [local(m) for m in self.mask],
+                       diff=None if self.diff is None else [local(r) for r in self.diff])
 
     @classmethod
     def from_dict(cls, d: dict) -> FinetuneConfig:

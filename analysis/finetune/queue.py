@@ -108,6 +108,7 @@ def enqueue(config: FinetuneConfig, name: str | None = None, *, title: str | Non
     """
     from analysis.finetune.run import preflight
 
+    config = config.with_absolute_paths()  # the worker runs elsewhere; config.json names files from anywhere
     preflight(config)  # a bad input fails now, not later in the worker
     title = (title or "").strip() or default_title(config)
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name or title)[:60].strip("-") or "run"

@@ -6,8 +6,8 @@ weights as a safetensors HF directory, in the checkpoint's dtype), ``summary.jso
 finished / cancelled / failed with the error, final metrics, wall time, peak memory, the
 inside-mask check), ``eval.json`` (per-problem results of the final evaluation, demo tasks) and
 ``state/`` (what :func:`resume_finetune` continues from: optimizer state, trained weights, random
-streams). JSON and state files are written atomically; a cancel (``should_stop``, SIGTERM in the
-CLI) stops after the current step with every metric kept and the state saved.
+streams). JSON and state files are written atomically; a cancel (``should_stop``; SIGTERM or
+Ctrl-C in the CLI) stops after the current step with every metric kept and the state saved.
 
 Run under ``torchrun`` / ``accelerate launch`` it trains data-parallel (see
 :mod:`analysis.finetune.distributed`); rank 0 writes the run directory.
@@ -21,6 +21,7 @@ files (:class:`analysis.jobs.RunDir`).
 
 from __future__ import annotations
 
+import math
 import os
 import resource
 import time
@@ -61,6 +62,7 @@ def run_finetune(config: FinetuneConfig, out_dir: str | Path, *, should_stop: Ca
     """
     out = Path(out_dir)
     main = int(os.environ.get("RANK", "0")) == 0
+    config = config.with_absolute_paths()  # what config.json records is found again from anywhere
     if not resume:
         preflight(config, out if main else None, overwrite=overwrite)
     lock = RunLock(out) if main else None  # one writer per run directory
@@ -91,7 +93,10 @@ def _run_locked(config: FinetuneConfig, out: Path, should_stop, progress, resume
         if run.config() != config.to_dict():  # unchanged: keep its time (the runs' order)
             write_json_atomic(run.config_file, config.to_dict())
         if resume:
-            run.truncate_metrics(run.saved_step())
+            meta = run.read_meta()
+            missing = run.truncate_metrics(meta["step"], meta.get("metrics_row"))
+            if missing:  # lost before this resume (a damaged metrics.jsonl): said, not invented
+                summary["metrics_missing"] = missing
         else:  # a new run in a used run directory: nothing of the old one may mix in
             run.clear_outputs()
         metrics_file = open(run.metrics_file, "a" if resume else "w", encoding="utf-8")
@@ -115,12 +120,23 @@ def _run_locked(config: FinetuneConfig, out: Path, should_stop, progress, resume
             summary["peak_cuda_bytes"] = torch.cuda.max_memory_allocated(device)
         if dist.main:
             try:
-                write_json_atomic(run.summary_file, summary)
+                run.write_summary(finite(summary))
             except SubnetscopeError:
                 if summary["status"] == "running":
                     raise  # else the error being raised already says what went wrong first
         dist.close()
     return summary
+
+
+def finite(x):
+    """``x`` with every NaN or infinite float (a diverged loss) as None: JSON has no such numbers."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [finite(v) for v in x]
+    return x
 
 
 def preflight(config: FinetuneConfig, out: str | Path | None = None, *, overwrite: bool = False) -> None:
@@ -161,14 +177,19 @@ def preflight(config: FinetuneConfig, out: str | Path | None = None, *, overwrit
 def resume_finetune(run_dir: str | Path, *, steps: int | None = None, **kwargs) -> dict:
     """Continues a run directory from its saved state (after a cancel, a crash or a full disk),
     optionally to a new number of steps. The metrics after the saved step are dropped and
-    recomputed, so a resumed run gives the weights and metrics an uninterrupted one would."""
+    recomputed (a cut row of the saved step is put back from the state), so a resumed run gives
+    the weights and metrics an uninterrupted one would.
+
+    Raises:
+        RunError: not a run directory, a damaged config.json or saved state (one line naming the
+            file), a run still training, or ``steps`` not beyond the saved step."""
     d = Path(run_dir)
-    saved = RunDir(d).config()
-    if not isinstance(saved, dict):
-        raise RunError(f"{d}: not a run directory (no readable config.json)")
-    done = RunDir(d).saved_step()
+    run = RunDir(d)
+    run.require_run()
+    saved = run.read_config()
+    done = run.saved_step()
     main = int(os.environ.get("RANK", "0")) == 0  # the other ranks see rank 0's lock and status
-    if main and (RunDir(d).locked or RunDir(d).status() == "running"):
+    if main and (run.locked or run.status() == "running"):
         raise RunError(f"{d}: the run is still training (cancel it first)")
     if steps is not None:
         if steps <= done:

@@ -5,9 +5,10 @@
 - ``demo-rl``: the demo's policy gradient (:func:`analysis.demo_task.rl_loss`, 8 samples a prompt,
   exact-match reward), so a full run reproduces the demo's RL runs; same metric, and at the end
   the sampled reward over ``reward_samples`` completions a problem;
-- ``lm``: causal-LM loss on a ``.txt`` / ``.jsonl`` file or dataset (read as calibration data is,
-  :mod:`analysis.calibration`); ``eval_samples`` sequences are held out; metric: held-out loss per
-  token and its perplexity.
+- ``lm``: causal-LM loss on a ``.txt`` / ``.jsonl`` file or dataset (the formats of calibration
+  data, :mod:`analysis.calibration`), read in bounded pieces and only as far as the run needs
+  (:func:`lm_sequences`); ``eval_samples`` sequences are held out; metric: held-out loss per token
+  and its perplexity.
 
 Every process draws the same global batch from the same seeded order and trains on its slice
 (``batch[rank::world]``), so N processes see the data one process would.
@@ -15,8 +16,11 @@ Every process draws the same global batch from the same seeded order and trains 
 
 from __future__ import annotations
 
+import json
 import math
 import random
+import sys
+from pathlib import Path
 
 import torch
 
@@ -128,12 +132,14 @@ class LanguageModeling(Task):
 
     def __init__(self, *a):
         super().__init__(*a)
-        from analysis.calibration import collate as _collate, token_sequences as _sequences
+        from analysis.calibration import collate as _collate
 
         if self.tokenizer is None:
             raise FinetuneConfigError(f"{self.config.checkpoint}: the lm task needs the checkpoint's tokenizer")
-        seqs = [s for s in _sequences(self.config.data, self.tokenizer, 10**9, self.config.seq_len, 0,
-                                      self.config.seed, "auto") if any(t != -100 for t in s[1][1:])]
+        seqs, note = lm_sequences(self.config, self.tokenizer)
+        if note and self.dist.main:
+            print(f"note: {note}", file=sys.stderr)
+        seqs = [s for s in seqs if any(t != -100 for t in s[1][1:])]
         held = min(self.config.eval_samples, len(seqs) // 5) if self.config.eval_samples else 0
         if len(seqs) - held < 1:
             raise FinetuneConfigError(f"{self.config.data}: no training sequences (found {len(seqs)})")
@@ -162,6 +168,140 @@ class LanguageModeling(Task):
             loss, count = self._batch_loss(model, self.held_out[i:i + 16])
             total, n = total + float(loss), n + count
         return {"eval_loss": total / n, "perplexity": math.exp(min(total / n, 700))}
+
+
+# the bounds of the lm task's data reading
+PIECE_CHARS = 2**18  # text tokenized at a time (a longer line is cut there)
+MIN_TOKENS = 2**18  # a .txt file is read at least this far (every small file whole)
+MIN_RECORDS = 10_000  # a .jsonl file: at least this many records
+MAX_JSONL_LINE = 16 * 2**20  # bytes of one .jsonl record
+CHARS_PER_TOKEN = 64  # a record's text is cut at seq_len × this many characters before tokenizing
+
+
+def lm_sequences(config: FinetuneConfig, tokenizer) -> tuple[list[tuple[list, list]], str | None]:
+    """The lm task's (input ids, labels) sequences of ``config.data``, in a seeded order, and a
+    note when a file was not read whole.
+
+    A run draws ``steps × batch_size`` training sequences and holds ``eval_samples`` out (at most
+    a fifth), so it reads no further than it needs: ``steps × batch_size + 5 × eval_samples``
+    sequences (and at least :data:`MIN_TOKENS` tokens of a ``.txt``, :data:`MIN_RECORDS` records of
+    a ``.jsonl``). A ``.txt`` file is tokenized :data:`PIECE_CHARS` characters at a time, cut at a
+    line end where there is one (a line longer than that is cut), then into ``seq_len``-token
+    chunks, as calibration's chunk mode; a ``.jsonl`` record's text is cut at ``seq_len ×``
+    :data:`CHARS_PER_TOKEN` characters (only ``seq_len`` tokens are kept) and a line longer than
+    :data:`MAX_JSONL_LINE` bytes is refused. A dataset name is streamed as far as needed.
+
+    Raises:
+        FinetuneConfigError: a file that cannot be read, a malformed or oversized record (one line).
+    """
+    from analysis.calibration import CalibrationError, token_sequences
+
+    c = config
+    need = c.steps * c.batch_size + 5 * c.eval_samples
+    path = Path(c.data).expanduser()
+    try:
+        if path.is_file() and path.suffix == ".txt":
+            seqs, note = _txt_chunks(path, tokenizer, c.seq_len, max(need * c.seq_len, MIN_TOKENS))
+        elif path.is_file() and path.suffix == ".jsonl":
+            seqs, note = _jsonl_records(path, tokenizer, c.seq_len, max(need, MIN_RECORDS))
+        else:  # a dataset name (or a file calibration refuses, in its words)
+            return token_sequences(c.data, tokenizer, need, c.seq_len, 0, c.seed, "auto"), None
+    except CalibrationError as e:
+        raise FinetuneConfigError(str(e)) from None
+    random.Random(c.seed).shuffle(seqs)  # the order calibration's data takes (one seeded shuffle)
+    return seqs, note
+
+
+def _txt_chunks(path: Path, tokenizer, seq_len: int, want: int) -> tuple[list, str | None]:
+    ids: list[int] = []
+    read, whole = 0, True
+    try:
+        with open(path, encoding="utf-8") as f:
+            for piece in _pieces(f):
+                ids += tokenizer(piece, add_special_tokens=False)["input_ids"]
+                read += len(piece)
+                if len(ids) >= want:
+                    whole = not f.read(1)
+                    break
+    except (OSError, UnicodeDecodeError) as e:
+        raise FinetuneConfigError(f"{path}: cannot read as UTF-8 text ({type(e).__name__})") from None
+    chunks = [(ids[i:i + seq_len], ids[i:i + seq_len]) for i in range(0, len(ids) - seq_len + 1, seq_len)]
+    note = None if whole else (f"{path}: read the first {read:,} characters ({len(ids):,} tokens), as many as "
+                               "the run's steps, batch size and held-out sequences use")
+    return chunks, note
+
+
+def _pieces(f):
+    """The text of ``f`` in pieces of at most :data:`PIECE_CHARS` characters, each ending at a line
+    end where the piece has one (so tokenizing them one by one splits no line that fits)."""
+    carry = ""
+    while True:
+        block = f.read(PIECE_CHARS)
+        text = carry + block
+        while len(text) >= PIECE_CHARS:
+            cut = text.rfind("\n", 0, PIECE_CHARS) + 1 or PIECE_CHARS
+            yield text[:cut]
+            text = text[cut:]
+        if not block:
+            if text:
+                yield text
+            return
+        carry = text
+
+
+def _jsonl_records(path: Path, tokenizer, seq_len: int, want: int) -> tuple[list, str | None]:
+    cap = seq_len * CHARS_PER_TOKEN
+    out, lineno, whole = [], 0, True
+    try:
+        with open(path, "rb") as f:
+            while True:
+                raw = f.readline(MAX_JSONL_LINE + 1)
+                if not raw:
+                    break
+                lineno += 1
+                if len(raw) > MAX_JSONL_LINE:
+                    raise FinetuneConfigError(f"{path}:{lineno}: a line longer than {MAX_JSONL_LINE // 2**20} MiB; "
+                                              "the lm task reads .jsonl records of at most that size")
+                if not raw.strip():
+                    continue
+                try:
+                    record = json.loads(raw.decode("utf-8"))
+                except UnicodeDecodeError:
+                    raise FinetuneConfigError(f"{path}:{lineno}: not UTF-8 text") from None
+                except ValueError:
+                    raise FinetuneConfigError(f"{path}:{lineno}: not valid JSON") from None
+                if isinstance(record, dict) and isinstance(record.get("text"), str):
+                    example = (record["text"][:cap], None)
+                elif (isinstance(record, dict) and isinstance(record.get("prompt"), str)
+                      and isinstance(record.get("completion"), str)):
+                    example = (record["prompt"][:cap], record["completion"][:cap])
+                else:
+                    raise FinetuneConfigError(f"{path}:{lineno}: expected a 'text' field, or 'prompt' and 'completion'")
+                out.append(_tokenized(example, tokenizer, seq_len))
+                if len(out) >= want:
+                    whole = not f.read(1)
+                    break
+    except OSError as e:
+        raise FinetuneConfigError(f"{path}: cannot read ({e.strerror or type(e).__name__})") from None
+    note = None if whole else (f"{path}: read the first {len(out):,} records, as many as the run's steps, batch "
+                               "size and held-out sequences use")
+    return out, note
+
+
+def _tokenized(example: tuple[str, str | None], tokenizer, seq_len: int) -> tuple[list, list]:
+    """(input ids, labels) of one record, as calibration tokenizes it: loss on every token of a
+    text, on the completion and ``<eos>`` of a prompt and completion."""
+    prompt, completion = example
+    ids = tokenizer(prompt)["input_ids"]
+    if completion is None:
+        ids = ids[:seq_len]
+        return ids, list(ids)
+    head = len(ids)
+    ids = ids + tokenizer(completion, add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    ids = ids[:seq_len]
+    return ids, [-100] * min(head, len(ids)) + ids[head:]
 
 
 TASK_CLASSES = {"demo-sft": DemoSFT, "demo-rl": DemoRL, "lm": LanguageModeling}

@@ -22,8 +22,10 @@ from analysis.finetune.optim import make_optimizer
 from analysis.finetune.sources import block_weights, build_mask, d3_scores, mask_digest, with_lora
 from analysis.finetune.tasks import make_task, tupled
 from analysis.finetune.weights import outside_mask_changed, stored_dtypes, to_stored_dtypes
+from analysis.errors import one_line
 from analysis.io import write_json_atomic
-from analysis.jobs import RunDir
+from analysis.jobs import RunDir, RunError
+from analysis.jobs.rundir import disk_error
 from analysis.training import schedule_factor
 
 
@@ -85,6 +87,7 @@ class Trainer:
         self.opt = make_optimizer(c.optimizer, self.params, self.trained_names, self.mask, lr=c.lr)
         self._set_trainable(self.trained_names if c.source != "id3" else self.universe)
         self.saved_step = 0  # the step the state on disk holds (0: none needed)
+        self.last_line = ""  # the metrics line of the last step (saved with the state)
         self.initial: dict | None = None  # the task's metrics before the first step
 
     def _set_trainable(self, names) -> None:
@@ -183,27 +186,45 @@ class Trainer:
         blob = {"step": step, "optimizer": self.opt.state_dict(), "weights": self.opt.weights_to_save(),
                 "ranks": per_rank, "lisa_rng": json.dumps(self.lisa_rng.getstate()), "lisa_layers": self.lisa_layers}
         self.run.save_state(blob, {"step": step, "mask_source": self.config.mask_source,
-                                   "processes": self.dist.world})
+                                   "processes": self.dist.world, "metrics_row": self.last_line})
         self.saved_step = step
 
     def load_state(self) -> int:
+        """Restores the saved state; returns its step.
+
+        Raises:
+            RunError: a state that is damaged or not this run's (one line naming ``state.pt``).
+        """
         blob = self.run.load_state()
+        where = self.run.state_dir() / "state.pt"
         ranks = blob["ranks"]
         if len(ranks) != self.dist.world:
             raise FinetuneConfigError(f"{self.run.path}: saved by {len(ranks)} process(es); resume it with as many")
-        with torch.no_grad():
-            for n, w in blob["weights"].items():
-                self.params[n].copy_(w)
-        self.opt.load_state_dict(blob["optimizer"])
-        if self.config.source == "id3":
-            self.trained_names = [n for n in self.universe if n in self.opt.mask()]
-            if self.opt.trainable >= self.id3_budget:
-                self._set_trainable(self.trained_names)
-        torch.set_rng_state(ranks[self.dist.rank]["torch_rng"])
-        self.task.load_state(ranks[self.dist.rank]["task"])
-        self.lisa_rng.setstate(tupled(json.loads(blob["lisa_rng"])))
-        if self.config.schedule == "lisa" and blob["step"] % self.config.lisa_interval:
-            self._apply_lisa(list(blob["lisa_layers"]))  # mid-interval: the same blocks as before
+        if blob["step"] != self.run.saved_step():
+            raise RunError(f"{where}: unreadable saved state (step {blob['step']}, its meta.json says "
+                           f"{self.run.saved_step()})")
+        try:
+            weights = blob["weights"]
+            wrong = next((n for n, w in weights.items() if n not in self.params or not isinstance(w, torch.Tensor)
+                          or w.shape != self.params[n].shape), None)
+            if wrong is not None:
+                raise ValueError(f"tensor {wrong!r} does not fit the model")
+            with torch.no_grad():
+                for n, w in weights.items():
+                    self.params[n].copy_(w)
+            self.opt.load_state_dict(blob["optimizer"])
+            if self.config.source == "id3":
+                self.trained_names = [n for n in self.universe if n in self.opt.mask()]
+                if self.opt.trainable >= self.id3_budget:
+                    self._set_trainable(self.trained_names)
+            torch.set_rng_state(ranks[self.dist.rank]["torch_rng"])
+            self.task.load_state(ranks[self.dist.rank]["task"])
+            self.lisa_rng.setstate(tupled(json.loads(blob["lisa_rng"])))
+            if self.config.schedule == "lisa" and blob["step"] % self.config.lisa_interval:
+                self._apply_lisa(list(blob["lisa_layers"]))  # mid-interval: the same blocks as before
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+            raise RunError(f"{where}: unreadable saved state, or not this run's ({one_line(e) or type(e).__name__}); "
+                           "it cannot be resumed") from None
         return int(blob["step"])
 
     # ---- the loop
@@ -224,8 +245,12 @@ class Trainer:
             if (step % c.eval_every == 0 or step == c.steps) and self.dist.main:
                 row.update(self.task.evaluate(self.model))
             if self.metrics_file is not None:
-                self.metrics_file.write(json.dumps(row) + "\n")
-                self.metrics_file.flush()
+                self.last_line = json.dumps(row)
+                try:
+                    self.metrics_file.write(self.last_line + "\n")
+                    self.metrics_file.flush()
+                except OSError as e:
+                    raise disk_error(self.run.metrics_file, e) from None
             last = row
             if step % save_every == 0 and step < c.steps:
                 self.save_state(step)

@@ -185,3 +185,42 @@ def test_trash_refuses_active_and_outside_runs(demo, tmp_path, monkeypatch):
         queue.trash(outside)
     assert queued.is_dir() and (outside / "config.json").is_file()  # nothing moved
     queue.cancel(queued)
+
+
+def test_damaged_run_files_are_named_and_the_page_keeps_working(demo):
+    """A run whose summary.json is a list, one whose status is a number, one whose config.json is
+    random bytes and one with garbage lines in metrics.jsonl: the page named each file with its
+    problem (st.error; the good lines of the metrics are kept, st.warning) instead of crashing."""
+    import random
+
+    from analysis.jobs import RunDir
+    from analysis.paths import runs_dir
+
+    row = {"loss": 3.0, "lr": 1e-3, "grad_norm": 1.0, "trainable": 5, "tokens_per_s": 10.0, "step_s": 0.1}
+    config = {"checkpoint": str(demo / "sft"), "task": "demo-sft", "full": True, "steps": 3}
+    good = {"status": "finished", "mask_source": "full", "task": "demo-sft", "steps_done": 3, "trainable": 5}
+    lines = b"".join(json.dumps({"step": s, **row}).encode() + b"\n" for s in (1, 2))
+    runs = {"a-list": ([1], lines, config), "b-status": ({"status": 5}, lines, config),
+            "c-config": (good, lines, random.Random(0).randbytes(64)),
+            "d-metrics": (good, lines + b"garbage\n" + random.Random(1).randbytes(30).replace(b"\n", b"") + b"\n"
+                          + json.dumps({"step": 3, **row}).encode() + b"\n", config)}
+    for name, (summary, metrics, cfg) in runs.items():
+        run = RunDir(runs_dir() / name)
+        run.mark()
+        for f, v in (("summary.json", summary), ("metrics.jsonl", metrics), ("config.json", cfg)):
+            (run.path / f).write_bytes(v if isinstance(v, bytes) else json.dumps(v).encode())
+    at = _page(demo)
+    at.run()
+    assert not at.exception, at.exception
+    errors, warnings = [e.value for e in at.error], [w.value for w in at.warning]
+    root = runs_dir()
+    assert any(f"{root / 'a-list' / 'summary.json'}: damaged run summary (a list, not a JSON object)" in e
+               for e in errors), errors
+    assert any(f"{root / 'b-status' / 'summary.json'}: damaged run summary (status must be one of" in e
+               for e in errors), errors
+    assert any(f"{root / 'c-config' / 'config.json'}: unreadable run configuration (not UTF-8 text)" in e
+               for e in errors), errors
+    assert warnings == [f"{root / 'd-metrics' / 'metrics.jsonl'}: 2 damaged lines skipped, 3 rows kept "
+                        "(first: line 3: not JSON)"]
+    table = at.dataframe[0].value
+    assert list(table["run"]) == ["d-metrics"] and list(table["steps"]) == ["3/3"]
