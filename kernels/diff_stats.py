@@ -51,6 +51,8 @@ re-exports the definition's public names, so callers import from one place.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -71,6 +73,21 @@ _TABLES = None
 CHUNK = 1 << 22  # elements per upcast chunk (fp8 and mixed-dtype pairs)
 
 
+def _torch_threads_kept(fn):
+    """numba's parallel loops start their OpenMP pool (on import of the compiled loop and on launch),
+    which resets torch's intra-op thread count to the number of cores: a caller that chose one
+    thread (a trainer checking its mask, the test suite) keeps it."""
+    @functools.wraps(fn)
+    def kept(*args, **kwargs):
+        threads = torch.get_num_threads()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
+    return kept
+
+
+@_torch_threads_kept
 def diff_stats_cpu(base: torch.Tensor, tuned: torch.Tensor, tol: float, *, with_mask: bool = False,
                    units=None) -> DiffStats:
     """Fused single pass on CPU (numba, threads over row blocks). bf16 and fp16 are read as raw
@@ -157,6 +174,7 @@ def _fold(n: int) -> tuple[int, int]:
     return 1, n
 
 
+@_torch_threads_kept
 def overlap_counts(base: torch.Tensor, tuned: list[torch.Tensor], tol: float) -> np.ndarray:
     """:func:`overlap_counts_reference`'s table in one pass over the base and the N fine-tunes when
     every fine-tune is stored like the base in bf16, fp16 or fp32 (read as stored, no upcast copy):

@@ -484,3 +484,21 @@ def test_overlap_counts_fallbacks_agree():
         assert got.sum() == base.numel()
     ints = overlap_counts(cases[2][0], cases[2][1], 1e-5)
     assert ints[0].sum() == x.numel()  # integer codes: one stratum
+
+
+def test_numba_loops_keep_the_callers_torch_thread_count():
+    """numba's OpenMP pool reset torch's thread count to the cores' number after a diff: a masked
+    fine-tune that checked its mask trained later steps with other threads (last-bit differences)."""
+    from kernels.diff_stats import diff_stats, overlap_counts
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        a = torch.randn(64, 96)
+        b = a.clone()
+        b[::3] += 1e-3
+        assert diff_stats(a, b, 1e-5).changed == 22 * 96  # rows 0, 3, ..., 63
+        overlap_counts(a, (b, b.clone()), 1e-5)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
