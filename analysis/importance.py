@@ -32,6 +32,8 @@ from analysis.structure import KINDS, tensor_role, unit_slices
 
 SCOPES = ("blocks", "all")
 REDUCTIONS = ("sum", "mean")
+SEQ_LEN = 64  # tokens per calibration sequence by default (fewer for a model with fewer positions)
+POSITION_FIELDS = ("n_positions", "max_position_embeddings")  # config fields bounding a sequence (GPT-2 first)
 
 
 class ImportanceError(SubnetscopeError):
@@ -76,6 +78,28 @@ def compute_scores(model, selector: str, batches=None, *, granularity: str | Non
     check_float_weights(model)
     scores = entry.fn(model, batches, seed=seed, progress=progress, **options)
     return scores if native else aggregate(scores, granularity)
+
+
+def calibration_length(config, seq_len: int | None = None, *, where: str = "the model") -> int:
+    """Tokens per calibration sequence for a model: ``seq_len`` when the model has that many
+    positions; not given, :data:`SEQ_LEN` or the model's positions when fewer.
+
+    Args:
+        config: a transformers config, a ``config.json`` dict, or None (no bound).
+        seq_len (int, optional): the length asked for. Default: None.
+        where (str): the checkpoint, for the message. Default: "the model".
+    Raises:
+        ImportanceError: ``seq_len`` beyond the positions of the config's ``max_position_embeddings``
+            (or GPT-2's ``n_positions``), naming both.
+    """
+    get = config.get if isinstance(config, dict) else lambda f: getattr(config, f, None)
+    limit, field = next(((get(f), f) for f in POSITION_FIELDS if isinstance(get(f), int)), (None, None))
+    if seq_len is None:
+        return SEQ_LEN if limit is None else min(SEQ_LEN, limit)
+    if limit is not None and seq_len > limit:
+        raise ImportanceError(f"--seq-len {seq_len:,} is more than the {limit:,} positions of {where} "
+                              f"({field} of its config)")
+    return seq_len
 
 
 def check_float_weights(model) -> None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from analysis.errors import quoted
 from analysis.importance import ImportanceError, check_density, compute_scores, expand, flatten, scope_names, topk_flags
 from analysis.masks import Mask
 from analysis.selectors import Scores
@@ -271,13 +272,20 @@ def check_selectors(names: list[str], against_diff=None) -> dict:
     """name -> registry entry of each selector to evaluate, checked before any model is loaded.
 
     Raises:
-        SelectorError / ImportanceError: an unknown name, none at all, or ``diff`` without the
-            fine-tune it reads.
+        SelectorError / ImportanceError: an unknown, empty or repeated name (each selector is
+            evaluated once: a repeat would be a second row of the same scores), none at all, or
+            ``diff`` without the fine-tune it reads.
     """
     from analysis.selectors import get_selector
 
     if not names:
         raise ImportanceError("--selectors needs at least one selector name")
+    for i, n in enumerate(names):
+        if not n:
+            raise ImportanceError(f"selector list {quoted(','.join(names))}: item {i + 1} is empty")
+        if n in names[:i]:
+            raise ImportanceError(f"selector list {quoted(','.join(names))}: {quoted(n)} is listed twice; name each "
+                                  "selector once")
     entries = {n: get_selector(n) for n in names}
     if "diff" in entries and not against_diff:
         raise ImportanceError("the diff selector needs --against-diff BASE TUNED")

@@ -1,18 +1,60 @@
 """``selectors``, ``importance`` and ``evaluate-selectors``: the importance selectors, one
-selector's scores and mask, and how several agree and predict a real update."""
+selector's scores and mask, and how several agree and predict a real update.
+
+Bad input is one line: before the model is loaded, a density outside (0, 1], a count below its
+minimum, an ``--option`` the selector does not declare, of the wrong type, given twice or set by a
+flag of the command (``seed`` -> ``--seed``), an empty, unknown or repeated name in ``--selectors``;
+before any scoring, a ``--seq-len`` beyond the model's positions (not given, it is 64 or the
+model's positions when fewer) or calibration data the chosen selectors cannot use.
+"""
 
 from __future__ import annotations
 
-from analysis.cli.common import (add_data_args, add_run_args, check_outputs, density, inputs_of, options, plain,
+import math
+
+from analysis.cli.common import (add_data_args, add_run_args, check_outputs, inputs_of, options, plain,
                                  quiet_transformers, ratio, tolerance)
+from analysis.errors import SubnetscopeError
 from analysis.jobs.progress import Progress
 
+# What `importance` sets by a flag of its own: as an --option it is refused, never passed twice.
+FLAGS = {"seed": "--seed", "granularity": "--granularity", "samples": "--samples", "seq_len": "--seq-len",
+         "batch_size": "--batch-size", "data": "--data", "device": "--device", "scope": "--scope",
+         "density": "--density", "budget": "--budget"}
+_FIXED = {**FLAGS, **{k.replace("_", "-"): v for k, v in FLAGS.items()}}
+_MINIMUM = (("samples", 1), ("seq_len", 2), ("batch_size", 1))  # calibration_batches' minimums
+_VALUE_WORDS = {bool: "true|false", int: "INT", float: "NUMBER", str: "TEXT"}  # declared types, in `selectors`
 
-def _calibration(args, tokenizer, offset: int = 0):
-    from analysis.calibration import calibration_batches
 
-    return calibration_batches(args.data, tokenizer, samples=args.samples, seq_len=args.seq_len,
-                               batch_size=args.batch_size, offset=offset, seed=args.seed)
+class ImportanceArgsError(SubnetscopeError):
+    """A flag of ``importance`` or ``evaluate-selectors`` out of its range, in one line."""
+
+
+def _check_numbers(args) -> None:
+    """Before any work: the density and the calibration sizes are in range (argparse has read
+    their type only)."""
+    d = args.density
+    if d is not None and not (math.isfinite(d) and 0 < d <= 1):
+        raise ImportanceArgsError(f"--density must be a fraction in (0, 1], got {d:g}")
+    for name, low in _MINIMUM:
+        value = getattr(args, name)
+        if value is not None and value < low:
+            raise ImportanceArgsError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
+
+
+def _calibration(args, tokenizer, who: list[str], offset: int = 0):
+    """The calibration batches of ``--data`` for the selectors ``who``; data that cannot be used
+    is one line naming them and the problem."""
+    from analysis.calibration import CalibrationError, calibration_batches
+
+    what = f"{', '.join(who)} {'needs' if len(who) == 1 else 'need'} calibration data (--data {args.data})"
+    if tokenizer is None:
+        raise ImportanceArgsError(f"{what}, and {args.checkpoint} has no tokenizer")
+    try:
+        return calibration_batches(args.data, tokenizer, samples=args.samples, seq_len=args.seq_len,
+                                   batch_size=args.batch_size, offset=offset, seed=args.seed)
+    except CalibrationError as e:
+        raise ImportanceArgsError(f"{what}: {e}") from None
 
 
 def cmd_selectors(args) -> int:
@@ -24,24 +66,30 @@ def cmd_selectors(args) -> int:
         print(f"{'':<18} granularity: {', '.join(e.granularities)}; data: {'yes' if e.needs_data else 'no'}; "
               f"cost: {e.cost}")
         print(f"{'':<18} paper: {e.paper}")
+        kinds = e.option_types()
         for opt, help_ in e.options.items():
-            print(f"{'':<18} --option {opt}=…  {help_}")
+            value = "|".join(_VALUE_WORDS[t] for t in kinds[opt])
+            print(f"{'':<18} {FLAGS[opt] + ' …' if opt in FLAGS else f'--option {opt}={value}'}  {help_}")
     return 0
 
 
 def cmd_importance(args) -> int:
-    from analysis.importance import compute_scores, scores_to_mask, summarize
+    from analysis.importance import calibration_length, compute_scores, scores_to_mask, summarize
     from analysis.io import write_atomic, write_json_atomic
     from analysis.masks import count, save_mask
     from analysis.models import load_model
-    from analysis.selectors import get_selector
+    from analysis.selectors import get_selector, parse_options
 
     entry = get_selector(args.selector)
-    opts = options(args.option)
-    check_outputs(args, inputs_of([args.checkpoint], args.data), "json", "mask_out", "scores_out")
+    _check_numbers(args)
+    opts = parse_options(args.selector, options(args.option), fixed=_FIXED)
+    inputs = inputs_of([args.checkpoint, opts.get("base"), opts.get("tuned")], args.data)  # diff's checkpoints
+    inputs.add(opts.get("mask"))  # and its mask file: no output may touch them
+    check_outputs(args, inputs, "json", "mask_out", "scores_out")
     quiet_transformers(args.quiet)
     model, tokenizer = load_model(args.checkpoint, device=args.device)
-    batches = _calibration(args, tokenizer) if entry.needs_data else None
+    args.seq_len = calibration_length(model.config, args.seq_len, where=args.checkpoint)
+    batches = _calibration(args, tokenizer, [args.selector]) if entry.needs_data else None
     prog = Progress(args.selector, not args.quiet, args.progress_file)
     try:
         scores = compute_scores(model, args.selector, batches, granularity=args.granularity, seed=args.seed,
@@ -77,18 +125,22 @@ def cmd_importance(args) -> int:
 
 
 def cmd_evaluate_selectors(args) -> int:
+    from analysis.importance import calibration_length
     from analysis.io import write_json_atomic
     from analysis.models import load_model
     from analysis.selector_eval import check_selectors, evaluate_selectors
 
-    names = [n.strip() for n in args.selectors.split(",") if n.strip()]
+    names = [n.strip() for n in args.selectors.split(",")]
     entries = check_selectors(names, args.against_diff)
+    _check_numbers(args)
     check_outputs(args, inputs_of([args.checkpoint, *(args.against_diff or [])], args.data), "json")
     quiet_transformers(args.quiet)
     model, tokenizer = load_model(args.checkpoint, device=args.device)
-    needs_data = any(e.needs_data for e in entries.values())
-    batches = _calibration(args, tokenizer) if needs_data else None
-    held_out = _calibration(args, tokenizer, offset=args.samples) if needs_data and args.stability else None
+    args.seq_len = calibration_length(model.config, args.seq_len, where=args.checkpoint)
+    who = [n for n, e in entries.items() if e.needs_data]
+    needs_data = bool(who)
+    batches = _calibration(args, tokenizer, who) if needs_data else None
+    held_out = _calibration(args, tokenizer, who, offset=args.samples) if needs_data and args.stability else None
     res = evaluate_selectors(model, names, batches=batches, held_out=held_out, density=args.density,
                              scope=args.scope, seed=args.seed, against_diff=args.against_diff, tol=args.tol,
                              progress_for=lambda n: Progress(n, not args.quiet, args.progress_file))
@@ -123,8 +175,10 @@ def register(sub) -> None:
     s.add_argument("--selector", required=True)
     s.add_argument("--granularity", choices=("element", "row", "head", "channel", "layer"))
     add_data_args(s)
-    s.add_argument("--option", action="append", metavar="KEY=VALUE", help="a selector option (see `selectors`)")
-    s.add_argument("--density", type=density, help="select this fraction of the scope as a mask")
+    s.add_argument("--option", action="append", metavar="KEY=VALUE",
+                   help="a selector option (see `selectors`), each at most once, its value of the type the selector "
+                        "declares; what a flag of this command sets (seed, granularity, samples ...) is refused here")
+    s.add_argument("--density", type=float, help="select this fraction of the scope, in (0, 1], as a mask")
     s.add_argument("--budget", choices=("global", "per_layer", "structured"),
                    help="global top-k, per-layer uniform top-k, or whole heads/channels/layers")
     s.add_argument("--mask-out", metavar="M", help="write the selected elements as a mask file (needs --density)")
@@ -134,10 +188,12 @@ def register(sub) -> None:
 
     s = sub.add_parser("evaluate-selectors", help="agreement of selectors, and how well they predict a real update")
     s.add_argument("checkpoint")
-    s.add_argument("--selectors", required=True, help="comma-separated names, e.g. magnitude,wanda,fisher")
+    s.add_argument("--selectors", required=True,
+                   help="comma-separated names, e.g. magnitude,wanda,fisher; an empty, unknown or repeated name is "
+                        "refused (each selector once)")
     s.add_argument("--against-diff", nargs=2, metavar=("BASE", "TUNED"), help="the fine-tune whose changes to predict")
     s.add_argument("--tol", type=tolerance, default=1e-5)
-    s.add_argument("--density", type=density, required=True, help="top-k density of the Jaccard")
+    s.add_argument("--density", type=float, required=True, help="top-k density of the Jaccard, in (0, 1]")
     s.add_argument("--stability", action="store_true", help="also rescore on a disjoint calibration set")
     add_data_args(s)
     add_run_args(s)

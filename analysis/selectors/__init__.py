@@ -10,6 +10,10 @@ evaluating selectors is :mod:`analysis.importance` and :mod:`analysis.selector_e
 
 from __future__ import annotations
 
+import inspect
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -31,7 +35,10 @@ from analysis.selectors import (
 )
 from analysis.selectors.base import GRANULARITIES, Batch, Scores, SelectorError
 
-__all__ = ["SELECTORS", "Selector", "Scores", "Batch", "SelectorError", "GRANULARITIES", "get_selector"]
+__all__ = ["SELECTORS", "Selector", "Scores", "Batch", "SelectorError", "GRANULARITIES", "get_selector",
+           "parse_options"]
+
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}
 
 
 @dataclass(frozen=True)
@@ -46,6 +53,25 @@ class Selector:
     needs_data: bool  # calibration batches required
     cost: str  # forward/backward passes per calibration batch
     options: dict[str, str] = field(default_factory=dict)  # option -> help (with its default)
+
+    def option_types(self) -> dict[str, tuple[type, ...]]:
+        """option -> the types its value may have, in the order a text value is tried: from the
+        annotation of ``fn``'s keyword argument of that name (``None`` dropped), else from the type
+        of its default; ``(str,)`` when neither says (a path, a name)."""
+        hints = typing.get_type_hints(self.fn)
+        params = inspect.signature(self.fn).parameters
+        out = {}
+        for opt in self.options:
+            hint = hints.get(opt)
+            if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+                kinds = typing.get_args(hint)
+            elif hint is not None:
+                kinds = (hint,)
+            else:
+                default = params[opt].default if opt in params else None
+                kinds = (type(default),) if default not in (None, inspect.Parameter.empty) else (str,)
+            out[opt] = tuple(t for t in (bool, int, float, str) if t in kinds) or (str,)
+        return out
 
 
 SELECTORS: dict[str, Selector] = {
@@ -135,3 +161,62 @@ def get_selector(name: str) -> Selector:
         return SELECTORS[name]
     except KeyError:
         raise SelectorError(f"unknown selector {name!r}; one of {', '.join(SELECTORS)}") from None
+
+
+def parse_options(name: str, raw: dict[str, str], *, fixed: dict[str, str] | None = None) -> dict:
+    """Option values given as text (``--option KEY=VALUE``) -> the values selector ``name`` takes.
+
+    Each key must be one of ``SELECTORS[name].options``; its value is converted to the type its
+    keyword argument declares (:meth:`Selector.option_types`): ``true`` / ``false`` for a bool, an
+    integer, a finite number, or the text itself.
+
+    Args:
+        name (str): a key of :data:`SELECTORS`.
+        raw (dict[str, str]): option -> its text.
+        fixed (dict[str, str], optional): keys the caller sets by other means (e.g. ``seed`` ->
+            ``--seed``), refused here so that none is given twice; also left out of the list of
+            valid options an unknown key is answered with. Default: None.
+    Returns:
+        dict: option -> typed value, in the order given.
+    Raises:
+        SelectorError: one line: a fixed key and where to set it, an unknown key and the valid
+        ones, or a value of the wrong type with the type expected.
+    """
+    entry = get_selector(name)
+    fixed = fixed or {}
+    kinds = entry.option_types()
+    valid = [o for o in kinds if o not in fixed]
+    out = {}
+    for key, text in raw.items():
+        if key in fixed:
+            raise SelectorError(f"{key!r} is set by {fixed[key]}, not as an option of {name}")
+        if key not in kinds:
+            have = f"its options: {', '.join(valid)}" if valid else "it takes none"
+            raise SelectorError(f"{name} has no option {key!r}; {have}")
+        out[key] = _convert(text, kinds[key])
+        if out[key] is None:
+            want = " or ".join(_TYPE_WORDS[t] for t in kinds[key])
+            raise SelectorError(f"{name}: option {key} must be {want}, got {text!r}")
+    return out
+
+
+def _convert(text: str, kinds: tuple[type, ...]):
+    """``text`` as the first of ``kinds`` it reads as; None when it reads as none of them."""
+    for kind in kinds:
+        if kind is bool and text.strip().lower() in ("true", "false"):
+            return text.strip().lower() == "true"
+        if kind is int:
+            try:
+                return int(text)
+            except ValueError:
+                continue
+        if kind is float:
+            try:
+                value = float(text)
+            except ValueError:
+                continue
+            if math.isfinite(value):
+                return value
+        if kind is str:
+            return text
+    return None

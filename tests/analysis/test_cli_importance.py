@@ -24,6 +24,7 @@ def test_importance_json_and_mask(demo, tmp_path):
                  "--mask-out", str(mask), "--json", str(out), "--quiet"]) == 0
     d = json.loads(out.read_text())
     assert (d["selector"], d["granularity"], d["scope"]) == ("wanda", "element", "blocks")
+    assert d["seq_len"] == 32  # --seq-len not given: 64, cut to the demo model's 32 positions
     assert [r["layer"] for r in d["layers"]] == [0, 1, 2, 3]
     assert {r["kind"] for r in d["kinds"]} == {"q", "k", "v", "o", "gate", "up", "down"}
     assert len(d["heads"]["mean"]) == 4 and len(d["heads"]["mean"][0]) == 4  # [layers, query heads]
@@ -88,3 +89,28 @@ def test_importance_granularity_and_scores_out(demo, tmp_path):
     with safe_open(str(raw), "pt") as f:
         assert list(f.keys()) == ["head"] and tuple(f.get_tensor("head").shape) == (4, 4)
         assert f.metadata()["selector"] == "taylor"
+
+
+def test_options_are_typed_and_flags_are_not_options(llama_dir, tmp_path, capsys):
+    """--option values reach the selector as the types it declares (the JSON says so); what a flag
+    sets (--granularity, --seed) is given by the flag, and every such flag exists."""
+    from analysis.cli import build_parser
+    from analysis.cli.importance import FLAGS
+
+    out = tmp_path / "p.json"
+    for text, value in (("3", 3), ("0.5", 0.5)):
+        assert main(["importance", str(llama_dir), "--selector", "principal", "--option", f"k={text}",
+                     "--json", str(out), "--quiet"]) == 0
+        got = json.loads(out.read_text())["options"]["k"]
+        assert got == value and type(got) is type(value)
+    assert main(["importance", str(llama_dir), "--selector", "random", "--granularity", "row", "--seed", "4",
+                 "--json", str(out), "--quiet"]) == 0
+    assert json.loads(out.read_text())["granularity"] == "row"
+    args = vars(build_parser().parse_args(["importance", "x", "--selector", "random", "--json", "o"]))
+    assert set(FLAGS) <= set(args)
+    capsys.readouterr()
+    assert main(["selectors"]) == 0
+    listing = capsys.readouterr().out
+    assert "--granularity …  element | row" in listing and "--option granularity" not in listing
+    assert "--option active_layers=INT" in listing and "--option normalize=true|false" in listing
+    assert "--option k=INT|NUMBER" in listing

@@ -229,3 +229,19 @@ def test_compute_scores_dispatch_and_errors():
         compute_scores(model, "wanda")
     with pytest.raises(ImportanceError, match="unknown granularity"):
         compute_scores(model, "magnitude", granularity="neuron")
+
+
+def test_calibration_length_is_bounded_by_the_model_positions():
+    from conftest import tiny_gpt2
+
+    from analysis.importance import SEQ_LEN, calibration_length
+
+    assert SEQ_LEN == 64
+    assert calibration_length({"max_position_embeddings": 32}) == 32  # not given: 64, or fewer positions
+    assert calibration_length({"max_position_embeddings": 2048}) == 64
+    assert calibration_length(None) == 64 and calibration_length(None, 10**9) == 10**9  # no config: no bound
+    assert calibration_length(tiny_gpt2().config, 64) == 64  # GPT-2: n_positions = 64
+    assert calibration_length({"max_position_embeddings": 32}, 16) == 16
+    with pytest.raises(ImportanceError) as e:
+        calibration_length(tiny_gpt2().config, 65, where="gpt2-dir")
+    assert str(e.value) == "--seq-len 65 is more than the 64 positions of gpt2-dir (n_positions of its config)"

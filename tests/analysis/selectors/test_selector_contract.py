@@ -83,3 +83,45 @@ def test_selector_contract(name, batches, options):
             assert p.grad is None, n
             assert p.requires_grad == (p is not frozen), n
         assert {n: m.training for n, m in model.named_modules()} == modes
+
+
+@pytest.mark.parametrize("name", list(SELECTORS))
+def test_declared_options_are_typed_keyword_arguments(name):
+    """Every option a selector declares is a keyword argument of its function, with a type the
+    CLI can read a text value as, and a default of that type (or None)."""
+    import inspect
+
+    entry = SELECTORS[name]
+    params = inspect.signature(entry.fn).parameters
+    kinds = entry.option_types()
+    assert list(kinds) == list(entry.options)
+    for opt, types in kinds.items():
+        assert params[opt].kind is inspect.Parameter.KEYWORD_ONLY, opt
+        assert types and set(types) <= {bool, int, float, str}, opt
+        default = params[opt].default
+        assert default is None or isinstance(default, types), (opt, default, types)
+
+
+def test_parse_options_converts_to_the_declared_types():
+    from analysis.selectors import SelectorError, parse_options
+
+    assert parse_options("principal", {"k": "3"}) == {"k": 3} and type(parse_options("principal", {"k": "3"})["k"]) is int
+    assert parse_options("principal", {"k": "0.25"}) == {"k": 0.25}
+    assert parse_options("lisa", {"active_layers": "4", "mode": "weight_norm"}) == {"active_layers": 4,
+                                                                                   "mode": "weight_norm"}
+    assert parse_options("head_importance", {"normalize": "False"}) == {"normalize": False}
+    assert parse_options("sensitivity", {"beta1": "0.5", "beta2": "1e-1"}) == {"beta1": 0.5, "beta2": 0.1}
+    assert parse_options("diff", {"base": "123", "tol": "0"}) == {"base": "123", "tol": 0.0}  # a path stays text
+    assert parse_options("random", {}) == {}
+    for name, raw, says in [
+        ("lisa", {"active_layers": "2.0"}, "lisa: option active_layers must be an integer, got '2.0'"),
+        ("head_importance", {"normalize": "1"}, "option normalize must be true or false, got '1'"),
+        ("sensitivity", {"beta2": "inf"}, "option beta2 must be a finite number, got 'inf'"),
+        ("fisher", {"micro": "1"}, "fisher has no option 'micro'; its options: micro_batch"),
+        ("random", {"granularity": "row"}, "'granularity' is set by --granularity, not as an option of random"),
+        ("random", {"seed": "1"}, "'seed' is set by --seed"),
+        ("fluctuation", {"x": "1"}, "its options: standardize"),  # granularity is set by its flag
+    ]:
+        with pytest.raises(SelectorError) as e:
+            parse_options(name, raw, fixed={"seed": "--seed", "granularity": "--granularity"})
+        assert says in str(e.value) and "\n" not in str(e.value)
