@@ -84,6 +84,7 @@ class TrajectoryResult:
             "layers": self.layers(),
             "by_tolerance": self.by_tolerance(),
             "skipped": self.skipped,
+            "resized": self.vs_base[0].resized,  # a resized vocabulary: compared on the shared rows
         }
 
     def by_tolerance(self) -> dict:
@@ -125,10 +126,49 @@ def at_tolerance(d: dict, tol: float) -> dict:
             "checkpoints": cks, "layers": layers}
 
 
+# A checkpoint's step in its name: Hugging Face Trainer's checkpoint-500, DeepSpeed's global_step500,
+# Megatron's iter_0000500, step-20 / step_20 / ckpt20 (a weight file's suffix aside).
+STEP_NAME = re.compile(r"(?:^|[^A-Za-z])(?:checkpoint|ckpt|step|iteration|iter)[-_]?(\d+)$", re.IGNORECASE)
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def name_step(ref: str) -> int | None:
+    """The training step a checkpoint's name carries (:data:`STEP_NAME`), from its last path part or,
+    for a weight file (``step-20/model.safetensors``), the folder holding it; None when neither does."""
+    parts = [p for p in re.split(r"[/\\]", str(ref)) if p]
+    if not parts:
+        return None
+    last = parts[-1]
+    stem = last[: -len(sfx)] if (sfx := next((x for x in WEIGHT_SUFFIXES if last.lower().endswith(x)), "")) else last
+    for name in [stem] + ([parts[-2]] if sfx and len(parts) > 1 else []):
+        m = STEP_NAME.search(name)
+        if m:
+            return int(m.group(1))
+    return None
+
+
 def infer_steps(refs: list[str]) -> list[int]:
-    """Training steps from checkpoint names ending in a number (``checkpoint-500``, ``step_20``,
-    ``step-20.safetensors``), in
-    the order given; 1 … N when any name has none or the numbers do not increase."""
+    """Training steps from the checkpoints' names, in the order given.
+
+    When every name carries a step (:func:`name_step`: ``checkpoint-500``, ``step-20.safetensors``,
+    ``global_step500``), those are the steps, and they must increase as given: a run given out of
+    order is refused (as ``--steps`` that do not increase), never renumbered. Otherwise names that
+    all end in increasing numbers give them; else 1 … N.
+
+    Raises:
+        SubnetscopeError: step names out of training order or naming one step twice.
+    """
+    named = [name_step(r) for r in refs]
+    if refs and all(x is not None for x in named):
+        first: dict[int, int] = {}
+        for i, a in enumerate(named):
+            j = first.setdefault(a, i)
+            if j != i:
+                raise SubnetscopeError(f"{refs[j]} and {refs[i]} both name step {a}: a run has one checkpoint per step")
+        if any(a > b for a, b in zip(named, named[1:])):
+            raise SubnetscopeError(f"checkpoints not in training order: their names give steps "
+                                   f"{', '.join(map(str, named))}; list them as {', '.join(map(str, sorted(named)))}")
+        return named
     nums = [re.search(r"(\d+)(\.[A-Za-z]+)?$", str(r).rstrip("/\\")) for r in refs]  # a file's suffix aside
     if all(nums):
         steps = [int(m.group(1)) for m in nums]
@@ -144,9 +184,9 @@ def trajectory(base: str | Checkpoint, checkpoints: list[str | Checkpoint], *, s
 
     Args:
         base: θ⁰ (path, hub id or Checkpoint).
-        checkpoints: θ¹ … θᴺ in training order (N ≥ 1).
-        steps (list[int], optional): the training step of each checkpoint, increasing. Default:
-            from the names (:func:`infer_steps`).
+        checkpoints: θ¹ … θᴺ in training order (N ≥ 1), each once, none of them the base.
+        steps (list[int], optional): the training step of each checkpoint, increasing; when the
+            names carry steps, the same ones. Default: from the names (:func:`infer_steps`).
         tol (float): τ ≥ 0. Default: 1e-5.
         progress (callable, optional): progress(done_elements, total_elements, name).
         should_stop (callable, optional): polled between tensors; True cancels.
@@ -155,8 +195,9 @@ def trajectory(base: str | Checkpoint, checkpoints: list[str | Checkpoint], *, s
     Returns:
         TrajectoryResult
     Raises:
-        SubnetscopeError: no checkpoints, steps that do not match or do not increase, a bad
-            tolerance, unreadable checkpoints, or nothing to compare.
+        SubnetscopeError: no checkpoints, a checkpoint given twice or also as the base, steps
+            that do not match, do not increase or disagree with the names, checkpoints whose names
+            are out of training order, a bad tolerance, unreadable checkpoints, or nothing to compare.
     """
     if not checkpoints:
         raise SubnetscopeError("a trajectory needs at least one checkpoint after the base")
@@ -165,12 +206,24 @@ def trajectory(base: str | Checkpoint, checkpoints: list[str | Checkpoint], *, s
     cks = [c if isinstance(c, Checkpoint) else open_checkpoint(c) for c in [base, *checkpoints]]
     refs = [str(c.ref) for c in cks]
     N = len(checkpoints)
+    seen: dict = {}
+    for i, c in enumerate(cks):
+        where = seen.setdefault(c.path.resolve(), i)
+        if where != i:
+            first = "the base" if where == 0 else f"checkpoint {where}"
+            raise SubnetscopeError(f"{refs[i]}: given twice, as {first} and as checkpoint {i}; a trajectory lists "
+                                   f"each checkpoint once, after its base")
+    named = infer_steps(refs[1:])  # refuses step names out of order
+    from_names = all(name_step(r) is not None for r in refs[1:])
     if steps is None:
-        steps = infer_steps(refs[1:])
+        steps = named
     if len(steps) != N:
         raise SubnetscopeError(f"{len(steps)} steps given for {N} checkpoints")
     if any(a >= b for a, b in zip(steps, steps[1:])):
         raise SubnetscopeError(f"steps must increase along the run, got {','.join(map(str, steps))}")
+    if from_names and list(steps) != named:
+        raise SubnetscopeError(f"steps {','.join(map(str, steps))} given, but the checkpoints' names say "
+                               f"{','.join(map(str, named))}")
     al = align(cks)
     skipped = [{"name": m["key"], "reason": "missing in " + ", ".join(refs[i] for i in m["missing_in"])}
                for m in al.missing]

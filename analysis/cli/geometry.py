@@ -4,20 +4,25 @@ heavy-tail exponent α of base and tuned (analysis.geometry)."""
 
 from __future__ import annotations
 
-import argparse
-
 from analysis.cli.common import add_run_args, check_outputs, inputs_of, ratio, tolerance
 
 
-def k_value(s: str) -> float | int | None:
-    """argparse type: a count (``8``), a fraction of the rank (``0.05``) or a percentage (``1%``)."""
+def k_value(s: str | None) -> float | int | None:
+    """``--k`` as given: a count (``8``), a fraction of the rank (``0.05``) or a percentage (``1%``);
+    parsed by the command, not by argparse, so that a bad value is one line (``error: --k: …``).
+
+    Raises:
+        SubnetscopeError: anything :func:`analysis.geometry.parse_k` refuses, naming ``--k``.
+    """
     from analysis.errors import SubnetscopeError
     from analysis.geometry import parse_k
 
+    if s is None:
+        return None
     try:
         return parse_k(s)
     except SubnetscopeError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+        raise SubnetscopeError(f"--k: {e}") from None
 
 
 def _num(x, fmt: str = ".3f") -> str:
@@ -29,16 +34,19 @@ def cmd_geometry(args) -> int:
     from analysis.io import write_json_atomic
     from analysis.jobs.progress import Progress
 
+    k = k_value(args.k)
     check_outputs(args, inputs_of([args.base, args.tuned]), "json")
     prog = Progress("geometry", not args.quiet, args.progress_file)
     try:
-        res = geometry(args.base, args.tuned, k=args.k, tol=args.tol, device=args.device, dtype=args.dtype,
+        res = geometry(args.base, args.tuned, k=k, tol=args.tol, device=args.device, dtype=args.dtype,
                        spectra=args.spectra, progress=prog, ray=args.ray)
     finally:
         prog.close()
     d = res.to_json()
     write_json_atomic(args.json, d)
-    print(f"{res.base} -> {res.tuned}; k {d['k']}; tolerance {res.tol:g}; {len(res.matrices)} block matrices")
+    left_out = res.skipped_matrices()
+    print(f"{res.base} -> {res.tuned}; k {d['k']}; tolerance {res.tol:g}; {len(res.matrices)} block matrices"
+          + (f" ({len(left_out)} skipped, left out of every mean)" if left_out else ""))
     print("  kind   drift  top-k drift  angle U (mean/max)  alignment (random)   principal o1 (smallest, random)"
           "  α base → tuned")
     for r in d["kinds"]:
@@ -50,8 +58,11 @@ def cmd_geometry(args) -> int:
     worst = max((g.svd_error for g in res.matrices), default=0.0)
     if worst:
         print(f"  randomized top-k: largest σ error {worst:.2e} of σ₁")
-    if d["skipped"]:
-        print(f"  skipped {len(d['skipped'])} tensors (see JSON): " + ", ".join(s["name"] for s in d["skipped"][:5]))
+    for x in left_out[:5]:
+        print(f"  skipped {x['name']}: {x['reason']}")
+    others = len(d["skipped"]) - len(left_out)
+    if len(left_out) > 5 or others:
+        print(f"  skipped {len(left_out) - min(5, len(left_out)) + others} more tensors (see JSON)")
     print(f"wrote {args.json}")
     return 0
 
@@ -62,7 +73,7 @@ def register(sub) -> None:
     s = sub.add_parser("geometry", help="spectra, principal subspaces and principal weights of BASE vs TUNED")
     s.add_argument("base")
     s.add_argument("tuned")
-    s.add_argument("--k", type=k_value, default=None,
+    s.add_argument("--k", default=None,
                    help="principal subspace size: a count (8), a fraction of the rank (0.05) or 1%% (the default)")
     s.add_argument("--tol", type=tolerance, default=1e-5, help="tolerance τ of the changed sets (default 1e-5)")
     s.add_argument("--device", default="cpu", help="where the SVDs run: cpu or cuda")

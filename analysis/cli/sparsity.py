@@ -68,24 +68,32 @@ def cmd_overlap(args) -> int:
     return 0
 
 
-def step_list(s: str) -> list[int]:
-    """argparse type: comma-separated training steps, e.g. ``10,20,30``."""
-    import argparse
+def step_list(s: str | None) -> list[int] | None:
+    """``--steps`` as given: comma-separated training steps, e.g. ``10,20,30``; parsed by the command,
+    not by argparse, so that a bad value is one line.
 
+    Raises:
+        SubnetscopeError: anything but whole numbers separated by commas.
+    """
+    from analysis.errors import SubnetscopeError, quoted
+
+    if s is None:
+        return None
     try:
         return [int(x) for x in s.split(",") if x.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"steps are whole numbers separated by commas, got {s!r}") from None
+        raise SubnetscopeError(f"--steps: whole numbers separated by commas, got {quoted(s)}") from None
 
 
 def cmd_trajectory(args) -> int:
     from analysis.io import write_json_atomic
     from analysis.trajectory import trajectory
 
+    steps = step_list(args.steps)
     check_outputs(args, inputs_of([args.base, *args.checkpoints]), "json")
     prog = Progress("trajectory", not args.quiet, args.progress_file)
     try:
-        res = trajectory(args.base, args.checkpoints, steps=args.steps, tol=args.tol, progress=prog, ray=args.ray)
+        res = trajectory(args.base, args.checkpoints, steps=steps, tol=args.tol, progress=prog, ray=args.ray)
     finally:
         prog.close()
     d = res.to_json()
@@ -97,6 +105,12 @@ def cmd_trajectory(args) -> int:
               f"  {c['cumulative_changed']:>19,}  {c['first_changed']:>14,}  {c['returned_to_base']:>9,}"
               f"  {ratio(c['overlap_with_final']['o1']):>14}")
     print(f"  never changed: {d['first_changed_histogram']['never']:,}")
+    for r in d["resized"]:
+        print(f"  resized {r['key']} {' / '.join('×'.join(map(str, s)) for s in r['shapes'])}: "
+              f"compared on the {r['compared_rows']:,} shared rows")
+    if d["skipped"]:
+        print(f"  skipped {len(d['skipped'])} tensors (see JSON): "
+              + "; ".join(f"{x['name']} ({x['reason']})" for x in d["skipped"][:5]))
     print(f"wrote {args.json}")
     return 0
 
@@ -130,9 +144,15 @@ def register(sub) -> None:
 
     s = sub.add_parser("trajectory", help="update sparsity along one run: checkpoints against the base and each other")
     s.add_argument("base")
-    s.add_argument("checkpoints", nargs="+", metavar="CKPT", help="the run's checkpoints in training order")
-    s.add_argument("--steps", type=step_list, help="their training steps, e.g. 10,20,30 (default: from the names)")
+    s.add_argument("checkpoints", nargs="*", metavar="CKPT",
+                   help="the run's checkpoints in training order, each once; names that carry a step (checkpoint-500, "
+                        "step-20, global_step500, iter_0000500) give the steps and must come in increasing order: "
+                        "checkpoints given out of order are refused, not sorted")
+    s.add_argument("--steps",
+                   help="their training steps, increasing, e.g. 10,20,30 (default: from the names, else 1..N); "
+                        "where the names carry steps, the same ones")
     s.add_argument("--tol", type=tolerance, default=1e-5)
     add_ray_arg(s)
     add_run_args(s)
-    s.set_defaults(func=cmd_trajectory)
+    s.set_defaults(func=cmd_trajectory,
+                   min_args=("checkpoints", 1, "trajectory needs at least one checkpoint after the base"))

@@ -34,7 +34,7 @@ def score(model, batches=None, *, seed: int = 0, progress=None, k: float | int |
         Scores: ``element`` granularity, ``|U_k Σ_k V_kᵀ|`` per scored matrix.
     """
     from analysis.errors import SubnetscopeError
-    from analysis.geometry import resolve_k, spectrum_top_k
+    from analysis.geometry import NonFiniteMatrix, resolve_k, spectrum_top_k
 
     if isinstance(k, str):  # from the CLI / page: "8" or "0.05"
         try:
@@ -54,7 +54,10 @@ def score(model, batches=None, *, seed: int = 0, progress=None, k: float | int |
         for i, pname in enumerate(targets):
             w = params[pname].detach().float()
             kk = resolve_k(k, min(w.shape))
-            _, u, s, v, err = spectrum_top_k(w, kk)
+            try:
+                _, u, s, v, err = spectrum_top_k(w, kk)
+            except NonFiniteMatrix as e:  # checked before the SVD, which would fail or return garbage
+                raise SelectorError(f"principal: {pname}: {e}") from None
             values[pname] = ((u * s) @ v.T).abs()
             errors[pname] = err
             if progress is not None:

@@ -176,9 +176,8 @@ def test_geometry_of_a_checkpoint_pair_and_the_cli(tmp_path, capsys):
     first = d["tensors"][0]
     assert first["alignment"] == pytest.approx(r.matrices[0].alignment) and len(first["sigma_base"]) == 64
     assert "wrote" in capsys.readouterr().out
-    with pytest.raises(SystemExit) as e:  # argparse: a bad k is a usage error
-        main(["geometry", base, tuned, "--k", "0", "--json", str(out), "--quiet"])
-    assert e.value.code == 2 and "k must be" in capsys.readouterr().err
+    assert main(["geometry", base, tuned, "--k", "0", "--json", str(out), "--quiet"]) == 2  # one line, no usage
+    assert capsys.readouterr().err.startswith("error: --k: k must be")
     assert main(["geometry", base, tuned, "--json", base, "--quiet"]) == 2  # never overwrites an input
     assert main(["geometry", base, str(tmp_path / "missing"), "--json", str(out), "--quiet"]) == 2
     if not torch.cuda.is_available():
@@ -204,3 +203,75 @@ def test_principal_selector_formula():
     want = ((u[:, :3] * sv[:3]) @ vh[:3]).abs().float()
     assert torch.allclose(s.values["model.layers.1.mlp.down_proj.weight"], want, atol=1e-5)
     assert "model.embed_tokens.weight" in s.info["unscored"] and len(s.values) == 14
+
+
+def test_non_finite_matrices_are_refused_before_any_svd(monkeypatch, tmp_path):
+    """No SVD ever sees NaN / ±inf (LAPACK fails on them, or returns a spectrum of garbage): the full
+    and the randomized paths of spectrum_top_k, matrix_geometry, matrix_detail and the principal
+    selector all say which matrix holds what."""
+    import analysis.geometry as geo
+    from analysis.geometry import NonFiniteMatrix, matrix_detail, nonfinite_reason
+    from analysis.selectors import get_selector
+    from analysis.selectors.base import SelectorError
+    from conftest import tiny_llama
+
+    w, *_ = _matrix()
+    bad = w.clone()
+    bad[1, 2], bad[3, 4] = math.nan, -math.inf
+
+    def no_svd(*a, **k):
+        raise AssertionError("an SVD of a non-finite matrix")
+
+    with monkeypatch.context() as mp:
+        for f in ("svd", "svdvals"):
+            mp.setattr(torch.linalg, f, no_svd)
+        mp.setattr(torch, "svd_lowrank", no_svd)
+        for full_max in (1024, 10):  # the exact and the randomized path
+            mp.setattr(geo, "FULL_SVD_MAX", full_max)
+            with pytest.raises(NonFiniteMatrix, match=r"^matrix holds 2 non-finite elements \(1 nan, 1 -inf\): no SVD$"):
+                spectrum_top_k(bad, 3)
+            with pytest.raises(NonFiniteMatrix) as e:
+                matrix_geometry(w, bad, k=3, name="m")
+            assert (str(e.value), e.value.counts) == ("m: tuned holds 2 non-finite elements (1 nan, 1 -inf)",
+                                                      {"base": 0, "tuned": 2, "delta": 2})
+    huge = w.clone()
+    huge[0, 0] = 1e300  # finite in float64, beyond float32: the SVD dtype decides
+    assert nonfinite_reason(huge.float(), "base", huge) == "base holds 1 element beyond the float32 range of the SVDs"
+    assert matrix_geometry(huge, huge, k=1, dtype=torch.float64).changed == 0
+    m = tiny_llama()
+    with torch.no_grad():
+        m.model.layers[1].mlp.down_proj.weight[0, 0] = math.inf
+    with pytest.raises(SelectorError, match=r"^principal: model\.layers\.1\.mlp\.down_proj\.weight: matrix holds 1 "
+                                            r"non-finite element \(inf\): no SVD$"):
+        get_selector("principal").fn(m, None, k=3)
+    m.save_pretrained(tmp_path / "bad")
+    tiny_llama().save_pretrained(tmp_path / "good")
+    with pytest.raises(NonFiniteMatrix, match=r"^layers\.1\.mlp\.down_proj\.weight: tuned holds 1 non-finite "
+                                              r"element \(inf\)$"):
+        matrix_detail(tmp_path / "good", tmp_path / "bad", "layers.1.mlp.down_proj.weight")
+
+
+def test_quantities_that_are_not_one_number_are_none_with_the_reason():
+    """A top-k subspace is unique only when σₖ > σₖ₊₁: the angles (and, for the base, the alignment)
+    are None with the reason otherwise; the principal weights need a unique rank-k approximation,
+    which a base of rank < k still has; ΔW = 0 leaves the alignment undefined."""
+    u, v = _orthonormal(8, 0)[:, :6], _orthonormal(6, 1)
+    w0 = (u * torch.tensor([3.0, 2, 2, 1, 0.5, 0.25], dtype=torch.float64)) @ v.T  # σ₂ = σ₃
+    w1 = w0 + 1e-3 * torch.outer(u[:, 0], v[:, 0])
+    g = matrix_geometry(w0, w1, k=2, dtype=torch.float64)
+    why = "the base's top-2 singular subspace is not unique (σ2 = 2, σ3 = 2)"
+    assert g.angle_u_max is None and g.angle_v_mean is None and g.alignment is None and g.principal_o1 is None
+    assert g.undefined["alignment"] == why  # the base's alone; the angles need the tuned's too
+    assert g.undefined["angle_u_max"] == why + "; the tuned's top-2 singular subspace is not unique (σ2 = 2, σ3 = 2)"
+    assert g.undefined["principal_o1"] == "the base's best rank-2 approximation is not unique (σ2 = 2, σ3 = 2)"
+    one = matrix_geometry(w0, w1, k=1, dtype=torch.float64)  # σ₁ > σ₂: all defined
+    assert one.undefined == {} and one.alignment == pytest.approx(1, abs=1e-9)
+    rank1 = 4 * torch.outer(u[:, 0], v[:, 0])  # rank 1 < k = 2: no unique subspace, a unique approximation (W₀)
+    g = matrix_geometry(rank1, rank1 + 1e-3 * torch.outer(u[:, 1], v[:, 1]), k=2, dtype=torch.float64)
+    assert g.angle_u_max is None and g.undefined["angle_u_max"].startswith(
+        "the base's top-2 singular subspace is not unique (σ2 = 0, σ3 = 0)")
+    assert "tuned's top-2 singular subspace is not unique" not in g.undefined["angle_u_max"]  # σ₂ = 1e-3 > σ₃ = 0
+    assert g.principal_o1 is not None and "principal_o1" not in g.undefined
+    same = matrix_geometry(w0, w0.clone(), k=1, dtype=torch.float64)
+    assert same.undefined == {"alignment": "ΔW = 0", **{f: "no element changed at τ = 1e-05" for f in (
+        "principal_o1", "principal_jaccard", "smallest_o1", "smallest_jaccard", "random_o1", "random_jaccard")}}

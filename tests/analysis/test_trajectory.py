@@ -101,7 +101,9 @@ def test_errors(tmp_path):
     with pytest.raises(SubnetscopeError, match="no such|not found|does not exist|cannot"):
         trajectory(base, [str(tmp_path / "missing")])
     assert infer_steps(["a", "b"]) == [1, 2]
-    assert infer_steps(["run/step-20", "run/step-10"]) == [1, 2]  # not increasing: positions
+    assert infer_steps(["run/seed2", "run/seed1"]) == [1, 2]  # numbers that are not steps, not increasing: positions
+    with pytest.raises(SubnetscopeError, match="not in training order: their names give steps 20, 10; list them as 10"):
+        infer_steps(["run/step-20", "run/step-10"])  # step names are never renumbered
 
 
 def test_every_grid_tolerance_from_one_pass(demo):
@@ -129,3 +131,34 @@ def test_every_grid_tolerance_from_one_pass(demo):
         at_tolerance(one, 2e-5)
     with pytest.raises(ValueError, match="no per-tolerance counts .*rerun it"):  # a result from before them
         at_tolerance({k: v for k, v in one.items() if k != "by_tolerance"}, 1e-3)
+
+
+def test_step_names_are_the_steps_and_never_renumbered(tmp_path):
+    """Issue 21, item 9b: names carrying a step (the Trainer's checkpoint-N, DeepSpeed's global_stepN,
+    Megatron's iter_N, step-N, a weight file inside such a folder) give the steps and must come in
+    increasing order, as ``--steps`` must; other trailing numbers are no steps."""
+    from analysis.trajectory import name_step
+
+    assert [name_step(r) for r in ("out/checkpoint-500", "step_20", "step-20.safetensors", "global_step500",
+                                   "iter_0000500", "ckpt20", "run/step-30/model.safetensors", "checkpoint-7/")] == [
+        500, 20, 20, 500, 500, 20, 30, 7]
+    assert [name_step(r) for r in ("rl-seed1", "substep5", "model.safetensors", "v2")] == [None] * 4
+    assert infer_steps(["a/step-10", "b/step-20/model.safetensors"]) == [10, 20]
+    with pytest.raises(SubnetscopeError, match="^a/step-10 and b/step-10 both name step 10"):
+        infer_steps(["a/step-10", "b/step-10"])
+    base, cks = _run(tmp_path)  # checkpoint-100, -200, -300
+    with pytest.raises(SubnetscopeError, match="not in training order: their names give steps 300, 100, 200"):
+        trajectory(base, [cks[2], cks[0], cks[1]])
+    with pytest.raises(SubnetscopeError, match=r"^steps 1,2,3 given, but the checkpoints' names say 100,200,300$"):
+        trajectory(base, cks, steps=[1, 2, 3])
+    with pytest.raises(SubnetscopeError, match="given twice, as checkpoint 1 and as checkpoint 3"):
+        trajectory(base, [cks[0], cks[1], cks[0]])
+    with pytest.raises(SubnetscopeError, match="given twice, as the base and as checkpoint 2"):
+        trajectory(base, [cks[0], base])
+    plain = []
+    for i, ck in enumerate(cks):  # names without steps: --steps is free
+        p = tmp_path / f"{'abc'[i]}.safetensors"
+        p.write_bytes(open(ck, "rb").read())
+        plain.append(str(p))
+    assert trajectory(base, plain, steps=[5, 50, 500]).steps == [5, 50, 500]
+    assert trajectory(base, plain).steps == [1, 2, 3]

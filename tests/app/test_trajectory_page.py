@@ -73,3 +73,23 @@ def test_slider_reaggregates_and_sets_on_request(demo, monkeypatch):
     assert calls == [1e-5, 1e-3]
     table = at.dataframe[0].value
     assert list(table["ever changed"]) == [c["cumulative_changed"] for c in want["checkpoints"]]
+
+
+def test_checkpoints_out_of_training_order_are_an_error_not_renumbered(tmp_path, monkeypatch):
+    """Issue 21, item 9b: step-30, step-10, step-20 is one st.error naming the order found."""
+    import re
+
+    from conftest import tiny_llama
+
+    tiny_llama().save_pretrained(tmp_path / "base")
+    for n in (10, 20, 30):
+        tiny_llama().save_pretrained(tmp_path / f"step-{n}")
+    monkeypatch.setenv("SUBNETSCOPE_HOME", str(tmp_path / "home"))  # no demo run as the default
+    at = AppTest.from_file(str(ROOT / "app_pages" / "trajectory.py"), default_timeout=120)
+    at.run()
+    at.text_input[0].set_value(str(tmp_path / "base"))
+    at.text_area[0].set_value("\n".join(str(tmp_path / f"step-{n}") for n in (30, 10, 20))).run()
+    assert not at.exception, at.exception
+    [e] = [re.sub(r"\\(.)", r"\1", e.value) for e in at.error]
+    assert e == "checkpoints not in training order: their names give steps 30, 10, 20; list them as 10, 20, 30"
+    assert not at.get("plotly_chart")
