@@ -7,7 +7,11 @@ Six methods on one encoded example (:func:`encode`):
   ``log p(target | prompt)`` (summed over the target tokens, teacher-forced, as captum's
   ``LLMAttribution`` does). IG reports its convergence delta as the completeness error
   |Σ scores − (f(x) − f(x′))| / |f(x) − f(x′)|; x′ replaces every prompt token (not the special
-  tokens) by the baseline token.
+  tokens) by the baseline token. By default IG adapts its steps (:func:`integrated_gradients`):
+  captum's Gauss-Legendre rule on segments of the path, split in two where a segment's
+  completeness or its scores disagree with its halves, until both errors are below
+  :data:`COMPLETENESS_TARGET` or a budget of steps is spent (docs/integrated-gradients.md: why the
+  path from a zero baseline embedding is hard).
 - ``ixg``, ``lrp-cp``, ``lrp-attn`` — activation × gradient in one forward and one backward,
   explaining the target logit (summed over the target tokens): plain gradients for ``ixg``, the
   modified gradients of :func:`analysis.lrp.lrp_rules` for the two LRP variants. The same pass
@@ -36,7 +40,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from analysis.errors import SubnetscopeError
+from analysis.errors import SubnetscopeError, quoted
 
 METHODS = {
     "ig": "Integrated Gradients",
@@ -48,8 +52,22 @@ METHODS = {
 }
 LRP_VARIANT = {"lrp-cp": "cp", "lrp-attn": "attn"}
 RELEVANCE_METHODS = ("ixg", "lrp-cp", "lrp-attn")  # one pass, target logit, layers and heads
-DEFAULT_STEPS = 50
-COMPLETENESS_WARN = 0.1  # the page warns (and offers more steps) above this relative error
+DEFAULT_STEPS = 50  # IG's steps when a fixed number is asked for without one (the page's field)
+# Adaptive IG (steps="auto", the default): START_PANELS segments of PANEL_STEPS Gauss-Legendre points
+# each, refined until the completeness bound and the scores' error are at most COMPLETENESS_TARGET or
+# DEFAULT_BUDGET points (forward + backward passes) are spent
+COMPLETENESS_TARGET = 0.01
+PANEL_STEPS = 16
+START_PANELS = 4
+DEFAULT_BUDGET = 4096
+MIN_PANEL = 1e-7  # a segment this short is not split again (float32 resolution of α)
+# one Gauss-Legendre rule of n points: numpy's leggauss builds an n x n matrix (measured: 4,096 points
+# in 15 s, 8,192 in 87 s, 10^9 a MemoryError); more points are the adaptive rule's job
+MAX_STEPS = 4096
+MAX_BUDGET = 65536  # gradient passes of one adaptive IG
+MAX_BATCH = 65536  # rows of one forward
+MAX_PROMPT_CHARS = 1_000_000  # refused before tokenizing
+MAX_TOKENS = 131_072  # positions, when the model's config states no limit
 DEFAULT_TARGET_TOKENS = 4  # a greedy continuation of at most this many tokens when no target is given
 # tokens per forward when IG's steps or the ablations are batched (batch = budget // sequence length):
 # one batch of all 50 steps of a short prompt is the fastest IG on CPU too (measured: SmolLM2-135M,
@@ -74,6 +92,7 @@ class Example:
     target_tokens: list[str]
     target_positions: list[int]  # the logits at these positions score the target tokens
     baseline_id: int  # the token a removed prompt token is replaced by
+    unknown: list[str] = field(default_factory=list)  # prompt characters the tokenizer read as its unk token
 
 
 @dataclass
@@ -90,7 +109,11 @@ class Attribution:
     target_logprob: float
     seconds: float
     device: str
-    steps: int | None = None
+    steps: int | None = None  # IG: Gauss-Legendre points of the final estimate (all segments)
+    steps_used: int | None = None  # IG: gradient evaluations spent, refined-away segments included
+    step_budget: int | None = None  # IG: the adaptive rule's budget of steps (None: a fixed rule)
+    converged: bool | None = None  # IG: completeness bound (adaptive: and scores' error) <= completeness_target
+    completeness_target: float | None = None  # IG
     completeness_error: float | None = None  # IG
     convergence_delta: float | None = None  # IG: Σ scores − (f(x) − f(x′))
     baseline_difference: float | None = None  # IG: f(x) − f(x′)
@@ -121,17 +144,68 @@ def baseline_token(tokenizer) -> int:
     return 0
 
 
+def position_limit(model) -> int:
+    """The positions a model reads at most: its config's ``max_position_embeddings`` (``n_positions``),
+    else :data:`MAX_TOKENS`."""
+    cfg = getattr(model, "config", None)
+    limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    return int(limit) if isinstance(limit, int) and limit > 0 else MAX_TOKENS
+
+
+def unknown_characters(tokenizer, text: str) -> list[str]:
+    """The pieces of ``text`` the tokenizer encodes as its unknown token (in order, each once; a
+    literal unk token in the text is not counted). A slow tokenizer without offsets gives
+    ``["<unk> xN"]`` style counts instead of the characters."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if not isinstance(unk, int) or not text:
+        return []
+    try:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    except (NotImplementedError, ValueError, TypeError):  # a slow tokenizer has no offsets
+        n = list(tokenizer(text, add_special_tokens=False)["input_ids"]).count(unk)
+        return [f"{n} unknown token{'s' if n != 1 else ''}"] if n else []
+    pieces = [text[a:b] for t, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]) if t == unk]
+    return [p for p in dict.fromkeys(pieces) if p != tokenizer.unk_token]
+
+
+def prompt_tokens(model, tokenizer, prompt: str) -> list[int]:
+    """The prompt's ids (with the tokenizer's special tokens), checked before any forward: not empty,
+    at most :data:`MAX_PROMPT_CHARS` characters (before tokenizing), and within the model's
+    :func:`position_limit`.
+
+    Raises:
+        AttributionError: no tokenizer, an empty or too long prompt, a prompt without tokens.
+    """
+    if tokenizer is None:
+        raise AttributionError("attribution needs the checkpoint's tokenizer; this directory has none")
+    if not prompt:
+        raise AttributionError("the prompt is empty")
+    limit = position_limit(model)
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise AttributionError(f"the prompt is {len(prompt):,} characters; at most {MAX_PROMPT_CHARS:,} are "
+                               f"tokenized (the model reads at most {limit:,} positions)")
+    ids = list(tokenizer(prompt)["input_ids"])
+    if not ids:
+        raise AttributionError(f"the prompt {quoted(prompt)} has no tokens")
+    if len(ids) > limit:
+        raise AttributionError(f"the prompt is {len(ids):,} tokens; the model reads at most {limit:,} "
+                               "(max_position_embeddings)")
+    return ids
+
+
 def encode(tokenizer, prompt: str, target: str, *, masked_lm: bool = False,
            baseline_id: int | None = None) -> Example:
     """Tokenizes a prompt (with the tokenizer's special tokens) and a target continuation.
 
     A causal LM reads ``prompt + target[:-1]`` and the logit at the last prompt position scores
     the first target token (teacher forcing). A masked LM reads ``prompt [MASK]… [SEP]``, one
-    mask per target token.
+    mask per target token. Prompt characters the tokenizer does not know are kept (as its unk
+    token) and listed in ``Example.unknown``; a target holding any is refused: it would explain
+    the unk token, not the text.
 
     Raises:
-        AttributionError: an empty prompt or target, or a tokenizer without a mask token for a
-            masked LM.
+        AttributionError: an empty prompt or target, a target with characters the tokenizer does
+            not know, or a tokenizer without a mask token for a masked LM.
     """
     if tokenizer is None:
         raise AttributionError("attribution needs the checkpoint's tokenizer; this directory has none")
@@ -142,7 +216,12 @@ def encode(tokenizer, prompt: str, target: str, *, masked_lm: bool = False,
     prompt_ids = list(tokenizer(prompt)["input_ids"])
     target_ids = list(tokenizer(target, add_special_tokens=False)["input_ids"])
     if not target_ids:
-        raise AttributionError(f"the target {target!r} has no tokens")
+        raise AttributionError(f"the target {quoted(target)} has no tokens")
+    unknown_target = unknown_characters(tokenizer, target)
+    if unknown_target:
+        raise AttributionError(f"the target {quoted(target)} holds characters the tokenizer does not know "
+                               f"({', '.join(map(quoted, unknown_target))}): they would be explained as "
+                               f"{tokenizer.unk_token}; give a target in the model's vocabulary")
     if masked_lm:
         mask = tokenizer.mask_token_id
         if mask is None:
@@ -163,7 +242,8 @@ def encode(tokenizer, prompt: str, target: str, *, masked_lm: bool = False,
     return Example(ids=ids, n_prompt=n_prompt, tokens=[tokenizer.decode([t]) for t in ids[:n_prompt]],
                    features=features, target=target, target_ids=target_ids,
                    target_tokens=[tokenizer.decode([t]) for t in target_ids], target_positions=positions,
-                   baseline_id=baseline_token(tokenizer) if baseline_id is None else int(baseline_id))
+                   baseline_id=baseline_token(tokenizer) if baseline_id is None else int(baseline_id),
+                   unknown=unknown_characters(tokenizer, prompt))
 
 
 def greedy_target(model, tokenizer, prompt: str, max_tokens: int = DEFAULT_TARGET_TOKENS) -> str:
@@ -172,7 +252,8 @@ def greedy_target(model, tokenizer, prompt: str, max_tokens: int = DEFAULT_TARGE
         raise AttributionError("attribution needs the checkpoint's tokenizer; this directory has none")
     if _is_masked_lm(model):
         raise AttributionError("a masked language model needs a --target")
-    ids = list(tokenizer(prompt)["input_ids"])
+    ids = prompt_tokens(model, tokenizer, prompt)  # the length checked before any generation
+    max_tokens = min(max_tokens, position_limit(model) - len(ids) + 1)  # prompt + target[:-1] fit
     out = []
     dev = next(model.parameters()).device
     with torch.no_grad():
@@ -225,14 +306,16 @@ def logprob_of(logits: torch.Tensor, ex: Example) -> torch.Tensor:
 
 
 class _Counter:
-    """Calls of a forward function reported as progress (captum has no progress callback)."""
+    """Calls of a forward function reported as progress (captum has no progress callback); with
+    ``rows``, the rows of the batches it was called on are counted instead of the calls."""
 
-    def __init__(self, fn, total: int, progress, what: str):
+    def __init__(self, fn, total: int, progress, what: str, rows: bool = False):
         self.fn, self.total, self.progress, self.what, self.done = fn, max(total, 1), progress, what, 0
+        self.rows = rows
 
     def __call__(self, *args):
         out = self.fn(*args)
-        self.done += 1
+        self.done += int(args[0].shape[0]) if self.rows else 1
         if self.progress:
             self.progress(min(self.done, self.total), self.total, self.what)
         return out
@@ -251,8 +334,135 @@ def embeddings(model, ex: Example) -> tuple[torch.Tensor, torch.Tensor]:
 
 # ----------------------------------------------------------------------------- the methods
 
-def _captum(model, ex: Example, method: str, steps: int, batch: int, progress) -> dict:
-    from captum.attr import FeatureAblation, IntegratedGradients, Saliency
+def check_ig_options(steps, budget=DEFAULT_BUDGET, batch=None) -> None:
+    """IG's steps (a whole number in 1 … :data:`MAX_STEPS`, or ``None`` / ``"auto"`` for the adaptive
+    rule), its budget (:data:`PANEL_STEPS` × :data:`START_PANELS` … :data:`MAX_BUDGET`) and the rows
+    per forward (1 … :data:`MAX_BATCH`), checked before anything is allocated.
+
+    Raises:
+        AttributionError: one line naming the option, the value and its bounds.
+    """
+    def whole(x) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    if steps not in (None, "auto") and not (whole(steps) and 1 <= steps <= MAX_STEPS):
+        raise AttributionError(f"--steps {quoted(steps)}: IG takes 1 to {MAX_STEPS:,} steps in one Gauss-Legendre "
+                               "rule (numpy builds it as an n x n matrix), or 'auto' (steps added where the path "
+                               "needs them, within --step-budget)")
+    low = PANEL_STEPS * START_PANELS
+    if not (whole(budget) and low <= budget <= MAX_BUDGET):
+        raise AttributionError(f"--step-budget {quoted(budget)}: give a whole number from {low} to {MAX_BUDGET:,} "
+                               "(gradient evaluations of one adaptive IG)")
+    if batch is not None and not (whole(batch) and 1 <= batch <= MAX_BATCH):
+        raise AttributionError(f"--batch {quoted(batch)}: give a whole number from 1 to {MAX_BATCH:,} (rows of "
+                               "one forward)")
+
+
+def integrated_gradients(forward, inputs: torch.Tensor, baselines: torch.Tensor, *, steps=None,
+                         budget: int = DEFAULT_BUDGET, batch: int = 64, progress=None) -> dict:
+    """Integrated Gradients of a scalar ``forward`` (``# [batch]``) from ``baselines`` to ``inputs``
+    (one example, ``# [1, positions, dim]``) by captum's ``IntegratedGradients`` (Gauss-Legendre) on
+    segments of the straight path.
+
+    IG over a segment [a, b] of the path is IG from x(a) to x(b): the segments' attributions add up
+    to the whole path's, and captum's convergence delta of a segment is its own completeness error
+    δ = Σ attr − (F(x(b)) − F(x(a))), known exactly. A fixed ``steps`` is one segment [0, 1] of that
+    many points (captum's plain IG). ``steps=None`` (adaptive) starts from :data:`START_PANELS`
+    segments of :data:`PANEL_STEPS` points and splits segments in two (each half gets
+    :data:`PANEL_STEPS` new points), the worst first, until both errors are at most
+    :data:`COMPLETENESS_TARGET`:
+
+    - the completeness bound Σ|δ| / |F(x) − F(x′)| (≥ the completeness error: cancelling errors of
+      two segments do not count as converged);
+    - the scores' error, Σ over split segments of ‖A(segment) − A(its two halves)‖₁ / ‖A‖₁ for the
+      per-position attributions A (a sum can be complete while the positions are wrong: every
+      segment is checked against its halves at least once),
+
+    or until the next split would pass ``budget`` gradient evaluations (then ``converged`` is False).
+
+    Returns:
+        dict: ``attr`` (per position, summed over the last dimension, ``# [1, positions]``),
+        ``steps`` (points of the final rule), ``steps_used`` (all gradient evaluations),
+        ``step_budget`` (None for a fixed rule), ``convergence_delta``, ``baseline_difference``,
+        ``completeness_error`` (None when F(x) = F(x′)), ``error_bound``, ``score_error`` (None for
+        a fixed rule), ``converged``, ``panels`` (the final segments).
+    """
+    from captum.attr import IntegratedGradients
+
+    adaptive = steps in (None, "auto")
+    k = PANEL_STEPS if adaptive else int(steps)
+    fwd = _Counter(forward, budget if adaptive else k, progress, "ig", rows=True)
+    ig = IntegratedGradients(fwd)
+
+    def point(alpha: float) -> torch.Tensor:  # exact at both ends (torch.lerp)
+        return torch.lerp(baselines, inputs, float(alpha))
+
+    def run(panels):
+        """(per-position attributions, completeness deltas) of each segment, ``batch`` rows a forward."""
+        attrs, deltas = [], []
+        group = max(1, min(len(panels), batch))
+        for i in range(0, len(panels), group):
+            part = panels[i:i + group]
+            lo = torch.cat([point(a) for a, _ in part])
+            hi = torch.cat([point(b) for _, b in part])
+            attr, delta = ig.attribute(hi, baselines=lo, n_steps=k, method="gausslegendre",
+                                       internal_batch_size=max(batch, len(part)), return_convergence_delta=True)
+            attrs += list(attr.detach().double().sum(-1))
+            deltas += [float(d) for d in delta.reshape(-1)]
+        return attrs, deltas
+
+    with torch.no_grad():
+        diff = float(forward(inputs)[0] - forward(baselines)[0])
+    panels = [(i / START_PANELS, (i + 1) / START_PANELS) for i in range(START_PANELS)] if adaptive else [(0.0, 1.0)]
+    attrs, deltas = run(panels)
+    errs = [math.inf] * len(panels)  # a segment's scores error: unknown until compared with its halves
+    used = k * len(panels)
+
+    def measures():
+        scale = float(torch.stack(attrs).abs().sum(0).sum())  # ‖A‖₁ of the summed positions, about
+        return (sum(map(abs, deltas)) / max(abs(diff), 1e-12),
+                sum(errs) / scale if scale else (0.0 if all(e == 0 for e in errs) else math.inf), scale)
+
+    while adaptive:
+        bound, score_err, scale = measures()
+        if bound <= COMPLETENESS_TARGET and score_err <= COMPLETENESS_TARGET:
+            break
+        badness = [abs(d) / max(abs(diff), 1e-12) + (e / scale if scale else e) for d, e in zip(deltas, errs)]
+        left_d, left_e, split = sum(map(abs, deltas)), sum(errs), []
+        for i in sorted(range(len(panels)), key=lambda i: -badness[i]):  # the worst, until the rest is in half
+            if left_d <= COMPLETENESS_TARGET * abs(diff) / 2 and left_e <= COMPLETENESS_TARGET * scale / 2:
+                break
+            if panels[i][1] - panels[i][0] > MIN_PANEL:
+                split.append(i)
+            left_d, left_e = left_d - abs(deltas[i]), left_e - errs[i]
+        split = split[:(budget - used) // (2 * k)]
+        if not split:
+            break
+        halves = [h for i in split for h in ((panels[i][0], sum(panels[i]) / 2), (sum(panels[i]) / 2, panels[i][1]))]
+        new_attrs, new_deltas = run(halves)
+        used += k * len(halves)
+        rows = [(panels[i], attrs[i], deltas[i], errs[i]) for i in range(len(panels)) if i not in set(split)]
+        for j, i in enumerate(split):
+            a1, a2 = new_attrs[2 * j], new_attrs[2 * j + 1]
+            e = float((attrs[i] - a1 - a2).abs().sum()) / 2  # the parent's disagreement, half to each half
+            rows += [(halves[2 * j], a1, new_deltas[2 * j], e), (halves[2 * j + 1], a2, new_deltas[2 * j + 1], e)]
+        rows.sort(key=lambda r: r[0])
+        panels, attrs, deltas, errs = (list(c) for c in zip(*rows))
+    attr = torch.stack(attrs).sum(0, keepdim=True)  # # [1, positions]
+    delta = float(attr.sum()) - diff
+    bound, score_err, _ = measures()
+    bound = bound if diff else None
+    converged = (bound is not None and bound <= COMPLETENESS_TARGET
+                 and (not adaptive or score_err <= COMPLETENESS_TARGET))
+    score_err = score_err if adaptive and math.isfinite(score_err) else None  # None: never compared with halves
+    return {"attr": attr, "steps": k * len(panels), "steps_used": used, "step_budget": budget if adaptive else None,
+            "convergence_delta": delta, "baseline_difference": diff,
+            "completeness_error": abs(delta) / abs(diff) if diff else None, "error_bound": bound,
+            "score_error": score_err, "converged": converged, "panels": panels}
+
+
+def _captum(model, ex: Example, method: str, steps, budget: int, batch: int, progress) -> dict:
+    from captum.attr import FeatureAblation, Saliency
 
     embeds, base = embeddings(model, ex)
 
@@ -261,15 +471,14 @@ def _captum(model, ex: Example, method: str, steps: int, batch: int, progress) -
 
     out: dict = {}
     if method == "ig":
-        fwd = _Counter(logprob, math.ceil(steps / batch) + 2, progress, "ig")
-        attr, delta = IntegratedGradients(fwd).attribute(
-            embeds, baselines=base, n_steps=steps, internal_batch_size=batch, return_convergence_delta=True)
-        with torch.no_grad():
-            diff = float(logprob(embeds)[0] - logprob(base)[0])
-        d = float(delta.reshape(-1)[0])
-        out.update(steps=steps, convergence_delta=d, baseline_difference=diff,
-                   completeness_error=abs(d) / abs(diff) if diff else None)
-    elif method == "saliency":
+        res = integrated_gradients(logprob, embeds, base, steps=steps, budget=budget, batch=batch, progress=progress)
+        panels = res.pop("panels")
+        out["ig"] = {"segments": len(panels), "shortest_segment": min(b - a for a, b in panels),
+                     "error_bound": res.pop("error_bound"), "score_error": res.pop("score_error")}
+        out["token_relevance"] = res.pop("attr").float()[0]  # already per position
+        out.update(res, completeness_target=COMPLETENESS_TARGET)
+        return out
+    if method == "saliency":
         attr = Saliency(_Counter(logprob, 1, progress, "saliency")).attribute(embeds.requires_grad_(True), abs=True)
     else:  # ablation: one feature per prompt token; everything else one group that ablates to itself
         n = len(ex.features)
@@ -382,8 +591,8 @@ def faithfulness(model, ex: Example, scores, *, batch: int | None = None) -> dic
 
 
 def attribute(model, tokenizer, prompt: str, target: str | None = None, method: str = "lrp-cp", *,
-              steps: int = DEFAULT_STEPS, batch: int | None = None, with_faithfulness: bool = True,
-              progress=None, baseline_id: int | None = None) -> Attribution:
+              steps: int | str | None = None, budget: int = DEFAULT_BUDGET, batch: int | None = None,
+              with_faithfulness: bool = True, progress=None, baseline_id: int | None = None) -> Attribution:
     """Relevance of each prompt token (and, for ixg / LRP, of each layer and head) for the target.
 
     Args:
@@ -393,7 +602,10 @@ def attribute(model, tokenizer, prompt: str, target: str | None = None, method: 
         prompt (str): the prompt text (the tokenizer adds its special tokens).
         target (str, optional): the continuation to explain. Default: the model's greedy continuation.
         method (str): one of :data:`METHODS`. Default: ``lrp-cp``.
-        steps (int): IG's integration steps. Default: 50.
+        steps (int or "auto", optional): IG's integration steps, 1 … :data:`MAX_STEPS` (one
+            Gauss-Legendre rule), or None / ``"auto"``: the adaptive rule of
+            :func:`integrated_gradients`. Default: adaptive.
+        budget (int): the adaptive rule's budget of gradient evaluations. Default: 4,096.
         batch (int, optional): IG steps / ablations per forward. Default: as many as fit
             :data:`BATCH_TOKENS` (all 50 steps of a prompt under 80 tokens on CPU).
         with_faithfulness (bool): also compute the perturbation curves. Default: True.
@@ -401,24 +613,29 @@ def attribute(model, tokenizer, prompt: str, target: str | None = None, method: 
         baseline_id (int, optional): the token a removed prompt token becomes. Default: pad / unk / eos.
     Returns:
         Attribution: the scores, target logit and log-probability, completeness / conservation
-        error, layers and heads where the method gives them, and the perturbation curves.
+        error (IG: also its steps, budget and whether it converged), layers and heads where the
+        method gives them, and the perturbation curves. ``info["unknown"]`` lists prompt characters
+        the tokenizer read as its unk token.
     Raises:
-        AttributionError: an unknown method, a bad prompt or target, IG steps < 1.
+        AttributionError: an unknown method, IG steps, budget or batch out of bounds, a bad prompt
+            or target (empty, longer than the model reads — checked before a continuation is
+            generated —, a target the tokenizer does not know).
     """
     if method not in METHODS:
-        raise AttributionError(f"unknown attribution method {method!r}; one of {', '.join(METHODS)}")
-    if method == "ig" and (not isinstance(steps, int) or steps < 1):
-        raise AttributionError(f"IG needs at least 1 step, got {steps!r}")
+        raise AttributionError(f"unknown attribution method {quoted(method)}; one of {', '.join(METHODS)}")
+    check_ig_options(steps if method == "ig" else None, budget, batch)
     dev = next(model.parameters()).device
     if target is None:
         target = greedy_target(model, tokenizer, prompt)
+    else:
+        prompt_tokens(model, tokenizer, prompt)  # a long prompt refused before the target is tokenized
     ex = encode(tokenizer, prompt, target, masked_lm=_is_masked_lm(model), baseline_id=baseline_id)
     if max(ex.ids) >= model.get_input_embeddings().num_embeddings:
         raise AttributionError("the tokenizer produced ids outside the model's vocabulary")
-    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-    if limit and len(ex.ids) > limit:
-        raise AttributionError(f"prompt and target are {len(ex.ids)} tokens; the model reads at most {limit}")
-    runs = steps if method == "ig" else len(ex.features) + 1
+    limit = position_limit(model)
+    if len(ex.ids) > limit:
+        raise AttributionError(f"prompt and target are {len(ex.ids):,} tokens; the model reads at most {limit:,}")
+    runs = (budget if steps in (None, "auto") else steps) if method == "ig" else len(ex.features) + 1
     batch = batch or max(1, min(runs, BATCH_TOKENS.get(dev.type, 4096) // len(ex.ids)))
     t0 = time.perf_counter()
     if method in RELEVANCE_METHODS:  # its pass gives the logit and log-probability too
@@ -427,15 +644,17 @@ def attribute(model, tokenizer, prompt: str, target: str | None = None, method: 
         with torch.no_grad():
             logits = target_logits(model, ex, input_ids=torch.tensor([ex.ids], device=dev))
         res = {"target_logit": float(logit_of(logits, ex)[0]), "target_logprob": float(logprob_of(logits, ex)[0]),
-               **_captum(model, ex, method, steps, batch, progress)}
+               **_captum(model, ex, method, steps, budget, batch, progress)}
     seconds = time.perf_counter() - t0
     rel = res.pop("token_relevance")
+    info = {"features": ex.features, "baseline_token": ex.baseline_id, "unknown": ex.unknown,
+            "other_positions": [float(v) for v in rel[ex.n_prompt:]]}
+    if "ig" in res:
+        info["ig"] = res.pop("ig")
     scores = [float(v) for v in rel[:ex.n_prompt]]
     out = Attribution(method=method, explains="target logit" if method in RELEVANCE_METHODS else "log p(target)",
                       tokens=ex.tokens, scores=scores, target=target, target_tokens=ex.target_tokens,
-                      seconds=seconds, device=str(dev), **res,
-                      info={"features": ex.features, "baseline_token": ex.baseline_id,
-                            "other_positions": [float(v) for v in rel[ex.n_prompt:]]})
+                      seconds=seconds, device=str(dev), **res, info=info)
     if with_faithfulness:
         out.faithfulness = faithfulness(model, ex, scores)
     return out

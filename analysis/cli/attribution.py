@@ -3,29 +3,40 @@ checkpoint or, with ``--compare``, on two side by side."""
 
 from __future__ import annotations
 
-import argparse
+import sys
 
 from analysis.cli.common import add_run_args, check_outputs, inputs_of, quiet_transformers
+from analysis.errors import quoted
 from analysis.jobs.progress import Progress
 
 
-def steps(s: str) -> int:
-    """argparse type: IG's integration steps, a whole number ≥ 1."""
+def whole(option: str, s):
+    """A whole-number option's value (None stays None), or an AttributionError naming the option."""
+    from analysis.attribution import AttributionError
+
+    if s is None:
+        return None
     try:
-        v = int(s)
+        return int(s)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"steps must be at least 1, got {s}")
-    return v
+        raise AttributionError(f"{option} {quoted(s)}: not a whole number") from None
+
+
+def ig_steps(s: str):
+    """``--steps``: ``auto`` (the adaptive rule) or a whole number (one Gauss-Legendre rule)."""
+    return None if s.strip().lower() == "auto" else whole("--steps", s)
 
 
 def _print(label: str, r) -> None:
     print(f"{label}: {r.method} ({r.explains}) of {r.target!r}: logit {r.target_logit:.4g}, "
           f"log p {r.target_logprob:.4g}, {r.seconds:.3f} s on {r.device}")
-    if r.completeness_error is not None:
-        print(f"  completeness error {r.completeness_error:.3g} (delta {r.convergence_delta:.3g} of "
-              f"f(x) - f(x') = {r.baseline_difference:.4g}, {r.steps} steps)")
+    if r.method == "ig":
+        err = "undefined (f(x) = f(x'))" if r.completeness_error is None else f"{r.completeness_error:.3g}"
+        rule = (f"{r.steps} steps ({r.steps_used} evaluated of a budget of {r.step_budget})" if r.step_budget
+                else f"{r.steps} steps")
+        print(f"  completeness error {err} (delta {r.convergence_delta:.3g} of f(x) - f(x') = "
+              f"{r.baseline_difference:.4g}, {rule}; {'converged' if r.converged else 'NOT converged'} "
+              f"at {r.completeness_target:g})")
     if r.conservation_error is not None:
         print(f"  conservation error {r.conservation_error:.3g} (sum of relevance {r.relevance_sum:.4g})")
     width = max(len(repr(t)) for t in r.tokens)
@@ -35,13 +46,40 @@ def _print(label: str, r) -> None:
         print(f"  faithfulness: ABPC {r.faithfulness['abpc']:+.4g}")
 
 
+def warnings_of(label: str, r) -> list[str]:
+    """What a result's reader must know: IG not converged, prompt characters read as unk."""
+    out = []
+    if r.method == "ig" and not r.converged:
+        err = "undefined" if r.completeness_error is None else f"{r.completeness_error:.3g}"
+        if r.step_budget:
+            score = r.info["ig"]["score_error"]
+            out.append(f"{label}: IG did not converge within its budget of {r.step_budget} steps (completeness "
+                       f"error {err}, scores error {'unknown' if score is None else f'{score:.3g}'}, target "
+                       f"{r.completeness_target:g}); raise --step-budget")
+        else:
+            out.append(f"{label}: IG with {r.steps} steps is not converged (completeness error {err} > "
+                       f"{r.completeness_target:g}); use more --steps or --steps auto")
+    if r.info.get("unknown"):
+        out.append(f"{label}: the prompt holds characters the tokenizer does not know "
+                   f"({', '.join(map(quoted, r.info['unknown']))}); they are read as its unknown token")
+    return out
+
+
 def cmd_attribute(args) -> int:
-    from analysis.attribution import attribute, compare
+    from analysis.attribution import METHODS, AttributionError, attribute, check_ig_options, compare
     from analysis.io import write_json_atomic
     from analysis.models import load_model
 
+    if args.method not in METHODS:  # checked here, not by argparse: one line, before any work
+        raise AttributionError(f"--method {quoted(args.method)}: unknown; one of {', '.join(METHODS)}")
+    steps, budget, batch = ig_steps(args.steps), whole("--step-budget", args.step_budget), whole("--batch", args.batch)
+    check_ig_options(steps, budget, batch)
     refs = [args.checkpoint] + ([args.compare] if args.compare else [])
     check_outputs(args, inputs_of(refs), "json")
+    if args.compare:  # a different architecture is refused from the headers, before either model runs
+        from analysis.checkpoints import align, open_checkpoint
+
+        align([open_checkpoint(r) for r in refs])
     quiet_transformers(args.quiet)
     results = []
     target = args.target
@@ -49,8 +87,8 @@ def cmd_attribute(args) -> int:
         model, tokenizer = load_model(ref, device=args.device, masked_lm=True)
         prog = Progress(f"{args.method} {i + 1}/{len(refs)}", not args.quiet, args.progress_file)
         try:
-            r = attribute(model, tokenizer, args.prompt, target, args.method, steps=args.steps,
-                          batch=args.batch, with_faithfulness=not args.no_faithfulness, progress=prog)
+            r = attribute(model, tokenizer, args.prompt, target, args.method, steps=steps, budget=budget,
+                          batch=batch, with_faithfulness=not args.no_faithfulness, progress=prog)
         finally:
             prog.close()
         target = r.target  # the second checkpoint explains the same continuation
@@ -68,21 +106,30 @@ def cmd_attribute(args) -> int:
         if moved:
             print("  heads whose relevance moved most: " + ", ".join(
                 f"L{m['layer']}.h{m['head']} {m['delta']:+.3g}" for m in moved[:5]))
+    for ref, r in zip(refs, results):
+        for w in warnings_of(ref, r):
+            print(f"warning: {w}", file=sys.stderr)
     print(f"wrote {args.json}")
     return 0
 
 
 def register(sub) -> None:
-    from analysis.attribution import DEFAULT_STEPS, METHODS
+    from analysis.attribution import COMPLETENESS_TARGET, DEFAULT_BUDGET, MAX_STEPS, METHODS
 
     s = sub.add_parser("attribute", help="relevance of prompt tokens, layers and heads for a target continuation")
     s.add_argument("checkpoint")
     s.add_argument("--prompt", required=True)
     s.add_argument("--target", help="the continuation to explain (default: the model's greedy continuation)")
-    s.add_argument("--method", required=True, choices=tuple(METHODS),
+    s.add_argument("--method", required=True, metavar="|".join(METHODS),
                    help="ig, saliency, ixg (input x gradient), ablation, lrp-cp (CP-LRP), lrp-attn (AttnLRP)")
-    s.add_argument("--steps", type=steps, default=DEFAULT_STEPS, help=f"IG steps (default {DEFAULT_STEPS})")
-    s.add_argument("--batch", type=steps, help="IG steps / ablations per forward (default: as many as fit 4,096 tokens on CPU, 16,384 on CUDA)")
+    s.add_argument("--steps", default="auto",
+                   help=f"IG steps: auto (default: segments of the path refined until the completeness error "
+                        f"is below {COMPLETENESS_TARGET:g}, within --step-budget) or 1 to {MAX_STEPS} "
+                        "(one Gauss-Legendre rule)")
+    s.add_argument("--step-budget", default=str(DEFAULT_BUDGET),
+                   help=f"gradient evaluations the adaptive IG may spend (default {DEFAULT_BUDGET})")
+    s.add_argument("--batch", help="IG steps / ablations per forward (default: as many as fit 4,096 tokens on CPU, "
+                                   "16,384 on CUDA)")
     s.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
     s.add_argument("--compare", metavar="CKPT2", help="the same prompt, target and method on a second checkpoint")
     s.add_argument("--no-faithfulness", action="store_true", help="skip the perturbation curves")

@@ -59,6 +59,7 @@ def test_ig_warns_and_offers_more_steps(demo):
     at.selectbox[1].set_value(None)  # one checkpoint
     at.selectbox[0].set_value(str(demo / "sft"))
     at.selectbox[2].set_value("ig").run()
+    at.checkbox(key="ig_auto").uncheck().run()  # one Gauss-Legendre rule of N steps
     at.number_input[0].set_value(4).run()
     assert not at.exception, at.exception
     assert at.warning and "not converged" in at.warning[0].value
@@ -68,6 +69,47 @@ def test_ig_warns_and_offers_more_steps(demo):
     assert not at.exception, at.exception
     assert at.number_input[0].value == 16
     assert any("with 16 steps" in c.value for c in at.caption)
+
+
+def test_ig_is_adaptive_by_default_and_shows_its_steps(demo):
+    """Issue 21 item 7: the default IG refines the path until it is complete within 1%, and the page
+    says how many steps it took of which budget; a budget that ends first is a warning with a
+    button for a larger one."""
+    at = _page(demo / "base", [demo / "sft"])
+    at.run()
+    at.selectbox[1].set_value(None)
+    at.selectbox[0].set_value(str(demo / "sft"))
+    at.selectbox[2].set_value("ig").run()
+    assert not at.exception, at.exception
+    assert at.checkbox(key="ig_auto").value and at.number_input[0].value == 4096
+    r = attribute(*load_model(demo / "sft", device="cpu"), PROMPT, ANSWER, "ig")
+    assert r.converged and r.completeness_error <= 0.01 and 64 < r.steps_used <= 4096
+    cap = next(c.value for c in at.caption if c.value.startswith("IG completeness error"))
+    assert f"{r.steps} steps, {r.steps_used} evaluated of a budget of 4096" in cap and "; converged at 1%" in cap
+    assert not at.warning
+    bars = traces(at.get("plotly_chart")[0].proto.spec)
+    assert bars[0]["y"] == pytest.approx(r.scores, rel=1e-6, abs=1e-9)
+
+    at.number_input[0].set_value(64).run()  # one round of segments, never checked against their halves
+    assert not at.exception, at.exception
+    assert at.warning and "did not converge within its budget of 64 steps" in at.warning[0].value
+    assert any("64 evaluated of a budget of 64" in c.value and "not converged" in c.value for c in at.caption)
+    more = next(b for b in at.button if b.label.startswith("Run with a budget"))
+    assert more.label == "Run with a budget of 256 steps"
+    more.click().run()
+    assert not at.exception, at.exception
+    assert at.number_input[0].value == 256
+
+
+def test_prompt_with_unknown_characters_is_a_warning_and_an_unknown_target_an_error(demo):
+    at = _page(demo / "sft", [])
+    at.run()
+    at.text_area[0].set_value("Q:12+07?\nA:").run()  # "?" is not in the demo's vocabulary
+    assert not at.exception, at.exception
+    assert not at.error and any("does not know ('?')" in w.value for w in at.warning)
+    at.text_input[0].set_value("€€€").run()
+    assert not at.exception, at.exception
+    assert at.error and "does not know ('€')" in at.error[0].value and "explained as" in at.error[0].value
 
 
 def test_large_model_runs_as_a_job(demo, tmp_path, monkeypatch):
