@@ -156,7 +156,7 @@ class Checkpoint:
 # ---------------------------------------------------------------------------- opening
 
 def open_checkpoint(ref: str | os.PathLike, *, revision: str | None = None,
-                    trust_remote_code: bool = False) -> Checkpoint:
+                    trust_remote_code: bool = False, local_only: bool = False) -> Checkpoint:
     """Resolves a reference and reads its metadata (no tensor data is read).
 
     Args:
@@ -164,6 +164,8 @@ def open_checkpoint(ref: str | os.PathLike, *, revision: str | None = None,
             state dict, or hub id (``org/name``).
         revision (str, optional): hub revision. Default: None (the cache's ``main``).
         trust_remote_code (bool): allow a config that needs remote code. Default: False.
+        local_only (bool): a hub id is read from the local cache only, never downloaded
+            (:class:`HubNotCachedError` when it is not there). Default: False.
     Returns:
         Checkpoint
     Raises:
@@ -171,18 +173,18 @@ def open_checkpoint(ref: str | os.PathLike, *, revision: str | None = None,
     """
     ref_s = str(ref)
     try:
-        return _open(ref_s, revision, trust_remote_code)
+        return _open(ref_s, revision, trust_remote_code, local_only)
     except OSError as e:  # anything the specific checks did not foresee, still one line
         raise CheckpointError(f"{e.filename or ref_s}: cannot read: {_os_reason(e)}") from None
 
 
-def _open(ref_s: str, revision: str | None, trust_remote_code: bool) -> Checkpoint:
+def _open(ref_s: str, revision: str | None, trust_remote_code: bool, local_only: bool = False) -> Checkpoint:
     path = Path(ref_s).expanduser()
     source_suffix = ""
     st = _stat(path)
     if st is None:
         if _looks_like_hub_id(ref_s):
-            path = resolve_hub_id(ref_s, revision=revision)
+            path = resolve_hub_id(ref_s, revision=revision, local_only=local_only)
             source_suffix = " (hub)"
             st = _stat(path)
         if st is None:
@@ -290,35 +292,82 @@ def _looks_like_hub_id(ref: str) -> bool:
         (".safetensors", ".bin", ".pt", ".pth", ".json"))
 
 
-def resolve_hub_id(repo_id: str, *, revision: str | None = None) -> Path:
-    """Finds a hub model in the local HF cache, downloading only when online.
+def is_hub_id(ref) -> bool:
+    """True when ``ref`` would be looked up on the hub: it names nothing on the local disk and has
+    a hub id's form (``org/name``)."""
+    ref_s = str(ref)
+    try:
+        if os.path.lexists(Path(ref_s).expanduser()):
+            return False
+    except (OSError, ValueError):
+        return False
+    return _looks_like_hub_id(ref_s)
 
-    Only config, tokenizer and weight files are fetched. Raises CheckpointError when the
-    id is neither cached nor reachable, and when the cache cannot be read (saying why: a
-    damaged cache is not reported as a missing entry).
+
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.bin"]  # config, tokenizer and weights only
+
+
+class HubNotCachedError(CheckpointError):
+    """A hub id that is not in the local cache, where only the cache may be read (the app's links and picker)."""
+
+
+def cached_hub_id(repo_id: str, *, revision: str | None = None) -> Path | None:
+    """The local HF cache's snapshot of a hub model, or None when it is not (completely) cached.
+    Reads the cache only: no network, no token.
+
+    Raises:
+        CheckpointError: an id that is not a valid hub id, or a cache that cannot be read (a
+        damaged cache is not reported as a missing entry).
     """
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
-    patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "*.bin"]
     try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns,
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=_HUB_PATTERNS,
                                       local_files_only=True))
     except LocalEntryNotFoundError:
-        pass  # not in the cache (or cached only in part): the hub, when online
+        return None  # not in the cache (or cached only in part)
     except HFValidationError as e:
         raise CheckpointError(f"{repo_id}: not a valid hub id: {one_line(e)}") from None
     except OSError as e:  # the cache is there but unreadable (permissions, a damaged entry)
         where = getattr(e, "filename", None) or constants.HF_HUB_CACHE
         raise CheckpointError(f"{repo_id}: cannot read the local hub cache ({where}): {_os_reason(e)}") from None
+
+
+def download_hub_id(repo_id: str, *, revision: str | None = None) -> Path:
+    """Downloads a hub model's config, tokenizer and weight files into the local HF cache (what
+    the app does only when the user clicks its download button). Raises CheckpointError."""
+    from huggingface_hub import constants, snapshot_download
+
     if constants.HF_HUB_OFFLINE:
         raise CheckpointError(f"{repo_id}: hub id not in the local cache ({constants.HF_HUB_CACHE}) "
-                              f"and HF_HUB_OFFLINE is set") from None
+                              f"and HF_HUB_OFFLINE is set")
     try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=_HUB_PATTERNS))
     except Exception as e:
         raise CheckpointError(f"{repo_id}: hub id not in the local cache ({constants.HF_HUB_CACHE}) "
                               f"and the hub cannot be reached: {one_line(e)}") from None
+
+
+def resolve_hub_id(repo_id: str, *, revision: str | None = None, local_only: bool = False) -> Path:
+    """Finds a hub model in the local HF cache, downloading only when online.
+
+    Only config, tokenizer and weight files are fetched. Raises CheckpointError when the
+    id is neither cached nor reachable, and when the cache cannot be read (saying why: a
+    damaged cache is not reported as a missing entry).
+
+    Args:
+        local_only (bool): read the cache only; an id not cached is a :class:`HubNotCachedError`
+            (the network and the token file are never touched). Default: False.
+    """
+    from huggingface_hub import constants
+
+    path = cached_hub_id(repo_id, revision=revision)
+    if path is not None:
+        return path
+    if local_only:
+        raise HubNotCachedError(f"{repo_id}: hub id not in the local cache ({constants.HF_HUB_CACHE})")
+    return download_hub_id(repo_id, revision=revision)
 
 
 def _open_dir(ref: str, d: Path, trust_remote_code: bool) -> Checkpoint:

@@ -12,19 +12,36 @@ from analysis.diff import PAPER_TOL
 LEGEND_CHARS = 40  # longer trace names are cut in the legend (the hover keeps the whole name)
 
 
+def plain_text(s: str | None) -> str | None:
+    """``s`` shown as text by plotly, which renders a subset of HTML in titles, names and category
+    labels (``<a href>`` becomes a live link, ``<b>`` bold): ``&``, ``<`` and ``>`` as entities, so a
+    run or token named ``<a href=...>`` is shown as written."""
+    if s is None:
+        return None
+    return str(s).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
 def _layout(fig: go.Figure, title: str, x: str, y: str, subtitle: str | None = None) -> go.Figure:
     """Title (and a subtitle for the details a long title would cut), axis titles, margins; 320 px
     high unless the figure already chose its height (a heatmap that grows with its layers keeps
     its own); the legend below the plot, horizontal, names cut to LEGEND_CHARS, so long run names
     never squeeze the plot area."""
-    fig.update_layout(title=dict(text=title, subtitle=dict(text=subtitle) if subtitle else None),
-                      xaxis_title=x, yaxis_title=y, margin=dict(l=10, r=10, t=60 if subtitle else 40, b=10),
+    sub = dict(text=plain_text(subtitle)) if subtitle else None
+    fig.update_layout(title=dict(text=plain_text(title), subtitle=sub),
+                      xaxis_title=plain_text(x), yaxis_title=plain_text(y),
+                      margin=dict(l=10, r=10, t=60 if subtitle else 40, b=10),
                       height=fig.layout.height or 320, bargap=0.15)
     if fig.layout.legend.orientation is None:
         fig.update_layout(legend=dict(orientation="h", yanchor="top", y=-0.22, x=0, xanchor="left"))
     for tr in fig.data:
         if tr.name and len(tr.name) > LEGEND_CHARS:
             tr.name = tr.name[:LEGEND_CHARS - 1] + "…"
+        if tr.name:
+            tr.name = plain_text(tr.name)
+        for axis in ("x", "y"):  # category labels (run names, tokens) are shown as text too
+            values = getattr(tr, axis, None)
+            if values is not None and len(values) and all(isinstance(v, str) for v in values):
+                tr[axis] = [plain_text(v) for v in values]
         if tr.type == "heatmap":  # a slim colour bar: heatmaps in narrow columns keep their plot area
             tr.update(colorbar=dict(thickness=10, xpad=4))
     return fig

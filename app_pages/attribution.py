@@ -7,14 +7,12 @@ or ablation of a long prompt on a large model runs as a background ``attribute``
 bar and cancel.
 """
 
-import html
-
 import pandas as pd
 import streamlit as st
 
 from analysis import plots
-from analysis.attribution import COMPLETENESS_WARN, DEFAULT_STEPS, METHODS, Attribution, attribute, compare, \
-    head_weight_change
+from analysis.attribution import COMPLETENESS_TARGET, DEFAULT_BUDGET, DEFAULT_STEPS, MAX_BUDGET, MAX_STEPS, METHODS, \
+    PANEL_STEPS, START_PANELS, Attribution, attribute, compare, head_weight_change
 from analysis.checkpoints import fingerprint
 from analysis.demo_task import qa_examples
 from analysis.errors import SubnetscopeError
@@ -22,6 +20,7 @@ from analysis.lrp import VARIANTS
 from analysis.models import available_devices
 from ui import work
 from ui.state import chosen_refs, label_of, parent_of
+from ui.text import md_escape, md_html
 
 st.header("Attribution")
 st.caption("Relevance of each prompt token for the target continuation, and of each layer and head. "
@@ -44,8 +43,18 @@ target = c4.text_input("Target continuation", demo_answer if is_demo else " Pari
                        help="The continuation whose log-probability / logit is explained (teacher-forced).")
 c5, c6, c7 = st.columns(3)
 method = c5.selectbox("Method", list(METHODS), format_func=METHODS.get, index=list(METHODS).index("lrp-attn"))
-steps = c6.number_input("IG steps", 1, 4096, st.session_state.get("ig_steps", DEFAULT_STEPS), step=25,
-                        disabled=method != "ig", key="ig_steps_input")
+adaptive = c6.checkbox("Adaptive IG steps", True, disabled=method != "ig", key="ig_auto",
+                       help=f"Steps added where the path needs them until the completeness error is below "
+                            f"{COMPLETENESS_TARGET:.0%}, within a budget; off: one Gauss-Legendre rule of N steps.")
+if adaptive:
+    budget = c6.number_input("IG step budget", PANEL_STEPS * START_PANELS, MAX_BUDGET,
+                             st.session_state.get("ig_budget", DEFAULT_BUDGET), step=256,
+                             disabled=method != "ig", key="ig_budget_input")
+    steps = "auto"
+else:
+    budget = DEFAULT_BUDGET
+    steps = int(c6.number_input("IG steps", 1, MAX_STEPS, st.session_state.get("ig_steps", DEFAULT_STEPS), step=25,
+                                disabled=method != "ig", key="ig_steps_input"))
 devices = available_devices()
 device = c7.selectbox("Device", devices, index=len(devices) - 1,
                       help="cuda when this machine has a GPU; every method runs on it, IG's steps batched.")
@@ -63,34 +72,39 @@ def _model(ref: str, fp: tuple, device: str):
 
 
 @st.cache_data(max_entries=64, show_spinner="Attributing…")
-def _inline(ref: str, fp: tuple, prompt: str, target: str, method: str, steps: int, device: str) -> dict:
+def _inline(ref: str, fp: tuple, prompt: str, target: str, method: str, steps, budget: int, device: str) -> dict:
     model, tokenizer = _model(ref, fp, device)
-    return attribute(model, tokenizer, prompt, target, method, steps=steps).to_json()
+    return attribute(model, tokenizer, prompt, target, method, steps=steps, budget=budget).to_json()
 
 
 def passes(method: str, n_tokens: int) -> int:
-    """Forward(+backward) passes a method costs: what decides inline against a job."""
-    return steps if method == "ig" else n_tokens + 1 if method == "ablation" else 1
+    """Forward(+backward) passes a method costs at most: what decides inline against a job."""
+    if method == "ig":
+        return int(budget) if steps == "auto" else steps
+    return n_tokens + 1 if method == "ablation" else 1
 
 
 def inline(r: str) -> dict | None:
     """The result computed in the page when the work is small, else None (it is a job's)."""
     if work.param_count(r) * passes(method, len(prompt.split()) + 4) <= 64 * work.inline_limit():
-        return _inline(r, fingerprint(r), prompt, target, method, int(steps), device)
+        ig = method == "ig"  # the other methods' cache entries do not depend on IG's fields
+        return _inline(r, fingerprint(r), prompt, target, method, steps if ig else None,
+                       int(budget) if ig else DEFAULT_BUDGET, device)
     return None
 
 
 try:
     cheap = [inline(r) for r in [ref, *([other] if other else [])]]
     if any(c is None for c in cheap):  # a large model and an expensive method: one job for both checkpoints
-        res = work.attribution_job(ref, prompt, target, method, int(steps), device, other, key="attr")
+        res = work.attribution_job(ref, prompt, target, method, steps, device, other, key="attr",
+                                   budget=int(budget) if steps == "auto" else None)
         if res is None:
             st.stop()
         results = [res] + ([res["compare"]] if other else [])
     else:
         results = cheap
 except SubnetscopeError as e:
-    st.error(str(e))
+    st.error(md_escape(str(e)))
     st.stop()
 
 fields = set(Attribution.__dataclass_fields__)
@@ -105,7 +119,7 @@ def colored(tokens: list[str], scores: list[float]) -> str:
     for t, s in zip(tokens, scores):
         a = min(abs(s) / m, 1.0)
         rgb = "214,39,40" if s >= 0 else "31,119,180"
-        text = html.escape(t).replace("\n", "⏎").replace(" ", "&nbsp;")
+        text = md_html(t.replace("\n", "⏎")).replace(" ", "&nbsp;")
         spans.append(f'<span title="{s:+.4g}" style="background: rgba({rgb},{a:.2f}); padding: 2px 1px; '
                      f'border-radius: 3px; font-family: monospace">{text}</span>')
     return "".join(spans)
@@ -114,22 +128,46 @@ def colored(tokens: list[str], scores: list[float]) -> str:
 cols = st.columns(len(att))
 for col, a, label in zip(cols, att, labels):
     with col:
-        st.subheader(label)
-        st.markdown(colored(a.tokens, a.scores) + f' &nbsp;→ <b>{html.escape(a.target)}</b>', unsafe_allow_html=True)
+        st.subheader(md_escape(label))
+        st.markdown(colored(a.tokens, a.scores) + f' &nbsp;→ <b>{md_html(a.target)}</b>', unsafe_allow_html=True)
         m1, m2, m3 = st.columns(3)
         m1.metric("target logit", f"{a.target_logit:.4g}")
         m2.metric("log p(target)", f"{a.target_logprob:.4g}")
         m3.metric("time", f"{a.seconds:.2f} s", help=f"on {a.device}")
-        if a.completeness_error is not None:
-            st.caption(f"IG completeness error {a.completeness_error:.3g} — |Σ scores − (f(x) − f(x′))| / "
-                       f"|f(x) − f(x′)| with {a.steps} steps (f(x) − f(x′) = {a.baseline_difference:.4g}).")
-            if a.completeness_error > COMPLETENESS_WARN:
-                st.warning(f"IG's integral is not converged: the scores miss {a.completeness_error:.0%} of the "
-                           "difference they should add up to. More steps close it.")
-                if st.button(f"Run with {min(4 * a.steps, 4096)} steps", key=f"more_{label}"):
-                    st.session_state["ig_steps"] = min(4 * a.steps, 4096)
+        if a.method == "ig":
+            err = "undefined (f(x) = f(x′))" if a.completeness_error is None else f"{a.completeness_error:.3g}"
+            rule = (f"{a.steps} steps, {a.steps_used} evaluated of a budget of {a.step_budget} "
+                    f"({a.info.get('ig', {}).get('segments')} segments of the path)" if a.step_budget
+                    else f"{a.steps} steps (one Gauss-Legendre rule)")
+            st.caption(f"IG completeness error {err} — |Σ scores − (f(x) − f(x′))| / |f(x) − f(x′)| "
+                       f"with {rule}; "
+                       f"f(x) − f(x′) = {a.baseline_difference:.4g}; "
+                       f"{'converged' if a.converged else 'not converged'} at {COMPLETENESS_TARGET:.0%}.")
+            converged = a.converged if a.converged is not None else (a.completeness_error or 0) <= COMPLETENESS_TARGET
+            if not converged and a.step_budget:
+                score = a.info.get("ig", {}).get("score_error")
+                st.warning(f"IG did not converge within its budget of {a.step_budget} steps: completeness error {err}, "
+                           f"scores error {'unknown' if score is None else f'{score:.3g}'} (target "
+                           f"{COMPLETENESS_TARGET:.0%}). The scores are not yet the integral; a larger budget "
+                           "closes it.")
+                more = min(4 * a.step_budget, MAX_BUDGET)
+                if more > a.step_budget and st.button(f"Run with a budget of {more} steps", key=f"more_{label}"):
+                    st.session_state["ig_budget"] = more
+                    st.session_state.pop("ig_budget_input", None)
+                    st.rerun()
+            elif not converged:
+                miss = "" if a.completeness_error is None else f" the scores miss {a.completeness_error:.0%} of the " \
+                    "difference they should add up to."
+                st.warning(f"IG's integral is not converged:{miss} More steps (or adaptive steps) close it.")
+                more = min(4 * a.steps, MAX_STEPS)
+                if more > a.steps and st.button(f"Run with {more} steps", key=f"more_{label}"):
+                    st.session_state["ig_steps"] = more
                     st.session_state.pop("ig_steps_input", None)
                     st.rerun()
+        if a.info.get("unknown"):
+            st.warning("The prompt holds characters the tokenizer does not know ("
+                       + md_escape(", ".join(repr(c) for c in a.info["unknown"]))
+                       + "): they are read as its unknown token.")
         if a.conservation_error is not None:
             st.caption(f"Conservation error {a.conservation_error:.3g} — |Σ relevance − target logit| / |target logit| "
                        f"(Σ relevance {a.relevance_sum:.4g}). CP-LRP conserves on bias-free Llama-family models; "
@@ -142,7 +180,7 @@ if len(att) == 2:
     try:
         diff = compare(att[0], att[1])
     except SubnetscopeError as e:
-        st.warning(str(e))
+        st.warning(md_escape(str(e)))
 if diff:
     st.plotly_chart(plots.token_scores(att[0].tokens, {f"{labels[1]} − {labels[0]}": diff["scores"]},
                                        "Difference map: fine-tune minus base, per token"), key="token_diff")
@@ -177,14 +215,15 @@ if diff and diff.get("heads_moved"):
         ranks = {k: i + 1 for i, k in enumerate(change)}
     except SubnetscopeError as e:
         change, ranks = {}, {}
-        st.caption(f"Weight change per head unavailable: {e}")
+        st.caption(f"Weight change per head unavailable: {md_escape(e)}")
     rows = [{"layer": m["layer"], "head": m["head"], "Δ relevance": m["delta"],
              "weights changed": change.get((m["layer"], m["head"]), {}).get("fraction"),
              "rank by weight change": ranks.get((m["layer"], m["head"]))} for m in diff["heads_moved"]]
     st.dataframe(pd.DataFrame(rows), hide_index=True)
-    st.caption(f"Weights changed: the fraction of the head's q/k/v/o weights that differ between {label_of(pair[0])} "
-               f"and {label_of(pair[1])} at τ = 1e-5 (as on the Update sparsity page; GQA: a kv head's k/v count for "
-               "each query head it serves). Rank 1 is the head whose weights changed most.")
+    st.caption(f"Weights changed: the fraction of the head's q/k/v/o weights that differ between "
+               f"{md_escape(label_of(pair[0]))} and {md_escape(label_of(pair[1]))} at τ = 1e-5 (as on the Update "
+               "sparsity page; GQA: a kv head's k/v count for each query head it serves). Rank 1 is the head whose "
+               "weights changed most.")
 
 curves = {lb: a.faithfulness for lb, a in zip(labels, att) if a.faithfulness}
 if curves:

@@ -6,6 +6,7 @@ import streamlit as st
 from analysis import plots
 from ui.loaders import alignment, summary, try_load
 from ui.state import chosen_refs, label_of, selection
+from ui.text import md_escape
 
 st.header("Checkpoints")
 refs = chosen_refs("Choose a base checkpoint in the sidebar, or build the demo family: `python -m analysis demo`.")
@@ -40,7 +41,7 @@ if summaries:
     st.dataframe(arch)
 
     st.plotly_chart(plots.params_by_kind(summaries), key="by_kind")
-    tabs = st.tabs(list(summaries))
+    tabs = st.tabs([md_escape(lab) for lab in summaries])
     for tab, (lab, s) in zip(tabs, summaries.items()):
         with tab:
             c1, c2, c3, c4 = st.columns(4)
@@ -66,7 +67,8 @@ if base and tuned and label_of(base) in summaries:  # a base that failed is repo
         if rep is None:
             continue
         with st.container(border=True):
-            st.markdown(f"**{label_of(base)} ↔ {label_of(ref)}**: {rep['aligned']} tensors aligned, "
+            st.markdown(f"**{md_escape(label_of(base))} ↔ {md_escape(label_of(ref))}**: {rep['aligned']} tensors "
+                        "aligned, "
                         f"{rep['compared_params']:,} parameters compared; "
                         f"{len(rep['missing'])} missing, {len(rep['shape_mismatches'])} shape mismatches, "
                         f"{len(rep['resized'])} resized (compared on shared rows).")

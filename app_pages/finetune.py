@@ -20,6 +20,7 @@ from analysis.finetune.config import (BUDGETS, COMBINE, DEMO_RL_RECIPE, GRANULAR
 from analysis.finetune.experiments import paper_experiment
 from analysis.selectors import SELECTORS
 from ui.state import chosen_refs, demo_refs, label_of, mirror_to_url, parent_of
+from ui.text import md_escape
 
 HELP = FinetuneConfig.help()
 DEFAULTS = FinetuneConfig.defaults()  # the form's defaults are the CLI's: one declaration
@@ -118,9 +119,9 @@ with st.expander("New run", expanded=True):
                 cfg = _config()
                 d = queue.enqueue(cfg, title=title.strip() or queue.default_title(cfg, demo))
                 queue.ensure_worker()
-                st.toast(f"Queued: {queue.title_of(d)}")
+                st.toast(f"Queued: {md_escape(queue.title_of(d))}")
             except SubnetscopeError as e:
-                st.error(str(e))
+                st.error(md_escape(str(e)))
         if "demo/sft" in demo and "demo/rl-seed1" in demo and b2.button(
                 "Queue the paper's experiment on the demo", icon=":material/science:",
                 help="From demo/sft, the demo's RL training (50 steps, lr 1e-5, 16 prompts × 8 samples, seed 1) "
@@ -132,7 +133,7 @@ with st.expander("New run", expanded=True):
                 queue.ensure_worker()
                 st.toast("Queued four runs")
             except SubnetscopeError as e:
-                st.error(str(e))
+                st.error(md_escape(str(e)))
 
 
 def _short(text: str | None) -> str | None:
@@ -150,11 +151,14 @@ def _run_names(dirs: list[Path]) -> dict[Path, str]:
     return {d: t if counts[t] == 1 else f"{t} ({d.parent.name}/{d.name})" for d, t in titles.items()}
 
 
-def _load(d: Path) -> dict | None:
+def _load(d: Path) -> tuple[dict | None, str | None]:
+    """A run's files, each checked (see ``RunDir.read``), and the one line the page shows about
+    them: a damaged config or summary (the run is left out), or the damaged metric lines skipped."""
     try:
-        return read_run(d)
-    except SubnetscopeError:
-        return None
+        r = read_run(d)
+    except SubnetscopeError as e:
+        return None, str(e)
+    return r, "; ".join(r["warnings"]) or None
 
 
 def _table(runs: dict[str, dict]) -> pd.DataFrame:
@@ -179,7 +183,7 @@ def _table(runs: dict[str, dict]) -> pd.DataFrame:
 
 active_any = any(queue.status(d) in queue.ACTIVE for d in queue.list_runs())
 if queue.index_problem():
-    st.warning(queue.index_problem())
+    st.warning(md_escape(queue.index_problem()))
 if queue.queued():
     queue.ensure_worker()  # e.g. after an app restart with runs still waiting
 
@@ -191,16 +195,25 @@ def live():
         st.info("No runs yet. Add one above; runs started with `python -m analysis finetune … --out DIR` show up "
                 "here too.")
         return
-    runs = {}
+    runs, problems = {}, []
     names = _run_names(dirs)
     for d in reversed(dirs):  # newest first
-        r = _load(d)
+        r, problem = _load(d)
+        if problem:
+            problems.append((r is None, problem))
         if r is not None:
             r["status"] = queue.status(d)
             runs[names[d]] = r | {"dir": d}
     if any(r["status"] in queue.ACTIVE for r in runs.values()) != active_any:
         st.rerun()  # start or stop the live refresh
     st.subheader("Runs")
+    for left_out, problem in problems:  # a damaged run file: named, the rest of the page keeps working
+        if left_out:
+            st.error(f"{md_escape(problem)}; the run is not listed")
+        else:
+            st.warning(md_escape(problem))
+    if not runs:
+        return
     f1, f2, f3 = st.columns(3)
     statuses = sorted({r["status"] for r in runs.values()})
     tasks = sorted({str(r["config"].get("task")) for r in runs.values()})
@@ -222,20 +235,20 @@ def live():
         if d2.button("Move to trash", icon=":material/delete:", disabled=doomed is None, key="ft_delete_go"):
             try:
                 where = queue.trash(runs[doomed]["dir"])
-                st.toast(f"Moved {doomed} to {where}")
+                st.toast(f"Moved {md_escape(doomed)} to {md_escape(where)}")
                 st.rerun()
             except SubnetscopeError as e:
-                st.error(str(e))
+                st.error(md_escape(str(e)))
     for name, r in runs.items():
         if r["status"] not in queue.ACTIVE:
             continue
         c1, c2 = st.columns([5, 1])
         done = r["metrics"][-1]["step"] if r["metrics"] else 0
         total = r["config"].get("steps") or 1
-        c1.progress(done / total, text=f"{name}: {r['status']}, step {done} of {total}")
+        c1.progress(done / total, text=f"{md_escape(name)}: {r['status']}, step {done} of {total}")
         if c2.button("Cancel", key=f"cancel_{r['dir'].name}", icon=":material/stop:"):
             queue.cancel(r["dir"])
-            st.toast(f"Cancelling {name}")
+            st.toast(f"Cancelling {md_escape(name)}")
     names = list(runs)  # newest first
     # the overlay starts from the latest runs of the current comparison (started from a checkpoint
     # chosen in the sidebar), at most four; new runs join as they appear, removed ones stay removed
@@ -275,7 +288,7 @@ if len(finished) < 2:  # (re-checked below once unreadable runs are dropped)
                "cosine of the two updates, and the metric gaps with 95% intervals.")
     st.stop()
 run_names = _run_names(finished)
-loaded = {run_names[d]: (d, _load(d)) for d in reversed(finished)}  # newest first
+loaded = {run_names[d]: (d, _load(d)[0]) for d in reversed(finished)}  # newest first (problems: said above)
 by_name = {n: d for n, (d, r) in loaded.items() if r is not None}
 configs = {n: loaded[n][1]["config"] for n in by_name}
 if len(by_name) < 2:
@@ -309,7 +322,7 @@ stamp = tuple((Path(d) / "summary.json").stat().st_mtime for d in dirs)
 try:
     cmp = _compare(dirs, str(by_name[ref]), tol, stamp)
 except SubnetscopeError as e:
-    st.error(str(e))
+    st.error(md_escape(str(e)))
     st.stop()
 def _fmt_ci(ci) -> str:
     return "" if not ci else f"[{ci[0]:+.3f}, {ci[1]:+.3f}]"
@@ -332,7 +345,8 @@ for r in cmp["runs"]:
 st.dataframe(pd.DataFrame(rows).dropna(axis=1, how="all"), hide_index=True, width="stretch")
 bad = [x["run"] for x in rows if x["outside mask"]]
 if bad:
-    st.error(f"Elements changed outside the mask in {', '.join(bad)} — this must never happen; please report it.")
+    st.error(f"Elements changed outside the mask in {md_escape(', '.join(bad))} — this must never happen; "
+             "please report it.")
 else:
     st.success("Every masked run changed only elements inside its mask.")
 st.caption("Identical: elements whose final values agree with the reference's within τ (the paper: 94% for the "

@@ -13,6 +13,7 @@ from analysis.errors import SubnetscopeError
 from analysis.geometry import geometry, matrix_detail, parse_k
 from ui import work
 from ui.state import label_of, parent_of, selection, url_bound
+from ui.text import md_escape
 
 st.header("Geometry of an update")
 st.caption("Per block matrix, base W₀ against tuned W₁: how far the singular values moved (spectral drift), how "
@@ -37,7 +38,7 @@ against = c3.radio("Compare each fine-tune with", ["its start checkpoint", "the 
 try:
     k = parse_k(k_text)
 except SubnetscopeError as e:
-    st.error(f"k: {e}")
+    st.error(f"k: {md_escape(e)}")
     st.stop()
 
 
@@ -65,13 +66,23 @@ for i, t in enumerate(tuned):
         else:
             d = work.geometry_job(b, t, k, tol, key=f"geometry_{i}", label=label)
     except SubnetscopeError as e:
-        st.error(f"{label}: {e}")
+        st.error(md_escape(f"{label}: {e}"))
         continue
     if d is not None:
         runs[label] = d
         pairs[label] = (b, t)
 if not runs:
     st.stop()
+for label, d in runs.items():  # a matrix left out (NaN / inf, another shape …) is said, never dropped silently
+    left_out = [x for x in d.get("skipped", []) if x.get("kind") and x.get("layer") is not None]
+    if left_out:
+        st.warning(f"{md_escape(label)}: {len(left_out)} block matri{'ces' if len(left_out) > 1 else 'x'} skipped, "
+                   "left out of the heatmaps, the table and α — "
+                   + "; ".join(md_escape(f"{x['name']}: {x['reason']}") for x in left_out[:5])
+                   + (f"; and {len(left_out) - 5} more (see the JSON)" if len(left_out) > 5 else ""))
+    if len(d.get("skipped", [])) > len(left_out):
+        st.caption(f"{md_escape(label)}: {len(d['skipped']) - len(left_out)} other tensors not compared "
+                   "(see the JSON).")
 
 url_bound("geometry_field", "spectral_drift", param="show", valid=lambda v: v in plots.GEOMETRY_FIELDS)
 field = st.radio("Heatmap", list(plots.GEOMETRY_FIELDS), horizontal=True, key="geometry_field",
@@ -89,7 +100,8 @@ st.caption("Per kind, means over the layers. *o1*: the share of the changed elem
 rows = []
 for label, d in runs.items():
     for r in d["kinds"]:
-        rows.append({"run": label, "kind": r["kind"], "principal o1": r["principal_o1"],
+        rows.append({"run": label, "kind": r["kind"], "matrices": r["matrices"], "skipped": r.get("skipped", 0),
+                     "principal o1": r["principal_o1"],
                      "smallest o1": r["smallest_o1"], "random o1": r["random_o1"], "alignment": r["alignment"],
                      "alignment random": r["alignment_random"], "spectral drift": r["spectral_drift"],
                      "angle U (°)": r["angle_u_mean"], "α base": r["alpha_base"], "α tuned": r["alpha_tuned"]})
@@ -105,15 +117,23 @@ b, t = pairs[run]
 try:
     m = _detail(b, t, key, k, tol, (fingerprint(b), fingerprint(t)))
 except SubnetscopeError as e:
-    st.error(str(e))
+    st.error(md_escape(str(e)))
     st.stop()
 m1, m2, m3, m4 = st.columns(4)
 m1.metric("k", m["k"])
 m2.metric("spectral drift", "—" if m["spectral_drift"] is None else f"{m['spectral_drift']:.2e}")
-m3.metric("largest angle U / V", f"{m['angle_u_max']:.2f}° / {m['angle_v_max']:.2f}°")
+m3.metric("largest angle U / V",
+          "—" if m["angle_u_max"] is None else f"{m['angle_u_max']:.2f}° / {m['angle_v_max']:.2f}°")
 m4.metric("alignment ÷ random", "—" if m["alignment"] is None else f"{m['alignment'] / m['alignment_random']:.2f}")
+undefined = m.get("undefined") or {}
+if undefined:  # one line per distinct reason, with the quantities it leaves undefined
+    by_reason: dict[str, list[str]] = {}
+    for f, why in undefined.items():
+        by_reason.setdefault(why, []).append(f)
+    st.caption("Undefined: " + "; ".join(md_escape(f"{', '.join(fs)} — {why}") for why, fs in by_reason.items()))
 a, bcol = st.columns(2)
 a.plotly_chart(plots.geometry_spectra(m["sigma_base"], m["sigma_tuned"], key), key="spectra")
-bcol.plotly_chart(plots.geometry_angles(m["angles_u"], m["angles_v"]), key="angles")
+if m["angles_u"] is not None:
+    bcol.plotly_chart(plots.geometry_angles(m["angles_u"], m["angles_v"]), key="angles")
 st.download_button("Download JSON", data=json.dumps(runs, indent=2), file_name="geometry.json",
                    mime="application/json")

@@ -12,13 +12,22 @@ import pandas as pd
 import streamlit as st
 
 from analysis import plots
+from analysis.checkpoints import fingerprint, open_checkpoint
 from analysis.errors import SubnetscopeError
-from analysis.importance import sample_scores, scores_to_mask, summarize
+from analysis.importance import calibration_length, sample_scores, scores_to_mask, summarize
 from analysis.masks import load_mask
 from analysis.selector_eval import predictive_power, spearman, topk_jaccard
 from analysis.selectors import SELECTORS
 from ui import work
 from ui.state import chosen_refs, label_of, parent_of, selection, url_bound
+from ui.text import md_escape
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def _seq_len(ref: str, fp: tuple) -> int:
+    """Calibration tokens per sequence: 64, or the model's positions when fewer (the CLI's default)."""
+    return calibration_length(open_checkpoint(ref, local_only=True).config, where=ref)
+
 
 st.header("Importance")
 refs = chosen_refs()
@@ -49,7 +58,6 @@ scope = c5.radio("Scope", ["blocks", "all"], horizontal=True,
 data = c6.text_input("Calibration data", "demo", help="demo (the arithmetic task), or a .txt / .jsonl file path",
                      disabled=not entry.needs_data)
 samples = c7.number_input("Samples", 4, 4096, 32, step=4, disabled=not entry.needs_data)
-seq_len = 64
 options = {}
 if name == "diff":
     pair_tuned = tuned[0] if tuned else None
@@ -59,14 +67,15 @@ if name == "diff":
     options = {"base": parent_of(pair_tuned) or base, "tuned": pair_tuned}
 
 try:
+    seq_len = _seq_len(ref, fingerprint(ref))
     inline = work.param_count(ref) < work.inline_limit()
     if inline:
         scores = work.scores(ref, name, granularity, data, int(samples), seq_len, **options)
         summary = summarize(scores, scope=scope)
         mask = scores_to_mask(scores, density, scope=scope)
     else:  # a large model: the CLI scores it in the background and writes the mask into the job
-        st.caption(f"{label_of(ref)} has more than {work.inline_limit():,} parameters: it is scored as a background "
-                   "job (`python -m analysis importance`).")
+        st.caption(f"{md_escape(label_of(ref))} has more than {work.inline_limit():,} parameters: it is scored as a "
+                   "background job (`python -m analysis importance`).")
         job = work.importance_job(ref, name, granularity, data, int(samples), seq_len, scope, density, key="imp",
                                   **options)
         if job is None:
@@ -74,11 +83,11 @@ try:
         scores, (summary, mask_path) = None, job
         mask = load_mask(mask_path)
 except SubnetscopeError as e:
-    st.error(str(e))
+    st.error(md_escape(str(e)))
     st.stop()
 scored_as = summary["granularity"]
 
-st.subheader(f"{entry.label} on {label_of(ref)} ({scored_as})")
+st.subheader(f"{entry.label} on {md_escape(label_of(ref))} ({scored_as})")
 left, right = st.columns(2)
 if scored_as == "element":
     rows = [r for r in summary["layer_kinds"] if r["layer"] is not None]
@@ -152,7 +161,7 @@ if scored_as == "element":
             cmp1.metric("Spearman ρ", f"{rho:+.3f}")
             cmp2.metric(f"Top-k Jaccard at density {density:g}", f"{jac:.3f}")
     except SubnetscopeError as e:
-        st.error(str(e))
+        st.error(md_escape(str(e)))
 else:
     st.caption("Comparison works on element scores: choose the element granularity.")
 
@@ -164,8 +173,8 @@ if not tuned:
 target = st.selectbox("Fine-tune", tuned, index=tuned.index(default_target), format_func=label_of,
                       key="imp_target")
 parent = parent_of(target) or base
-st.caption(f"Changed elements of {label_of(parent)} → {label_of(target)} at τ = 1e-5 (the paper's RL subnetwork), "
-           f"predicted from the scores of {label_of(ref)}.")
+st.caption(f"Changed elements of {md_escape(label_of(parent))} → {md_escape(label_of(target))} at τ = 1e-5 "
+           f"(the paper's RL subnetwork), predicted from the scores of {md_escape(label_of(ref))}.")
 chosen = st.multiselect("Selectors", [n for n in SELECTORS if n != "diff"],
                         default=["magnitude", "smallest_magnitude", "random", "wanda", "taylor", "fisher",
                                  "sensitivity"], format_func=lambda n: SELECTORS[n].label)
@@ -187,13 +196,14 @@ try:
                                 against=(parent, target))
         preds = {} if res is None else {p["selector"]: p for p in res["prediction"]}
 except SubnetscopeError as e:
-    st.error(str(e))
+    st.error(md_escape(str(e)))
     st.stop()
 if preds and all(p["auroc"] is None for p in preds.values()):  # e.g. a fine-tune that changed nothing
-    st.info(f"{label_of(target)}: {next(iter(preds.values()))['note']}")
+    st.info(md_escape(f"{label_of(target)}: {next(iter(preds.values()))['note']}"))
 elif preds:
     best = max(preds.values(), key=lambda p: p["auroc"] or 0)
-    st.success(f"Best predictor of {label_of(target)}'s changed elements: **{SELECTORS[best['selector']].label}** "
+    st.success(f"Best predictor of {md_escape(label_of(target))}'s changed elements: "
+               f"**{SELECTORS[best['selector']].label}** "
                f"(AUROC {best['auroc']:.3f}, precision@k {best['precision_at_k']:.3f} against a chance of "
                f"{best['base_rate']:.3f}, k = {best['k']:,} changed of {best['n']:,}).")
     left, right = st.columns(2)

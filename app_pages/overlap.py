@@ -11,6 +11,7 @@ from analysis.errors import SubnetscopeError
 from ui import work
 from ui.loaders import summary, try_load
 from ui.state import label_of, parent_of, selection, url_bound
+from ui.text import md_escape
 
 st.header("Subnetwork overlap")
 base, tuned = selection()
@@ -42,13 +43,14 @@ if base_summary is None:
 try:
     r = work.overlap_of(base, runs, tol, base_summary["total_params"], key="overlap")
 except SubnetscopeError as e:
-    st.error(str(e))
+    st.error(md_escape(str(e)))
     st.stop()
 if r is None:
     st.stop()
 
 labels = [label_of(x) for x in runs]
-st.caption(f"Runs fine-tuned from **{label_of(base)}**; {r['total_params']:,} elements compared at τ = {tol:g}.")
+st.caption(f"Runs fine-tuned from **{md_escape(label_of(base))}**; {r['total_params']:,} elements compared at "
+           f"τ = {tol:g}.")
 st.markdown(
     "For runs *a*, *b* with changed sets I_a, I_b: **o1** = |I_a ∩ I_b| / |I_a|, **o2** = |I_a ∩ I_b| / |I_b|. "
     "*Random* is the paper's baseline (independent subnetworks of the same sizes: o1 = 1 − s_b); "

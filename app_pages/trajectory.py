@@ -18,6 +18,7 @@ from analysis.paths import default_demo_dir
 from analysis.trajectory import at_tolerance, infer_steps, trajectory
 from ui import work
 from ui.state import label_of, url_bound
+from ui.text import md_escape
 
 st.header("Trajectory")
 st.caption("One run's checkpoints against its base and against each other: update sparsity along the steps, the "
@@ -37,10 +38,20 @@ c3, c4 = st.columns(2)
 TAUS = [0.0, 1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3]
 url_bound("trajectory_tol", 1e-5, param="tol", parse=float, valid=lambda v: v in TAUS)
 tol = c3.select_slider("Tolerance τ", options=TAUS, format_func=lambda t: f"{t:g}", key="trajectory_tol")
-steps_text = c4.text_input("Steps (optional)", ",".join(map(str, infer_steps(cks))) if cks else "",
-                           help="Comma-separated training step of each checkpoint.")
+try:
+    named_steps = ",".join(map(str, infer_steps(cks))) if cks else ""
+except SubnetscopeError as e:  # step names out of training order: said below, never renumbered
+    named_steps, order_problem = "", e
+else:
+    order_problem = None
+steps_text = c4.text_input("Steps (optional)", named_steps,
+                           help="Comma-separated training step of each checkpoint; where the names carry steps "
+                                "(checkpoint-500, step-20), the same ones.")
 if not base or not cks:
     st.info("Give the base and at least one checkpoint of the run.")
+    st.stop()
+if order_problem is not None:
+    st.error(md_escape(str(order_problem)))
     st.stop()
 
 
@@ -52,7 +63,7 @@ def _inline(base: str, cks: tuple[str, ...], steps: tuple[int, ...], tol: float,
 try:
     steps = [int(s) for s in steps_text.split(",") if s.strip()]
 except ValueError:
-    st.error(f"Steps: whole numbers separated by commas, not {steps_text!r}")
+    st.error(f"Steps: whole numbers separated by commas, not {md_escape(repr(steps_text))}")
     st.stop()
 # One pass answers every τ of the slider for the sparsity lines and the layer heatmap (at_tolerance);
 # the set counts (ever changed, first changed, back at the base, overlap with the final set) need the
@@ -70,13 +81,19 @@ try:
     if tol != pass_tol:
         d = at_tolerance(d, tol)
 except SubnetscopeError as e:
-    st.error(str(e))
+    st.error(md_escape(str(e)))
     st.stop()
 except ValueError as e:  # a result written before the per-τ counts existed
-    st.warning(f"{e}; the page measures the run at τ = {tol:g} instead.")
+    st.warning(f"{md_escape(e)}; the page measures the run at τ = {tol:g} instead.")
     st.session_state["trajectory_pass_tol"] = tol
     st.rerun()
 
+if d.get("skipped"):  # nothing dropped silently: the tensors left out, with their reasons
+    st.warning(f"{len(d['skipped'])} tensor(s) skipped: " + "; ".join(md_escape(f"{x['name']}: {x['reason']}")
+                                                                    for x in d["skipped"][:5])
+               + (f"; and {len(d['skipped']) - 5} more (see the JSON)" if len(d["skipped"]) > 5 else ""))
+for r in d.get("resized", []):
+    st.caption(f"Resized {md_escape(r['key'])}: compared on the {r['compared_rows']:,} shared rows.")
 detail = d.get("detail_tolerance", d["tolerance"])
 if detail != tol:
     n1, n2 = st.columns([4, 1])

@@ -11,6 +11,7 @@ from analysis.errors import SubnetscopeError
 from ui import work
 from ui.loaders import summary, try_load
 from ui.state import label_of, parent_of, selection, url_bound
+from ui.text import md_escape
 
 st.header("Update sparsity")
 base, tuned = selection()
@@ -38,7 +39,7 @@ with st.expander("Compared pairs", expanded=False):
         known = parent_of(t)
         default = known if known in refs and known != t else base
         options = [r for r in refs if r != t]
-        parents[t] = st.selectbox(f"{label_of(t)} is compared with", options, index=options.index(default),
+        parents[t] = st.selectbox(f"{md_escape(label_of(t))} is compared with", options, index=options.index(default),
                                   format_func=label_of, key=f"parent_{t}")
 
 
@@ -65,7 +66,7 @@ for ref in tuned:
                 r = work.diff(parents[ref], ref, tol, rank and ref == focus, base_summary["total_params"],
                               key=f"diff_{ref}_tol")
     except SubnetscopeError as e:
-        st.error(f"{label_of(ref)}: {e}")
+        st.error(md_escape(f"{label_of(ref)}: {e}"))
         continue
     if r is not None:
         results[ref] = r
@@ -74,7 +75,7 @@ if not results:
 
 cols = st.columns(len(results))
 for col, (ref, r) in zip(cols, results.items()):
-    col.metric(pair_label(ref), f"{r['update_sparsity']:.2%}",
+    col.metric(md_escape(pair_label(ref)), f"{r['update_sparsity']:.2%}",
                help="Update sparsity: the fraction of elements unchanged at τ (DESIGN.md §3).")
     col.caption(f"changed at τ = {tol:g}: {r['changed_params']:,} of {r['total_params']:,} elements")
     exact = r.get("by_compare", {}).get("exact_bits", {})
@@ -88,7 +89,7 @@ st.plotly_chart(plots.sparsity_sweep({pair_label(k): v["tolerance_sweep"] for k,
 if focus not in results:
     st.stop()
 r = results[focus]
-st.subheader(pair_label(focus))
+st.subheader(md_escape(pair_label(focus)))
 detail = r.get("detail_tolerance", r["tolerance"])
 if detail != tol:
     n1, n2 = st.columns([4, 1])
@@ -129,7 +130,7 @@ t1.dataframe(tensors.sort_values("update_sparsity").head(10)[show], hide_index=T
 t2.caption("Least changed tensors")
 t2.dataframe(tensors.sort_values("update_sparsity", ascending=False).head(10)[show], hide_index=True)
 if r["skipped"]:
-    st.warning(f"{len(r['skipped'])} tensors not compared: " + "; ".join(f"{s['name']} ({s['reason']})"
+    st.warning(f"{len(r['skipped'])} tensors not compared: " + "; ".join(md_escape(f"{s['name']} ({s['reason']})")
                                                                       for s in r["skipped"][:10]))
 
 d1, d2, d3 = st.columns(3)

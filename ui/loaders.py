@@ -8,11 +8,12 @@ import streamlit as st
 from analysis.checkpoints import align, fingerprint, open_checkpoint, summarize
 from analysis.errors import SubnetscopeError
 from ui.state import remember
+from ui.text import md_escape
 
 
 @st.cache_data(show_spinner="Reading checkpoint metadata…", max_entries=64)
 def _summary(ref: str, fp: tuple) -> dict:
-    return summarize(open_checkpoint(ref))
+    return summarize(open_checkpoint(ref, local_only=True))  # a hub id: from the local cache only
 
 
 def summary(ref: str) -> dict:
@@ -25,7 +26,7 @@ def summary(ref: str) -> dict:
 
 @st.cache_data(show_spinner="Aligning checkpoints…", max_entries=32)
 def _alignment(refs: tuple[str, ...], fps: tuple) -> dict:
-    d = align([open_checkpoint(r) for r in refs]).to_dict()
+    d = align([open_checkpoint(r, local_only=True) for r in refs]).to_dict()
     d.pop("tensors")  # the page shows the report, not the per-tensor list
     return d
 
@@ -35,9 +36,10 @@ def alignment(refs: list[str]) -> dict:
 
 
 def try_load(fn, *args):
-    """Runs a loader; on a user-facing error shows ``st.error`` and returns None."""
+    """Runs a loader; on a user-facing error shows ``st.error`` (its text, never Markdown) and
+    returns None."""
     try:
         return fn(*args)
     except SubnetscopeError as e:
-        st.error(str(e))
+        st.error(md_escape(str(e)))
         return None

@@ -12,6 +12,7 @@ import streamlit as st
 
 from analysis.paths import default_demo_dir, subnetscope_home
 from analysis.io import write_json_atomic
+from ui.text import md_code, md_escape, visible
 
 MAX_TUNED = 3
 DEMO_TUNED = ("sft", "rl-seed1", "rl-seed2")
@@ -29,13 +30,19 @@ def recent_refs() -> list[str]:
         return []
     from pathlib import Path
 
-    # a local path that has gone away is dropped; a hub id (org/name, not on disk) is kept
-    return [r for r in refs if isinstance(r, str) and (Path(r).exists() or not r.startswith(("/", ".", "~")))][:20]
+    # a local path that has gone away is dropped; a hub id (org/name, not on disk) is kept; a
+    # string with control characters (never written here) is not a reference
+    return [r for r in refs if isinstance(r, str) and r and visible(r) == r
+            and (Path(r).exists() or not r.startswith(("/", ".", "~")))][:20]
 
 
 def remember(ref: str) -> None:
-    """Adds a reference that opened successfully to the recent list (the demo's are not listed)."""
+    """Adds a reference that opened successfully to the recent list: one the user chose, not one
+    that only came with a link (``url_refs``); never the demo's, nor a string with control
+    characters."""
     recent = recent_refs()
+    if not ref or visible(ref) != ref or ref in st.session_state.get("url_refs", ()):
+        return
     if ref in demo_refs().values() or (recent and recent[0] == ref):
         return
     refs = [ref] + [r for r in recent if r != ref]
@@ -115,14 +122,44 @@ def _from_url() -> tuple[str | None, list[str], list[str]]:
     return base, tuned, dropped
 
 
+def _cached_only(refs: list[str | None], role: str) -> list[str | None]:
+    """``refs`` without the hub ids that are not in the local cache: those wait in
+    ``hub_pending`` for the sidebar's download button. A link or the picker only ever reads the
+    cache (no network, no token); a download starts with a click."""
+    from analysis.checkpoints import cached_hub_id, is_hub_id
+    from analysis.errors import SubnetscopeError
+
+    pending = st.session_state.setdefault("hub_pending", [])
+    kept = []
+    for r in refs:
+        if r and is_hub_id(r):
+            try:
+                cached = cached_hub_id(r)
+            except SubnetscopeError:
+                cached = r  # a bad id or an unreadable cache: the page says why (from the cache alone)
+            if cached is None:
+                if (role, r) not in pending:
+                    pending.append((role, r))
+                continue
+        kept.append(r)
+    return kept
+
+
 def selection() -> tuple[str | None, list[str]]:
     """(base ref, fine-tune refs) chosen in the sidebar. On a session's first run they come from
     the page URL (``?base=…&tuned=…``, so a reload or a shared link shows the same checkpoints),
-    else the demo family."""
+    else the demo family. A hub id not in the local cache is left out until the user downloads
+    it (see :func:`sidebar`); references that came only with the link are not remembered."""
     ss = st.session_state
     if BASE_KEY in ss:  # the sidebar's widgets hold the latest choice
-        ss["base_ref"] = normalize_ref(ss[BASE_KEY])
-        ss["tuned_refs"] = list(dict.fromkeys(normalize_ref(t) for t in ss.get(TUNED_KEY) or [] if t))
+        before = {ss.get("base_ref"), *ss.get("tuned_refs", [])}
+        base = normalize_ref(ss[BASE_KEY])
+        tuned = list(dict.fromkeys(normalize_ref(t) for t in ss.get(TUNED_KEY) or [] if t))
+        chosen = {base, *tuned} - before
+        if chosen and ss.get("url_refs"):
+            ss["url_refs"] = ss["url_refs"] - chosen  # chosen again by the user
+        ss["base_ref"] = (_cached_only([base], "base") or [None])[0]
+        ss["tuned_refs"] = _cached_only(tuned, "tuned")
     if "base_ref" not in ss:
         base, tuned, dropped = _from_url()
         if dropped:
@@ -131,7 +168,10 @@ def selection() -> tuple[str | None, list[str]]:
             refs = demo_refs()
             base = refs.get("demo/base")
             tuned = [refs[f"demo/{n}"] for n in DEMO_TUNED if f"demo/{n}" in refs]
-        ss["base_ref"], ss["tuned_refs"] = base, tuned
+        else:
+            ss["url_refs"] = {r for r in [base, *tuned] if r}
+        ss["base_ref"] = (_cached_only([base], "base") or [None])[0]
+        ss["tuned_refs"] = _cached_only(tuned, "tuned")
     return ss["base_ref"], list(ss.get("tuned_refs", []))
 
 
@@ -151,6 +191,39 @@ def label_of(ref: str) -> str:
     return _label(ref, demo_refs())
 
 
+def _hub_downloads(base: str | None, tuned: list[str]) -> tuple[str | None, list[str]]:
+    """The hub ids waiting in ``hub_pending``: each is named with a download button and a
+    dismiss button; a click downloads it (config, tokenizer and weights) and selects it."""
+    from analysis.checkpoints import download_hub_id
+    from analysis.errors import SubnetscopeError
+
+    ss = st.session_state
+    pending = ss.get("hub_pending", [])
+    for i, (role, ref) in enumerate(list(pending)):
+        st.warning(f"{md_code(ref)}: hub id not in the local cache; a link or the picker never downloads")
+        c1, c2 = st.columns([3, 1])
+        if c1.button(f"Download {md_escape(ref)}", key=f"hub_download_{i}_{ref}", icon=":material/download:"):
+            try:
+                with st.spinner(f"Downloading {md_escape(ref)}…"):
+                    download_hub_id(ref)
+            except SubnetscopeError as e:
+                st.error(md_escape(str(e)))
+                continue
+            pending.remove((role, ref))
+            ss["url_refs"] = ss.get("url_refs", set()) - {ref}  # chosen by the click
+            if role == "base":
+                base = ref
+            elif ref not in tuned and len(tuned) < MAX_TUNED:
+                tuned = [*tuned, ref]
+            ss["base_ref"], ss["tuned_refs"] = base, tuned
+            ss[BASE_KEY], ss[TUNED_KEY] = base, tuned  # what selection() reads first; no widget drawn yet
+            st.rerun()
+        elif c2.button("Dismiss", key=f"hub_dismiss_{i}_{ref}"):
+            pending.remove((role, ref))
+            st.rerun()
+    return base, tuned
+
+
 def sidebar() -> None:
     """Draws the picker: a base and up to three fine-tunes from the demo families, recent
     references, or a typed path / hub id (typed values are accepted as new options).
@@ -160,6 +233,11 @@ def sidebar() -> None:
     as new and undo every second change. The choice is mirrored into the URL."""
     ss = st.session_state
     base, tuned = selection()
+    with st.sidebar:
+        st.subheader("Checkpoints")
+        for r in ss.pop("url_dropped", []):
+            st.warning(f"{md_escape(r)}: no such path; dropped from the link")
+        base, tuned = _hub_downloads(base, tuned)
     labels = demo_refs()
     options = ss.setdefault("picker_options", [])  # grows only: a stable option list
     for r in [*labels.values(), *recent_refs(), base, *tuned]:
@@ -169,9 +247,6 @@ def sidebar() -> None:
     ss[TUNED_KEY] = [t for t in tuned if t in options]
     fmt = lambda r: _label(r, labels)  # noqa: E731
     with st.sidebar:
-        st.subheader("Checkpoints")
-        for r in ss.pop("url_dropped", []):
-            st.warning(f"{r}: no such path; dropped from the link")
         st.selectbox("Base", options, key=BASE_KEY, format_func=fmt, accept_new_options=True,
                      placeholder="path or hub id",
                      help="A model directory, a .safetensors or .bin file, or a hub id (org/name).")
@@ -224,7 +299,7 @@ def url_bound(key: str, default, *, parse=str, valid=None, param: str | None = N
             if ok:
                 value = v
             else:
-                st.warning(f"`{param}={raw}` from the link does not apply here; using the default")
+                st.warning(f"{md_code(f'{param}={raw}')} from the link does not apply here; using the default")
         ss[key] = value
     mirror_to_url({param: ss[key]})
     return ss[key]

@@ -17,6 +17,7 @@ from analysis.diff import diff_checkpoints
 from analysis.errors import SubnetscopeError
 from analysis.jobs import JobDir
 from analysis.overlap import overlap
+from ui.text import md_escape
 
 
 def inline_limit() -> int:
@@ -93,12 +94,12 @@ def _job(argv: list[str], refs: list[str], key: str, label: str | None = None) -
         return stt.result()
     if stt.status in ("failed", "died", "cancelled", "missing"):
         if stt.status != "missing":
-            st.error(f"{argv[0]} job {stt.status}: {stt.error or 'no result'}")
-        if st.button(f"Run {label or argv[0]} in the background", key=f"start_{key}", type="primary"):
+            st.error(f"{argv[0]} job {stt.status}: {md_escape(stt.error or 'no result')}")
+        if st.button(f"Run {md_escape(label or argv[0])} in the background", key=f"start_{key}", type="primary"):
             try:
                 job.start(argv, refs)
             except SubnetscopeError as e:  # e.g. a full disk under the jobs folder: one line, no traceback
-                st.error(str(e))
+                st.error(md_escape(str(e)))
                 return None
             st.rerun()
         return None
@@ -112,7 +113,7 @@ def _poll(job: JobDir, key: str) -> None:
         s = job.state()
         if s.status != "running":
             st.rerun()  # the whole page: it now shows the result (or the error)
-        st.progress(s.fraction, text=f"{s.done:,} of {s.total:,} — {s.current}")
+        st.progress(s.fraction, text=f"{s.done:,} of {s.total:,} — {md_escape(s.current)}")  # a tensor's name
         if st.button("Cancel", key=f"cancel_{key}"):
             job.cancel()
 
@@ -180,11 +181,13 @@ def changed_mask(base: str, tuned: str, tol: float) -> dict:
     return _changed(base, tuned, tol, (fingerprint(base), fingerprint(tuned)))
 
 
-def attribution_job(ref: str, prompt: str, target: str, method: str, steps: int, device: str,
-                    compare: str | None, key: str) -> dict | None:
+def attribution_job(ref: str, prompt: str, target: str, method: str, steps: int | str, device: str,
+                    compare: str | None, key: str, budget: int | None = None) -> dict | None:
     """``python -m analysis attribute`` as a job (IG with many steps, ablation of a long prompt on a
-    large model): its JSON, or None while it runs."""
+    large model): its JSON, or None while it runs. ``steps`` may be ``"auto"`` (then ``budget``
+    bounds the adaptive IG)."""
     argv = ["attribute", ref, "--prompt", prompt, "--target", target, "--method", method, "--steps", str(steps),
+            *(["--step-budget", str(budget)] if budget else []),
             "--device", device, "--quiet", *(["--compare", compare] if compare else [])]
     return _job(argv, [ref, *([compare] if compare else [])], key, label=f"{method} attribution")
 

@@ -20,7 +20,7 @@ import signal
 import sys
 
 from analysis.cli import attribution, checkpoints, finetune, geometry, importance, sparsity
-from analysis.cli.common import EXIT_USAGE
+from analysis.cli.common import EXIT_USAGE, run_command
 from analysis.errors import SubnetscopeError
 from analysis.jobs.progress import Progress
 
@@ -75,8 +75,8 @@ def main(argv=None) -> int:
 
         if status.file and args.command != "finetune" and is_app_job(status.file):  # jobs take turns
             with job_slot(status.file, " ".join([args.command, *_names(args)])):
-                return args.func(args)
-        return args.func(args)
+                return run_command(args)
+        return run_command(args)
     except SubnetscopeError as e:
         print(f"error: {e}", file=sys.stderr)
         try:

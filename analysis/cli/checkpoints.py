@@ -13,8 +13,8 @@ def cmd_inspect(args) -> int:
     from analysis.checkpoints import open_checkpoint, summarize
     from analysis.io import write_json_atomic
 
+    check_outputs(args, inputs_of([args.checkpoint]), "json")  # before any work (a hub id's download too)
     ck = open_checkpoint(args.checkpoint, trust_remote_code=args.trust_remote_code)
-    check_outputs(args, inputs_of([ck.path]), "json")
     s = summarize(ck)
     if args.json:  # outputs first: the summary below may go to a closed pipe
         write_json_atomic(args.json, s)
@@ -39,8 +39,8 @@ def cmd_align(args) -> int:
     from analysis.checkpoints import align, open_checkpoint
     from analysis.io import write_json_atomic
 
+    check_outputs(args, inputs_of(args.checkpoints), "json")  # before any work (a hub id's download too)
     cks = [open_checkpoint(r, trust_remote_code=args.trust_remote_code) for r in args.checkpoints]
-    check_outputs(args, inputs_of([ck.path for ck in cks]), "json")
     al = align(cks)
     d = al.to_dict()
     if args.json:

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from analysis.errors import SubnetscopeError
+from analysis.io import STDOUT
 
 EXIT_USAGE = 2
 
@@ -30,9 +31,9 @@ def human_bytes(n: int) -> str:
 
 
 def inputs_of(refs=(), data=None):
-    """The inputs no output may touch: local checkpoint paths (a hub id: its cache folder), mask
-    and data files."""
-    from analysis.checkpoints import open_checkpoint
+    """The inputs no output may touch: local checkpoint paths (a hub id: its cache folder, read
+    from the cache only — one not downloaded yet is on no disk), mask and data files."""
+    from analysis.checkpoints import cached_hub_id, is_hub_id, open_checkpoint
     from analysis.io import Inputs
 
     inputs = Inputs()
@@ -41,11 +42,27 @@ def inputs_of(refs=(), data=None):
             continue
         if Path(str(ref)).expanduser().exists():
             inputs.add(ref)
+        elif is_hub_id(ref):
+            inputs.add(cached_hub_id(str(ref)))  # the outputs are checked before any download
         else:
-            inputs.add(open_checkpoint(ref).path)  # a hub id from the cache; a bad reference says so here
+            open_checkpoint(ref)  # a bad reference says so here
     if data is not None:
         inputs.add(data)
     return inputs
+
+
+OUTPUTS = ("json", "mask_out", "scores_out")  # the options that name an output file
+
+
+def run_command(args) -> int:
+    """Runs the parsed command. An output given as ``-`` takes standard output, and what the
+    command prints meanwhile goes to stderr (``--json - | jq`` reads the JSON alone)."""
+    if STDOUT not in (getattr(args, n, None) for n in OUTPUTS):
+        return args.func(args)
+    from analysis.io import stdout_reserved
+
+    with stdout_reserved():
+        return args.func(args)
 
 
 def check_outputs(args, inputs, *names: str) -> None:
@@ -71,25 +88,29 @@ def quiet_transformers(quiet: bool) -> None:
         logging.disable_progress_bar()
 
 
-def options(pairs: list[str]) -> dict:
-    """``--option key=value`` pairs; numbers and true/false are converted."""
-    out = {}
+def options(pairs: list[str]) -> dict[str, str]:
+    """``--option KEY=VALUE`` pairs as text, in the order given; the selector converts each value to
+    the type it declares (:func:`analysis.selectors.parse_options`).
+
+    Raises:
+        SubnetscopeError: a pair without ``=``, with nothing before or after it, or a key given twice.
+    """
+    from analysis.errors import quoted
+
+    out: dict[str, str] = {}
     for p in pairs or []:
-        if "=" not in p:
-            raise SubnetscopeError(f"--option {p!r}: expected key=value")
-        k, v = p.split("=", 1)
-        low = v.lower()
-        if low in ("true", "false"):
-            out[k] = low == "true"
-            continue
-        for conv in (int, float):
-            try:
-                out[k] = conv(v)
-                break
-            except ValueError:
-                continue
-        else:
-            out[k] = v
+        key, eq, value = p.partition("=")
+        key = key.strip()
+        if not eq:
+            raise SubnetscopeError(f"--option {quoted(p)}: expected KEY=VALUE")
+        if not key:
+            raise SubnetscopeError(f"--option {quoted(p)}: no option name before '='")
+        if not value:
+            raise SubnetscopeError(f"--option {quoted(p)}: no value after '='")
+        if key in out:
+            raise SubnetscopeError(f"--option {quoted(key)} given twice ({quoted(key + '=' + out[key])} and "
+                                   f"{quoted(p)}); give each option once")
+        out[key] = value
     return out
 
 
@@ -134,7 +155,8 @@ def add_run_args(s) -> None:
 def add_data_args(s) -> None:
     s.add_argument("--data", default="demo", help="demo (the arithmetic task), a .txt/.jsonl file, or a dataset name")
     s.add_argument("--samples", type=int, default=32, help="calibration sequences (default 32)")
-    s.add_argument("--seq-len", type=int, default=64, help="tokens per sequence at most (default 64)")
+    s.add_argument("--seq-len", type=int, default=None,
+                   help="tokens per sequence at most (default 64, or the model's positions when fewer)")
     s.add_argument("--batch-size", type=int, default=8)
     s.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
     s.add_argument("--seed", type=int, default=0)

@@ -200,13 +200,155 @@ def test_the_same_file_for_two_outputs_refused(pair, tmp_path, capsys):
     _one_line_error(capsys, "given as both --json and --mask-out")
 
 
-def test_json_to_a_fifo_refused_and_the_fifo_kept(pair, tmp_path, capsys):
+def test_json_to_a_fifo_without_a_reader_is_one_line_not_a_hang(pair, tmp_path, capsys):
     a, b = pair
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)
     assert main(["diff", str(a), str(b), "--quiet", "--json", str(fifo)]) == 2
-    _one_line_error(capsys, "is a FIFO, not a regular file")
+    _one_line_error(capsys, f"{fifo}: no process is reading the FIFO")
     assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+
+
+def _read_in_thread(open_reader):
+    """Starts a thread that reads everything from ``open_reader()``; returns (thread, chunks)."""
+    import threading
+
+    chunks = []
+
+    def read():
+        with open_reader() as f:
+            chunks.append(f.read())
+
+    t = threading.Thread(target=read, daemon=True)
+    t.start()
+    return t, chunks
+
+
+def test_json_to_a_fifo_with_a_reader_is_written_directly(pair, tmp_path):
+    a, b = pair
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    t, chunks = _read_in_thread(lambda: open(fifo, "rb"))
+    _wait_until_opening(t)  # the reader is there first: a writer never waits for one
+    assert main(["diff", str(a), str(b), "--quiet", "--json", str(fifo)]) == 0
+    t.join(10)
+    d = json.loads(chunks[0])
+    assert d["total_params"] == 68_160 and 0 < d["changed_params"] <= 68_160
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "pipe", "tuned"]  # no temporary file beside it
+
+
+def _wait_until_opening(t) -> None:
+    """Waits until thread ``t`` blocks in opening a FIFO for reading (Linux: its wchan)."""
+    import time
+
+    wchan = Path(f"/proc/self/task/{t.native_id}/wchan")
+    for _ in range(1000):
+        if wchan.read_text() == "wait_for_partner":
+            return
+        time.sleep(0.01)
+    pytest.fail("the reader thread never opened the FIFO")
+
+
+def test_json_to_an_os_pipe_through_dev_fd(pair):
+    a, _ = pair
+    r, w = os.pipe()
+    t, chunks = _read_in_thread(lambda: os.fdopen(r, "rb"))
+    try:
+        assert main(["inspect", str(a), "--json", f"/dev/fd/{w}"]) == 0
+    finally:
+        os.close(w)
+    t.join(10)
+    assert json.loads(chunks[0])["total_params"] == 68_160
+
+
+def test_json_through_a_descriptor_of_a_regular_file_and_a_read_only_one(pair, tmp_path, capsys):
+    """`--json /dev/stdout > out.txt` writes at the descriptor's place (nothing is renamed over the
+    shell's file); a descriptor open for reading only is refused before any work."""
+    a, _ = pair
+    out = tmp_path / "out.txt"
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        assert main(["inspect", str(a), "--json", f"/proc/self/fd/{fd}"]) == 0
+    finally:
+        os.close(fd)
+    assert json.loads(out.read_text())["total_params"] == 68_160
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "out.txt", "tuned"]
+    ro = os.open(out, os.O_RDONLY)
+    try:
+        assert main(["inspect", str(a), "--json", f"/dev/fd/{ro}"]) == 2
+        _one_line_error(capsys, f"/dev/fd/{ro}: names file descriptor {ro}, which is open for reading only")
+    finally:
+        os.close(ro)
+    assert json.loads(out.read_text())["total_params"] == 68_160
+
+
+def test_json_dash_is_the_json_alone_on_stdout(pair, tmp_path, capsys, monkeypatch):
+    a, b = pair
+    monkeypatch.chdir(tmp_path)
+    assert main(["diff", str(a), str(b), "--quiet", "--json", "-"]) == 0
+    out, err = capsys.readouterr()
+    d = json.loads(out)  # stdout holds the JSON and nothing else: the summary went to stderr
+    assert d["base"] == str(a) and d["total_params"] == 68_160
+    assert f"{d['changed_params']:,} of 68,160 changed" in err and "wrote -" in err
+    assert not os.path.lexists(tmp_path / "-")
+    assert main(["inspect", str(a), "--json", "-"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["total_params"] == 68_160 and "total_params" in err
+    assert not os.path.lexists(tmp_path / "-")
+
+
+def test_json_to_dev_stdout_of_a_real_pipe(pair, tmp_path):
+    """One real process: `diff ... --json /dev/stdout | reader`. The JSON is written into the pipe
+    directly (it used to fail after the whole diff, on a temporary file beside /proc/self/fd)."""
+    import subprocess
+    import sys
+
+    a, b = pair
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    p = subprocess.run([sys.executable, "-m", "analysis", "diff", str(a), str(b), "--quiet", "--json", "/dev/stdout"],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr.decode()
+    d, end = json.JSONDecoder().raw_decode(p.stdout.decode())  # the JSON first, then the summary
+    assert d["total_params"] == 68_160 and "wrote /dev/stdout" in p.stdout.decode()[end:]
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["base", "tuned"]
+
+
+def test_an_output_in_proc_is_refused_before_any_work(pair, capsys, monkeypatch):
+    import analysis.diff
+
+    a, b = pair
+    calls = []
+    monkeypatch.setattr(analysis.diff, "diff_stats", lambda *x: calls.append(1))  # must never be reached
+    for out in ("/proc/self/fd/out.json", "/sys/kernel/out.json"):
+        assert main(["diff", str(a), str(b), "--quiet", "--json", out]) == 2
+        _one_line_error(capsys, f"{out}: lies in /", "the kernel's virtual file system")
+    assert calls == []
+
+
+def test_a_mask_or_scores_file_of_ours_is_replaced_by_a_rerun(demo, tmp_path, capsys):
+    """The weights rule tells our own outputs apart: a rerun replaces its mask and scores files."""
+    a, b = demo / "base", demo / "sft"
+    mask, scores = tmp_path / "m.safetensors", tmp_path / "s.safetensors"
+    for _ in range(2):
+        assert main(["diff", str(a), str(b), "--quiet", "--json", str(tmp_path / "d.json"),
+                     "--mask-out", str(mask)]) == 0
+        assert main(["importance", str(a), "--selector", "magnitude", "--quiet", "--json",
+                     str(tmp_path / "i.json"), "--scores-out", str(scores)]) == 0
+    from analysis.masks import load_mask
+
+    assert load_mask(mask) and scores.stat().st_size > 0
+
+
+def test_an_output_onto_weights_is_refused_by_content_not_name(tmp_path):
+    from safetensors.torch import save_file
+
+    w = tmp_path / "weights.json"  # a misleading name: the bytes decide
+    save_file({"x": __import__("torch").zeros(2)}, w)
+    with pytest.raises(OutputError, match="is a checkpoint's weights, safetensors"):
+        check_output_file(w)
+    plain = tmp_path / "old.safetensors"
+    plain.write_text("{}")  # not weights (no header): an earlier output may be replaced
+    assert check_output_file(plain) == plain.resolve()
 
 
 def test_json_to_a_directory_refused(pair, tmp_path, capsys):
@@ -453,3 +595,26 @@ def test_finetune_of_a_checkpoint_without_float_weights_is_one_line(tmp_path, ca
     assert main(["finetune", str(d), "--full", "--steps", "1", "--out", str(out)]) == 2
     _one_line_error(capsys, "holds no floating-point weights to train")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["inspect", "align"])
+def test_outputs_are_checked_before_a_hub_download(pair, capsys, monkeypatch, command):
+    """A hub id not cached yet: the bad output is reported and nothing is fetched."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    real = huggingface_hub.snapshot_download
+    fetched = []
+
+    def recording(repo_id, *a, local_files_only=False, **kw):
+        if not local_files_only:
+            fetched.append(repo_id)
+            raise AssertionError("the network was used")
+        return real(repo_id, *a, local_files_only=True, **kw)
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", recording)
+    refs = ["nobody-here/not-cached"] + ([str(pair[0])] if command == "align" else [])
+    assert main([command, *refs, "--json", "/proc/self/out.json"]) == 2
+    _one_line_error(capsys, "/proc/self/out.json: lies in /proc")
+    assert fetched == []

@@ -67,3 +67,18 @@ def test_absorption_marks_tau_in_the_legend_not_on_the_bars():
     assert list(tau.x) == [2.0 ** -17, 2.0 ** -5]
     lo, hi = fig.layout.yaxis2.range
     assert lo <= math.log10(2.0 ** -25) and hi >= math.log10(2.0 ** -13)
+
+
+def test_names_and_labels_are_shown_as_text_not_html():
+    """A run or token named like HTML (a crafted directory name) is drawn as written: plotly renders
+    <a href>, <b> ... in titles, legend names and category labels, so &, < and > become entities."""
+    from analysis import plots
+
+    evil = '<a href="javascript:alert(1)">x</a> & <b>y</b>'
+    fig = plots.training_curves({evil: [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}]}, "loss", evil)
+    assert fig.layout.title.text == '&lt;a href="javascript:alert(1)"&gt;x&lt;/a&gt; &amp; &lt;b&gt;y&lt;/b&gt;'
+    name = fig.data[0].name
+    assert "<" not in name and ">" not in name and name.startswith("&lt;a href=")
+    fig = plots.token_scores(["<s>", "1", "+"], {"ig": [0.1, 0.2, 0.3]}, "t")
+    assert list(fig.data[0].x) == ["0:&lt;s&gt;", "1:1", "2:+"]
+    assert plots.plain_text("plain/run-1 (from base)") == "plain/run-1 (from base)"  # ordinary names unchanged
