@@ -1,4 +1,4 @@
-"""Relevance of prompt tokens, layers and heads for a target continuation (DESIGN.md §7).
+"""Relevance of prompt tokens, layers and heads for a target continuation (docs/design.md §7).
 
 Six methods on one encoded example (:func:`encode`):
 

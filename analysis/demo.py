@@ -12,7 +12,7 @@ each saved as a bf16 safetensors Hugging Face directory with a character tokeniz
 scale it reproduces the qualitative findings of Mukherjee et al., *Reinforcement Learning
 Finetunes Small Subnetworks in Large Language Models* (arXiv 2505.11711): RL updates are far
 sparser than the SFT update, and the two RL subnetworks overlap more than chance. Much of both
-comes from bf16 storage absorbing small updates (shared/DESIGN.md §9) — the app shows that.
+comes from bf16 storage absorbing small updates (docs/design.md §9) — the app shows that.
 
 The task itself (tokenizer, problems, prompts, generation, reward) is :mod:`analysis.demo_task`;
 the SmolLM2 conversion (``demo --real``) is :mod:`analysis.smollm2`.

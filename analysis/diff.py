@@ -1,6 +1,6 @@
 """Update sparsity of a fine-tune against its base, in one streaming pass.
 
-Definitions (shared/DESIGN.md §3, after Mukherjee et al., *Reinforcement Learning Finetunes
+Definitions (docs/design.md §3, after Mukherjee et al., *Reinforcement Learning Finetunes
 Small Subnetworks in Large Language Models*, arXiv 2505.11711, §2.2): element i is
 *unchanged at tolerance τ* iff its two stored values are bit-identical or |θ¹ᵢ − θ⁰ᵢ| ≤ τ
 (difference in float32 after upcasting; NaN is never ≤ τ); update sparsity = unchanged / n,

@@ -15,7 +15,7 @@ the principal subspace (a count, or a fraction of the rank; default 1% of the ra
 - **principal-weight overlap**: the c elements with the largest |(U₀ₖ Σ₀ₖ V₀ₖᵀ)ᵢⱼ| (the paper's
   principal weights), c the number the update changed at τ, against the changed set: o₁ = |P ∩ C|
   / |C| (= |P ∩ C| / |P|, both have c elements) and Jaccard; the same for the c smallest |W₀| and
-  for a random set of c (its expectation, shared/DESIGN.md §5);
+  for a random set of c (its expectation, docs/design.md §5);
 - **heavy-tail exponent** α of the empirical spectral density (the eigenvalues σᵢ² of WᵀW) of W₀
   and W₁, by WeightWatcher's own fit (``weightwatcher`` 0.7.7, ``WW_powerlaw.WWFit``, the fit its
   ``analyze()`` runs per layer by default: maximum-likelihood α for each candidate xmin, the xmin

@@ -1,4 +1,4 @@
-"""Importance scores -> aggregates and masks (shared/DESIGN.md §5–§6).
+"""Importance scores -> aggregates and masks (docs/design.md §5–§6).
 
 - :func:`compute_scores` runs a registered selector at a granularity (element scores are
   aggregated when the selector is element-level and a coarser granularity is asked);

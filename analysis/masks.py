@@ -1,6 +1,6 @@
 """Masks: one bool tensor per parameter, saved as packed bits in safetensors.
 
-On disk (shared/DESIGN.md §5): per parameter a uint8 tensor of ``numpy.packbits`` of the
+On disk (docs/design.md §5): per parameter a uint8 tensor of ``numpy.packbits`` of the
 row-major flattened mask (big-endian bit order), and ``__metadata__`` =
 ``{"format": "subnetscope.mask/1", "shapes": "<json {name: shape}>", "source": "..."}``.
 """

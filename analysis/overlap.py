@@ -1,6 +1,6 @@
 """Overlap of the subnetworks changed by two or more fine-tunes of one base.
 
-Definitions (shared/DESIGN.md §4; Mukherjee et al., arXiv 2505.11711, §5 and App. E): for
+Definitions (docs/design.md §4; Mukherjee et al., arXiv 2505.11711, §5 and App. E): for
 runs a, b with changed sets I_a, I_b and densities d_k = |I_k| / n (sparsity s_k = 1 − d_k):
 o1 = |I_a ∩ I_b| / |I_a|, o2 = |I_a ∩ I_b| / |I_b|, Jaccard = |I_a ∩ I_b| / |I_a ∪ I_b|;
 the paper's random baseline o1_random = d_b, o2_random = d_a, Jaccard_random =

@@ -1,4 +1,4 @@
-"""How good a selector is (shared/DESIGN.md §6): agreement between selectors, predictive power for
+"""How good a selector is (docs/design.md §6): agreement between selectors, predictive power for
 the elements a real fine-tune changed, and stability across calibration sets.
 
 Pure math on vectors first (:func:`average_ranks`, :func:`spearman_rho`, :func:`auroc`,
@@ -295,7 +295,7 @@ def check_selectors(names: list[str], against_diff=None) -> dict:
 def evaluate_selectors(model, names: list[str], *, batches=None, held_out=None, density: float,
                        scope: str = "blocks", seed: int = 0, against_diff: tuple[str, str] | None = None,
                        tol: float = 1e-5, progress_for=None) -> dict:
-    """Scores a model with several selectors and says how good they are (shared/DESIGN.md §6).
+    """Scores a model with several selectors and says how good they are (docs/design.md §6).
 
     Args:
         model (nn.Module): the checkpoint the selectors score.

@@ -1,7 +1,7 @@
 """Update sparsity along one training run: N checkpoints against the base and against each other.
 
-For checkpoints θ¹ … θᴺ of one run from θ⁰ (shared/DESIGN.md §11), with I_k the elements θᵏ
-changed from θ⁰ at τ (DESIGN.md §3):
+For checkpoints θ¹ … θᴺ of one run from θ⁰ (docs/design.md §11), with I_k the elements θᵏ
+changed from θ⁰ at τ (docs/design.md §3):
 
 - against the base and against the previous checkpoint (θᵏ⁻¹, θ⁰ for the first): every
   statistic of :mod:`analysis.diff` (the same per-tensor kernel, so the numbers are those of the

@@ -31,7 +31,7 @@ SOURCE_LABELS = {"diff": "Diff mask (what a fine-tune changed)", "selector": "Im
 st.header("Masked fine-tune")
 st.caption("Train only a subnetwork — the elements an RL run changed, the top of a selector, whole heads, a random "
            "mask — and compare it with full fine-tuning and LoRA at the same budget (arXiv 2505.11711 §4; "
-           "shared/DESIGN.md §8). Only masked elements can change: every run checks it.")
+           "docs/design.md §8). Only masked elements can change: every run checks it.")
 
 refs = chosen_refs(None)
 demo = demo_refs()

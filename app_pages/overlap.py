@@ -55,7 +55,7 @@ st.markdown(
     "For runs *a*, *b* with changed sets I_a, I_b: **o1** = |I_a ∩ I_b| / |I_a|, **o2** = |I_a ∩ I_b| / |I_b|. "
     "*Random* is the paper's baseline (independent subnetworks of the same sizes: o1 = 1 − s_b); "
     "*matched* draws them within each (tensor, exponent of θ⁰) stratum — small weights have a small bf16 step, "
-    "so any two runs tend to change the same small weights (arXiv 2505.11711 §5; shared/DESIGN.md §4).")
+    "so any two runs tend to change the same small weights (arXiv 2505.11711 §5; docs/design.md §4).")
 st.plotly_chart(plots.overlap_matrix(r["pairs"], labels), key="matrix")
 pairs = pd.DataFrame([{**p, "a": labels[p["a"]], "b": labels[p["b"]]} for p in r["pairs"]])
 st.dataframe(pairs[["a", "b", "sparsity_a", "sparsity_b", "o1", "o1_random", "o1_matched", "o2", "o2_random",

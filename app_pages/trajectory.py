@@ -23,7 +23,7 @@ from ui.text import md_escape
 st.header("Trajectory")
 st.caption("One run's checkpoints against its base and against each other: update sparsity along the steps, the "
            "changed set growing and settling, the step at which elements first change, and how much of the final "
-           "subnetwork each checkpoint already holds (shared/DESIGN.md §11).")
+           "subnetwork each checkpoint already holds (docs/design.md §11).")
 
 demo = default_demo_dir()
 demo_run = trajectory_dirs(demo)

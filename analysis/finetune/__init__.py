@@ -1,4 +1,4 @@
-"""Masked fine-tuning (shared/DESIGN.md §8): train only a subnetwork of a checkpoint.
+"""Masked fine-tuning (docs/design.md §8): train only a subnetwork of a checkpoint.
 
 - :mod:`~analysis.finetune.sparse_adamw`: AdamW on compact fp32 copies of the masked elements
   (the main path; segments for masks that grow, an active set for layer sampling) and the

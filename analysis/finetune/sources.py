@@ -140,7 +140,7 @@ def d3_scores(param: torch.nn.Parameter, exp: float, eps: float) -> torch.Tensor
 
 
 def with_lora(model, rank: int):
-    """PEFT LoRA on the attention and MLP projections (the LoRA control of DESIGN.md §8), chosen by
+    """PEFT LoRA on the attention and MLP projections (the LoRA control of docs/design.md §8), chosen by
     module kind (:func:`analysis.structure.lora_targets`). GPT-2's ``Conv1D`` stores its weight
     [in, out]: PEFT is told so (``fan_in_fan_out``)."""
     from peft import LoraConfig, get_peft_model

@@ -1,6 +1,6 @@
 """AdamW on the masked elements of dense weights, with compact fp32 state.
 
-The main path of DESIGN.md §8: weights stay dense; after backward, the gradient entries of the
+The main path of docs/design.md §8: weights stay dense; after backward, the gradient entries of the
 masked elements are gathered by flat index, AdamW runs on compact float32 copies of those
 values (master weights and both moments), and the results are written back. Exact by
 construction — an element outside the mask is never written — with optimizer memory

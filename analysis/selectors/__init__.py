@@ -1,4 +1,4 @@
-"""Importance selectors (shared/DESIGN.md §6): one module per selector, one explicit registry.
+"""Importance selectors (docs/design.md §6): one module per selector, one explicit registry.
 
 Every selector is ``score(model, batches, *, seed=0, progress=None, **options) -> Scores``
 (:class:`~analysis.selectors.base.Scores`): it runs its own forward/backward passes, removes its

@@ -1,4 +1,4 @@
-"""What every importance selector shares (shared/DESIGN.md §6).
+"""What every importance selector shares (docs/design.md §6).
 
 - :class:`Scores`, the one result type of every selector;
 - :func:`scoring`, the context a selector runs in: eval mode, and on exit the model exactly as

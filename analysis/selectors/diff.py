@@ -1,7 +1,7 @@
 """The diff selector: the elements a real fine-tune changed (the RL subnetwork of Mukherjee et al.,
 *Reinforcement Learning Finetunes Small Subnetworks in Large Language Models*, arXiv 2505.11711).
 
-Score 1 where base and tuned differ at tolerance τ (shared/DESIGN.md §3, through
+Score 1 where base and tuned differ at tolerance τ (docs/design.md §3, through
 :func:`analysis.diff.diff_checkpoints`, streaming), or where a saved mask is set; 0 elsewhere.
 Checkpoint names are matched to the model's parameter names after prefix normalization;
 parameters the diff or mask does not cover score 0 and are listed in ``info["missing"]``.

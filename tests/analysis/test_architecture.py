@@ -1,4 +1,4 @@
-"""The shape of the tree (issue 10): no import cycle among the project's modules (imports inside
+"""The shape of the tree: no import cycle among the project's modules (imports inside
 functions included: a lazy import still ties two modules together), no module importing
 another's private name, and ``python -m analysis`` a thin entry point."""
 
@@ -99,3 +99,25 @@ def test_pages_hold_no_tensor_code():
                      [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             found += [f"{p.name}: {n}" for n in names if n.split(".")[0] in ("torch", "kernels")]
     assert found == []
+
+
+def test_text_cites_only_what_the_repository_holds():
+    """Code, pages, tests and docs cite docs/design.md or the papers, never the design notes outside
+    the repository, and no issue tracker numbers (a reader of the repository has neither)."""
+    import re
+    import subprocess
+
+    tracked = subprocess.run(["git", "ls-files", "*.py", "*.md"], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.split()
+    bad = []
+    for name in tracked:
+        if name.startswith("bench/RESULTS") or not (ROOT / name).is_file():
+            continue  # the benchmark log records the history it measured
+        text = (ROOT / name).read_text(encoding="utf-8")
+        for pattern in (r"shared/(DESIGN|STYLE)\.md", r"(?<![/\w])DESIGN\.md", r"\b[Ii]ssue \d+"):
+            bad += [f"{name}: {m.group(0)}" for m in re.finditer(pattern, text)]
+    assert bad == []
+    cited = {int(n) for n in re.findall(r"docs/design\.md §(\d+)", " ".join(
+        (ROOT / n).read_text(encoding="utf-8") for n in tracked if (ROOT / n).is_file()))}
+    design = (ROOT / "docs" / "design.md").read_text(encoding="utf-8")
+    assert cited and all(f"## {n}." in design for n in cited), cited  # every cited section exists

@@ -50,7 +50,7 @@ def test_ig_on_the_trained_demo_reports_its_error(demo):
 
 
 def test_ig_converges_on_a_random_init_demo_model():
-    """Issue 21 item 7: a random-init demo-architecture Llama (hidden 32, torch's default init: the
+    """a random-init demo-architecture Llama (hidden 32, torch's default init: the
     pad row, IG's baseline, is zero and the other rows have norm ~6) — 50 Gauss-Legendre steps miss
     more than the whole f(x) − f(x′); the adaptive rule converges, and its scores are a 1000-step
     rule's."""

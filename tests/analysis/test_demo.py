@@ -131,7 +131,7 @@ def test_demo_is_current_rejects_incomplete(tmp_path, tiny_pair):
 
 
 def _changed(theta0: dict, theta1: dict, tau: float = 1e-5) -> dict:
-    """DESIGN.md §3: unchanged iff bit-identical or |θ1 − θ0| ≤ τ after upcasting to fp32."""
+    """docs/design.md §3: unchanged iff bit-identical or |θ1 − θ0| ≤ τ after upcasting to fp32."""
     return {k: ~((theta0[k].view(torch.int16) == theta1[k].view(torch.int16))
                  | ((theta1[k].float() - theta0[k].float()).abs() <= tau)) for k in theta0}
 

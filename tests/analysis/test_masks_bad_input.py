@@ -1,4 +1,4 @@
-"""Mask files (shared/DESIGN.md §5) that load_mask must refuse in one line naming the file,
+"""Mask files (docs/design.md §5) that load_mask must refuse in one line naming the file,
 before a bit is unpacked: short or long packed data, unpacked masks, malformed shapes."""
 
 from __future__ import annotations

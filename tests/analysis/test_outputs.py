@@ -1,4 +1,4 @@
-"""Outputs never clobber inputs or strangers' files (issue 9): every case runs the real CLI and
+"""Outputs never clobber inputs or strangers' files: every case runs the real CLI and
 checks the inputs are bit-identical afterwards, and that a refusal writes nothing."""
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ import ast
 
 from conftest import ROOT
 
-# being made public in another change (issue 10): remove when done
+# being made public in another change: remove when done
 PENDING: set = set()  # nothing left: every module imports only public names
 
 

@@ -134,7 +134,7 @@ def test_every_grid_tolerance_from_one_pass(demo):
 
 
 def test_step_names_are_the_steps_and_never_renumbered(tmp_path):
-    """Issue 21, item 9b: names carrying a step (the Trainer's checkpoint-N, DeepSpeed's global_stepN,
+    """names carrying a step (the Trainer's checkpoint-N, DeepSpeed's global_stepN,
     Megatron's iter_N, step-N, a weight file inside such a folder) give the steps and must come in
     increasing order, as ``--steps`` must; other trailing numbers are no steps."""
     from analysis.trajectory import name_step

@@ -72,7 +72,7 @@ def test_ig_warns_and_offers_more_steps(demo):
 
 
 def test_ig_is_adaptive_by_default_and_shows_its_steps(demo):
-    """Issue 21 item 7: the default IG refines the path until it is complete within 1%, and the page
+    """the default IG refines the path until it is complete within 1%, and the page
     says how many steps it took of which budget; a budget that ends first is a warning with a
     button for a larger one."""
     at = _page(demo / "base", [demo / "sft"])

@@ -1,4 +1,4 @@
-"""User-given strings are shown as text, never rendered as Markdown (issue 21, item 11): a URL
+"""User-given strings are shown as text, never rendered as Markdown: a URL
 parameter, a directory name or an exception quoting a path shows its characters in the app's boxes
 — no bold, no link, no LaTeX —; a hub id from a link is read from the local cache only (no DNS
 lookup, no token file) and downloaded only after a click; the recent list holds only checkpoints

@@ -73,7 +73,7 @@ def _page(tmp_path, monkeypatch, refs):
 
 
 def test_a_non_finite_matrix_is_a_warning_and_a_zero_one_says_what_is_undefined(tmp_path, monkeypatch):
-    """Issue 21, items 4 and 9a: the matrix with an inf is named with its reason in an st.warning (no
+    """the matrix with an inf is named with its reason in an st.warning (no
     exception, no error), and left out of the heatmap, the table and the matrix list; a base matrix of
     zeros shows "—" and says why its angles are undefined."""
     at = _page(tmp_path, monkeypatch, _pair_with_bad_matrices(tmp_path))

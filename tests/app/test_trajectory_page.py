@@ -76,7 +76,7 @@ def test_slider_reaggregates_and_sets_on_request(demo, monkeypatch):
 
 
 def test_checkpoints_out_of_training_order_are_an_error_not_renumbered(tmp_path, monkeypatch):
-    """Issue 21, item 9b: step-30, step-10, step-20 is one st.error naming the order found."""
+    """step-30, step-10, step-20 is one st.error naming the order found."""
     import re
 
     from conftest import tiny_llama

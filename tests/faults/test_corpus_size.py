@@ -20,4 +20,6 @@ def test_corpus_ids_unique_and_counted():
     cases = _cases()
     ids = [c.id for c in cases]
     assert len(ids) == len(set(ids))
-    assert len(ids) >= 1
+    # 146 when the corpus was started (attribution 25, finetune 34, geometry 24, importance 45,
+    # outputs 18): a case may be replaced, never dropped
+    assert len(ids) >= 146

@@ -1,4 +1,4 @@
-"""Attribution (issue 21, items 5a, 7, 8): absurd IG sizes are refused before anything is allocated,
+"""Attribution: absurd IG sizes are refused before anything is allocated,
 a prompt longer than the model reads is refused before a continuation is generated, a target the
 tokenizer cannot encode is refused instead of being explained as <unk>, and the option checks
 argparse used to make (a usage block, then an error) are one line; an IG whose budget ends before

@@ -1,4 +1,4 @@
-"""Geometry and trajectory (issue 21, items 4, 9a, 9b): a NaN or ±inf in one block matrix — base,
+"""Geometry and trajectory: a NaN or ±inf in one block matrix — base,
 tuned or both, or a ΔW that overflows float32 — skips that matrix with the reason in the JSON and
 on stdout before any SVD sees it (the rest measured as without it, the means without it); every
 matrix non-finite, or a bad ``--k``, is one line. A matrix of zeros gives None with its reason for

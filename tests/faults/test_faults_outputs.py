@@ -1,4 +1,4 @@
-"""Outputs (issue 21, item 10): an output that resolves to a checkpoint's weights — through a symlink,
+"""Outputs: an output that resolves to a checkpoint's weights — through a symlink,
 or inside a checkpoint directory that is not even an input — is refused before any work and the
 weights stay byte-identical; a virtual file system, a path under a file, a directory, a socket, a
 FIFO nobody reads and a full device are one line, never a traceback or a hang."""
