@@ -114,7 +114,7 @@ def cmd_attribute(args) -> int:
 
 
 def register(sub) -> None:
-    from analysis.attribution import COMPLETENESS_TARGET, DEFAULT_BUDGET, MAX_STEPS, METHODS
+    from analysis.attribution_options import COMPLETENESS_TARGET, DEFAULT_BUDGET, MAX_STEPS, METHODS
 
     s = sub.add_parser("attribute", help="relevance of prompt tokens, layers and heads for a target continuation")
     s.add_argument("checkpoint")
