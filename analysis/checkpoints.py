@@ -20,7 +20,7 @@ import stat
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from collections.abc import Iterator
 
 from analysis.errors import LINE_BREAKS, SubnetscopeError, one_line, quoted
 from analysis.structure import (KINDS, Architecture, architecture_from_config, config_mismatch, normalize_name,
@@ -411,7 +411,7 @@ def _merge_shard(tensors: dict, shard_tensors: dict, shard: Path) -> None:
 
 def _make(ref, path, source, files, config, raw: dict[str, tuple], trust_remote_code) -> Checkpoint:
     """Builds the Checkpoint once names are known: config -> architecture -> roles."""
-    cfg_obj = _config_object(path, config, trust_remote_code) if config is not None else None
+    cfg_obj = _config_view(path, config, trust_remote_code) if config is not None else None
     try:
         arch = architecture_from_config(cfg_obj, names=raw.keys())
     except ValueError as e:  # a size field that is not a positive integer
@@ -446,6 +446,56 @@ def _read_config(d: Path) -> dict | None:
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{p}: malformed config.json (top level is {type(cfg).__name__}, not an object)")
     return cfg
+
+
+# the fields architecture_from_config reads from a transformers config (aliases included)
+_ARCH_FIELDS = ("model_type", "hidden_size", "n_embd", "d_model", "num_attention_heads", "n_head",
+                "num_key_value_heads", "head_dim", "intermediate_size", "n_inner", "ffn_dim", "num_hidden_layers",
+                "n_layer", "vocab_size", "tie_word_embeddings", "dtype")
+
+
+def _config_view(path: Path, cfg: dict, trust_remote_code: bool):
+    """The architecture fields of :func:`_config_object`'s answer, remembered on disk by the
+    config's content, the transformers version and ``trust_remote_code``: importing transformers
+    for its config classes costs ~2 s, so a command that reads only headers (a diff, inspect)
+    answers without it once a config of the same content was read. A config transformers refuses
+    is never remembered (the error comes again); an unreadable or damaged cache entry is ignored."""
+    import hashlib
+    from importlib.metadata import PackageNotFoundError, version
+
+    from analysis.paths import subnetscope_home
+
+    try:
+        tv = version("transformers")
+    except PackageNotFoundError:
+        tv = "none"
+    try:
+        text = json.dumps(cfg, sort_keys=True, allow_nan=True, default=str)
+    except (TypeError, ValueError):
+        return _config_object(path, cfg, trust_remote_code)
+    key = hashlib.sha256(f"{tv}\0{int(bool(trust_remote_code))}\0{text}".encode()).hexdigest()
+    entry = subnetscope_home() / "cache" / "configs" / f"{key}.json"
+    try:
+        saved = json.loads(entry.read_text(encoding="utf-8"))
+        if isinstance(saved, dict) and saved.get("key") == key and isinstance(saved.get("fields"), dict):
+            return None if saved["fields"].get("__none__") else _PlainConfig(saved["fields"])
+    except (OSError, ValueError):
+        pass
+    obj = _config_object(path, cfg, trust_remote_code)
+    fields = {"__none__": True} if obj is None else {f: _plain_value(getattr(obj, f, None)) for f in _ARCH_FIELDS}
+    if obj is not None and "torch_dtype" in vars(obj):
+        fields["torch_dtype"] = _plain_value(vars(obj)["torch_dtype"])
+    try:
+        from analysis.io import write_json_atomic
+
+        write_json_atomic(entry, {"key": key, "fields": fields})
+    except (OSError, SubnetscopeError):
+        pass  # a read-only or full home: the next command imports transformers again, nothing else
+    return obj
+
+
+def _plain_value(v):
+    return v if v is None or isinstance(v, (bool, int, float, str)) else str(v)
 
 
 def _config_object(path: Path, cfg: dict, trust_remote_code: bool):

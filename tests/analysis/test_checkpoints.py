@@ -42,7 +42,8 @@ def test_hf_dir_counts_and_architecture(llama_dir):
     assert ck.dtype_counts() == {"float32": 68_160}
     t = ck.tensors["model.layers.1.self_attn.k_proj.weight"]
     assert (t.layer, t.kind, t.shape, t.key) == (1, "k", (32, 64), "layers.1.self_attn.k_proj.weight")
-    assert torch.equal(ck.tensor("model.layers.1.self_attn.k_proj.weight"), sd["model.layers.1.self_attn.k_proj.weight"])
+    assert torch.equal(ck.tensor("model.layers.1.self_attn.k_proj.weight"),
+                       sd["model.layers.1.self_attn.k_proj.weight"])
 
 
 def test_sharded_prefixed_every_tensor_exact(tmp_path):
@@ -753,3 +754,29 @@ def test_bad_input(build, expected, tmp_path, _tiny_dirs, monkeypatch, capsys):
     assert main(["inspect", str(ref)]) == 2  # the CLI: exit 2, that one line, nothing else
     out, err = capsys.readouterr()
     assert (out, err) == ("", f"error: {msg}\n")
+
+
+def test_config_cache_gives_transformers_architecture(tmp_path, monkeypatch):
+    """The architecture read through the on-disk config cache (a command that skips importing
+    transformers) equals the one from transformers' config classes, for each family's defaults and
+    aliases (GPT-2's n_embd and n_inner = 4·n_embd, Llama's GQA, BERT); a damaged entry is ignored."""
+    import analysis.checkpoints as ck_mod
+    from analysis.checkpoints import open_checkpoint
+
+    monkeypatch.setenv("SUBNETSCOPE_HOME", str(tmp_path / "home"))
+    real, calls = ck_mod._config_object, []
+    monkeypatch.setattr(ck_mod, "_config_object", lambda *a: calls.append(a[0]) or real(*a))
+    for i, model in enumerate((tiny_llama(), tiny_gpt2(), tiny_bert())):
+        d = tmp_path / f"m{i}"
+        model.save_pretrained(d)
+        first = open_checkpoint(d).arch  # through transformers, then remembered
+        assert calls == [d] and first.num_layers == 2 and first.hidden_size in (32, 64)
+        entries = list((tmp_path / "home" / "cache" / "configs").glob("*.json"))
+        assert len(entries) == i + 1
+        assert open_checkpoint(d).arch == first and calls == [d]  # the cache answered
+        newest = max(entries, key=lambda p: p.stat().st_mtime_ns)
+        newest.write_text("{not json")
+        assert open_checkpoint(d).arch == first and calls == [d, d]  # damaged: transformers again
+        assert open_checkpoint(d).arch == first and calls == [d, d]  # and remembered anew
+        calls.clear()
+    assert open_checkpoint(tmp_path / "m1").arch.intermediate_size == 4 * 32  # GPT-2's default n_inner
