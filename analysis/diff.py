@@ -11,7 +11,7 @@ Every stored dtype has a defined answer (kernels.diff_stats has the full rules):
 
 - floating point (fp32, bf16, fp16, fp64, fp8 e4m3 / e5m2): the tolerance rule above, on the
   float32 upcast. fp8 is a float format, so a researcher expects the same "|Δ| ≤ τ" as for bf16
-  (its smallest steps, 2e-3 for e4m3 and 1.5e-5 for e5m2, exceed the paper's τ = 1e-5, so at
+  (its smallest steps, 2e-3 for e4m3 and 1.5e-5 for e5m2, exceed the paper's τ (``PAPER_TOL``), so at
   that τ an fp8 element is unchanged only when bit-identical or ±0). Rows say
   ``"compare": "tolerance"``.
 - integer, unsigned and bool (int8 quantized weights, GPTQ / AWQ packed int32 qweight and
@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -44,13 +44,12 @@ from analysis.checkpoints import Alignment, Checkpoint, align, open_checkpoint
 from analysis.errors import SubnetscopeError
 from analysis.structure import KINDS, Architecture, unit_slices
 from analysis.tensor_map import map_aligned
+from analysis.definitions import DECADE_TOLS, PAPER_TOL  # noqa: F401 (re-exported)
 from kernels.diff_stats import EDGES, EXACT_BITS, N_BINS, TOLERANCE, DiffStats, Incomparable, comparison, diff_stats
 from kernels.diff_stats import changed_mask as _changed_mask
 
 SCHEMA = "subnetscope.diff/1"
-PAPER_TOL = 1e-5  # the paper's τ (arXiv 2505.11711); the one definition in the tree
 COMPARES = (TOLERANCE, EXACT_BITS)
-SWEEP_TOLS = (0.0, 1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3)
 
 
 def tolerance_grid() -> list[float]:
@@ -345,7 +344,7 @@ def diff_checkpoints(base: str | Checkpoint, tuned: str | Checkpoint, *, tol: fl
     Args:
         base (str or Checkpoint): θ⁰.
         tuned (str or Checkpoint): θ¹, a fine-tune of base.
-        tol (float): τ ≥ 0 for the exact changed counts. Default: 1e-5 (the paper's).
+        tol (float): τ ≥ 0 for the exact changed counts. Default: ``PAPER_TOL`` (the paper's).
         rank (bool): also compute rank(ΔW) of 2-D float tensors with a finite ΔW (costly).
             Default: False.
         device (str): "cpu", "cuda", "cuda:N" or "auto"; tensors are moved there one at a time.

@@ -46,13 +46,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import asdict, dataclass
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
 from analysis.checkpoints import Checkpoint, align, open_checkpoint
-from analysis.diff import PAPER_TOL
+from analysis.definitions import PAPER_TOL
 from analysis.errors import SubnetscopeError
 from analysis.tensor_map import map_aligned
 from kernels.diff_stats import Incomparable, changed_mask, comparison
@@ -258,7 +258,7 @@ def matrix_geometry(w0: torch.Tensor, w1: torch.Tensor, *, k: float | int | None
     Args:
         w0, w1 (Tensor): ``# [m, n]`` base and tuned, as stored.
         k: the principal subspace's size (:func:`resolve_k`). Default: 1% of the rank.
-        tol (float): τ of the changed set. Default: 1e-5.
+        tol (float): τ of the changed set. Default: ``PAPER_TOL``.
         device (str): where the SVDs run. Default: cpu.
         dtype: float32 or float64 for the SVDs. Default: float32.
         spectra (bool): keep both full spectra and every principal angle in the result. Default: False.
@@ -460,7 +460,7 @@ def geometry(base: str | Checkpoint, tuned: str | Checkpoint, *, k: float | int 
     Args:
         base, tuned: paths, hub ids or Checkpoints.
         k: principal subspace size (:func:`resolve_k`). Default: 1% of each matrix's rank.
-        tol (float): τ of the changed sets. Default: 1e-5.
+        tol (float): τ of the changed sets. Default: ``PAPER_TOL``.
         device (str): cpu or cuda for the SVDs. Default: cpu.
         dtype (str): float32 or float64. Default: float32.
         spectra (bool): keep the full spectra per matrix. Default: False.

@@ -35,7 +35,7 @@ def save_mask(path: str | Path, mask: Mask, source: str = "") -> Path:
     Args:
         path: output ``.safetensors`` file.
         mask (dict[str, BoolTensor]): the mask.
-        source (str): where it came from (e.g. "diff base→rl-seed1 tol=1e-05").
+        source (str): where it came from (e.g. "diff base→rl-seed1 tol=…").
     """
     from safetensors.torch import save
 

@@ -28,13 +28,13 @@ aligned tensor skipped or empty) is a one-line SubnetscopeError.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
 from analysis.checkpoints import Checkpoint, align, open_checkpoint
-from analysis.diff import PAPER_TOL
+from analysis.definitions import PAPER_TOL
 from analysis.errors import SubnetscopeError
 from analysis.tensor_map import map_aligned
 from kernels.diff_stats import (EXACT_BITS, MAX_CODED_RUNS, TOLERANCE, Incomparable, changed_mask, comparison,
@@ -121,7 +121,8 @@ class OverlapResult:
                            EXACT_BITS: {"numel": self.exact_bits_numel}},
             "pairs": self.pairs(),
             "consensus": self.consensus,
-            "layers": [{"layer": L, "numel": acc.numel, "pairs": self.pairs(acc)} for L, acc in sorted(self.layers.items())],
+            "layers": [{"layer": L, "numel": acc.numel, "pairs": self.pairs(acc)}
+                       for L, acc in sorted(self.layers.items())],
             "kinds": [{"kind": k, "numel": acc.numel, "pairs": self.pairs(acc)} for k, acc in self.kinds.items()],
             "skipped": self.skipped,
         }
@@ -143,7 +144,7 @@ def overlap(base: str | Checkpoint, tuned: list[str | Checkpoint], *, tol: float
     Args:
         base: θ⁰ (path, hub id or Checkpoint).
         tuned: the fine-tunes (at least two).
-        tol (float): τ of "changed". Default: 1e-5.
+        tol (float): τ of "changed". Default: ``PAPER_TOL``.
         progress (callable, optional): progress(done_elements, total_elements, name).
         should_stop (callable, optional): polled between tensors; True cancels.
         ray (str, optional): run as Ray tasks, one per shard file of the base (``""``: RAY_ADDRESS or

@@ -6,7 +6,7 @@ import math
 
 import plotly.graph_objects as go
 
-from analysis.diff import PAPER_TOL
+from analysis.definitions import PAPER_TOL
 
 
 LEGEND_CHARS = 40  # longer trace names are cut in the legend (the hover keeps the whole name)
@@ -129,7 +129,7 @@ def sparsity_sweep(sweeps: dict[str, list[dict]], tol: float | None = None) -> g
                         marker=dict(size=size, symbol="diamond"),
                         hovertemplate="%{text}: %{y:.2%}<extra>" + label + "</extra>")
     fig.add_vline(x=PAPER_TOL, line_dash="dash", line_color="gray",
-                  annotation_text="paper τ = 1e-5", annotation_position="top left")
+                  annotation_text=f"paper τ = {PAPER_TOL:g}", annotation_position="top left")
     if tol and tol != PAPER_TOL:
         fig.add_vline(x=tol, line_dash="dot", line_color="firebrick", annotation_text=f"τ = {tol:g}")
     fig.update_xaxes(type="log", exponentformat="power")

@@ -19,6 +19,7 @@ from analysis.importance import ImportanceError, check_density, compute_scores, 
 from analysis.masks import Mask
 from analysis.selectors import Scores
 from analysis.selectors.base import align_names
+from analysis.definitions import PAPER_TOL
 
 ROC_POINTS = 512
 
@@ -294,7 +295,7 @@ def check_selectors(names: list[str], against_diff=None) -> dict:
 
 def evaluate_selectors(model, names: list[str], *, batches=None, held_out=None, density: float,
                        scope: str = "blocks", seed: int = 0, against_diff: tuple[str, str] | None = None,
-                       tol: float = 1e-5, progress_for=None) -> dict:
+                       tol: float = PAPER_TOL, progress_for=None) -> dict:
     """Scores a model with several selectors and says how good they are (docs/design.md §6).
 
     Args:

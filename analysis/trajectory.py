@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -187,7 +187,7 @@ def trajectory(base: str | Checkpoint, checkpoints: list[str | Checkpoint], *, s
         checkpoints: θ¹ … θᴺ in training order (N ≥ 1), each once, none of them the base.
         steps (list[int], optional): the training step of each checkpoint, increasing; when the
             names carry steps, the same ones. Default: from the names (:func:`infer_steps`).
-        tol (float): τ ≥ 0. Default: 1e-5.
+        tol (float): τ ≥ 0. Default: ``PAPER_TOL``.
         progress (callable, optional): progress(done_elements, total_elements, name).
         should_stop (callable, optional): polled between tensors; True cancels.
         ray (str, optional): run as Ray tasks, one per shard file of the base (``""``: RAY_ADDRESS or

@@ -18,6 +18,7 @@ from analysis.demo_task import qa_examples
 from analysis.errors import SubnetscopeError
 from analysis.lrp import VARIANTS
 from analysis.models import available_devices
+from analysis.definitions import PAPER_TOL
 from ui import work
 from ui.state import chosen_refs, label_of, parent_of
 from ui.text import md_escape, md_html
@@ -221,7 +222,8 @@ if diff and diff.get("heads_moved"):
              "rank by weight change": ranks.get((m["layer"], m["head"]))} for m in diff["heads_moved"]]
     st.dataframe(pd.DataFrame(rows), hide_index=True)
     st.caption(f"Weights changed: the fraction of the head's q/k/v/o weights that differ between "
-               f"{md_escape(label_of(pair[0]))} and {md_escape(label_of(pair[1]))} at τ = 1e-5 (as on the Update "
+               f"{md_escape(label_of(pair[0]))} and {md_escape(label_of(pair[1]))} at τ = {PAPER_TOL:g} "
+               "(as on the Update "
                "sparsity page; GQA: a kv head's k/v count for each query head it serves). Rank 1 is the head whose "
                "weights changed most.")
 

@@ -19,6 +19,7 @@ from analysis.finetune.config import (BUDGETS, COMBINE, DEMO_RL_RECIPE, GRANULAR
                                       FinetuneConfig)
 from analysis.finetune.experiments import paper_experiment
 from analysis.selectors import SELECTORS
+from analysis.definitions import DECADE_TOLS, PAPER_TOL
 from ui.state import chosen_refs, demo_refs, label_of, mirror_to_url, parent_of
 from ui.text import md_escape
 
@@ -58,7 +59,7 @@ with st.expander("New run", expanded=True):
             diff_base = s2.selectbox("…relative to", refs, index=refs.index(parent_of(tuned_ref) or checkpoint)
                                      if tuned_ref and (parent_of(tuned_ref) or checkpoint) in refs else 0,
                                      format_func=label_of)
-            tol = s3.select_slider("τ", [0.0, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3], value=DEFAULTS["diff_tol"],
+            tol = s3.select_slider("τ", [t for t in DECADE_TOLS if t == 0 or t >= 1e-7], value=DEFAULTS["diff_tol"],
                                    help=HELP["diff_tol"])
             src = {"diff": [diff_base, tuned_ref] if tuned_ref else None, "diff_tol": tol}
         elif source == "selector":
@@ -67,7 +68,8 @@ with st.expander("New run", expanded=True):
             gran = s2.selectbox("Granularity", GRANULARITIES, help=HELP["granularity"])
             dens = s3.number_input("Density", 0.001, 1.0, 0.05, format="%.3f", help=HELP["density"])
             budget = s4.selectbox("Budget", ["auto", *BUDGETS], help=HELP["budget"])
-            src = {"selector": sel, "granularity": gran, "density": dens, "budget": None if budget == "auto" else budget}
+            src = {"selector": sel, "granularity": gran, "density": dens,
+                   "budget": None if budget == "auto" else budget}
         elif source == "random":
             src = {"random": s1.number_input("Density", 0.001, 1.0, 0.05, format="%.3f", help=HELP["random"])}
         elif source == "lora":
@@ -124,7 +126,9 @@ with st.expander("New run", expanded=True):
                 st.error(md_escape(str(e)))
         if "demo/sft" in demo and "demo/rl-seed1" in demo and b2.button(
                 "Queue the paper's experiment on the demo", icon=":material/science:",
-                help="From demo/sft, the demo's RL training (50 steps, lr 1e-5, 16 prompts × 8 samples, seed 1) "
+                help=f"From demo/sft, the demo's RL training ({DEMO_RL_RECIPE['steps']} steps, "
+                     f"lr {DEMO_RL_RECIPE['lr']:g}, "
+                     f"{DEMO_RL_RECIPE['batch_size']} prompts × 8 samples, seed {DEMO_RL_RECIPE['seed']}) "
                      "four ways: the SFT → rl-seed1 diff mask, a random mask of the same density, full, and "
                      "LoRA r=4 (lr 1e-4)."):
             try:
@@ -223,7 +227,8 @@ def live():
     want_start = f3.multiselect("Start checkpoint", starts, key="ft_f_start", format_func=label_of,
                                 placeholder="any start")
     shown = {n: r for n, r in runs.items()
-             if (not want_status or r["status"] in want_status) and (not want_task or str(r["config"].get("task")) in want_task)
+             if (not want_status or r["status"] in want_status)
+             and (not want_task or str(r["config"].get("task")) in want_task)
              and (not want_start or str(r["config"].get("checkpoint")) in want_start)}
     st.dataframe(_table(shown), hide_index=True, width="stretch")
     finished = [n for n, r in shown.items() if r["status"] not in queue.ACTIVE]
@@ -306,7 +311,8 @@ same = [n for n in by_name if n != ref and configs[n].get("checkpoint") == confi
 kept = [n for n in ss.get("ft_cmp_runs", []) if n in same]
 ss["ft_cmp_runs"] = kept if kept else same[:4]
 others = c2.multiselect("Runs", same, key="ft_cmp_runs")
-tol = c3.select_slider("τ", [0.0, 1e-7, 1e-6, 1e-5, 1e-4], value=1e-5, key="ft_cmp_tol")
+tol = c3.select_slider("τ", [t for t in DECADE_TOLS if t == 0 or 1e-7 <= t <= 1e-4], value=PAPER_TOL,
+                      key="ft_cmp_tol")
 if not others:
     st.info("No other finished run starts from the reference's checkpoint.")
     st.stop()

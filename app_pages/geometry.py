@@ -11,6 +11,7 @@ from analysis.checkpoints import fingerprint
 from analysis.diff import tolerance_grid
 from analysis.errors import SubnetscopeError
 from analysis.geometry import geometry, matrix_detail, parse_k
+from analysis.definitions import PAPER_TOL
 from ui import work
 from ui.state import label_of, parent_of, selection, url_bound
 from ui.text import md_escape
@@ -27,7 +28,7 @@ if not base or not tuned:
     st.stop()
 c1, c2, c3 = st.columns([1, 2, 2])
 url_bound("geometry_k", "1%", param="k")
-url_bound("geometry_tol", 1e-5, param="tol", parse=float, valid=lambda v: v in tolerance_grid())
+url_bound("geometry_tol", PAPER_TOL, param="tol", parse=float, valid=lambda v: v in tolerance_grid())
 k_text = c1.text_input("k", help="Size of the principal subspace: a count (8), a fraction of each matrix's "
                                        "rank (0.05) or a percentage (1%, the default).", key="geometry_k")
 tol = c2.select_slider("Tolerance τ of the changed sets", options=tolerance_grid(), format_func=lambda t: f"{t:g}",

@@ -18,6 +18,7 @@ from analysis.importance import calibration_length, sample_scores, scores_to_mas
 from analysis.masks import load_mask
 from analysis.selector_eval import predictive_power, spearman, topk_jaccard
 from analysis.selectors import SELECTORS
+from analysis.definitions import GRANULARITIES, PAPER_TOL
 from ui import work
 from ui.state import chosen_refs, label_of, parent_of, selection, url_bound
 from ui.text import md_escape
@@ -43,7 +44,7 @@ url_bound("imp_selector", "magnitude", param="selector", valid=lambda v: v in SE
 name = c2.selectbox("Selector", list(SELECTORS), format_func=lambda n: SELECTORS[n].label, key="imp_selector")
 entry = SELECTORS[name]
 c2.caption(f"{entry.description} — *{entry.paper}*. Cost: {entry.cost}.")
-coarser = [g for g in ("element", "row", "head", "channel", "layer")
+coarser = [g for g in GRANULARITIES
            if g in entry.granularities or entry.granularities[0] == "element"]
 url_bound("imp_granularity", entry.granularities[0], param="granularity", valid=lambda v: v in coarser)
 if st.session_state["imp_granularity"] not in coarser:  # another selector: its own default
@@ -173,7 +174,7 @@ if not tuned:
 target = st.selectbox("Fine-tune", tuned, index=tuned.index(default_target), format_func=label_of,
                       key="imp_target")
 parent = parent_of(target) or base
-st.caption(f"Changed elements of {md_escape(label_of(parent))} → {md_escape(label_of(target))} at τ = 1e-5 "
+st.caption(f"Changed elements of {md_escape(label_of(parent))} → {md_escape(label_of(target))} at τ = {PAPER_TOL:g} "
            f"(the paper's RL subnetwork), predicted from the scores of {md_escape(label_of(ref))}.")
 chosen = st.multiselect("Selectors", [n for n in SELECTORS if n != "diff"],
                         default=["magnitude", "smallest_magnitude", "random", "wanda", "taylor", "fisher",
@@ -183,7 +184,7 @@ try:
     if not chosen:
         st.stop()
     if inline:
-        changed = work.changed_mask(parent, target, 1e-5)
+        changed = work.changed_mask(parent, target, PAPER_TOL)
         bar = st.progress(0.0, text="Scoring selectors…")
         for i, n in enumerate(chosen):
             sc = work.scores(ref, n, None if SELECTORS[n].granularities[0] != "element" else "element", data,

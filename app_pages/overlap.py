@@ -8,6 +8,7 @@ import streamlit as st
 from analysis import plots
 from analysis.diff import tolerance_grid
 from analysis.errors import SubnetscopeError
+from analysis.definitions import PAPER_TOL
 from ui import work
 from ui.loaders import summary, try_load
 from ui.state import label_of, parent_of, selection, url_bound
@@ -24,7 +25,7 @@ shared = [parent_of(t) for t in tuned]
 common = max(set(shared) - {None}, key=shared.count, default=None)
 default_base = common if common in [base, *tuned] and shared.count(common) >= 2 else base
 c1, c2, c3 = st.columns([3, 2, 2])
-url_bound("overlap_tol", 1e-5, param="tol", parse=float, valid=lambda v: v in tolerance_grid())
+url_bound("overlap_tol", PAPER_TOL, param="tol", parse=float, valid=lambda v: v in tolerance_grid())
 tol = c1.select_slider("Tolerance τ", options=tolerance_grid(), format_func=lambda t: f"{t:g}", key="overlap_tol")
 options = [base, *tuned]
 run_base = c2.selectbox("Base of the runs", options, index=options.index(default_base), format_func=label_of,

@@ -16,6 +16,7 @@ from analysis.demo import trajectory_dirs
 from analysis.errors import SubnetscopeError
 from analysis.paths import default_demo_dir
 from analysis.trajectory import at_tolerance, infer_steps, trajectory
+from analysis.definitions import DECADE_TOLS, PAPER_TOL
 from ui import work
 from ui.state import label_of, url_bound
 from ui.text import md_escape
@@ -35,8 +36,8 @@ listed = c2.text_area("Checkpoints in training order, one per line", "\n".join(m
                            "from the names when they end in increasing numbers).")
 cks = [line.strip() for line in listed.splitlines() if line.strip()]
 c3, c4 = st.columns(2)
-TAUS = [0.0, 1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3]
-url_bound("trajectory_tol", 1e-5, param="tol", parse=float, valid=lambda v: v in TAUS)
+TAUS = list(DECADE_TOLS)
+url_bound("trajectory_tol", PAPER_TOL, param="tol", parse=float, valid=lambda v: v in TAUS)
 tol = c3.select_slider("Tolerance τ", options=TAUS, format_func=lambda t: f"{t:g}", key="trajectory_tol")
 try:
     named_steps = ",".join(map(str, infer_steps(cks))) if cks else ""
@@ -68,7 +69,7 @@ except ValueError:
 # One pass answers every τ of the slider for the sparsity lines and the layer heatmap (at_tolerance);
 # the set counts (ever changed, first changed, back at the base, overlap with the final set) need the
 # changed sets, so they stay at the pass τ until the user asks for them at another.
-pass_tol = st.session_state.setdefault("trajectory_pass_tol", 1e-5)
+pass_tol = st.session_state.setdefault("trajectory_pass_tol", PAPER_TOL)
 try:
     refs = [base, *cks]
     if work.param_count(base) < work.inline_limit():
@@ -116,7 +117,8 @@ a.plotly_chart(plots.trajectory_sets(sets), key="sets")  # one τ in one chart: 
 b.plotly_chart(plots.trajectory_overlap(sets), key="overlap")
 st.plotly_chart(plots.trajectory_layers(d), key="layers")
 rows = [{"step": c["step"], "checkpoint": label_of(c["checkpoint"]),
-         "sparsity vs base": c["vs_base"]["update_sparsity"], "sparsity vs previous": c["vs_previous"]["update_sparsity"],
+         "sparsity vs base": c["vs_base"]["update_sparsity"],
+         "sparsity vs previous": c["vs_previous"]["update_sparsity"],
          "changed": c["vs_base"]["changed"], "ever changed" + suffix: c["cumulative_changed"],
          "first changed here" + suffix: c["first_changed"], "back at the base" + suffix: c["returned_to_base"],
          "o1 with final" + suffix: c["overlap_with_final"]["o1"]} for c in d["checkpoints"]]

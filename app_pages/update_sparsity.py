@@ -8,6 +8,7 @@ import streamlit as st
 from analysis import plots
 from analysis.diff import at_tolerance, tolerance_grid
 from analysis.errors import SubnetscopeError
+from analysis.definitions import PAPER_TOL
 from ui import work
 from ui.loaders import summary, try_load
 from ui.state import label_of, parent_of, selection, url_bound
@@ -20,10 +21,11 @@ if not base or not tuned:
     st.stop()
 
 c1, c2, c3 = st.columns([3, 2, 1])
-url_bound("sparsity_tol", 1e-5, param="tol", parse=float, valid=lambda v: v in tolerance_grid())
+url_bound("sparsity_tol", PAPER_TOL, param="tol", parse=float, valid=lambda v: v in tolerance_grid())
 tol = c1.select_slider("Tolerance τ", options=tolerance_grid(), key="sparsity_tol", format_func=lambda t: f"{t:g}",
                        help="Element i is unchanged iff its stored values are bit-identical or |θ¹ᵢ − θ⁰ᵢ| ≤ τ "
-                            "(float32 difference). The paper (arXiv 2505.11711) uses 1e-5 on bf16 weights.")
+                            "(float32 difference). The paper (arXiv 2505.11711) uses "
+                            f"{PAPER_TOL:g} on bf16 weights.")
 url_bound("sparsity_focus", tuned[0], param="focus", valid=lambda v: v in tuned)
 if st.session_state["sparsity_focus"] not in tuned:  # the sidebar's fine-tunes changed
     st.session_state["sparsity_focus"] = tuned[0]
@@ -50,10 +52,10 @@ def pair_label(t: str) -> str:
 base_summary = try_load(summary, base)
 if base_summary is None:
     st.stop()
-# One pass answers every grid τ: the diff runs at the "pass τ" (1e-5 until the user asks for details at
+# One pass answers every grid τ: the diff runs at the "pass τ" (the paper's until the user asks for details at
 # another τ) and the slider re-aggregates its per-τ counts (tensors, layers, kinds, heads); only MLP
 # channels and the absorption view (and --rank) need the weights again, on request.
-pass_tol = st.session_state.setdefault("sparsity_pass_tol", 1e-5)
+pass_tol = st.session_state.setdefault("sparsity_pass_tol", PAPER_TOL)
 results: dict[str, dict] = {}
 for ref in tuned:
     try:

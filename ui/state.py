@@ -30,10 +30,12 @@ def recent_refs() -> list[str]:
         return []
     from pathlib import Path
 
+    from analysis.checkpoints import is_hub_id
+
     # a local path that has gone away is dropped; a hub id (org/name, not on disk) is kept; a
     # string with control characters (never written here) is not a reference
     return [r for r in refs if isinstance(r, str) and r and visible(r) == r
-            and (Path(r).exists() or not r.startswith(("/", ".", "~")))][:20]
+            and (Path(r).exists() or is_hub_id(r))][:20]
 
 
 def remember(ref: str) -> None:
@@ -93,10 +95,12 @@ def normalize_ref(ref: str | None) -> str | None:
     ``.``/``..`` folded (``/x/demo/sft/`` and ``/x/demo/sft`` are one entry); a hub id unchanged."""
     import os
 
+    from analysis.checkpoints import is_hub_id
+
     if not ref or not isinstance(ref, str):
         return None
     ref = ref.strip()
-    if ref.startswith(("/", ".", "~")):
+    if ref and not is_hub_id(ref):
         ref = os.path.normpath(os.path.expanduser(ref))
     return ref or None
 

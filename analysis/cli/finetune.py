@@ -17,6 +17,7 @@ from pathlib import Path
 from analysis.cli.common import check_outputs, density, quiet_transformers, tolerance
 from analysis.errors import SubnetscopeError
 from analysis.jobs.progress import Progress
+from analysis.definitions import PAPER_TOL
 
 
 class FinetuneArgsError(SubnetscopeError):
@@ -165,7 +166,8 @@ def _finetune(args, stop: dict) -> int:
     if summary.get("outside_mask_changed") is not None:
         print(f"  elements changed outside the mask: {summary['outside_mask_changed']}")
     if "ranks_identical" in summary:
-        print(f"  {summary['processes']} processes; final weights identical on every rank: {summary['ranks_identical']}")
+        print(f"  {summary['processes']} processes; final weights identical on every rank: "
+              f"{summary['ranks_identical']}")
     print(f"run directory: {out}")
     return 0
 
@@ -220,6 +222,7 @@ def register(sub) -> None:
     s = sub.add_parser("compare-runs", help="metrics, inside-mask counts and distance to a reference run")
     s.add_argument("runs", nargs="+", metavar="RUN")
     s.add_argument("--reference", metavar="RUN", help="e.g. the full fine-tune of the same task")
-    s.add_argument("--tol", type=tolerance, default=1e-5)
+    s.add_argument("--tol", type=tolerance, default=PAPER_TOL)
     s.add_argument("--json", metavar="OUT", required=True)
+    s.add_argument("--quiet", action="store_true", help="accepted as by every command (no progress is shown)")
     s.set_defaults(func=cmd_compare_runs)

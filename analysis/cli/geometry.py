@@ -5,6 +5,7 @@ heavy-tail exponent α of base and tuned (analysis.geometry)."""
 from __future__ import annotations
 
 from analysis.cli.common import add_run_args, check_outputs, inputs_of, ratio, tolerance
+from analysis.definitions import PAPER_TOL
 
 
 def k_value(s: str | None) -> float | int | None:
@@ -75,7 +76,8 @@ def register(sub) -> None:
     s.add_argument("tuned")
     s.add_argument("--k", default=None,
                    help="principal subspace size: a count (8), a fraction of the rank (0.05) or 1%% (the default)")
-    s.add_argument("--tol", type=tolerance, default=1e-5, help="tolerance τ of the changed sets (default 1e-5)")
+    s.add_argument("--tol", type=tolerance, default=PAPER_TOL,
+                   help=f"tolerance τ of the changed sets (default {PAPER_TOL:g})")
     s.add_argument("--device", default="cpu", help="where the SVDs run: cpu or cuda")
     s.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="SVD precision")
     s.add_argument("--spectra", action="store_true", help="keep every matrix's full spectra in the JSON")

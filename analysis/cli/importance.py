@@ -16,6 +16,7 @@ from analysis.cli.common import (add_data_args, add_run_args, check_outputs, inp
                                  quiet_transformers, ratio, tolerance)
 from analysis.errors import SubnetscopeError
 from analysis.jobs.progress import Progress
+from analysis.definitions import BUDGETS, GRANULARITIES, PAPER_TOL
 
 # What `importance` sets by a flag of its own: as an --option it is refused, never passed twice.
 FLAGS = {"seed": "--seed", "granularity": "--granularity", "samples": "--samples", "seq_len": "--seq-len",
@@ -173,13 +174,13 @@ def register(sub) -> None:
     s = sub.add_parser("importance", help="importance scores of a checkpoint's parameters by one selector")
     s.add_argument("checkpoint")
     s.add_argument("--selector", required=True)
-    s.add_argument("--granularity", choices=("element", "row", "head", "channel", "layer"))
+    s.add_argument("--granularity", choices=GRANULARITIES)
     add_data_args(s)
     s.add_argument("--option", action="append", metavar="KEY=VALUE",
                    help="a selector option (see `selectors`), each at most once, its value of the type the selector "
                         "declares; what a flag of this command sets (seed, granularity, samples ...) is refused here")
     s.add_argument("--density", type=float, help="select this fraction of the scope, in (0, 1], as a mask")
-    s.add_argument("--budget", choices=("global", "per_layer", "structured"),
+    s.add_argument("--budget", choices=BUDGETS,
                    help="global top-k, per-layer uniform top-k, or whole heads/channels/layers")
     s.add_argument("--mask-out", metavar="M", help="write the selected elements as a mask file (needs --density)")
     s.add_argument("--scores-out", metavar="S", help="write the raw scores as safetensors")
@@ -192,7 +193,7 @@ def register(sub) -> None:
                    help="comma-separated names, e.g. magnitude,wanda,fisher; an empty, unknown or repeated name is "
                         "refused (each selector once)")
     s.add_argument("--against-diff", nargs=2, metavar=("BASE", "TUNED"), help="the fine-tune whose changes to predict")
-    s.add_argument("--tol", type=tolerance, default=1e-5)
+    s.add_argument("--tol", type=tolerance, default=PAPER_TOL)
     s.add_argument("--density", type=float, required=True, help="top-k density of the Jaccard, in (0, 1]")
     s.add_argument("--stability", action="store_true", help="also rescore on a disjoint calibration set")
     add_data_args(s)

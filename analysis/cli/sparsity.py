@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from analysis.cli.common import add_run_args, check_outputs, inputs_of, ratio, tolerance
 from analysis.jobs.progress import Progress
+from analysis.definitions import DECADE_TOLS, PAPER_TOL
 
 
 def cmd_diff(args) -> int:
@@ -33,7 +34,7 @@ def cmd_diff(args) -> int:
         print(f"  of which {exact['numel']:,} elements in {exact['tensors']} integer/bool tensors compared by exact "
               f"bits (τ does not apply): {exact['changed']:,} changed")
     for r in d["tolerance_sweep"]:
-        if r["tolerance"] in (0.0, 1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3):
+        if r["tolerance"] in DECADE_TOLS:
             print(f"  sparsity at {r['tolerance']:<7g} {r['update_sparsity']:.4%}")
     if d["skipped"]:
         print(f"  skipped {len(d['skipped'])} tensors (see JSON): " + ", ".join(s["name"] for s in d["skipped"][:5]))
@@ -63,7 +64,8 @@ def cmd_overlap(args) -> int:
               f"(random {ratio(p['jaccard_random'])})")
         if p.get("note"):
             print(f"    note: {p['note']}")
-    print("  consensus (changed by exactly k runs): " + ", ".join(f"k={k}: {c:,}" for k, c in enumerate(d["consensus"])))
+    print("  consensus (changed by exactly k runs): "
+          + ", ".join(f"k={k}: {c:,}" for k, c in enumerate(d["consensus"])))
     print(f"wrote {args.json}")
     return 0
 
@@ -101,7 +103,8 @@ def cmd_trajectory(args) -> int:
     print(f"base {res.base}; tolerance {res.tol:g}; {res.numel:,} elements; {len(res.checkpoints)} checkpoints")
     print("  step      vs base   vs previous   cumulative changed   first changed   returned   o1 with final")
     for c in d["checkpoints"]:
-        print(f"  {c['step']:>6}  {c['vs_base']['update_sparsity']:>10.4%}  {c['vs_previous']['update_sparsity']:>11.4%}"
+        print(f"  {c['step']:>6}  {c['vs_base']['update_sparsity']:>10.4%}"
+              f"  {c['vs_previous']['update_sparsity']:>11.4%}"
               f"  {c['cumulative_changed']:>19,}  {c['first_changed']:>14,}  {c['returned_to_base']:>9,}"
               f"  {ratio(c['overlap_with_final']['o1']):>14}")
     print(f"  never changed: {d['first_changed_histogram']['never']:,}")
@@ -126,7 +129,7 @@ def register(sub) -> None:
     s = sub.add_parser("diff", help="update sparsity of TUNED against BASE (one streaming pass)")
     s.add_argument("base")
     s.add_argument("tuned")
-    s.add_argument("--tol", type=tolerance, default=1e-5, help="tolerance τ (default 1e-5, the paper's)")
+    s.add_argument("--tol", type=tolerance, default=PAPER_TOL, help=f"tolerance τ (default {PAPER_TOL:g}, the paper's)")
     s.add_argument("--rank", action="store_true", help="also the rank of every 2-D update (costly)")
     s.add_argument("--device", default="cpu", help="cpu or cuda")
     s.add_argument("--mask-out", metavar="M", help="write the changed elements as a mask file")
@@ -137,7 +140,7 @@ def register(sub) -> None:
     s = sub.add_parser("overlap", help="overlap of the subnetworks changed by 2+ fine-tunes of BASE")
     s.add_argument("base")
     s.add_argument("tuned", nargs="+")
-    s.add_argument("--tol", type=tolerance, default=1e-5)
+    s.add_argument("--tol", type=tolerance, default=PAPER_TOL)
     add_ray_arg(s)
     add_run_args(s)
     s.set_defaults(func=cmd_overlap, min_args=("tuned", 2, "overlap needs at least two fine-tunes of the base"))
@@ -151,7 +154,7 @@ def register(sub) -> None:
     s.add_argument("--steps",
                    help="their training steps, increasing, e.g. 10,20,30 (default: from the names, else 1..N); "
                         "where the names carry steps, the same ones")
-    s.add_argument("--tol", type=tolerance, default=1e-5)
+    s.add_argument("--tol", type=tolerance, default=PAPER_TOL)
     add_ray_arg(s)
     add_run_args(s)
     s.set_defaults(func=cmd_trajectory,

@@ -1,6 +1,6 @@
 """Compare run directories: metrics and curves, inside-mask counts, and how close each run's
 weights end up to a reference run (the paper's §4: the subnetwork run was 94% identical to the
-full fine-tune at τ = 1e-5)."""
+full fine-tune at the paper's τ)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 from analysis.jobs import RunDir, RunError
+from analysis.definitions import PAPER_TOL
 
 
 def read_run(run_dir: str | Path) -> dict:
@@ -19,7 +20,7 @@ def read_run(run_dir: str | Path) -> dict:
     return RunDir(run_dir).read()
 
 
-def update_distance(start: str | Path, a: str | Path, b: str | Path, tol: float = 1e-5) -> dict:
+def update_distance(start: str | Path, a: str | Path, b: str | Path, tol: float = PAPER_TOL) -> dict:
     """How close two runs from the same start ended up: the fraction of elements whose final
     values are unchanged at τ between the runs, and the cosine between their update vectors
     (θ_a − θ_start and θ_b − θ_start), in one streaming pass."""
@@ -80,7 +81,8 @@ def eval_intervals(ev: dict, ref: dict | None = None) -> dict:
     return out
 
 
-def compare_runs(run_dirs: list[str | Path], *, reference: str | Path | None = None, tol: float = 1e-5) -> dict:
+def compare_runs(run_dirs: list[str | Path], *, reference: str | Path | None = None,
+                 tol: float = PAPER_TOL) -> dict:
     """Metrics table, curves and, with a reference run, each run's distance to it; ``warnings``: the
     damaged metric lines skipped (a NaN loss of a diverged run is written as null).
 
@@ -110,7 +112,8 @@ def compare_runs(run_dirs: list[str | Path], *, reference: str | Path | None = N
                 row["accuracy_gap"] = row["accuracy"] - ref_acc
         ev = read_eval(r["run"])
         if ev is not None:
-            ref_ev = read_eval(ref["run"]) if ref is not None and Path(r["run"]).resolve() != Path(ref["run"]).resolve() else None
+            ref_ev = (read_eval(ref["run"])
+                      if ref is not None and Path(r["run"]).resolve() != Path(ref["run"]).resolve() else None)
             row.update(eval_intervals(ev, ref_ev))
         table.append(row)
     warnings = list(dict.fromkeys(w for r in [*runs, *([ref] if ref else [])] for w in r["warnings"]))

@@ -17,6 +17,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from analysis.errors import SubnetscopeError
+from analysis.definitions import BUDGETS, GRANULARITIES, PAPER_TOL  # noqa: F401 (re-exported)
 
 TASKS = ("demo-sft", "demo-rl", "lm")
 OPTIMIZERS = ("sparse", "reference")
@@ -24,8 +25,6 @@ SCHEDULES = ("static", "lisa")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 DTYPES = ("float32", "bfloat16")
 COMBINE = ("union", "intersect", "minus")  # plus "consensus:K"
-GRANULARITIES = ("element", "row", "head", "channel", "layer")
-BUDGETS = ("global", "per_layer", "structured")
 SOURCES = ("mask", "selector", "diff", "random", "id3", "full", "lora")
 # the demo's own RL training (analysis/demo.py: rl-seed1 from sft), the preset of a demo-rl run
 DEMO_RL_RECIPE = {"steps": 50, "lr": 1e-5, "batch_size": 16, "seed": 1, "eval_every": 10}
@@ -62,8 +61,9 @@ class FinetuneConfig:
     selector: str | None = field(default=None, metadata={"source": True, "metavar": "S",
         "help": "Train the top --density of this importance selector's scores (see `python -m analysis "
                 "selectors`), calibrated on the task's data."})
-    density: float | None = field(default=None, metadata={"fraction": True, "help": "Fraction of the blocks' weights a selector "
-                                                                   "mask (or, structured, of the units) selects."})
+    density: float | None = field(default=None, metadata={"fraction": True,
+        "help": "Fraction of the blocks' weights a selector "
+                "mask (or, structured, of the units) selects."})
     granularity: str | None = field(default=None, metadata={"choices": GRANULARITIES,
         "help": "Selector granularity: element, row, head, channel or layer (head/channel/layer: a structured "
                 "S2FT-style mask of whole units)."})
@@ -72,14 +72,15 @@ class FinetuneConfig:
                 "scores, structured otherwise."})
     diff: list[str] | None = field(default=None, metadata={"source": True, "nargs": 2, "metavar": ("BASE", "TUNED"),
         "help": "Train only the elements changed between these two checkpoints [BASE, TUNED] (the RL subnetwork)."})
-    diff_tol: float = field(default=1e-5, metadata={"tolerance": True, "help": "Tolerance τ of the diff mask."})
+    diff_tol: float = field(default=PAPER_TOL, metadata={"tolerance": True, "help": "Tolerance τ of the diff mask."})
     random: float | None = field(default=None, metadata={"source": True, "fraction": True, "metavar": "D",
         "help": "Train a random mask of this density over the blocks' weight matrices (the control)."})
     id3: float | None = field(default=None, metadata={"source": True, "fraction": True, "metavar": "D",
         "help": "ID3 incremental unmasking to this density of the blocks' weights: the mask starts empty and "
                 "grows linearly over the run, each step unmasking the elements of highest D3 = |g| / (|θ| + ε)^exp "
                 "(Agarwal et al., TACL 2025)."})
-    id3_exp: float = field(default=1.0, metadata={"help": "ID3: the exponent of |θ| + ε in D3 (0: gradient magnitude)."})
+    id3_exp: float = field(default=1.0, metadata={"help": "ID3: the exponent of |θ| + ε in D3 "
+                                                          "(0: gradient magnitude)."})
     id3_eps: float = field(default=1e-3, metadata={"help": "ID3: the ε of D3."})
     full: bool = field(default=False, metadata={"source": True, "help": "Train every parameter (full fine-tuning)."})
     lora: int | None = field(default=None, metadata={"source": True, "metavar": "R",
@@ -193,7 +194,8 @@ class FinetuneConfig:
         elif s == "lora":
             text = f"lora r={self.lora}"
         elif s == "mask":
-            text = f"mask {self.mask[0]}" if len(self.mask) == 1 else f"mask {self.mask_combine} of {', '.join(self.mask)}"
+            text = (f"mask {self.mask[0]}" if len(self.mask) == 1
+                    else f"mask {self.mask_combine} of {', '.join(self.mask)}")
         elif s == "selector":
             text = (f"selector {self.selector} density={self.density:g}"
                     + (f" {self.granularity}" if self.granularity else "") + (f" {self.budget}" if self.budget else ""))

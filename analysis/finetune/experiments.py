@@ -8,9 +8,10 @@ random mask of the same density, the full model, and LoRA.
 from __future__ import annotations
 
 from analysis.finetune.config import DEMO_RL_RECIPE, FinetuneConfig
+from analysis.definitions import PAPER_TOL
 
 
-def block_density(base: str, tuned: str, tol: float = 1e-5) -> float:
+def block_density(base: str, tuned: str, tol: float = PAPER_TOL) -> float:
     """The fraction of the transformer blocks' weight matrices that ``base`` → ``tuned`` changed at
     τ: the density a random control mask must have to match a diff mask's size.
 
@@ -25,11 +26,12 @@ def block_density(base: str, tuned: str, tol: float = 1e-5) -> float:
     return sum(t.changed for t in blocks) / total if total else 0.0
 
 
-def paper_experiment(sft: str, rl: str, *, tol: float = 1e-5) -> list[FinetuneConfig]:
+def paper_experiment(sft: str, rl: str, *, tol: float = PAPER_TOL) -> list[FinetuneConfig]:
     """Four runs from ``sft`` with the demo's RL training (:data:`DEMO_RL_RECIPE`): the ``sft`` →
     ``rl`` diff mask, a random mask of the same block density, all parameters, and LoRA r=4
     (at lr 1e-4, LoRA's usual tenfold rate)."""
     rl_args = dict(checkpoint=sft, task="demo-rl", **DEMO_RL_RECIPE)
     density = block_density(sft, rl, tol)
-    return [FinetuneConfig(diff=[sft, rl], diff_tol=tol, **rl_args), FinetuneConfig(random=round(density, 4), **rl_args),
+    return [FinetuneConfig(diff=[sft, rl], diff_tol=tol, **rl_args),
+            FinetuneConfig(random=round(density, 4), **rl_args),
             FinetuneConfig(full=True, **rl_args), FinetuneConfig(lora=4, **{**rl_args, "lr": 1e-4})]

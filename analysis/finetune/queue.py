@@ -28,8 +28,8 @@ from analysis.io import write_json_atomic
 from analysis.jobs import ACTIVE, RunDir, alive, last_line, read_json, spawn, terminate
 from analysis.paths import runs_dir
 
-__all__ = ["ACTIVE", "cancel", "enqueue", "ensure_worker", "index_problem", "list_runs", "queued", "register", "running", "runs_dir",
-           "shutdown", "status", "work"]
+__all__ = ["ACTIVE", "cancel", "enqueue", "ensure_worker", "index_problem", "list_runs", "queued", "register",
+           "running", "runs_dir", "shutdown", "status", "work"]
 
 
 def status(run_dir: str | Path) -> str:

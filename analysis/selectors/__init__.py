@@ -15,7 +15,7 @@ import math
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Callable
+from collections.abc import Callable
 
 from analysis.selectors import (
     block_influence,
@@ -34,6 +34,7 @@ from analysis.selectors import (
     wanda,
 )
 from analysis.selectors.base import GRANULARITIES, Batch, Scores, SelectorError
+from analysis.definitions import PAPER_TOL
 
 __all__ = ["SELECTORS", "Selector", "Scores", "Batch", "SelectorError", "GRANULARITIES", "get_selector",
            "parse_options"]
@@ -150,7 +151,7 @@ SELECTORS: dict[str, Selector] = {
         diff.score, "Diff (changed elements)", "Elements a real fine-tune changed (1) or not (0).",
         "Mukherjee et al. 2025, RL Finetunes Small Subnetworks in LLMs (arXiv 2505.11711)",
         ("element",), False, "one streaming diff (no model passes)",
-        {"base": "base checkpoint", "tuned": "tuned checkpoint", "tol": "tolerance τ (default 1e-5)",
+        {"base": "base checkpoint", "tuned": "tuned checkpoint", "tol": f"tolerance τ (default {PAPER_TOL:g})",
          "mask": "a mask file instead of base and tuned"}),
 }
 

@@ -18,15 +18,15 @@ from __future__ import annotations
 import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
 
+from analysis.definitions import GRANULARITIES  # noqa: F401 (re-exported)
 from analysis.errors import SubnetscopeError
 from analysis.structure import Architecture, architecture_from_config, block_index, normalize_name, tensor_role
 
-GRANULARITIES = ("element", "row", "head", "channel", "layer")
 Batch = dict[str, torch.Tensor]  # "input_ids", "attention_mask", "labels": each [batch, pos]
 Progress = Callable[[int, int, str], None]  # progress(done, total, what)
 
@@ -253,7 +253,7 @@ def forward(model: nn.Module, batch: Batch):
     return model(**kwargs)
 
 
-def lm_loss(model: nn.Module, batch: Batch, *, per_sequence: bool = False) -> torch.Tensor:
+def model_loss(model: nn.Module, batch: Batch, *, per_sequence: bool = False) -> torch.Tensor:
     """Next-token cross-entropy of a model on a batch (:func:`analysis.training.lm_loss`), on the
     labelled positions (labels −100 are ignored); 0 for a batch without labels.
 
@@ -262,16 +262,16 @@ def lm_loss(model: nn.Module, batch: Batch, *, per_sequence: bool = False) -> to
             over every labelled token of the batch (a scalar, as HF's ``labels=`` loss). Default: False.
     """
     from analysis.training import IGNORE
-    from analysis.training import lm_loss as next_token_loss
+    from analysis.training import lm_loss
 
     logits = getattr(forward(model, batch), "logits", None)
     if logits is None:
         raise SelectorError(f"{type(model).__name__} has no language-modelling head; gradient selectors "
                             "need a loss (load the checkpoint as a causal LM)")
     if per_sequence:
-        return next_token_loss(logits, batch["labels"], reduction="sequence")
+        return lm_loss(logits, batch["labels"], reduction="sequence")
     count = (batch["labels"][:, 1:] != IGNORE).sum()
-    return next_token_loss(logits, batch["labels"], reduction="sum") / count.clamp(min=1)
+    return lm_loss(logits, batch["labels"], reduction="sum") / count.clamp(min=1)
 
 
 def _require_data(batches, what: str) -> list:
@@ -304,7 +304,7 @@ def loss_steps(model: nn.Module, batches, *, micro_batch: int | None = None, per
             if not bool((part["labels"][:, 1:] != -100).any()):
                 continue
             with torch.enable_grad():
-                loss = lm_loss(model, part, per_sequence=per_sequence)
+                loss = model_loss(model, part, per_sequence=per_sequence)
             yield part, loss
         if progress is not None:
             progress(i + 1, len(batches), what)

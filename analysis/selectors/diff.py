@@ -12,10 +12,11 @@ from __future__ import annotations
 import torch
 
 from analysis.selectors.base import Scores, SelectorError, align_names, make_scores, parameters
+from analysis.definitions import PAPER_TOL
 
 
 def score(model, batches=None, *, seed: int = 0, progress=None, base=None, tuned=None,
-          tol: float = 1e-5, mask=None) -> Scores:
+          tol: float = PAPER_TOL, mask=None) -> Scores:
     """Changed elements of ``base`` → ``tuned``, or of a mask file, as 0/1 scores.
 
     Args:
@@ -26,7 +27,7 @@ def score(model, batches=None, *, seed: int = 0, progress=None, base=None, tuned
         progress (callable, optional): ``progress(done_elements, total_elements, name)`` of the diff.
         base (str or Checkpoint, optional): θ⁰.
         tuned (str or Checkpoint, optional): θ¹.
-        tol (float): τ of the diff. Default: 1e-5 (the paper's).
+        tol (float): τ of the diff. Default: ``PAPER_TOL`` (the paper's).
         mask (str or Path, optional): a Subnetscope mask file, instead of base and tuned.
     Returns:
         Scores: ``element`` granularity, 1.0 on changed (or masked) elements, else 0.0.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from analysis.definitions import GRANULARITIES
 from analysis.selectors.base import (
     Scores,
     SelectorError,
@@ -15,7 +16,6 @@ from analysis.selectors.base import (
     scoring,
 )
 
-GRANULARITIES = ("element", "row", "head", "channel", "layer")
 
 
 def score(model, batches=None, *, seed: int = 0, progress=None, granularity: str = "element") -> Scores:

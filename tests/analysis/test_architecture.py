@@ -121,3 +121,39 @@ def test_text_cites_only_what_the_repository_holds():
         (ROOT / n).read_text(encoding="utf-8") for n in tracked if (ROOT / n).is_file()))}
     design = (ROOT / "docs" / "design.md").read_text(encoding="utf-8")
     assert cited and all(f"## {n}." in design for n in cited), cited  # every cited section exists
+
+
+def test_the_papers_tolerance_is_written_once():
+    """τ = 1e-5 is analysis.definitions.PAPER_TOL everywhere else: no float constant 1e-5 and no text
+    "1e-5" in analysis/, app_pages/ or ui/ but its definition (learning rates, keyword `lr`, aside)."""
+    files = sorted([*(ROOT / "analysis").rglob("*.py"), *(ROOT / "app_pages").glob("*.py"),
+                    *(ROOT / "ui").glob("*.py")])
+    found = []
+    for p in files:
+        tree = ast.parse(p.read_text())
+        lrs = set()
+        for node in ast.walk(tree):  # lr=1e-5 and {"lr": 1e-5} are learning rates, not τ
+            if isinstance(node, ast.keyword) and node.arg == "lr":
+                lrs.add(id(node.value))
+            if isinstance(node, ast.Dict):
+                lrs |= {id(v) for k, v in zip(node.keys, node.values)
+                        if isinstance(k, ast.Constant) and k.value == "lr"}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and id(node) not in lrs and (
+                    (type(node.value) is float and node.value == 1e-5)
+                    or (isinstance(node.value, str) and ("1e-5" in node.value or "1e-05" in node.value))):
+                found.append(f"{p.relative_to(ROOT)}:{node.lineno}")
+    assert [f.split(":")[0] for f in found] == ["analysis/definitions.py"], found  # PAPER_TOL = 1e-5
+
+
+def test_granularities_and_budgets_are_defined_once():
+    """The tuples of analysis.definitions are the only spelled-out lists of them."""
+    import re
+
+    files = sorted([*(ROOT / "analysis").rglob("*.py"), *(ROOT / "app_pages").glob("*.py"),
+                    *(ROOT / "ui").glob("*.py")])
+    spelled = {"granularities": r'"element",\s*"row",\s*"head",\s*"channel",\s*"layer"',
+               "budgets": r'"global",\s*"per_layer",\s*"structured"'}
+    for what, pattern in spelled.items():
+        hits = [str(p.relative_to(ROOT)) for p in files if re.search(pattern, p.read_text())]
+        assert hits == ["analysis/definitions.py"], (what, hits)

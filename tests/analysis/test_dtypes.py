@@ -401,7 +401,7 @@ def test_importance_allows_integer_buffers(tmp_path):
 def test_paper_tolerance_is_defined_once():
     hits = [str(p.relative_to(ROOT)) for d in ("analysis", "app_pages", "ui", "kernels", "bench")
             for p in (ROOT / d).rglob("*.py") if re.search(r"^\s*PAPER_TOL\s*=", p.read_text(), re.M)]
-    assert hits == ["analysis/diff.py"]
+    assert hits == ["analysis/definitions.py"]
 
 
 def test_plots_show_undefined_ratios():
