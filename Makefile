@@ -12,7 +12,7 @@ ADDRESS ?= 127.0.0.1
 # the browser tests drive Debian's Chromium through Playwright (never `playwright install`)
 CHROMIUM := /usr/bin/chromium
 
-.PHONY: run test install demo chromium clean
+.PHONY: run test test-fast lint install demo chromium clean
 
 install: $(STAMP)
 
@@ -52,8 +52,16 @@ chromium:
 		echo "Install it with: sudo apt-get install -y chromium   (then run make test again)"; \
 	fi
 
-test: demo chromium
-	$(PY) -m pytest -q -rs $(PYTEST_ARGS)
+# the whole suite (pytest options, markers and --durations=20 are in pyproject.toml)
+test: demo chromium lint
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# the edit loop: no browser, no real training runs or extra processes (make test runs them all)
+test-fast: demo lint
+	$(PY) -m pytest -m "not slow and not browser and not multiprocess" $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
 
 clean:
 	rm -rf $(VENV) .pytest_cache artifacts
