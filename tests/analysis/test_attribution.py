@@ -179,12 +179,14 @@ def test_faithfulness_curves_by_hand():
         for i in removed:
             ids[i] = ex.baseline_id
         with torch.no_grad():
-            lp = lambda x: float(logprob_of(target_logits(model, ex, input_ids=torch.tensor([x])), ex)[0])
+            def lp(x):
+                return float(logprob_of(target_logits(model, ex, input_ids=torch.tensor([x])), ex)[0])
+
             return lp(ex.ids) - lp(ids)
 
     assert f["morf"] == pytest.approx([0.0, drop([2]), drop([2, 1]), drop([2, 1, 3])], abs=1e-5)
     assert f["lerf"] == pytest.approx([0.0, drop([3]), drop([3, 1]), drop([3, 1, 2])], abs=1e-5)
-    assert f["abpc"] == pytest.approx(sum(m - l for m, l in zip(f["morf"], f["lerf"])) / 4, abs=1e-9)
+    assert f["abpc"] == pytest.approx(sum(m - le for m, le in zip(f["morf"], f["lerf"])) / 4, abs=1e-9)
 
 
 def test_every_method_runs_with_its_check(demo):
@@ -243,6 +245,7 @@ def test_head_weight_change_matches_the_diff(demo):
         assert sum(r["changed"] for r in rows if r["layer"] == L) == expected
 
 
+@pytest.mark.slow
 def test_smollm2_paris_puts_most_relevance_on_france(smollm2):
     """On SmolLM2-135M-Instruct, "The capital of France is" -> " Paris". Measured: every method
     (and ablation, the ground truth of removal: 28.9 nats for " is", 8.6 for " France") puts the

@@ -81,3 +81,23 @@ def test_usage_errors_exit_2(argv, capsys):
         code = main(argv)
         raise SystemExit(code)
     assert ei.value.code == 2
+
+
+def test_every_command_that_reads_checkpoints_takes_quiet():
+    import argparse
+
+    from analysis.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    without = {name for name, p in sub.choices.items()
+               if not any("--quiet" in a.option_strings for a in p._actions)}
+    assert without == {"selectors", "run-queue"}  # a listing and the app's worker read no checkpoint
+
+
+def test_help_does_not_import_torch():
+    """`python -m analysis --help` builds every subcommand's parser without torch or transformers
+    (their import is most of a command's start; bench/startup.py times it)."""
+    code = ("import sys\nfrom analysis.cli import build_parser\nbuild_parser()\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'numba') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -154,6 +154,7 @@ def test_full_demo_family():
     # the sparsity / overlap findings on this family: tests/analysis/test_demo_findings.py
 
 
+@pytest.mark.slow
 def test_build_real_smollm2(smollm2):
     from transformers import AutoConfig, AutoTokenizer
 

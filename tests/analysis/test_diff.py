@@ -16,7 +16,7 @@ from conftest import tiny_llama
 N = 68_160  # parameters of the tiny Llama
 Q = "model.layers.0.self_attn.q_proj.weight"  # [64, 64]: 4 heads × 16 rows
 K = "model.layers.1.self_attn.k_proj.weight"  # [32, 64]: 2 kv heads × 16 rows
-O = "model.layers.1.self_attn.o_proj.weight"  # [64, 64]: 4 heads × 16 columns
+O_PROJ = "model.layers.1.self_attn.o_proj.weight"  # [64, 64]: 4 heads × 16 columns
 UP = "model.layers.0.mlp.up_proj.weight"  # [96, 64]: 96 channels
 EMB = "model.embed_tokens.weight"
 
@@ -38,7 +38,7 @@ def _planted(sd):
     t[K][20, 3] = float("nan")
     t[K][21, 4] = float("nan")
     # +inf in o column 17 (head 1): changed, nonfinite
-    t[O][5, 17] = float("inf")
+    t[O_PROJ][5, 17] = float("inf")
     # base NaN, tuned the same NaN bits: bit-identical, unchanged
     sd[UP][0, 0] = float("nan")
     t[UP][0, 0] = sd[UP][0, 0].clone()
@@ -86,8 +86,8 @@ def test_exact_counts_at_each_tolerance(planted):
     assert diff_checkpoints(base, tuned, tol=0).changed_params == e["above"] + e["below"]
     assert diff_checkpoints(base, tuned, tol=0.5).changed_params == 3
     t = {x.name: x for x in r.tensors}
-    assert t[Q].changed == 7 and t[K].changed == 2 and t[O].changed == 1 and t[UP].changed == 6
-    assert t[K].stats.nonfinite == 2 and t[O].stats.nonfinite == 1
+    assert t[Q].changed == 7 and t[K].changed == 2 and t[O_PROJ].changed == 1 and t[UP].changed == 6
+    assert t[K].stats.nonfinite == 2 and t[O_PROJ].stats.nonfinite == 1
     assert t[UP].stats.identical == 96 * 64 - 6 - 1  # all but the 6 changes and the ±0 element
     assert t[UP].stats.zero == 1
 
@@ -246,7 +246,7 @@ def test_update_rank(tmp_path):
     b, d = _write_dir(tmp_path / "b", sd, model), _write_dir(tmp_path / "t", t, model)
     r = diff_checkpoints(b, d, tol=1e-5, rank=True)
     ranks = {x.name: x.rank for x in r.tensors}
-    assert ranks[Q] == 2 and ranks[O] == 0 and ranks[EMB] == 0
+    assert ranks[Q] == 2 and ranks[O_PROJ] == 0 and ranks[EMB] == 0
     assert ranks["model.norm.weight"] is None  # 1-D: no rank
     q = next(x for x in r.to_json()["tensors"] if x["name"] == Q)
     assert q["rank_fraction"] == 2 / 64

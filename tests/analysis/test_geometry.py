@@ -228,7 +228,8 @@ def test_non_finite_matrices_are_refused_before_any_svd(monkeypatch, tmp_path):
         mp.setattr(torch, "svd_lowrank", no_svd)
         for full_max in (1024, 10):  # the exact and the randomized path
             mp.setattr(geo, "FULL_SVD_MAX", full_max)
-            with pytest.raises(NonFiniteMatrix, match=r"^matrix holds 2 non-finite elements \(1 nan, 1 -inf\): no SVD$"):
+            with pytest.raises(NonFiniteMatrix,
+                               match=r"^matrix holds 2 non-finite elements \(1 nan, 1 -inf\): no SVD$"):
                 spectrum_top_k(bad, 3)
             with pytest.raises(NonFiniteMatrix) as e:
                 matrix_geometry(w, bad, k=3, name="m")

@@ -6,6 +6,8 @@ import os
 import signal
 import time
 
+import pytest
+
 from analysis.jobs import JobDir, job_id
 from analysis.diff import diff_checkpoints
 from conftest import tiny_llama
@@ -33,7 +35,8 @@ def test_diff_job_result_and_reuse(tmp_path):
     res = st.result()
     assert res["changed_params"] == diff_checkpoints(a, b, tol=1e-5).changed_params
     assert res["total_params"] == 68_160
-    again = JobDir.of(argv, [str(a), str(b)], root=tmp_path / "jobs").start(argv, [str(a), str(b)])  # same request: the finished job
+    # same request: the finished job
+    again = JobDir.of(argv, [str(a), str(b)], root=tmp_path / "jobs").start(argv, [str(a), str(b)])
     assert again.dir == st.dir and again.status == "done"
     # a changed checkpoint is a different request
     tiny_llama(seed=2).save_pretrained(b)
@@ -64,6 +67,7 @@ def test_killed_job_is_died(tmp_path):
     assert JobDir(d).state().status == "died"
 
 
+@pytest.mark.multiprocess
 def test_jobs_take_turns(tmp_path, monkeypatch):
     """An app job waits while another one computes (the lock beside the jobs folder), says so in
     its progress, starts when the slot frees, and can be cancelled while it waits. A progress file

@@ -51,7 +51,8 @@ def test_identity_rule_passes_relevance_through_an_activation():
         (g,) = torch.autograd.grad((y * torch.tensor([1.0, 2.0, 3.0, 4.0])).sum(), x)
     assert torch.equal(y, torch.nn.functional.silu(x))  # the value is the activation's, exactly
     # relevance in = relevance out, element by element: x·g = silu(x)·w
-    assert (x * g).tolist() == pytest.approx((torch.nn.functional.silu(x) * torch.tensor([1.0, 2.0, 3.0, 4.0])).tolist())
+    assert (x * g).tolist() == pytest.approx(
+        (torch.nn.functional.silu(x) * torch.tensor([1.0, 2.0, 3.0, 4.0])).tolist())
 
 
 def test_cp_lrp_conserves_on_a_gqa_llama():

@@ -15,7 +15,7 @@ import pytest
 
 from analysis.__main__ import main
 from analysis.io import OutputError, check_output_dir, check_output_file, write_atomic
-from conftest import tiny_llama
+from conftest import tiny_llama, mount_tmpfs_at
 
 
 def tree_digest(root: Path) -> dict:
@@ -145,6 +145,7 @@ def test_a_second_writer_of_a_run_directory_is_refused(sft, tmp_path, capsys):
     assert main(["finetune", str(sft), *FT, "--out", str(out)]) == 0  # the lock is gone with its holder
 
 
+@pytest.mark.multiprocess
 def test_two_runs_into_one_directory_at_once(sft, tmp_path):
     """Two real processes: exactly one trains, the other is refused in one line."""
     import subprocess
@@ -297,6 +298,7 @@ def test_json_dash_is_the_json_alone_on_stdout(pair, tmp_path, capsys, monkeypat
     assert not os.path.lexists(tmp_path / "-")
 
 
+@pytest.mark.multiprocess
 def test_json_to_dev_stdout_of_a_real_pipe(pair, tmp_path):
     """One real process: `diff ... --json /dev/stdout | reader`. The JSON is written into the pipe
     directly (it used to fail after the whole diff, on a temporary file beside /proc/self/fd)."""
@@ -306,7 +308,7 @@ def test_json_to_dev_stdout_of_a_real_pipe(pair, tmp_path):
     a, b = pair
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     p = subprocess.run([sys.executable, "-m", "analysis", "diff", str(a), str(b), "--quiet", "--json", "/dev/stdout"],
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path, env=env, timeout=300)
+                       capture_output=True, cwd=tmp_path, env=env, timeout=300)
     assert p.returncode == 0, p.stderr.decode()
     d, end = json.JSONDecoder().raw_decode(p.stdout.decode())  # the JSON first, then the summary
     assert d["total_params"] == 68_160 and "wrote /dev/stdout" in p.stdout.decode()[end:]
@@ -419,8 +421,7 @@ def mount_tmpfs(tmp_path):
         d = tmp_path / name
         d.mkdir(exist_ok=True)
         opts = f"size={size}" + (",ro" if ro else "")
-        if os.system(f"mount -t tmpfs -o {opts} tmpfs {d} 2>/dev/null") != 0:
-            pytest.fail("cannot mount a tmpfs here (tests run as root on the project's machines)")
+        mount_tmpfs_at(d, opts)
         mounted.append(d)
         return d
 
@@ -588,7 +589,8 @@ def test_finetune_of_a_checkpoint_without_float_weights_is_one_line(tmp_path, ca
     model = tiny_llama()
     d = tmp_path / "int8"
     d.mkdir()
-    save_file({k: (v * 100).round().clamp(-128, 127).to(torch.int8).contiguous() for k, v in model.state_dict().items()},
+    save_file({k: (v * 100).round().clamp(-128, 127).to(torch.int8).contiguous()
+               for k, v in model.state_dict().items()},
               d / "model.safetensors")
     model.config.to_json_file(d / "config.json")
     out = tmp_path / "run"

@@ -15,6 +15,8 @@ from analysis.overlap import overlap
 from analysis.trajectory import trajectory
 from conftest import ROOT, tiny_llama
 
+pytestmark = pytest.mark.multiprocess
+
 
 @pytest.fixture(scope="module")
 def local_ray():
@@ -50,7 +52,8 @@ def test_diff_overlap_trajectory_on_ray_equal_local(local_ray, sharded_run):
     local = diff_checkpoints(d / "base", cks[0], on_mask=masks_local.__setitem__)
     on_ray = diff_checkpoints(d / "base", cks[0], on_mask=masks_ray.__setitem__, ray="")
     assert on_ray.to_json() == local.to_json()
-    assert masks_ray.keys() == masks_local.keys() and all(torch.equal(masks_ray[k], masks_local[k]) for k in masks_local)
+    assert masks_ray.keys() == masks_local.keys()
+    assert all(torch.equal(masks_ray[k], masks_local[k]) for k in masks_local)
     assert overlap(d / "base", cks, ray="").to_json() == overlap(d / "base", cks).to_json()
     assert trajectory(d / "base", cks, ray="").to_json() == trajectory(d / "base", cks).to_json()
 

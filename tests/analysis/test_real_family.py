@@ -14,6 +14,8 @@ from analysis.demo import DemoError
 from analysis.diff import diff_checkpoints
 from analysis.real_family import MODEL_NAMES, build_real_family, family_refs
 
+pytestmark = pytest.mark.slow
+
 
 def test_reduced_family_resumes_after_an_interruption(smollm2, tmp_path):
     out = tmp_path / "fam"

@@ -112,6 +112,7 @@ def test_prompt_with_unknown_characters_is_a_warning_and_an_unknown_target_an_er
     assert at.error and "does not know ('€')" in at.error[0].value and "explained as" in at.error[0].value
 
 
+@pytest.mark.multiprocess
 def test_large_model_runs_as_a_job(demo, tmp_path, monkeypatch):
     home = tmp_path / "home"
     home.mkdir()

@@ -21,6 +21,8 @@ from analysis.diff import diff_checkpoints
 from analysis.overlap import overlap
 from conftest import ROOT
 
+pytestmark = pytest.mark.browser
+
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]

@@ -46,6 +46,8 @@ def _queue(at: AppTest, source: str, steps: int = 3) -> None:
     assert not at.error, [e.value for e in at.error]
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_queue_runs_compare_and_cli_run(demo, tmp_path):
     at = _page(demo)
     at.run()
@@ -89,6 +91,7 @@ def test_queue_runs_compare_and_cli_run(demo, tmp_path):
     assert "Every masked run changed only elements inside its mask." in at.success[0].value
 
 
+@pytest.mark.multiprocess
 def test_cancel_a_running_run_and_a_queued_one(demo):
     long = FinetuneConfig(checkpoint=str(demo / "sft"), task="demo-sft", random=0.05, steps=100_000, batch_size=4,
                           eval_every=100_000, reward_samples=0)
@@ -139,6 +142,7 @@ def test_cli_run_directory_is_listed(demo, tmp_path):
     assert queue.list_runs() == [run.resolve()] or [p.resolve() for p in queue.list_runs()] == [run.resolve()]
 
 
+@pytest.mark.multiprocess
 def test_filter_and_move_a_finished_run_to_the_trash(demo, tmp_path, monkeypatch):
     """The runs table filters by status / task / start; a finished run goes to the trash folder (not
     deleted), a running one cannot; the overlay starts from the latest four runs."""

@@ -35,6 +35,8 @@ def _click(at: AppTest, label: str) -> None:
     assert not at.exception, at.exception
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_large_model_is_scored_by_jobs(demo, tmp_path, monkeypatch):
     inline = _page(demo)
     inline.run()

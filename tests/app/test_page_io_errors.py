@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import os
 
-import pytest
 from safetensors.torch import save_file
 from streamlit.testing.v1 import AppTest
 
-from conftest import ROOT, tiny_llama
+from conftest import ROOT, tiny_llama, mount_tmpfs_at
 from ui.text import md_escape
 
 
@@ -24,8 +23,7 @@ def test_a_job_that_cannot_be_written_is_an_st_error(tmp_path, monkeypatch):
         refs.append(str(p))
     home = tmp_path / "home"
     home.mkdir()
-    if os.system(f"mount -t tmpfs -o ro,size=64k tmpfs {home} 2>/dev/null") != 0:
-        pytest.fail("cannot mount a tmpfs here (tests run as root on the project's machines)")
+    mount_tmpfs_at(home, "ro,size=64k")
     try:
         monkeypatch.setenv("SUBNETSCOPE_HOME", str(home))
         monkeypatch.setenv("SUBNETSCOPE_INLINE_LIMIT", "0")

@@ -170,7 +170,8 @@ CASES = [
          says=("c.json", "not UTF-8")),
     # ---- metrics.jsonl: a damaged line is skipped and counted, the good ones kept (exit 0)
     Case("ft-metrics-garbage-lines",
-         lambda tmp: compare(tmp, metrics=rows(1, 2) + b"garbage\n" + GARBAGE[:40].replace(b"\n", b"") + b"\n" + rows(4)),
+         lambda tmp: compare(tmp,
+                             metrics=rows(1, 2) + b"garbage\n" + GARBAGE[:40].replace(b"\n", b"") + b"\n" + rows(4)),
          rc=0, says=("warning: ", "metrics.jsonl: 2 damaged lines skipped, 3 rows kept", "line 3: not JSON"),
          check=curves([1, 2, 4])),
     Case("ft-metrics-random-bytes", lambda tmp: compare(tmp, metrics=GARBAGE),

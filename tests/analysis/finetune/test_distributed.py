@@ -17,6 +17,8 @@ from analysis.finetune.compare import update_distance
 from analysis.finetune.config import FinetuneConfig
 from analysis.finetune.run import run_finetune
 
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
+
 BIN = Path(sys.executable).parent
 
 

@@ -4,6 +4,7 @@ the same size and against the full run (which is rl-seed1 itself, reproduced bit
 
 from __future__ import annotations
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -11,11 +12,14 @@ from analysis.finetune.compare import update_distance
 from analysis.finetune.config import FinetuneConfig
 from analysis.finetune.run import run_finetune
 
+pytestmark = pytest.mark.slow
+
 
 def test_subnetwork_run_recovers_the_full_run(demo, tmp_path):
     rl = dict(checkpoint=str(demo / "sft"), task="demo-rl", steps=50, lr=1e-5, batch_size=16, seed=1, eval_every=50)
     full = run_finetune(FinetuneConfig(full=True, **rl), tmp_path / "full")
-    a, b = load_file(tmp_path / "full" / "model" / "model.safetensors"), load_file(demo / "rl-seed1" / "model.safetensors")
+    a = load_file(tmp_path / "full" / "model" / "model.safetensors")
+    b = load_file(demo / "rl-seed1" / "model.safetensors")
     assert all(torch.equal(a[k].view(torch.int16), b[k].view(torch.int16)) for k in b)  # the demo's own RL run
     sub = run_finetune(FinetuneConfig(diff=[str(demo / "sft"), str(demo / "rl-seed1")], **rl), tmp_path / "diff")
     density = sub["trainable"] / sum(v.numel() for k, v in b.items() if ".layers." in k and v.dim() == 2)

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from analysis.__main__ import main
 from analysis.finetune.config import FinetuneConfig
 from analysis.finetune.run import resume_finetune, run_finetune
-from conftest import ROOT, tiny_gpt2
+from conftest import ROOT, tiny_gpt2, mount_tmpfs_at
 
 COMMON = dict(full=True, batch_size=4, eval_every=1000, save_every=1000, reward_samples=0, lr=1e-3, device="cpu")
 FLAGS = ["--full", "--batch-size", "4", "--eval-every", "1000", "--save-every", "1000", "--reward-samples", "0",
@@ -56,6 +56,8 @@ def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return p
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_ctrl_c_saves_the_state_and_resume_gives_the_uninterrupted_weights(ckpt, tmp_path):
     """Item 1 (test_distributed's SIGTERM test, with SIGINT and one process): a Ctrl-C before the
     first periodic save stops after the current step with the state saved and says so on stderr
@@ -150,8 +152,7 @@ def small_disk(tmp_path):
     def mount(size: str) -> Path:
         d = tmp_path / f"fs{len(mounted)}"
         d.mkdir()
-        if os.system(f"mount -t tmpfs -o size={size} tmpfs {d} 2>/dev/null") != 0:
-            pytest.fail("cannot mount a tmpfs here (tests run as root on the project's machines)")
+        mount_tmpfs_at(d, f"size={size}")
         mounted.append(d)
         return d
 

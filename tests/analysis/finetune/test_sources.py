@@ -174,9 +174,11 @@ def test_learning_rate_schedules(demo, tmp_path):
 
     for sched in ("linear", "cosine"):
         out = tmp_path / sched
-        run_finetune(FinetuneConfig(full=True, lr_schedule=sched, warmup_steps=2, **_common(demo, steps=6, lr=1e-3)), out)
+        run_finetune(FinetuneConfig(full=True, lr_schedule=sched, warmup_steps=2,
+                                    **_common(demo, steps=6, lr=1e-3)), out)
         lrs = [r["lr"] for r in _rows(out)]
-        decay = [1 - k / 4 for k in range(4)] if sched == "linear" else [0.5 * (1 + m.cos(m.pi * k / 4)) for k in range(4)]
+        decay = ([1 - k / 4 for k in range(4)] if sched == "linear"
+                 else [0.5 * (1 + m.cos(m.pi * k / 4)) for k in range(4)])
         assert lrs == pytest.approx([5e-4, 1e-3] + [1e-3 * d for d in decay])
 
 

@@ -56,6 +56,7 @@ def test_run_reports_the_tokens_of_a_step(demo, tmp_path, fixed_completions):
         assert r["tokens_per_s"] * r["step_s"] == pytest.approx(2 * demo_mod.RL_GROUP * (PROMPT + 3), rel=1e-9)
 
 
+@pytest.mark.multiprocess
 def test_two_processes_sum_their_tokens(demo, tmp_path):
     """Each rank trains on its slice of the global batch, whose token counts differ: the step's
     count is their sum (it was rank 0's count times the number of processes)."""

@@ -105,7 +105,8 @@ def test_declared_options_are_typed_keyword_arguments(name):
 def test_parse_options_converts_to_the_declared_types():
     from analysis.selectors import SelectorError, parse_options
 
-    assert parse_options("principal", {"k": "3"}) == {"k": 3} and type(parse_options("principal", {"k": "3"})["k"]) is int
+    assert parse_options("principal", {"k": "3"}) == {"k": 3}
+    assert type(parse_options("principal", {"k": "3"})["k"]) is int
     assert parse_options("principal", {"k": "0.25"}) == {"k": 0.25}
     assert parse_options("lisa", {"active_layers": "4", "mode": "weight_norm"}) == {"active_layers": 4,
                                                                                    "mode": "weight_norm"}
