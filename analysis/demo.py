@@ -30,7 +30,7 @@ import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -294,7 +294,8 @@ def _train_family(tmp: Path, scale: float, progress: bool, should_stop) -> dict[
             model = _load_fp32(tmp / stage.parent)
         if stage.name in formats:
             rng, fmt = random.Random(stage.seed), formats[stage.name]
-            batch = lambda: [fmt(p, a) for p, a in rng.choices(train, k=stage.batch)]  # noqa: E731
+            batch = lambda fmt=fmt, rng=rng, stage=stage: [  # noqa: E731
+                fmt(p, a) for p, a in rng.choices(train, k=stage.batch)]
             train_lm(model, batch, stage, progress=progress, should_stop=should_stop)
         else:
             points = trajectory_steps(stage.steps) if stage.name == TRAJECTORY_OF else []

@@ -77,7 +77,8 @@ def load_model(ref: str | os.PathLike, *, device: str | torch.device | None = "a
 
         archs = list(ck.config.get("architectures") or [])
         if not any(a.endswith("ForMaskedLM") or a.endswith("ForPreTraining") for a in archs):
-            raise ModelLoadError(f"{ck.path}: an encoder without a masked-LM head ({', '.join(archs) or 'no architectures'}"
+            raise ModelLoadError(f"{ck.path}: an encoder without a masked-LM head "
+                                 f"({', '.join(archs) or 'no architectures'}"
                                  "): there is no target logit to attribute")
         cls = AutoModelForMaskedLM
     try:

@@ -33,7 +33,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from tqdm import tqdm
@@ -95,7 +95,8 @@ class _Task:
         self.tok = tokenizer
         lengths = {len(self.prompt(p)) for p, _ in self.train[:200] + self.held_out}
         if len(lengths) != 1:
-            raise DemoError(f"the tokenizer gives prompts of {sorted(lengths)} tokens; the family recipe needs one length")
+            raise DemoError(f"the tokenizer gives prompts of {sorted(lengths)} tokens; "
+                            "the family recipe needs one length")
         self.P = lengths.pop()
 
     def prompt(self, problem: str) -> list[int]:

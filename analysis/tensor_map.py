@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 from analysis.checkpoints import Alignment, AlignedTensor, Checkpoint, align, iter_aligned, open_checkpoint
 from analysis.errors import SubnetscopeError
@@ -98,7 +98,8 @@ def _run_group(refs: list[str], indices: list[int], fn, args: tuple) -> list:
 
 
 def map_aligned(cks: list[Checkpoint], al: Alignment, fn: Callable, *args, ray: str | None = None,
-                should_stop: Callable[[], bool] | None = None, what: str = "work") -> Iterator[tuple[AlignedTensor, object]]:
+                should_stop: Callable[[], bool] | None = None,
+                what: str = "work") -> Iterator[tuple[AlignedTensor, object]]:
     """``(AlignedTensor, fn(at, values, *args))`` for every aligned tensor, in alignment order.
 
     Args:

@@ -4,7 +4,7 @@ the next-token loss and the learning-rate schedules, defined once."""
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

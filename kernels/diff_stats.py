@@ -64,7 +64,8 @@ from kernels.diff_stats_reference import (COUNT_SLOTS, DECADES, EDGES, EDGES32, 
 
 __all__ = ["DECADES", "EDGES", "EDGES32", "EXACT_BITS", "MAX_CODED_RUNS", "N_BINS", "PER_DECADE", "TOLERANCE",
            "DiffStats", "Incomparable", "changed_mask", "comparison", "diff_stats", "diff_stats_cpu", "merge_stats",
-           "diff_stats_reference", "dtype_class", "f32_floor", "overlap_counts", "overlap_counts_reference"]
+           "diff_stats_reference", "dtype_class", "f32_floor", "overlap_counts", "overlap_counts_reference",
+           "stored_bits"]
 
 
 # ------------------------------------------------------------------ CPU: fused numba loop

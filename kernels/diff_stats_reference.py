@@ -157,7 +157,7 @@ def _name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _upcastable(dtype: torch.dtype) -> bool:
     try:
         torch.empty(1, dtype=dtype).float()
