@@ -8,8 +8,9 @@ page or the CLI started it, after a page reload or an app restart.
 The queue: :func:`enqueue` writes a run directory holding only ``config.json`` and a
 ``summary.json`` with status ``queued``; :func:`ensure_worker` starts (detached, at most one) the
 worker ``python -m analysis run-queue``, which trains the oldest queued run as a CLI subprocess
-(``job.json`` holds its pid), then the next, and exits when none is left. One at a time: on a CPU
-two runs would only halve each other's speed. :func:`cancel` drops a queued run or sends SIGTERM
+(``job.json`` holds its pid), then the next, and exits when none is left. One at a time, and one at a
+time with the app's analysis jobs too: the worker takes the same slot they take turns on
+(:func:`analysis.jobs.jobdir.job_slot`) before it starts a run, since each uses every core. :func:`cancel` drops a queued run or sends SIGTERM
 to a running one (the CLI finishes the current step, saves the state, status ``cancelled``).
 """
 
@@ -26,6 +27,7 @@ from pathlib import Path
 from analysis.finetune.config import FinetuneConfig
 from analysis.io import write_json_atomic
 from analysis.jobs import ACTIVE, RunDir, alive, last_line, read_json, spawn, terminate
+from analysis.jobs.jobdir import SlotAbandoned, job_slot, slot_lock
 from analysis.paths import runs_dir
 
 __all__ = ["ACTIVE", "cancel", "enqueue", "ensure_worker", "index_problem", "list_runs", "queued", "register",
@@ -216,14 +218,19 @@ def work(*, poll: float = 0.5) -> int:
         if not todo:
             break
         run = RunDir(todo[0])
-        child = spawn(["finetune", "--config", str(run.config_file), "--out", str(run.path), "--quiet",
-                       "--progress-file", str(run.progress_file)], run.log_file, detach=False)
-        write_json_atomic(run.job_file, {"pid": child.pid, "started": time.time()})
-        started += 1
-        while child.poll() is None:
-            if stop["flag"]:
-                child.send_signal(signal.SIGTERM)
-            time.sleep(poll)
+        try:  # one computation at a time with the app's analysis jobs (each uses every core)
+            with job_slot(run.progress_file, f"fine-tune {run.path.name}", lock=slot_lock(),
+                          give_up=lambda run=run: stop["flag"] or run.status() != "queued"):
+                child = spawn(["finetune", "--config", str(run.config_file), "--out", str(run.path), "--quiet",
+                               "--progress-file", str(run.progress_file)], run.log_file, detach=False)
+                write_json_atomic(run.job_file, {"pid": child.pid, "started": time.time()})
+                started += 1
+                while child.poll() is None:
+                    if stop["flag"]:
+                        child.send_signal(signal.SIGTERM)
+                    time.sleep(poll)
+        except SlotAbandoned:
+            continue  # cancelled (or the worker stopped) while waiting for the slot: never started
         if run.status() in ACTIVE:  # the child never wrote a final status (killed, or failed before starting)
             write_json_atomic(run.summary_file, {**run.summary(), "status": "failed",
                                                  "error": last_line(run.log_file) or f"exit code {child.returncode}"})

@@ -40,8 +40,17 @@ def is_app_job(progress_file: str | Path) -> bool:
         return False
 
 
+class SlotAbandoned(Exception):
+    """Raised by :func:`job_slot` when ``give_up()`` said so before the slot was free."""
+
+
+def slot_lock() -> Path:
+    """The one lock every computation of the app takes turns on: analysis jobs and fine-tunes."""
+    return jobs_dir().parent / SLOT_LOCK
+
+
 @contextlib.contextmanager
-def job_slot(progress_file: str | Path, what: str):
+def job_slot(progress_file: str | Path, what: str, *, lock: str | Path | None = None, give_up=None):
     """Runs the body once no other job of this jobs folder is computing: jobs take turns in one
     slot (an ``fcntl`` lock on SLOT_LOCK beside the folder, released when the holder exits, even if it
     dies), because each already uses every core (numba and torch threads): three geometry jobs at
@@ -52,10 +61,15 @@ def job_slot(progress_file: str | Path, what: str):
         progress_file (str | Path): the job's ``progress.json`` in ``<jobs>/<id>/``; the lock is
             ``<jobs>/../SLOT_LOCK``.
         what (str): this job, for the message of the jobs waiting behind it.
+        lock (str | Path, optional): the lock file, when the progress file is not in the jobs
+            folder (a fine-tune's run directory: :func:`slot_lock`). Default: beside the jobs folder.
+        give_up (callable, optional): polled while waiting; True raises :class:`SlotAbandoned`
+            (the run was cancelled while it waited). Default: wait until the slot is free.
     """
     import fcntl
 
-    lock = Path(progress_file).resolve().parent.parent.parent / SLOT_LOCK
+    lock = Path(lock) if lock is not None else Path(progress_file).resolve().parent.parent.parent / SLOT_LOCK
+    lock.parent.mkdir(parents=True, exist_ok=True)
     with open(lock, "a+") as f:
         told = False
         while True:
@@ -63,6 +77,8 @@ def job_slot(progress_file: str | Path, what: str):
                 fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
+                if give_up is not None and give_up():
+                    raise SlotAbandoned(what) from None
                 if not told:
                     f.seek(0)
                     holder = f.read().strip() or "another job"
