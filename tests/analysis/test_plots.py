@@ -50,7 +50,15 @@ def test_heatmaps_keep_their_height_and_show_the_data_range():
     assert fig.layout.height == 28 * 30 + 90
     hm = fig.data[0]
     assert (hm.zmin, hm.zmax) == (0.0002, 0.005) and list(hm.colorbar.ticktext) == ["0.0002", "0.005"]
-    assert hm.colorscale[0][1] == "#440154"  # Viridis: a sequential scale, dark at the minimum
+    # a sequential scale: luminance rises from the minimum to the maximum (no diverging midpoint)
+    from plotly.colors import hex_to_rgb, unlabel_rgb
+
+    def luminance(c):
+        r, g, b = hex_to_rgb(c) if c.startswith("#") else unlabel_rgb(c)
+        return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+    lum = [luminance(c) for _, c in hm.colorscale]
+    assert len(lum) >= 3 and all(a < b for a, b in zip(lum, lum[1:])), lum
 
 
 def test_absorption_marks_tau_in_the_legend_not_on_the_bars():
