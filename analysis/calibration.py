@@ -89,7 +89,7 @@ def token_sequences(data, tokenizer, samples, seq_len, offset, seed, text_mode) 
     if data == DEMO:
         from analysis.demo_task import qa_examples
 
-        return [_tokenize(e, tokenizer, seq_len) for e in _take(qa_examples("train"), samples, offset, seed)]
+        return [tokenize_example(e, tokenizer, seq_len) for e in _take(qa_examples("train"), samples, offset, seed)]
     path = Path(data).expanduser()
     if path.is_file():
         if path.suffix == ".jsonl":
@@ -102,12 +102,12 @@ def token_sequences(data, tokenizer, samples, seq_len, offset, seed, text_mode) 
                 return _take(_chunks(_read_text(path), tokenizer, seq_len), samples, offset, seed)
         else:
             raise CalibrationError(f"{path}: calibration files must be .txt or .jsonl")
-        return [_tokenize(e, tokenizer, seq_len) for e in _take(examples, samples, offset, seed)]
+        return [tokenize_example(e, tokenizer, seq_len) for e in _take(examples, samples, offset, seed)]
     if path.exists():
         raise CalibrationError(f"{path}: not a file (calibration data is a .txt or .jsonl file)")
     if path.suffix in (".txt", ".jsonl", ".json") or os.sep in data:
         raise CalibrationError(f"{path}: no such calibration file")
-    return [_tokenize(e, tokenizer, seq_len) for e in _dataset_examples(data, samples + offset)[offset:]]
+    return [tokenize_example(e, tokenizer, seq_len) for e in _dataset_examples(data, samples + offset)[offset:]]
 
 
 def _take(items: list, samples: int, offset: int, seed: int) -> list:
@@ -116,7 +116,9 @@ def _take(items: list, samples: int, offset: int, seed: int) -> list:
     return items[offset:offset + samples]
 
 
-def _tokenize(example: Example, tokenizer, seq_len: int) -> tuple[list, list]:
+def tokenize_example(example: Example, tokenizer, seq_len: int) -> tuple[list, list]:
+    """(input ids, labels) of one record, at most ``seq_len`` tokens: the loss on every token of a
+    text, on the completion and ``<eos>`` of a prompt and completion (labels -100 elsewhere)."""
     prompt, completion = example
     ids = tokenizer(prompt)["input_ids"]
     if completion is None:

@@ -8,10 +8,11 @@ page or the CLI started it, after a page reload or an app restart.
 The queue: :func:`enqueue` writes a run directory holding only ``config.json`` and a
 ``summary.json`` with status ``queued``; :func:`ensure_worker` starts (detached, at most one) the
 worker ``python -m analysis run-queue``, which trains the oldest queued run as a CLI subprocess
-(``job.json`` holds its pid), then the next, and exits when none is left. One at a time, and one at a
-time with the app's analysis jobs too: the worker takes the same slot they take turns on
-(:func:`analysis.jobs.jobdir.job_slot`) before it starts a run, since each uses every core. :func:`cancel` drops a queued run or sends SIGTERM
-to a running one (the CLI finishes the current step, saves the state, status ``cancelled``).
+(``job.json`` holds its pid), then the next, and exits when none is left. One at a time, and one
+at a time with the app's analysis jobs too: the worker takes the same slot they take turns on
+(:func:`analysis.jobs.jobdir.job_slot`) before it starts a run, since each uses every core.
+:func:`cancel` drops a queued run or sends SIGTERM to a running one (the CLI finishes the current
+step, saves the state, status ``cancelled``).
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from analysis import demo_task
+from analysis.calibration import tokenize_example
 from analysis.finetune.config import FinetuneConfig, FinetuneConfigError
 from analysis.finetune.distributed import Distributed
 from analysis.training import IGNORE, lm_loss
@@ -277,7 +278,7 @@ def _jsonl_records(path: Path, tokenizer, seq_len: int, want: int) -> tuple[list
                     example = (record["prompt"][:cap], record["completion"][:cap])
                 else:
                     raise FinetuneConfigError(f"{path}:{lineno}: expected a 'text' field, or 'prompt' and 'completion'")
-                out.append(_tokenized(example, tokenizer, seq_len))
+                out.append(tokenize_example(example, tokenizer, seq_len))
                 if len(out) >= want:
                     whole = not f.read(1)
                     break
@@ -286,22 +287,6 @@ def _jsonl_records(path: Path, tokenizer, seq_len: int, want: int) -> tuple[list
     note = None if whole else (f"{path}: read the first {len(out):,} records, as many as the run's steps, batch "
                                "size and held-out sequences use")
     return out, note
-
-
-def _tokenized(example: tuple[str, str | None], tokenizer, seq_len: int) -> tuple[list, list]:
-    """(input ids, labels) of one record, as calibration tokenizes it: loss on every token of a
-    text, on the completion and ``<eos>`` of a prompt and completion."""
-    prompt, completion = example
-    ids = tokenizer(prompt)["input_ids"]
-    if completion is None:
-        ids = ids[:seq_len]
-        return ids, list(ids)
-    head = len(ids)
-    ids = ids + tokenizer(completion, add_special_tokens=False)["input_ids"]
-    if tokenizer.eos_token_id is not None:
-        ids.append(tokenizer.eos_token_id)
-    ids = ids[:seq_len]
-    return ids, [-100] * min(head, len(ids)) + ids[head:]
 
 
 TASK_CLASSES = {"demo-sft": DemoSFT, "demo-rl": DemoRL, "lm": LanguageModeling}
