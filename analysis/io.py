@@ -126,6 +126,36 @@ def _check_descriptor(path, fd: int) -> None:
         raise OutputError(f"{path}: names file descriptor {fd}, which is open for reading only")
 
 
+def _check_descriptor_file(path, fd: int, inputs: Inputs) -> None:
+    """A descriptor open on a regular file (``--json /dev/fd/3 3>>FILE``) writes into that file: it
+    gets the checks of a file output (an input, a checkpoint's weights, inside a checkpoint)."""
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        return  # a pipe, a terminal, /dev/null: a stream
+    try:
+        target = Path(os.readlink(f"/proc/self/fd/{fd}"))
+    except OSError:
+        target = None
+    for f in inputs.files:
+        try:
+            fs = os.stat(f)
+        except OSError:
+            continue
+        if (fs.st_dev, fs.st_ino) == (st.st_dev, st.st_ino):
+            raise OutputError(f"{path}: names file descriptor {fd}, open on the input {f}; refusing to write there")
+    if target is None or not target.is_absolute():
+        return
+    fmt = _weights_format(target)
+    if fmt is not None:
+        raise OutputError(f"{path}: names file descriptor {fd}, open on a checkpoint's weights ({target}, {fmt}); "
+                          "refusing to write there")
+    inputs.check_file(path, target)
+    ck = _checkpoint_dir(target)
+    if ck is not None:
+        raise OutputError(f"{path}: names file descriptor {fd}, open on a file inside the checkpoint {ck}; "
+                          "refusing to write there")
+
+
 def _stream_stat(path) -> os.stat_result | None:
     """``os.stat`` of ``path`` as the kernel resolves it, when that is a stream (a FIFO or pipe, a
     character device): ``/dev/stdout`` reaches the pipe through ``/proc/self/fd/1``, which
@@ -184,14 +214,28 @@ def _weights_format(real: Path) -> str | None:
             return None
 
 
-def _checkpoint_dir(real: Path) -> Path | None:
-    """The nearest directory above ``real`` that is a model directory (``config.json`` beside
-    weights), or None."""
-    for d in real.parents:
+def _model_config(p: Path) -> bool:
+    """Whether ``p`` is a model's ``config.json`` (it names ``model_type`` or ``architectures``), not
+    another tool's (a fine-tune run's ``config.json`` is its options)."""
+    try:
+        if p.stat().st_size > 16 * 2**20:
+            return False
+        cfg = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(cfg, dict) and ("model_type" in cfg or "architectures" in cfg)
+
+
+def _checkpoint_dir(path: Path) -> Path | None:
+    """The nearest directory above ``path`` that is a model directory (a model's ``config.json``
+    beside a file that holds weights, by content: a mask or scores file of ours is no weights), or
+    None."""
+    for d in path.parents:
         try:
-            if not (d / "config.json").is_file():
+            if not ((d / "config.json").is_file() and _model_config(d / "config.json")):
                 continue
-            if any(os.path.lexists(d / w) for w in _WEIGHT_NAMES) or next(d.glob("*.safetensors"), None):
+            if any(os.path.lexists(d / w) for w in _WEIGHT_NAMES) or any(
+                    _weights_format(f) is not None for f in d.glob("*.safetensors")):
                 return d
         except OSError:
             continue
@@ -301,6 +345,7 @@ def check_output_file(path, inputs: Inputs | Iterable = ()) -> Path:
     fd = _descriptor(path)
     if fd is not None:
         _check_descriptor(path, fd)
+        _check_descriptor_file(path, fd, inputs)
         return Path(f"/dev/fd/{fd}")
     if _stream_stat(path) is not None:
         return Path(path)
@@ -319,7 +364,8 @@ def check_output_file(path, inputs: Inputs | Iterable = ()) -> Path:
         if fmt is not None:
             via = "" if Path(path).expanduser().absolute() == real else f" ({real})"
             raise OutputError(f"{path}: is a checkpoint's weights{via}, {fmt}; refusing to replace it")
-    ck = _checkpoint_dir(real)
+    given = Path(os.path.normpath(Path(path).expanduser().absolute()))
+    ck = _checkpoint_dir(real) or _checkpoint_dir(given)  # a hub snapshot's files link into blobs/
     if ck is not None:
         raise OutputError(f"{path}: lies inside the checkpoint {ck}; refusing to write there")
     _writable_dir(path, real.parent)  # a read-only file in a writable directory is replaced by the rename
