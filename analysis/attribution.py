@@ -42,7 +42,7 @@ import torch
 
 from analysis.attribution_options import (  # noqa: F401 (re-exported)
     BATCH_TOKENS, COMPLETENESS_TARGET, DEFAULT_BUDGET, DEFAULT_STEPS, DEFAULT_TARGET_TOKENS, LRP_VARIANT, MAX_BATCH,
-    MAX_BUDGET, MAX_PROMPT_CHARS, MAX_STEPS, MAX_TOKENS, METHODS, MIN_PANEL, PANEL_STEPS, RELEVANCE_METHODS,
+    MAX_BUDGET, MAX_PROMPT_CHARS, MAX_STEPS, MAX_TOKENS, METHODS, MIN_BUDGET, MIN_PANEL, PANEL_STEPS, RELEVANCE_METHODS,
     START_PANELS)
 from analysis.errors import SubnetscopeError, quoted
 from analysis.definitions import PAPER_TOL
@@ -322,7 +322,7 @@ def check_ig_options(steps, budget=DEFAULT_BUDGET, batch=None) -> None:
         raise AttributionError(f"--steps {quoted(steps)}: IG takes 1 to {MAX_STEPS:,} steps in one Gauss-Legendre "
                                "rule (numpy builds it as an n x n matrix), or 'auto' (steps added where the path "
                                "needs them, within --step-budget)")
-    low = PANEL_STEPS * START_PANELS
+    low = MIN_BUDGET
     if not (whole(budget) and low <= budget <= MAX_BUDGET):
         raise AttributionError(f"--step-budget {quoted(budget)}: give a whole number from {low} to {MAX_BUDGET:,} "
                                "(gradient evaluations of one adaptive IG)")
@@ -392,7 +392,7 @@ def integrated_gradients(forward, inputs: torch.Tensor, baselines: torch.Tensor,
     used = k * len(panels)
 
     def measures():
-        scale = float(torch.stack(attrs).abs().sum(0).sum())  # ‖A‖₁ of the summed positions, about
+        scale = float(torch.stack(attrs).sum(0).abs().sum())  # ‖ΣA‖₁: the whole path's scores, about
         return (sum(map(abs, deltas)) / max(abs(diff), 1e-12),
                 sum(errs) / scale if scale else (0.0 if all(e == 0 for e in errs) else math.inf), scale)
 

@@ -21,6 +21,9 @@ COMPLETENESS_TARGET = 0.01
 PANEL_STEPS = 16
 START_PANELS = 4
 DEFAULT_BUDGET = 4096
+# the least budget: the first rule and one split of every segment, which measures a scores error (a
+# segment's is unknown until it is compared with its halves)
+MIN_BUDGET = 3 * PANEL_STEPS * START_PANELS
 MIN_PANEL = 1e-7  # a segment this short is not split again (float32 resolution of α)
 # one Gauss-Legendre rule of n points: numpy's leggauss builds an n x n matrix (measured: 4,096 points
 # in 15 s, 8,192 in 87 s, 10^9 a MemoryError); more points are the adaptive rule's job

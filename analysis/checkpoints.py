@@ -448,7 +448,9 @@ def _read_config(d: Path) -> dict | None:
     return cfg
 
 
-# the fields architecture_from_config reads from a transformers config (aliases included)
+# the fields architecture_from_config reads from a transformers config (aliases included), and the
+# version of a cache entry's layout; both are part of the entry's key
+_CONFIG_CACHE_VERSION = 1
 _ARCH_FIELDS = ("model_type", "hidden_size", "n_embd", "d_model", "num_attention_heads", "n_head",
                 "num_key_value_heads", "head_dim", "intermediate_size", "n_inner", "ffn_dim", "num_hidden_layers",
                 "n_layer", "vocab_size", "tie_word_embeddings", "dtype")
@@ -473,7 +475,8 @@ def _config_view(path: Path, cfg: dict, trust_remote_code: bool):
         text = json.dumps(cfg, sort_keys=True, allow_nan=True, default=str)
     except (TypeError, ValueError):
         return _config_object(path, cfg, trust_remote_code)
-    key = hashlib.sha256(f"{tv}\0{int(bool(trust_remote_code))}\0{text}".encode()).hexdigest()
+    layout = f"{_CONFIG_CACHE_VERSION}:{','.join(_ARCH_FIELDS)}"  # a new field makes old entries miss
+    key = hashlib.sha256(f"{layout}\0{tv}\0{int(bool(trust_remote_code))}\0{text}".encode()).hexdigest()
     entry = subnetscope_home() / "cache" / "configs" / f"{key}.json"
     try:
         saved = json.loads(entry.read_text(encoding="utf-8"))

@@ -21,6 +21,12 @@ def plain_text(s: str | None) -> str | None:
     return str(s).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
+def _hover(s: str) -> str:
+    """``s`` inside a hovertemplate: shown as text (:func:`plain_text`), with ``%`` as an entity so
+    that plotly reads no ``%{...}`` placeholder in it (a run named ``%{x}`` shows as written)."""
+    return plain_text(str(s)).replace("%", "&#37;")
+
+
 def _layout(fig: go.Figure, title: str, x: str, y: str, subtitle: str | None = None) -> go.Figure:
     """Title (and a subtitle for the details a long title would cut), axis titles, margins; 320 px
     high unless the figure already chose its height (a heatmap that grows with its layers keeps
@@ -78,7 +84,7 @@ def params_by_kind(summaries: dict[str, dict]) -> go.Figure:
     for label, s in summaries.items():
         kinds = list(s["params_by_kind"])
         fig.add_bar(name=label, x=kinds, y=[s["params_by_kind"][k] for k in kinds],
-                    hovertemplate="%{x}: %{y:,} params<extra>" + label + "</extra>")
+                    hovertemplate="%{x}: %{y:,} params<extra>" + _hover(label) + "</extra>")
     return _layout(fig, "Parameters by module kind", "module kind", "parameters")
 
 
@@ -94,7 +100,7 @@ def params_by_layer(summary: dict, label: str = "") -> go.Figure:
             if t["kind"] == k:
                 per[t["layer"]] += t["numel"]
         fig.add_bar(name=k, x=layers, y=[per[L] for L in layers],
-                    hovertemplate="layer %{x} " + k + ": %{y:,}<extra></extra>")
+                    hovertemplate="layer %{x} " + _hover(k) + ": %{y:,}<extra></extra>")
     fig.update_layout(barmode="stack")
     return _layout(fig, f"Parameters by layer{' — ' + label if label else ''}", "layer", "parameters")
 
@@ -127,7 +133,7 @@ def sparsity_sweep(sweeps: dict[str, list[dict]], tol: float | None = None) -> g
             text, size = ["τ = 0 (bit-identical or |Δ| = 0)", "", *text], [10, 0, *size]
         fig.add_scatter(x=x, y=y, text=text, mode="lines+markers", name=label, connectgaps=False,
                         marker=dict(size=size, symbol="diamond"),
-                        hovertemplate="%{text}: %{y:.2%}<extra>" + label + "</extra>")
+                        hovertemplate="%{text}: %{y:.2%}<extra>" + _hover(label) + "</extra>")
     fig.add_vline(x=PAPER_TOL, line_dash="dash", line_color="gray",
                   annotation_text=f"paper τ = {PAPER_TOL:g}", annotation_position="top left")
     if tol and tol != PAPER_TOL:
@@ -267,7 +273,8 @@ def score_heatmap(z, x, y, title: str, xtitle: str, ytitle: str = "layer") -> go
     """A plain heatmap of scores (auto range), layers down the y axis."""
     z = [[None if v is None else float(v) for v in row] for row in z]
     fig = go.Figure(go.Heatmap(z=z, x=x, y=y, colorscale="Viridis", **_range_bar(z),
-                               hovertemplate=ytitle + " %{y} " + xtitle + " %{x}: %{z:.4g}<extra></extra>"))
+                               hovertemplate=_hover(ytitle) + " %{y} " + _hover(xtitle)
+                               + " %{x}: %{z:.4g}<extra></extra>"))
     fig.update_yaxes(autorange="reversed", dtick=1)
     fig.update_layout(height=max(260, 28 * len(y) + 90))
     return _layout(fig, title, xtitle, ytitle)
@@ -330,7 +337,7 @@ def training_curves(curves: dict[str, list[dict]], y: str = "loss", title: str |
         if smooth > 1:
             ys = [sum(ys[max(0, i - smooth + 1):i + 1]) / len(ys[max(0, i - smooth + 1):i + 1]) for i in range(len(ys))]
         fig.add_scatter(x=list(xs), y=list(ys), name=label, mode="lines+markers" if len(xs) < 30 else "lines",
-                        hovertemplate="step %{x}: %{y:.4g}<extra>" + label + "</extra>")
+                        hovertemplate="step %{x}: %{y:.4g}<extra>" + _hover(label) + "</extra>")
     return _layout(fig, title or y, "step", y)
 
 
@@ -384,7 +391,8 @@ def relevance_heatmap(z, x, y, title: str, xtitle: str, ytitle: str = "layer") -
     """A signed heatmap centred on 0 (red positive, blue negative), layers down the y axis."""
     m = max((abs(v) for row in z for v in row), default=0.0) or 1.0
     fig = go.Figure(go.Heatmap(z=z, x=x, y=y, colorscale="RdBu", reversescale=True, zmin=-m, zmax=m,
-                               hovertemplate=ytitle + " %{y} " + xtitle + " %{x}: %{z:.4g}<extra></extra>"))
+                               hovertemplate=_hover(ytitle) + " %{y} " + _hover(xtitle)
+                               + " %{x}: %{z:.4g}<extra></extra>"))
     fig.update_yaxes(autorange="reversed", dtick=1)
     fig.update_layout(height=max(260, 28 * len(y) + 90))
     return _layout(fig, title, xtitle, ytitle)

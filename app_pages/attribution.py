@@ -12,7 +12,7 @@ import streamlit as st
 
 from analysis import plots
 from analysis.attribution import COMPLETENESS_TARGET, DEFAULT_BUDGET, DEFAULT_STEPS, MAX_BUDGET, MAX_STEPS, METHODS, \
-    PANEL_STEPS, START_PANELS, Attribution, attribute, compare, head_weight_change
+    MIN_BUDGET, Attribution, attribute, compare, head_weight_change
 from analysis.checkpoints import fingerprint
 from analysis.demo_task import qa_examples
 from analysis.errors import SubnetscopeError
@@ -48,7 +48,7 @@ adaptive = c6.checkbox("Adaptive IG steps", True, disabled=method != "ig", key="
                        help=f"Steps added where the path needs them until the completeness error is below "
                             f"{COMPLETENESS_TARGET:.0%}, within a budget; off: one Gauss-Legendre rule of N steps.")
 if adaptive:
-    budget = c6.number_input("IG step budget", PANEL_STEPS * START_PANELS, MAX_BUDGET,
+    budget = c6.number_input("IG step budget", MIN_BUDGET, MAX_BUDGET,
                              st.session_state.get("ig_budget", DEFAULT_BUDGET), step=256,
                              disabled=method != "ig", key="ig_budget_input")
     steps = "auto"

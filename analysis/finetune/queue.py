@@ -230,8 +230,9 @@ def work(*, poll: float = 0.5) -> int:
                     if stop["flag"]:
                         child.send_signal(signal.SIGTERM)
                     time.sleep(poll)
-        except SlotAbandoned:
-            continue  # cancelled (or the worker stopped) while waiting for the slot: never started
+        except SlotAbandoned:  # cancelled (or the worker stopped) while waiting for the slot: never started
+            run.progress_file.unlink(missing_ok=True)  # its "waiting for ..." is no longer true
+            continue
         if run.status() in ACTIVE:  # the child never wrote a final status (killed, or failed before starting)
             write_json_atomic(run.summary_file, {**run.summary(), "status": "failed",
                                                  "error": last_line(run.log_file) or f"exit code {child.returncode}"})

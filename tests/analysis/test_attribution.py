@@ -67,8 +67,8 @@ def test_ig_converges_on_a_random_init_demo_model():
     l1 = sum(abs(a - b) for a, b in zip(auto.scores, ref.scores)) / sum(map(abs, ref.scores))
     assert l1 < 1e-3
     # a budget that ends first is reported, not hidden
-    short = attribute(model, tok, "12+35=", "4", "ig", budget=64, with_faithfulness=False)
-    assert short.steps_used == 64 and short.converged is False and short.info["ig"]["score_error"] is None
+    short = attribute(model, tok, "12+35=", "4", "ig", budget=192, with_faithfulness=False)
+    assert short.steps_used == 192 and short.converged is False and short.info["ig"]["score_error"] > 1e-2
 
 
 def test_smooth_paths_stop_after_one_check():
@@ -320,8 +320,8 @@ def test_unknown_method_and_bad_steps():
     for steps in (0, -1, 4097, 10 ** 9, 2.5, True):
         with pytest.raises(AttributionError, match=f"--steps {steps!r}: IG takes 1 to 4,096 steps"):
             attribute(model, tok, PROMPT, TARGET, "ig", steps=steps)
-    for budget in (63, 65537, 10 ** 12):
-        with pytest.raises(AttributionError, match=f"--step-budget {budget}: give a whole number from 64 to 65,536"):
+    for budget in (63, 191, 65537, 10 ** 12):  # 191: too few to measure a scores error
+        with pytest.raises(AttributionError, match=f"--step-budget {budget}: give a whole number from 192 to 65,536"):
             attribute(model, tok, PROMPT, TARGET, "ig", budget=budget)
     with pytest.raises(AttributionError, match="--batch 0"):
         attribute(model, tok, PROMPT, TARGET, "ablation", batch=0)

@@ -90,3 +90,12 @@ def test_names_and_labels_are_shown_as_text_not_html():
     fig = plots.token_scores(["<s>", "1", "+"], {"ig": [0.1, 0.2, 0.3]}, "t")
     assert list(fig.data[0].x) == ["0:&lt;s&gt;", "1:1", "2:+"]
     assert plots.plain_text("plain/run-1 (from base)") == "plain/run-1 (from base)"  # ordinary names unchanged
+
+
+def test_hover_texts_show_a_crafted_name_as_text():
+    """Run names in hovertemplates are escaped too: HTML as entities, % so that a name like
+    ``%{x}`` is no placeholder."""
+    from analysis import plots
+
+    fig = plots.training_curves({"<b>x</b> %{y}": [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}]}, "loss")
+    assert fig.data[0].hovertemplate == "step %{x}: %{y:.4g}<extra>&lt;b&gt;x&lt;/b&gt; &#37;{y}</extra>"

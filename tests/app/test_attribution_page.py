@@ -90,15 +90,15 @@ def test_ig_is_adaptive_by_default_and_shows_its_steps(demo):
     bars = traces(at.get("plotly_chart")[0].proto.spec)
     assert bars[0]["y"] == pytest.approx(r.scores, rel=1e-6, abs=1e-9)
 
-    at.number_input[0].set_value(64).run()  # one round of segments, never checked against their halves
+    at.number_input[0].set_value(192).run()  # the first segments and their halves only
     assert not at.exception, at.exception
-    assert at.warning and "did not converge within its budget of 64 steps" in at.warning[0].value
-    assert any("64 evaluated of a budget of 64" in c.value and "not converged" in c.value for c in at.caption)
+    assert at.warning and "did not converge within its budget of 192 steps" in at.warning[0].value
+    assert any("192 evaluated of a budget of 192" in c.value and "not converged" in c.value for c in at.caption)
     more = next(b for b in at.button if b.label.startswith("Run with a budget"))
-    assert more.label == "Run with a budget of 256 steps"
+    assert more.label == "Run with a budget of 768 steps"
     more.click().run()
     assert not at.exception, at.exception
-    assert at.number_input[0].value == 256
+    assert at.number_input[0].value == 768
 
 
 def test_prompt_with_unknown_characters_is_a_warning_and_an_unknown_target_an_error(demo):

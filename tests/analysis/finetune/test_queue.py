@@ -69,3 +69,4 @@ def test_a_fine_tune_waits_for_the_analysis_job_holding_the_slot(demo, tmp_path,
         time.sleep(0.5)
     assert queue.status(second) == "finished"
     assert queue.status(first) == "cancelled" and not (first / "metrics.jsonl").exists()
+    assert not progress.exists()  # no "waiting for" left behind
