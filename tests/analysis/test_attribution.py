@@ -14,7 +14,7 @@ from analysis.attribution import (METHODS, AttributionError, Example, attribute,
                                   faithfulness, head_weight_change, logit_of, logprob_of, target_logits,
                                   unknown_characters)
 from analysis.demo_task import make_tokenizer
-from conftest import ROOT, tiny_gpt2, tiny_llama
+from conftest import ROOT, demo_like, tiny_gpt2, tiny_llama
 
 PROMPT, TARGET = "Q:12+07\nA:", "19"
 
@@ -75,22 +75,6 @@ def test_smooth_paths_stop_after_one_check():
     """The suite's tiny models: the first 4 segments and their halves (64 + 128 steps) suffice."""
     r = attribute(tiny_llama(vocab=21, seed=5), make_tokenizer(), PROMPT, TARGET, "ig", with_faithfulness=False)
     assert r.converged and r.steps_used == 192 and r.steps == 128 and r.completeness_error < 1e-4
-
-
-def demo_like(layers: int = 2, seed: int = 0, hidden: int = 64, reset: bool = False):
-    """The demo's architecture with random weights (``reset``: torch's default initialisation)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=21, hidden_size=hidden, intermediate_size=172, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-                      tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg).eval()
-    if reset:
-        for m in model.modules():
-            if hasattr(m, "reset_parameters") and not list(m.children()):
-                m.reset_parameters()
-    return model
 
 
 def test_prompt_length_is_checked_before_a_continuation_is_generated():

@@ -12,30 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import demo_like
 from fault_corpus import Case, params, run_case
-
-
-def demo_like(layers: int = 2, seed: int = 0, hidden: int = 64, reset: bool = False):
-    """The demo's architecture (a char-level GQA Llama, 32 positions, pad = id 0), random weights.
-
-    ``reset`` draws the weights with torch's default initialisation (N(0, 1) embeddings) instead of
-    the config's N(0, 0.02): the zero pad embedding then sits much closer to the RMSNorm singularity
-    along IG's path (see docs/integrated-gradients.md)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from analysis.demo_task import BOS, CHARS, EOS, PAD, SPECIALS
-
-    cfg = LlamaConfig(vocab_size=len(SPECIALS) + len(CHARS), hidden_size=hidden, intermediate_size=172,
-                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=32, tie_word_embeddings=False,
-                      pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg).eval()
-    if reset:
-        for m in model.modules():
-            if hasattr(m, "reset_parameters") and not list(m.children()):
-                m.reset_parameters()
-    return model
 
 
 def _ckpt(tmp: Path, name: str = "ck", tokenizer=None, **kw) -> Path:
