@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from analysis.errors import SubnetscopeError
@@ -76,6 +77,8 @@ def check_outputs(args, inputs, *names: str) -> None:
         if not path:
             continue
         real = check_output_file(path, inputs)
+        if str(real) == os.devnull:
+            continue  # discarded: any number of outputs may go there
         if real in seen:
             raise OutputError(f"{path}: given as both --{seen[real]} and --{name.replace('_', '-')}")
         seen[real] = name.replace("_", "-")

@@ -166,6 +166,16 @@ def _both_stdout(tmp):
     return ["diff", a, b, "--quiet", "--json", "-", "--mask-out", "-"]
 
 
+def _both_devnull(tmp):
+    a, b = _pair(tmp)
+    return ["diff", a, b, "--quiet", "--json", "/dev/null", "--mask-out", "/dev/null"]
+
+
+def _nothing_written(tmp, out, err):
+    assert "changed" in out  # the diff ran and printed its summary
+    assert sorted(p.name for p in tmp.iterdir()) == ["base", "tuned"]  # no file beside the inputs
+
+
 CASES = [
     Case("outputs-json-symlink-to-another-checkpoints-weights", _json_link_to_stranger_weights,
          says=("d.json", "model.safetensors", "a checkpoint's weights", "refusing"), check=_check_stranger_intact),
@@ -198,6 +208,8 @@ CASES = [
     Case("outputs-json-and-mask-out-both-stdout", _both_stdout, says=("given as both --json and --mask-out",)),
     Case("outputs-json-to-a-closed-file-descriptor", _inspect_to("/dev/fd/977"),
          says=("/dev/fd/977", "file descriptor 977, which is not open")),
+    # discarded outputs are no clash: both may go to /dev/null
+    Case("outputs-json-and-mask-out-both-devnull", _both_devnull, rc=0, check=_nothing_written),
 ]
 
 
