@@ -10,14 +10,14 @@ bar and cancel.
 import pandas as pd
 import streamlit as st
 
-from analysis import plots
-from analysis.attribution import COMPLETENESS_TARGET, DEFAULT_BUDGET, DEFAULT_STEPS, MAX_BUDGET, MAX_STEPS, METHODS, \
-    MIN_BUDGET, Attribution, attribute, compare, head_weight_change
+from ui import plots
+from analysis.attribution.methods import (COMPLETENESS_TARGET, DEFAULT_BUDGET, DEFAULT_STEPS, MAX_BUDGET, MAX_STEPS,
+                                          METHODS, MIN_BUDGET, Attribution, attribute, compare, head_weight_change)
 from analysis.checkpoints import fingerprint
-from analysis.demo_task import qa_examples
+from analysis.families.demo_task import qa_examples
 from analysis.errors import SubnetscopeError
-from analysis.lrp import VARIANTS
-from analysis.models import available_devices
+from analysis.attribution.lrp import VARIANTS
+from analysis.checkpoints.models import available_devices
 from analysis.definitions import PAPER_TOL
 from ui import work
 from ui.state import chosen_refs, label_of, parent_of
@@ -67,7 +67,7 @@ if not prompt or not target:
 
 @st.cache_resource(max_entries=2, show_spinner="Loading the model…")
 def _model(ref: str, fp: tuple, device: str):
-    from analysis.models import load_model
+    from analysis.checkpoints.models import load_model
 
     return load_model(ref, device=device, masked_lm=True)
 

@@ -3,7 +3,7 @@
 import pandas as pd
 import streamlit as st
 
-from analysis import plots
+from ui import plots
 from ui.loaders import alignment, summary, try_load
 from ui.state import chosen_refs, label_of, selection
 from ui.text import md_escape

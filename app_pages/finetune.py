@@ -1,6 +1,6 @@
 """Masked fine-tune: train only a subnetwork, next to full fine-tuning, a random mask and LoRA.
 
-Runs are queued and trained one at a time by a background worker (analysis/finetune/queue.py);
+Runs are queued and trained one at a time by a background worker (analysis/jobs/queue.py);
 they live on disk, so they survive a reload or an app restart, and runs started from the CLI show
 up here too. The curves update while runs train.
 """
@@ -11,14 +11,14 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from analysis import plots
+from ui import plots
 from analysis.errors import SubnetscopeError
-from analysis.finetune import queue
+from analysis.jobs import queue
 from analysis.finetune.compare import compare_runs, read_run
 from analysis.finetune.config import (BUDGETS, COMBINE, DEMO_RL_RECIPE, GRANULARITIES, OPTIMIZERS, TASKS,
                                       FinetuneConfig)
 from analysis.finetune.experiments import paper_experiment
-from analysis.selectors import SELECTORS
+from analysis.importance.selectors import SELECTORS
 from analysis.definitions import DECADE_TOLS, PAPER_TOL
 from ui.state import chosen_refs, demo_refs, label_of, mirror_to_url, parent_of
 from ui.text import md_escape

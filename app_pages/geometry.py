@@ -6,11 +6,11 @@ import json
 import pandas as pd
 import streamlit as st
 
-from analysis import plots
+from ui import plots
 from analysis.checkpoints import fingerprint
-from analysis.diff import tolerance_grid
+from analysis.sparsity.diff import tolerance_grid
 from analysis.errors import SubnetscopeError
-from analysis.geometry import geometry, matrix_detail, parse_k
+from analysis.sparsity.geometry import geometry, matrix_detail, parse_k
 from analysis.definitions import PAPER_TOL
 from ui import work
 from ui.state import label_of, parent_of, selection, url_bound

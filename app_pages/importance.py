@@ -11,13 +11,13 @@ import json
 import pandas as pd
 import streamlit as st
 
-from analysis import plots
+from ui import plots
 from analysis.checkpoints import fingerprint, open_checkpoint
 from analysis.errors import SubnetscopeError
-from analysis.importance import calibration_length, sample_scores, scores_to_mask, summarize
-from analysis.masks import load_mask
-from analysis.selector_eval import predictive_power, spearman, topk_jaccard
-from analysis.selectors import SELECTORS
+from analysis.importance.scores import calibration_length, sample_scores, scores_to_mask, summarize
+from analysis.sparsity.masks import load_mask, per_tensor as mask_rows
+from analysis.importance.evaluation import predictive_power, spearman, topk_jaccard
+from analysis.importance.selectors import SELECTORS
 from analysis.definitions import GRANULARITIES, PAPER_TOL
 from ui import work
 from ui.state import chosen_refs, label_of, parent_of, selection, url_bound
@@ -104,9 +104,9 @@ if scored_as == "element":
                                                "head"), key="imp_heads")
     if scores is not None:
         sample, total = sample_scores(scores, scope)
-        shown = (f"all {total:,} elements in scope" if sample.numel() == total else
-                 f"a strided sample of {sample.numel():,} of the {total:,} elements in scope")
-        st.plotly_chart(plots.score_histogram(sample.tolist(), f"Score distribution ({shown})"), key="imp_hist")
+        shown = (f"all {total:,} elements in scope" if len(sample) == total else
+                 f"a strided sample of {len(sample):,} of the {total:,} elements in scope")
+        st.plotly_chart(plots.score_histogram(sample, f"Score distribution ({shown})"), key="imp_hist")
     else:
         st.caption("The score distribution is drawn for models scored inline; the job's JSON holds the statistics "
                    "by layer and module kind shown above.")
@@ -120,8 +120,7 @@ elif scored_as == "layer":
 else:  # row
     left.caption("Row scores: see the download.")
 
-per_tensor = pd.DataFrame([{"tensor": n, "selected": int(m.sum()), "numel": m.numel(),
-                            "fraction selected": float(m.float().mean())} for n, m in mask.items() if m.any()])
+per_tensor = pd.DataFrame(mask_rows(mask), columns=["tensor", "selected", "numel", "fraction selected"])
 selected = int(per_tensor["selected"].sum()) if len(per_tensor) else 0
 right.metric("Selected elements", f"{selected:,}", help=f"density {density:g} of the {scope} scope")
 right.caption("Where the top-k lands")
@@ -132,7 +131,7 @@ def _mask_file() -> bytes:
     import tempfile
     from pathlib import Path
 
-    from analysis.masks import save_mask
+    from analysis.sparsity.masks import save_mask
 
     with tempfile.TemporaryDirectory() as tmp:
         return save_mask(Path(tmp) / "m.safetensors", mask,

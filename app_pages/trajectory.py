@@ -10,12 +10,12 @@ import json
 import pandas as pd
 import streamlit as st
 
-from analysis import plots
+from ui import plots
 from analysis.checkpoints import fingerprint
-from analysis.demo import trajectory_dirs
+from analysis.families.demo import trajectory_dirs
 from analysis.errors import SubnetscopeError
 from analysis.paths import default_demo_dir
-from analysis.trajectory import at_tolerance, infer_steps, trajectory
+from analysis.sparsity.trajectory import at_tolerance, infer_steps, trajectory
 from analysis.definitions import DECADE_TOLS, PAPER_TOL
 from ui import work
 from ui.state import label_of, url_bound

@@ -5,8 +5,8 @@ import json
 import pandas as pd
 import streamlit as st
 
-from analysis import plots
-from analysis.diff import at_tolerance, tolerance_grid
+from ui import plots
+from analysis.sparsity.diff import at_tolerance, tolerance_grid
 from analysis.errors import SubnetscopeError
 from analysis.definitions import PAPER_TOL
 from ui import work

@@ -10,9 +10,9 @@ from pathlib import Path
 
 def bench_models(names: str) -> list[tuple[str, Path]]:
     """(label, model directory) for each of the comma-separated ``demo`` / ``smollm2``."""
-    from analysis import demo
+    from analysis.families import demo
     from analysis.paths import smollm2_dir
-    from analysis.smollm2 import build_real
+    from analysis.families.smollm2 import build_real
 
     models = []
     if "demo" in names:

@@ -37,8 +37,8 @@ PROMPTS = {"demo": [("Q:12+07\nA:", "19")],
 def run(models: str, repeat: int, device: str) -> list[dict]:
     import torch
 
-    from analysis.attribution import attribute
-    from analysis.models import load_model
+    from analysis.attribution.methods import attribute
+    from analysis.checkpoints.models import load_model
 
     rows = []
     for label, path in bench_models(models):

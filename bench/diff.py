@@ -6,7 +6,7 @@ one (~20%). For each pair, each method runs in its own process, after a warm-up 
 page cache is warm:
 
   (a) raw: sequential read of both files (the floor for anything that reads the weights);
-  (b) ours: ``analysis.diff.diff_checkpoints`` (fused CPU loop, numba) + the full tolerance sweep;
+  (b) ours: ``analysis.sparsity.diff.diff_checkpoints`` (fused CPU loop, numba) + the full tolerance sweep;
   (c) paper: the method of the RL-subnetwork paper's ``check_sparsity.py`` (arXiv 2505.11711):
       ``from_pretrained`` of both models, a bf16 delta per parameter, one ``torch.cat``, then
       ``isclose(delta, 0, atol=τ)`` at five tolerances.
@@ -130,8 +130,8 @@ def child(method: str, base: str, tuned: str) -> dict:
     # imports and JIT loading are not the work being measured: do them before the clock starts
     sys.path.insert(0, str(ROOT))
     if method == "ours":
-        import kernels._diff_stats_numba  # noqa: F401
-        from analysis.diff import diff_checkpoints  # noqa: F401
+        import kernels.diff_stats.numba_loop  # noqa: F401
+        from analysis.sparsity.diff import diff_checkpoints  # noqa: F401
         from transformers import CONFIG_MAPPING
 
         CONFIG_MAPPING["llama"]
@@ -168,7 +168,7 @@ def _raw_read(dirs) -> dict:
 
 
 def _ours(base, tuned) -> dict:
-    from analysis.diff import diff_checkpoints
+    from analysis.sparsity.diff import diff_checkpoints
 
     r = diff_checkpoints(base, tuned, tol=1e-5)
     sweep = {s["tolerance"]: s["unchanged"] for s in r.sweep()}
@@ -206,8 +206,8 @@ def in_process(d: Path, repeat: int) -> None:
     sys.path.insert(0, str(ROOT))
     import torch
 
-    from analysis.diff import diff_checkpoints
-    from analysis.overlap import overlap
+    from analysis.sparsity.diff import diff_checkpoints
+    from analysis.sparsity.overlap import overlap
 
     torch.set_grad_enabled(False)
     base, sft, rl = d / "base", d / "sft", d / "rl"

@@ -42,9 +42,9 @@ def _random_mask(model, density: float, seed: int = 0) -> dict[str, torch.Tensor
 
 
 def _structured_mask(model) -> dict[str, torch.Tensor]:
-    from analysis.importance import compute_scores, structured_mask
+    from analysis.importance.scores import compute_scores, structured_mask
 
-    from analysis.masks import union
+    from analysis.sparsity.masks import union
 
     heads = structured_mask(compute_scores(model, "random", granularity="head"), 0.25)
     channels = structured_mask(compute_scores(model, "random", granularity="channel", seed=1), 0.25)
@@ -99,10 +99,10 @@ def _reset_peak() -> None:
 
 def bench_one(ref: Path, config: str, steps: int, device: str) -> dict:
     """One configuration in this (fresh) process: seconds per step, state, peak memory."""
-    from analysis import demo_task
+    from analysis.families import demo_task
     from analysis.finetune.sources import with_lora
     from analysis.finetune.sparse_adamw import SparseMaskedAdamW, masked_reference_step
-    from analysis.models import load_model
+    from analysis.checkpoints.models import load_model
 
     dev = torch.device(device)
     model, _ = load_model(ref, device=dev)

@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def main() -> None:
-    from analysis.real_family import is_real_family_dir, real_family_dir
+    from analysis.families.real_family import is_real_family_dir, real_family_dir
 
     p = argparse.ArgumentParser()
     p.add_argument("--family", type=Path, default=None)
@@ -41,9 +41,9 @@ def main() -> None:
     import torch
 
     from analysis.checkpoints import align, open_checkpoint
-    from analysis.diff import diff_checkpoints
-    from analysis.geometry import MATRIX_KINDS, geometry
-    from analysis.overlap import overlap
+    from analysis.sparsity.diff import diff_checkpoints
+    from analysis.sparsity.geometry import MATRIX_KINDS, geometry
+    from analysis.sparsity.overlap import overlap
 
     manifest = json.loads((fam / "manifest.json").read_text())
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "

@@ -32,8 +32,8 @@ def main() -> None:
     import torch
 
     from analysis.checkpoints import align, open_checkpoint
-    from analysis.tensor_map import _run_group, shard_groups
-    from analysis.trajectory import trajectory
+    from analysis.checkpoints.tensor_map import _run_group, shard_groups
+    from analysis.sparsity.trajectory import trajectory
 
     d = args.dir
     if not (d / "rl" / "model.safetensors.index.json").is_file():

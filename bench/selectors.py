@@ -44,10 +44,10 @@ def _best(fn, repeat: int) -> float:
 
 
 def bench_model(label: str, ref: Path, samples: int, seq_len: int, repeat: int) -> list[tuple]:
-    from analysis.calibration import calibration_batches
-    from analysis.importance import compute_scores
-    from analysis.models import load_model
-    from analysis.selectors import SELECTORS
+    from analysis.importance.calibration import calibration_batches
+    from analysis.importance.scores import compute_scores
+    from analysis.checkpoints.models import load_model
+    from analysis.importance.selectors import SELECTORS
 
     model, tok = load_model(ref, device="cpu")
     batches = calibration_batches("demo", tok, samples=samples, seq_len=seq_len, batch_size=8)

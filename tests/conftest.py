@@ -33,7 +33,7 @@ def demo_like(layers: int = 2, seed: int = 0, hidden: int = 64, reset: bool = Fa
     along IG's path (see docs/integrated-gradients.md)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from analysis.demo_task import BOS, CHARS, EOS, PAD, SPECIALS
+    from analysis.families.demo_task import BOS, CHARS, EOS, PAD, SPECIALS
 
     cfg = LlamaConfig(vocab_size=len(SPECIALS) + len(CHARS), hidden_size=hidden, intermediate_size=172,
                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
@@ -82,7 +82,7 @@ def _private_recent_list(tmp_path, monkeypatch):
     monkeypatch.setattr(ui.state, "_recent_file", lambda: tmp_path / "recent.json")
     monkeypatch.setenv("SUBNETSCOPE_RUNS", str(tmp_path / "runs"))  # and their runs out of the user's list
     yield
-    from analysis.finetune import queue
+    from analysis.jobs import queue
 
     queue.shutdown()  # a failed test must not leave a run training in the background
 
@@ -105,7 +105,7 @@ def llama_sharded_dir(tmp_path) -> Path:
 @pytest.fixture(scope="session")
 def demo():
     """The demo family at its default location; `make test` builds it first, built here when missing."""
-    from analysis.demo import build_demo, default_demo_dir, demo_is_current
+    from analysis.families.demo import build_demo, default_demo_dir, demo_is_current
 
     d = default_demo_dir()
     if not demo_is_current(d):
@@ -117,7 +117,7 @@ def demo():
 def smollm2(tmp_path_factory):
     """SmolLM2-135M-Instruct converted once per session from the PyPI package (about 40 s), in a
     folder of its own; tests that need the real model share it."""
-    from analysis.smollm2 import build_real
+    from analysis.families.smollm2 import build_real
 
     return build_real(tmp_path_factory.mktemp("real") / "smollm2")
 

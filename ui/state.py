@@ -57,7 +57,7 @@ def remember(ref: str) -> None:
 def demo_refs() -> dict[str, str]:
     """label -> path of the built demo family, and of the SmolLM2 family when ``demo --real
     --finetunes`` built it ({} when neither is built)."""
-    from analysis.real_family import family_refs
+    from analysis.families.real_family import family_refs
 
     d = default_demo_dir()
     refs = {}
@@ -70,7 +70,7 @@ def demo_refs() -> dict[str, str]:
 def parent_of(ref: str) -> str | None:
     """The checkpoint a fine-tune was trained from, when known (the demo and SmolLM2 family
     manifests' parents)."""
-    from analysis.real_family import real_family_dir
+    from analysis.families.real_family import real_family_dir
 
     for d in (default_demo_dir(), real_family_dir()):
         try:

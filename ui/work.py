@@ -13,10 +13,10 @@ import os
 import streamlit as st
 
 from analysis.checkpoints import fingerprint
-from analysis.diff import diff_checkpoints
+from analysis.sparsity.diff import diff_checkpoints
 from analysis.errors import SubnetscopeError
 from analysis.jobs import JobDir
-from analysis.overlap import overlap
+from analysis.sparsity.overlap import overlap
 from ui.text import md_escape
 
 
@@ -125,7 +125,7 @@ def _mask_bytes(base: str, tuned: str, tol: float, fps: tuple) -> bytes:
     import tempfile
     from pathlib import Path
 
-    from analysis.masks import save_mask
+    from analysis.sparsity.masks import save_mask
 
     masks = {}
     diff_checkpoints(base, tuned, tol=tol, on_mask=masks.__setitem__)
@@ -143,7 +143,7 @@ def mask_bytes(base: str, tuned: str, tol: float) -> bytes:
 
 @st.cache_resource(show_spinner="Loading the model…", max_entries=4)
 def _model(ref: str, fp: tuple):
-    from analysis.models import load_model
+    from analysis.checkpoints.models import load_model
 
     return load_model(ref, device="auto")
 
@@ -151,9 +151,9 @@ def _model(ref: str, fp: tuple):
 @st.cache_resource(show_spinner="Scoring…", max_entries=32)
 def _scores(ref: str, fp: tuple, selector: str, granularity: str | None, data: str, samples: int, seq_len: int,
             seed: int, options: tuple):
-    from analysis.calibration import calibration_batches
-    from analysis.importance import compute_scores
-    from analysis.selectors import get_selector
+    from analysis.importance.calibration import calibration_batches
+    from analysis.importance.scores import compute_scores
+    from analysis.importance.selectors import get_selector
 
     model, tokenizer = _model(ref, fp)
     batches = None

@@ -12,7 +12,7 @@ from analysis.jobs.progress import Progress
 
 def whole(option: str, s):
     """A whole-number option's value (None stays None), or an AttributionError naming the option."""
-    from analysis.attribution import AttributionError
+    from analysis.attribution.methods import AttributionError
 
     if s is None:
         return None
@@ -66,9 +66,9 @@ def warnings_of(label: str, r) -> list[str]:
 
 
 def cmd_attribute(args) -> int:
-    from analysis.attribution import METHODS, AttributionError, attribute, check_ig_options, compare
+    from analysis.attribution.methods import METHODS, AttributionError, attribute, check_ig_options, compare
     from analysis.io import write_json_atomic
-    from analysis.models import load_model
+    from analysis.checkpoints.models import load_model
 
     if args.method not in METHODS:  # checked here, not by argparse: one line, before any work
         raise AttributionError(f"--method {quoted(args.method)}: unknown; one of {', '.join(METHODS)}")
@@ -114,7 +114,7 @@ def cmd_attribute(args) -> int:
 
 
 def register(sub) -> None:
-    from analysis.attribution_options import COMPLETENESS_TARGET, DEFAULT_BUDGET, MAX_STEPS, METHODS
+    from analysis.attribution.options import COMPLETENESS_TARGET, DEFAULT_BUDGET, MAX_STEPS, METHODS
 
     s = sub.add_parser("attribute", help="relevance of prompt tokens, layers and heads for a target continuation")
     s.add_argument("checkpoint")

@@ -60,13 +60,13 @@ def cmd_align(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from analysis import demo
+    from analysis.families import demo
     from analysis.paths import default_demo_dir
 
     if args.finetunes and not args.real:
         raise SubnetscopeError("--finetunes builds the SmolLM2 family: use it with --real")
     if args.real and args.finetunes:
-        from analysis.real_family import build_real_family, is_real_family_dir, real_family_dir
+        from analysis.families.real_family import build_real_family, is_real_family_dir, real_family_dir
 
         out = Path(args.out) if args.out else real_family_dir()
         if args.if_missing and is_real_family_dir(out):
@@ -80,7 +80,7 @@ def cmd_demo(args) -> int:
                   f"  on {m['n']} held-out problems")
         return 0
     if args.real:
-        from analysis.smollm2 import build_real
+        from analysis.families.smollm2 import build_real
 
         out = build_real(Path(args.out) if args.out else None)
         print(f"SmolLM2-135M-Instruct saved to {out}")
@@ -101,7 +101,7 @@ def cmd_demo(args) -> int:
 def _warm(demo_dir: Path) -> None:
     """One diff of the demo pair in-process, so the first command a user runs finds numba's compiled
     loops and the configs' architecture cache on disk (a cold start compiles for seconds)."""
-    from analysis.diff import diff_checkpoints
+    from analysis.sparsity.diff import diff_checkpoints
 
     diff_checkpoints(demo_dir / "base", demo_dir / "sft")
 

@@ -93,7 +93,7 @@ def quiet_transformers(quiet: bool) -> None:
 
 def options(pairs: list[str]) -> dict[str, str]:
     """``--option KEY=VALUE`` pairs as text, in the order given; the selector converts each value to
-    the type it declares (:func:`analysis.selectors.parse_options`).
+    the type it declares (:func:`analysis.importance.selectors.parse_options`).
 
     Raises:
         SubnetscopeError: a pair without ``=``, with nothing before or after it, or a key given twice.

@@ -143,7 +143,7 @@ def _finetune(args, stop: dict) -> int:
                     return 0
             else:
                 config = config_from_args(args)
-            from analysis.finetune.queue import register
+            from analysis.jobs.queue import register
 
             # once the run owns its directory, the page lists it too (runs started from the CLI)
             summary = run_finetune(config, args.out, should_stop=lambda: stop["flag"], progress=prog,
@@ -173,7 +173,7 @@ def _finetune(args, stop: dict) -> int:
 
 
 def cmd_run_queue(args) -> int:
-    from analysis.finetune.queue import work
+    from analysis.jobs.queue import work
 
     n = work()
     print(f"trained {n} queued run(s)")

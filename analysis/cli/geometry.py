@@ -1,6 +1,6 @@
 """``geometry``: how a fine-tune moved each block matrix — spectral drift, rotation of the principal
 subspaces, alignment of the update with them, overlap with the principal weights, and the
-heavy-tail exponent α of base and tuned (analysis.geometry)."""
+heavy-tail exponent α of base and tuned (analysis.sparsity.geometry)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ def k_value(s: str | None) -> float | int | None:
     parsed by the command, not by argparse, so that a bad value is one line (``error: --k: …``).
 
     Raises:
-        SubnetscopeError: anything :func:`analysis.geometry.parse_k` refuses, naming ``--k``.
+        SubnetscopeError: anything :func:`analysis.sparsity.geometry.parse_k` refuses, naming ``--k``.
     """
     from analysis.errors import SubnetscopeError
-    from analysis.geometry import parse_k
+    from analysis.sparsity.geometry import parse_k
 
     if s is None:
         return None
@@ -31,7 +31,7 @@ def _num(x, fmt: str = ".3f") -> str:
 
 
 def cmd_geometry(args) -> int:
-    from analysis.geometry import geometry
+    from analysis.sparsity.geometry import geometry
     from analysis.io import write_json_atomic
     from analysis.jobs.progress import Progress
 

@@ -46,7 +46,7 @@ def _check_numbers(args) -> None:
 def _calibration(args, tokenizer, who: list[str], offset: int = 0):
     """The calibration batches of ``--data`` for the selectors ``who``; data that cannot be used
     is one line naming them and the problem."""
-    from analysis.calibration import CalibrationError, calibration_batches
+    from analysis.importance.calibration import CalibrationError, calibration_batches
 
     what = f"{', '.join(who)} {'needs' if len(who) == 1 else 'need'} calibration data (--data {args.data})"
     if tokenizer is None:
@@ -59,7 +59,7 @@ def _calibration(args, tokenizer, who: list[str], offset: int = 0):
 
 
 def cmd_selectors(args) -> int:
-    from analysis.selectors import SELECTORS
+    from analysis.importance.selectors import SELECTORS
 
     for name, e in SELECTORS.items():
         print(f"{name:<18} {e.label}")
@@ -75,11 +75,11 @@ def cmd_selectors(args) -> int:
 
 
 def cmd_importance(args) -> int:
-    from analysis.importance import calibration_length, compute_scores, scores_to_mask, summarize
+    from analysis.importance.scores import calibration_length, compute_scores, scores_to_mask, summarize
     from analysis.io import write_atomic, write_json_atomic
-    from analysis.masks import count, save_mask
-    from analysis.models import load_model
-    from analysis.selectors import get_selector, parse_options
+    from analysis.sparsity.masks import count, save_mask
+    from analysis.checkpoints.models import load_model
+    from analysis.importance.selectors import get_selector, parse_options
 
     entry = get_selector(args.selector)
     _check_numbers(args)
@@ -126,10 +126,10 @@ def cmd_importance(args) -> int:
 
 
 def cmd_evaluate_selectors(args) -> int:
-    from analysis.importance import calibration_length
+    from analysis.importance.scores import calibration_length
     from analysis.io import write_json_atomic
-    from analysis.models import load_model
-    from analysis.selector_eval import check_selectors, evaluate_selectors
+    from analysis.checkpoints.models import load_model
+    from analysis.importance.evaluation import check_selectors, evaluate_selectors
 
     names = [n.strip() for n in args.selectors.split(",")]
     entries = check_selectors(names, args.against_diff)

@@ -9,7 +9,7 @@ from analysis.definitions import DECADE_TOLS, PAPER_TOL
 
 
 def cmd_diff(args) -> int:
-    from analysis.diff import diff_checkpoints
+    from analysis.sparsity.diff import diff_checkpoints
     from analysis.io import write_json_atomic
 
     check_outputs(args, inputs_of([args.base, args.tuned]), "json", "mask_out")
@@ -22,7 +22,7 @@ def cmd_diff(args) -> int:
         prog.close()
     d = res.to_json()
     if args.mask_out:
-        from analysis.masks import save_mask
+        from analysis.sparsity.masks import save_mask
 
         save_mask(args.mask_out, masks, source=f"diff {res.base} -> {res.tuned} tol={res.tol:g}")
     write_json_atomic(args.json, d)
@@ -46,7 +46,7 @@ def cmd_diff(args) -> int:
 
 def cmd_overlap(args) -> int:
     from analysis.io import write_json_atomic
-    from analysis.overlap import overlap
+    from analysis.sparsity.overlap import overlap
 
     check_outputs(args, inputs_of([args.base, *args.tuned]), "json")
     prog = Progress("overlap", not args.quiet, args.progress_file)
@@ -89,7 +89,7 @@ def step_list(s: str | None) -> list[int] | None:
 
 def cmd_trajectory(args) -> int:
     from analysis.io import write_json_atomic
-    from analysis.trajectory import trajectory
+    from analysis.sparsity.trajectory import trajectory
 
     steps = step_list(args.steps)
     check_outputs(args, inputs_of([args.base, *args.checkpoints]), "json")

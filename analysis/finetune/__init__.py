@@ -9,6 +9,6 @@
   set algebra), a selector, a diff, random, ID3's incremental unmasking, full, or LoRA (PEFT);
   the LISA layer-sampling schedule; resume; the inside-mask check;
 - :mod:`~analysis.finetune.distributed`: data-parallel runs under torchrun / accelerate launch;
-- :mod:`~analysis.finetune.queue`: the runs on disk and the one-at-a-time queue of the page;
+- :mod:`~analysis.jobs.queue`: the runs on disk and the one-at-a-time queue of the page;
 - :mod:`~analysis.finetune.compare`: metrics, curves, distance to a reference run, and intervals.
 """

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from analysis.finetune.config import FinetuneConfig
 from analysis.jobs import RunDir, RunError
 from analysis.definitions import PAPER_TOL
 
@@ -17,7 +18,7 @@ def read_run(run_dir: str | Path) -> dict:
 
     Raises:
         RunError: not a run directory, or a damaged file (one line naming it)."""
-    return RunDir(run_dir).read()
+    return RunDir(run_dir).read(FinetuneConfig.from_dict)
 
 
 def update_distance(start: str | Path, a: str | Path, b: str | Path, tol: float = PAPER_TOL) -> dict:
@@ -25,7 +26,7 @@ def update_distance(start: str | Path, a: str | Path, b: str | Path, tol: float 
     values are unchanged at τ between the runs, and the cosine between their update vectors
     (θ_a − θ_start and θ_b − θ_start), in one streaming pass."""
     from analysis.checkpoints import align, iter_aligned, open_checkpoint
-    from analysis.diff import changed_mask
+    from analysis.sparsity.diff import changed_mask
 
     cks = [open_checkpoint(p) for p in (start, a, b)]
     al = align(cks)

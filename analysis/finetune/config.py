@@ -26,7 +26,7 @@ LR_SCHEDULES = ("constant", "linear", "cosine")
 DTYPES = ("float32", "bfloat16")
 COMBINE = ("union", "intersect", "minus")  # plus "consensus:K"
 SOURCES = ("mask", "selector", "diff", "random", "id3", "full", "lora")
-# the demo's own RL training (analysis/demo.py: rl-seed1 from sft), the preset of a demo-rl run
+# the demo's own RL training (analysis/families/demo.py: rl-seed1 from sft), the preset of a demo-rl run
 DEMO_RL_RECIPE = {"steps": 50, "lr": 1e-5, "batch_size": 16, "seed": 1, "eval_every": 10}
 
 

@@ -18,7 +18,7 @@ def block_density(base: str, tuned: str, tol: float = PAPER_TOL) -> float:
     Raises:
         SubnetscopeError: the checkpoints cannot be read or compared (one line).
     """
-    from analysis.diff import diff_checkpoints
+    from analysis.sparsity.diff import diff_checkpoints
 
     res = diff_checkpoints(base, tuned, tol=tol)
     blocks = [t for t in res.tensors if t.layer is not None and len(t.shape) == 2]

@@ -186,7 +186,7 @@ def resume_finetune(run_dir: str | Path, *, steps: int | None = None, **kwargs) 
     d = Path(run_dir)
     run = RunDir(d)
     run.require_run()
-    saved = run.read_config()
+    saved = run.read_config(FinetuneConfig.from_dict)
     done = run.saved_step()
     main = int(os.environ.get("RANK", "0")) == 0  # the other ranks see rank 0's lock and status
     if main and (run.locked or run.status() == "running"):
@@ -199,6 +199,6 @@ def resume_finetune(run_dir: str | Path, *, steps: int | None = None, **kwargs) 
 
 
 def _device(name: str) -> torch.device:
-    from analysis.models import resolve_device
+    from analysis.checkpoints.models import resolve_device
 
     return resolve_device(name)

@@ -19,7 +19,7 @@ Mask = dict[str, torch.Tensor]
 def block_weights(model) -> list[str]:
     """The 2-D attention and MLP weights inside the transformer blocks (the universe of random and
     ID3 masks; the same ``blocks`` scope as the selectors' budgets, for every supported family)."""
-    from analysis.importance import in_scope
+    from analysis.importance.scores import in_scope
 
     return [n for n, p in model.named_parameters() if in_scope(n, p.shape, None, "blocks")]
 
@@ -46,13 +46,13 @@ def build_mask(config: FinetuneConfig, model, calibration=None) -> Mask | None:
     if source == "mask":
         return fit_mask(combine_mask_files(config.mask, config.mask_combine), params, " ".join(config.mask))
     if source == "diff":
-        from analysis.diff import diff_checkpoints
+        from analysis.sparsity.diff import diff_checkpoints
 
         masks: Mask = {}
         diff_checkpoints(config.diff[0], config.diff[1], tol=config.diff_tol, on_mask=masks.__setitem__)
         return fit_mask(masks, params, f"the diff {config.diff[0]} -> {config.diff[1]}")
     if source == "selector":
-        from analysis.importance import compute_scores, scores_to_mask
+        from analysis.importance.scores import compute_scores, scores_to_mask
 
         if calibration is None:
             raise FinetuneConfigError("a selector mask needs the task's calibration data")
@@ -65,7 +65,7 @@ def build_mask(config: FinetuneConfig, model, calibration=None) -> Mask | None:
 def combine_mask_files(paths: list[str], combine: str) -> Mask:
     """Mask files read and combined: ``union``, ``intersect``, ``minus`` (the first without the
     others) or ``consensus:K``."""
-    from analysis import masks as M
+    from analysis.sparsity import masks as M
 
     loaded = [M.load_mask(p) for p in paths]
     if len(loaded) == 1:
@@ -109,8 +109,8 @@ def fit_mask(mask: Mask, params: dict, what: str) -> Mask:
 def check_mask_fits(path: str, ck) -> None:
     """A mask file must name tensors of the checkpoint, each with that tensor's shape (checked
     before a run directory exists)."""
-    from analysis.masks import load_mask
-    from analysis.structure import normalize_name
+    from analysis.sparsity.masks import load_mask
+    from analysis.checkpoints.structure import normalize_name
 
     mask = load_mask(path)  # a missing, foreign or damaged file is a MaskError
     shapes = {t.key: t.shape for t in ck.tensors.values()}
@@ -141,12 +141,12 @@ def d3_scores(param: torch.nn.Parameter, exp: float, eps: float) -> torch.Tensor
 
 def with_lora(model, rank: int):
     """PEFT LoRA on the attention and MLP projections (the LoRA control of docs/design.md §8), chosen by
-    module kind (:func:`analysis.structure.lora_targets`). GPT-2's ``Conv1D`` stores its weight
+    module kind (:func:`analysis.checkpoints.structure.lora_targets`). GPT-2's ``Conv1D`` stores its weight
     [in, out]: PEFT is told so (``fan_in_fan_out``)."""
     from peft import LoraConfig, get_peft_model
     from transformers.pytorch_utils import Conv1D
 
-    from analysis.structure import lora_targets
+    from analysis.checkpoints.structure import lora_targets
 
     targets = lora_targets(model)
     if not targets:

@@ -2,11 +2,11 @@
 
 - ``demo-sft``: the demo's Q/A arithmetic, loss on the answer and ``<eos>``; metric: exact-match
   greedy accuracy on the 256 held-out problems;
-- ``demo-rl``: the demo's policy gradient (:func:`analysis.demo_task.rl_loss`, 8 samples a prompt,
+- ``demo-rl``: the demo's policy gradient (:func:`analysis.families.demo_task.rl_loss`, 8 samples a prompt,
   exact-match reward), so a full run reproduces the demo's RL runs; same metric, and at the end
   the sampled reward over ``reward_samples`` completions a problem;
 - ``lm``: causal-LM loss on a ``.txt`` / ``.jsonl`` file or dataset (the formats of calibration
-  data, :mod:`analysis.calibration`), read in bounded pieces and only as far as the run needs
+  data, :mod:`analysis.importance.calibration`), read in bounded pieces and only as far as the run needs
   (:func:`lm_sequences`); ``eval_samples`` sequences are held out; metric: held-out loss per token
   and its perplexity.
 
@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from analysis import demo_task
-from analysis.calibration import tokenize_example
+from analysis.families import demo_task
+from analysis.importance.calibration import tokenize_example
 from analysis.finetune.config import FinetuneConfig, FinetuneConfigError
 from analysis.finetune.distributed import Distributed
 from analysis.training import IGNORE, lm_loss
@@ -56,7 +56,7 @@ class Task:
 
     def calibration(self, samples: int = 32, seq_len: int = 64, batch_size: int = 8) -> list:
         """Calibration batches for a selector mask, from the task's own training data."""
-        from analysis.calibration import calibration_batches
+        from analysis.importance.calibration import calibration_batches
 
         data = self.config.data if self.name == "lm" else "demo"
         return calibration_batches(data, self.tokenizer, samples=samples, seq_len=min(seq_len, self.config.seq_len),
@@ -133,7 +133,7 @@ class LanguageModeling(Task):
 
     def __init__(self, *a):
         super().__init__(*a)
-        from analysis.calibration import collate as _collate
+        from analysis.importance.calibration import collate as _collate
 
         if self.tokenizer is None:
             raise FinetuneConfigError(f"{self.config.checkpoint}: the lm task needs the checkpoint's tokenizer")
@@ -195,7 +195,7 @@ def lm_sequences(config: FinetuneConfig, tokenizer) -> tuple[list[tuple[list, li
     Raises:
         FinetuneConfigError: a file that cannot be read, a malformed or oversized record (one line).
     """
-    from analysis.calibration import CalibrationError, token_sequences
+    from analysis.importance.calibration import CalibrationError, token_sequences
 
     c = config
     need = c.steps * c.batch_size + 5 * c.eval_samples

@@ -48,8 +48,8 @@ class Trainer:
     def __init__(self, config: FinetuneConfig, run: RunDir, dist: Distributed, device: torch.device, *,
                  metrics_file: IO[str] | None = None, should_stop: Callable[[], bool] | None = None,
                  progress: Callable[[int, int, str], None] | None = None):
-        from analysis.models import load_model
-        from analysis.structure import tensor_role
+        from analysis.checkpoints.models import load_model
+        from analysis.checkpoints.structure import tensor_role
 
         c = config
         self.config, self.run, self.dist, self.device = config, run, dist, device
@@ -283,7 +283,7 @@ class Trainer:
             result["final_eval"] = ev
         mask = self.mask
         if c.source == "id3":
-            from analysis.masks import save_mask
+            from analysis.sparsity.masks import save_mask
 
             mask = self.opt.mask()
             save_mask(self.run.mask_file, {n: mask.get(n, torch.zeros(p.shape, dtype=torch.bool))

@@ -34,7 +34,7 @@ def outside_mask_changed(start: str | Path, final: str | Path, mask) -> int | No
     (must be 0); None for a full fine-tune."""
     if mask is None:
         return None
-    from analysis.diff import diff_checkpoints
+    from analysis.sparsity.diff import diff_checkpoints
 
     outside = 0
 

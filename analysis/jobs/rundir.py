@@ -1,7 +1,7 @@
 """A fine-tune's run directory: what it holds, whose it is, who writes it, and how it stands.
 
 The one owner of a run directory's layout and state, used by the trainer
-(:mod:`analysis.finetune.run`), the queue (:mod:`analysis.finetune.queue`), the comparison
+(:mod:`analysis.finetune.run`), the queue (:mod:`analysis.jobs.queue`), the comparison
 (:mod:`analysis.finetune.compare`), the CLI and the Fine-tuning page:
 
 - the **marker** ``.subnetscope-run`` says the directory is a Subnetscope run (a model directory
@@ -236,15 +236,17 @@ class RunDir:
         :meth:`read_config`)."""
         return read_json(self.config_file)
 
-    def read_config(self) -> dict:
-        """``config.json``, checked to be a run configuration that can run
-        (:meth:`FinetuneConfig.from_dict <analysis.finetune.config.FinetuneConfig.from_dict>`).
+    def read_config(self, check) -> dict:
+        """``config.json``, checked to be a run configuration that can run.
+
+        Args:
+            check (callable): the configuration's own check, given the dict (the fine-tune passes
+                :meth:`FinetuneConfig.from_dict <analysis.finetune.config.FinetuneConfig.from_dict>`:
+                the run directory owns the file, the trainer owns what it means).
 
         Raises:
             RunError: not a run directory, or a damaged configuration (one line naming the file).
         """
-        from analysis.finetune.config import FinetuneConfig
-
         try:
             config = read_json_file(self.config_file, "run configuration")
         except FileNotFoundError:
@@ -252,7 +254,7 @@ class RunDir:
         if not isinstance(config, dict):
             raise RunError(f"{self.config_file}: damaged run configuration ({_json_kind(config)}, not a JSON object)")
         try:
-            FinetuneConfig.from_dict(dict(config))
+            check(dict(config))
         except SubnetscopeError as e:
             raise RunError(f"{self.config_file}: damaged run configuration ({e})") from None
         return config
@@ -336,16 +338,17 @@ class RunDir:
                 raise RunError(f"{self.eval_file}: damaged evaluation ({key} is {quoted(v, 30)})")
         return ev
 
-    def read(self) -> dict:
-        """``{"run", "config", "summary", "metrics", "warnings"}`` of the run, every file checked:
-        ``warnings`` holds the one-line problems that left the run readable (damaged metric lines).
+    def read(self, check) -> dict:
+        """``{"run", "config", "summary", "metrics", "warnings"}`` of the run, every file checked
+        (the configuration by ``check``, as :meth:`read_config`): ``warnings`` holds the one-line
+        problems that left the run readable (damaged metric lines).
 
         Raises:
             RunError: not a run directory, or a damaged configuration or summary (one line naming
                 the file and the problem).
         """
         self.require_run()
-        config = self.read_config()
+        config = self.read_config(check)
         summary = self.read_summary()
         if summary is None:
             raise RunError(f"{self.path}: not a run directory (missing summary.json)")

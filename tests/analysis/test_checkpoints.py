@@ -368,7 +368,7 @@ def _causal_lm(config_cls, model_cls, **kw):
 def test_config_check_accepts_legitimate_checkpoints(make, unit_rows, tmp_path):
     """Every family's real layout (GQA, biases, head_dim ≠ hidden/heads, tied, Conv1D) passes the
     config-vs-weights check, and every head and channel row is then covered by unit_slices."""
-    from analysis.structure import unit_slices
+    from analysis.checkpoints.structure import unit_slices
 
     model = make()
     model.save_pretrained(tmp_path / "m")
@@ -760,7 +760,7 @@ def test_config_cache_gives_transformers_architecture(tmp_path, monkeypatch):
     """The architecture read through the on-disk config cache (a command that skips importing
     transformers) equals the one from transformers' config classes, for each family's defaults and
     aliases (GPT-2's n_embd and n_inner = 4·n_embd, Llama's GQA, BERT); a damaged entry is ignored."""
-    import analysis.checkpoints as ck_mod
+    import analysis.checkpoints.open as ck_mod
     from analysis.checkpoints import open_checkpoint
 
     monkeypatch.setenv("SUBNETSCOPE_HOME", str(tmp_path / "home"))

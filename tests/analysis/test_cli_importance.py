@@ -7,8 +7,8 @@ import json
 import pytest
 
 from analysis.__main__ import main
-from analysis.masks import count, load_mask
-from analysis.selectors import SELECTORS
+from analysis.sparsity.masks import count, load_mask
+from analysis.importance.selectors import SELECTORS
 
 
 def test_selectors_lists_registry(capsys):

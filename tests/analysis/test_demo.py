@@ -1,4 +1,4 @@
-"""The embedded demo family (analysis/demo.py): determinism, layout, the finding, SmolLM2."""
+"""The embedded demo family (analysis/families/demo.py): determinism, layout, the finding, SmolLM2."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from analysis import demo, demo_task, smollm2
+from analysis.families import demo, demo_task, smollm2
 from analysis.errors import SubnetscopeError
 
 TINY = 0.02  # base 12 steps, sft 6, rl 1 each: a few seconds

@@ -4,8 +4,8 @@ RL updates are far sparser than SFT's, and two RL runs overlap more than chance.
 from __future__ import annotations
 
 
-from analysis.diff import diff_checkpoints
-from analysis.overlap import overlap
+from analysis.sparsity.diff import diff_checkpoints
+from analysis.sparsity.overlap import overlap
 
 
 def test_rl_is_sparser_than_sft(demo):

@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import save_file
 
 from analysis.__main__ import main
-from analysis.diff import diff_checkpoints
-from analysis.masks import load_mask
+from analysis.sparsity.diff import diff_checkpoints
+from analysis.sparsity.masks import load_mask
 from conftest import tiny_llama
 
 N = 68_160  # parameters of the tiny Llama
@@ -202,9 +202,9 @@ def test_cli_diff_norms_by_hand(tmp_path, dtype):
 
 def test_mask_from_the_pass_is_the_definition(planted):
     """on_mask gets the mask of the statistics pass; it equals the one definition
-    (kernels.diff_stats.changed_mask, re-exported as analysis.diff.changed_mask) on every tensor."""
+    (kernels.diff_stats.changed_mask, re-exported as analysis.sparsity.diff.changed_mask) on every tensor."""
     from analysis.checkpoints import open_checkpoint
-    from analysis.diff import changed_mask
+    from analysis.sparsity.diff import changed_mask
     from kernels.diff_stats import changed_mask as definition
 
     base, tuned, e = planted
@@ -219,7 +219,7 @@ def test_mask_from_the_pass_is_the_definition(planted):
 
 
 def test_changed_mask_of_an_incomparable_pair_is_one_line():
-    from analysis.diff import changed_mask
+    from analysis.sparsity.diff import changed_mask
     from analysis.errors import SubnetscopeError
 
     with pytest.raises(SubnetscopeError, match=r"^dtype int8 vs bfloat16: not compared"):
@@ -258,7 +258,7 @@ def test_every_grid_tolerance_from_one_pass(demo):
     well under 100 ms; MLP channels stay at the pass τ."""
     import time
 
-    from analysis.diff import at_tolerance, tolerance_grid
+    from analysis.sparsity.diff import at_tolerance, tolerance_grid
 
     base, tuned = demo / "sft", demo / "rl-seed1"
     one = diff_checkpoints(base, tuned, tol=1e-5).to_json()

@@ -17,9 +17,9 @@ import torch
 from safetensors.torch import save_file
 
 from analysis.__main__ import main
-from analysis.diff import PAPER_TOL, diff_checkpoints
+from analysis.sparsity.diff import PAPER_TOL, diff_checkpoints
 from analysis.errors import SubnetscopeError
-from analysis.overlap import overlap
+from analysis.sparsity.overlap import overlap
 from conftest import ROOT, tiny_gpt2, tiny_llama
 
 Q = "model.layers.0.self_attn.q_proj.weight"
@@ -329,9 +329,9 @@ def _llama_dir(path: Path, edit=None) -> Path:
 
 
 def test_predictive_power_when_nothing_or_everything_changed(llama_dir):
-    from analysis.importance import compute_scores
-    from analysis.models import load_model
-    from analysis.selector_eval import predictive_power
+    from analysis.importance.scores import compute_scores
+    from analysis.checkpoints.models import load_model
+    from analysis.importance.evaluation import predictive_power
 
     model, _ = load_model(llama_dir, device="cpu")
     scores = compute_scores(model, "magnitude")
@@ -356,7 +356,7 @@ def test_cli_evaluate_selectors_against_a_fine_tune_that_changed_nothing(demo, t
 
 
 def test_importance_needs_float_parameters():
-    from analysis.importance import ImportanceError, compute_scores
+    from analysis.importance.scores import ImportanceError, compute_scores
 
     model = tiny_llama()
     layer = model.model.layers[0].self_attn.q_proj
@@ -383,8 +383,8 @@ def test_importance_of_a_quantized_checkpoint_is_one_line(tmp_path, capsys, dtyp
 
 def test_importance_allows_integer_buffers(tmp_path):
     """Integer buffers (GPT-2's stored attention mask, BERT's position ids) are not weights."""
-    from analysis.importance import compute_scores
-    from analysis.models import load_model
+    from analysis.importance.scores import compute_scores
+    from analysis.checkpoints.models import load_model
 
     model = tiny_gpt2()
     d = tmp_path / "gpt2"
@@ -405,7 +405,7 @@ def test_paper_tolerance_is_defined_once():
 
 
 def test_plots_show_undefined_ratios():
-    from analysis import plots
+    from ui import plots
 
     pair = {"a": 0, "b": 1, "o1": None, "o2": 0.0, "o1_random": 0.1, "o2_random": 0.0, "o1_matched": None,
             "o2_matched": 0.0}

@@ -1,4 +1,4 @@
-"""The geometry of an update (analysis/geometry.py) against hand-built cases, the randomized top-k
+"""The geometry of an update (analysis/sparsity/geometry.py) against hand-built cases, the randomized top-k
 against a full SVD, α on a known spectrum, the principal selector, and the ``geometry`` command."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from safetensors.torch import save_file
 
 from analysis.__main__ import main
 from analysis.errors import SubnetscopeError
-from analysis.geometry import (geometry, matrix_geometry, power_law_alpha, principal_angles, resolve_k,
-                               spectrum_top_k)
+from analysis.sparsity.geometry import (geometry, matrix_geometry, power_law_alpha, principal_angles, resolve_k,
+                                        spectrum_top_k)
 
 
 def _orthonormal(n: int, seed: int) -> torch.Tensor:
@@ -35,7 +35,7 @@ def test_resolve_k():
     for bad in (0, -1, 0.0, float("nan"), 2.5, True):
         with pytest.raises(SubnetscopeError, match="k must be"):
             resolve_k(bad, 30)
-    from analysis.geometry import parse_k
+    from analysis.sparsity.geometry import parse_k
 
     assert (parse_k(""), parse_k("1%"), parse_k("8"), parse_k("0.05"), parse_k("5%")) == (None, None, 8, 0.05, 0.05)
     for bad in ("abc", "1.5", "-3", "0%"):
@@ -119,7 +119,7 @@ def test_randomized_top_k_against_a_full_svd(monkeypatch):
     """Beyond FULL_SVD_MAX the top-k comes from torch.svd_lowrank: its σ within the stated error of
     the exact ones, and its subspaces within the angle the stated residual bounds (sin θ ≤ residual ·
     σ₁ / gap); on a noisy spectrum without a gap, the stated error still covers the σ error."""
-    import analysis.geometry as geo
+    import analysis.sparsity.geometry as geo
 
     monkeypatch.setattr(geo, "FULL_SVD_MAX", 50)
     u, v = _orthonormal(300, 7)[:, :200], _orthonormal(200, 8)
@@ -183,7 +183,7 @@ def test_geometry_of_a_checkpoint_pair_and_the_cli(tmp_path, capsys):
     if not torch.cuda.is_available():
         assert main(["geometry", base, tuned, "--device", "cuda", "--json", str(out), "--quiet"]) == 2
         assert "CUDA is not available" in capsys.readouterr().err
-    from analysis.geometry import matrix_detail
+    from analysis.sparsity.geometry import matrix_detail
 
     m = matrix_detail(base, tuned, "layers.1.mlp.up_proj.weight", k=2)
     assert len(m["sigma_base"]) == 64 and len(m["angles_u"]) == 2 and max(m["angles_u"]) == pytest.approx(
@@ -193,7 +193,7 @@ def test_geometry_of_a_checkpoint_pair_and_the_cli(tmp_path, capsys):
 
 
 def test_principal_selector_formula():
-    from analysis.selectors import get_selector
+    from analysis.importance.selectors import get_selector
     from conftest import tiny_llama
 
     m = tiny_llama()
@@ -209,10 +209,10 @@ def test_non_finite_matrices_are_refused_before_any_svd(monkeypatch, tmp_path):
     """No SVD ever sees NaN / ±inf (LAPACK fails on them, or returns a spectrum of garbage): the full
     and the randomized paths of spectrum_top_k, matrix_geometry, matrix_detail and the principal
     selector all say which matrix holds what."""
-    import analysis.geometry as geo
-    from analysis.geometry import NonFiniteMatrix, matrix_detail, nonfinite_reason
-    from analysis.selectors import get_selector
-    from analysis.selectors.base import SelectorError
+    import analysis.sparsity.geometry as geo
+    from analysis.sparsity.geometry import NonFiniteMatrix, matrix_detail, nonfinite_reason
+    from analysis.importance.selectors import get_selector
+    from analysis.importance.selectors.base import SelectorError
     from conftest import tiny_llama
 
     w, *_ = _matrix()

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from analysis.jobs import JobDir, job_id
-from analysis.diff import diff_checkpoints
+from analysis.sparsity.diff import diff_checkpoints
 from conftest import tiny_llama
 
 

@@ -1,4 +1,4 @@
-"""LRP rules (analysis/lrp.py): hand-computed LRP-ε, conservation per family, exact restore."""
+"""LRP rules (analysis/attribution/lrp.py): hand-computed LRP-ε, conservation per family, exact restore."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from analysis.attribution import attribute, embeddings, encode, logit_of, target_logits
-from analysis.demo_task import make_tokenizer
-from analysis.lrp import LRPError, epsilon_forward, identity_forward, instance_forwards, lrp_rules
+from analysis.attribution.methods import attribute, embeddings, encode, logit_of, target_logits
+from analysis.families.demo_task import make_tokenizer
+from analysis.attribution.lrp import LRPError, epsilon_forward, identity_forward, instance_forwards, lrp_rules
 from conftest import tiny_gpt2, tiny_llama
 
 PROMPT, TARGET = "Q:12+07\nA:", "19"
@@ -204,7 +204,7 @@ def test_rules_apply_to_one_instance_only():
 def test_per_head_relevance_sums_to_the_output_projection():
     """Σ over heads of the per-head relevance = the relevance at o_proj's input = the relevance at
     its output (o_proj has no bias in Llama), layer by layer, computed independently here."""
-    from analysis.selectors.base import modules_of_kind
+    from analysis.importance.selectors.base import modules_of_kind
 
     model, tok = tiny_llama(vocab=21, seed=4), make_tokenizer()
     res = attribute(model, tok, PROMPT, TARGET, "lrp-cp", with_faithfulness=False)
@@ -250,7 +250,7 @@ def test_unsupported_models_and_variants_say_so():
 def test_lrp_selector_is_weight_times_modified_gradient():
     """The `lrp` selector's score of an element = |Σ_batches W ⊙ ∂f/∂W| under the rules, f = Σ of the
     true next token's logit over the labelled positions — recomputed here for two parameters."""
-    from analysis.selectors import SELECTORS
+    from analysis.importance.selectors import SELECTORS
 
     model = tiny_llama(vocab=21, seed=9)
     ids = torch.tensor([[1, 5, 6, 7, 8, 9, 10], [1, 9, 8, 7, 6, 5, 4]])
@@ -271,7 +271,7 @@ def test_lrp_selector_is_weight_times_modified_gradient():
 
 
 def test_uniform_rule_keeps_the_value_and_divides_the_gradient():
-    from analysis.lrp import scale_grad
+    from analysis.attribution.lrp import scale_grad
 
     x = torch.randn(1000, dtype=torch.float32, requires_grad=True) * 1e3
     x.retain_grad()

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from analysis.errors import SubnetscopeError
-from analysis.masks import FORMAT, load_mask, save_mask
+from analysis.sparsity.masks import FORMAT, load_mask, save_mask
 
 
 def _packed(n_bytes: int) -> torch.Tensor:

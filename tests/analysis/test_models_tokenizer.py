@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from analysis.demo import make_tokenizer
-from analysis.models import ModelLoadError, load_model
+from analysis.families.demo import make_tokenizer
+from analysis.checkpoints.models import ModelLoadError, load_model
 from conftest import tiny_llama
 
 

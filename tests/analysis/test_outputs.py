@@ -83,8 +83,8 @@ def test_finetune_out_inside_the_checkpoint_refused(sft, capsys):
 
 
 def test_finetune_out_holding_a_mask_or_a_diff_checkpoint_refused(demo, sft, tmp_path, capsys):
-    from analysis.masks import save_mask
-    from analysis.models import load_model
+    from analysis.sparsity.masks import save_mask
+    from analysis.checkpoints.models import load_model
 
     model, _ = load_model(sft, device="cpu")
     import torch
@@ -316,11 +316,11 @@ def test_json_to_dev_stdout_of_a_real_pipe(pair, tmp_path):
 
 
 def test_an_output_in_proc_is_refused_before_any_work(pair, capsys, monkeypatch):
-    import analysis.diff
+    import analysis.sparsity.diff
 
     a, b = pair
     calls = []
-    monkeypatch.setattr(analysis.diff, "diff_stats", lambda *x: calls.append(1))  # must never be reached
+    monkeypatch.setattr(analysis.sparsity.diff, "diff_stats", lambda *x: calls.append(1))  # must never be reached
     for out in ("/proc/self/fd/out.json", "/sys/kernel/out.json"):
         assert main(["diff", str(a), str(b), "--quiet", "--json", out]) == 2
         _one_line_error(capsys, f"{out}: lies in /", "the kernel's virtual file system")
@@ -336,7 +336,7 @@ def test_a_mask_or_scores_file_of_ours_is_replaced_by_a_rerun(demo, tmp_path, ca
                      "--mask-out", str(mask)]) == 0
         assert main(["importance", str(a), "--selector", "magnitude", "--quiet", "--json",
                      str(tmp_path / "i.json"), "--scores-out", str(scores)]) == 0
-    from analysis.masks import load_mask
+    from analysis.sparsity.masks import load_mask
 
     assert load_mask(mask) and scores.stat().st_size > 0
 
@@ -431,12 +431,12 @@ def mount_tmpfs(tmp_path):
 
 
 def test_read_only_filesystem_refused_before_any_work(pair, mount_tmpfs, capsys, monkeypatch):
-    import analysis.diff
+    import analysis.sparsity.diff
 
     a, b = pair
     ro = mount_tmpfs("64k", ro=True)
     calls = []
-    monkeypatch.setattr(analysis.diff, "diff_stats", lambda *x: calls.append(1))  # must never be reached
+    monkeypatch.setattr(analysis.sparsity.diff, "diff_stats", lambda *x: calls.append(1))  # must never be reached
     assert main(["diff", str(a), str(b), "--quiet", "--json", str(ro / "d.json")]) == 2
     _one_line_error(capsys, "read-only file system")
     assert calls == []
@@ -536,7 +536,7 @@ def test_bad_numbers_are_refused_before_a_run_directory_exists(sft, tmp_path, ca
 def test_a_mask_of_another_model_is_refused_before_anything_is_written(sft, tmp_path, capsys):
     import torch
 
-    from analysis.masks import save_mask
+    from analysis.sparsity.masks import save_mask
 
     m = tmp_path / "other.safetensors"
     save_mask(m, {"model.layers.0.self_attn.q_proj.weight": torch.ones(3, 3, dtype=torch.bool)})

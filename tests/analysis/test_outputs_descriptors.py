@@ -41,7 +41,7 @@ def test_run_directory_with_our_mask_is_no_checkpoint(tmp_path):
     (run / "config.json").write_text(json.dumps({"checkpoint": "x", "steps": 3}))  # a fine-tune's options
     import torch
 
-    from analysis.masks import save_mask
+    from analysis.sparsity.masks import save_mask
 
     save_mask(run / "mask.safetensors", {"w": torch.ones(3, dtype=torch.bool)}, source="t")
     assert check_output_file(run / "report.json", []) == (run / "report.json").resolve()

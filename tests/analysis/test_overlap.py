@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import save_file
 
 from analysis.__main__ import main
-from analysis.masks import MaskError, consensus, intersect, load_mask, save_mask, union
-from analysis.overlap import overlap
+from analysis.sparsity.masks import MaskError, consensus, intersect, load_mask, save_mask, union
+from analysis.sparsity.overlap import overlap
 
 W = "model.layers.0.mlp.up_proj.weight"
 
@@ -100,7 +100,7 @@ def test_mask_errors(tmp_path):
 def test_coded_and_pairwise_counts_agree(tmp_path, monkeypatch):
     """The fused per-code counts (up to MAX_CODED_RUNS runs) and the pair-by-pair masks (beyond)
     give the same overlap, every count and baseline."""
-    import analysis.overlap as ov
+    import analysis.sparsity.overlap as ov
 
     base, p = _runs(tmp_path)
     coded = overlap(base, [p["A"], p["B"], p["C"]], tol=1e-5).to_json()

@@ -1,4 +1,4 @@
-"""Figure builders of analysis/plots.py, checked on the figure data (decoded as a browser gets it)."""
+"""Figure builders of ui/plots.py, checked on the figure data (decoded as a browser gets it)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from analysis.plots import sparsity_sweep
+from ui.plots import sparsity_sweep
 from plotly_data import traces
 
 ROWS = [{"tolerance": 0.0, "update_sparsity": 0.25}, {"tolerance": 1e-8, "update_sparsity": 0.5},
@@ -43,7 +43,7 @@ def test_sparsity_sweep_without_tau_zero_keeps_the_default_axis():
 def test_heatmaps_keep_their_height_and_show_the_data_range():
     """A heatmap that grows with its layers keeps that height (it used to be reset to 320 px), and
     a score heatmap's colour range is exactly the data's, printed at both ends of the bar."""
-    from analysis import plots
+    from ui import plots
 
     z = [[0.0002, 0.005], [0.003, None]] * 15  # 30 layers
     fig = plots.score_heatmap(z, ["mlp", "k"], list(range(30)), "t", "kind")
@@ -64,7 +64,7 @@ def test_heatmaps_keep_their_height_and_show_the_data_range():
 def test_absorption_marks_tau_in_the_legend_not_on_the_bars():
     """τ is a dotted trace on the half-ulp axis named in the legend (no annotation text that could
     sit on the bars), spanning the binades shown; the half-ulp axis spans them and τ."""
-    from analysis.plots import absorption
+    from ui.plots import absorption
 
     rows = [{"exponent": e, "abs_base_low": 2.0 ** (e - 127), "bf16_half_ulp": 2.0 ** (e - 135), "numel": 10,
              "unchanged": 4, "unchanged_fraction": 0.4} for e in (110, 118, 122)]
@@ -80,7 +80,7 @@ def test_absorption_marks_tau_in_the_legend_not_on_the_bars():
 def test_names_and_labels_are_shown_as_text_not_html():
     """A run or token named like HTML (a crafted directory name) is drawn as written: plotly renders
     <a href>, <b> ... in titles, legend names and category labels, so &, < and > become entities."""
-    from analysis import plots
+    from ui import plots
 
     evil = '<a href="javascript:alert(1)">x</a> & <b>y</b>'
     fig = plots.training_curves({evil: [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}]}, "loss", evil)
@@ -95,7 +95,7 @@ def test_names_and_labels_are_shown_as_text_not_html():
 def test_hover_texts_show_a_crafted_name_as_text():
     """Run names in hovertemplates are escaped too: HTML as entities, % so that a name like
     ``%{x}`` is no placeholder."""
-    from analysis import plots
+    from ui import plots
 
     fig = plots.training_curves({"<b>x</b> %{y}": [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}]}, "loss")
     assert fig.data[0].hovertemplate == "step %{x}: %{y:.4g}<extra>&lt;b&gt;x&lt;/b&gt; &#37;{y}</extra>"

@@ -10,9 +10,9 @@ import sys
 import pytest
 import torch
 
-from analysis.diff import diff_checkpoints
-from analysis.overlap import overlap
-from analysis.trajectory import trajectory
+from analysis.sparsity.diff import diff_checkpoints
+from analysis.sparsity.overlap import overlap
+from analysis.sparsity.trajectory import trajectory
 from conftest import ROOT, tiny_llama
 
 pytestmark = pytest.mark.multiprocess

@@ -25,7 +25,7 @@ from safetensors.torch import save
 
 from analysis.checkpoints import open_checkpoint, summarize
 from analysis.errors import SubnetscopeError
-from analysis.masks import FORMAT, load_mask, save_mask
+from analysis.sparsity.masks import FORMAT, load_mask, save_mask
 
 SETTINGS = dict(derandomize=True, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 MAX_RSS_GROWTH = 512 * 2**20  # bytes; a header that sized an allocation would need far more

@@ -1,4 +1,4 @@
-"""The SmolLM2 fine-tune family (analysis/real_family.py) on a reduced budget: 2 SFT steps and one RL
+"""The SmolLM2 fine-tune family (analysis/families/real_family.py) on a reduced budget: 2 SFT steps and one RL
 step per seed from the real converted model, evaluated on 8 held-out problems; an interrupted build
 resumes from its finished stages; the CLI's flags."""
 
@@ -10,9 +10,9 @@ import pytest
 from safetensors import safe_open
 
 from analysis.__main__ import main
-from analysis.demo import DemoError
-from analysis.diff import diff_checkpoints
-from analysis.real_family import MODEL_NAMES, build_real_family, family_refs
+from analysis.families.demo import DemoError
+from analysis.sparsity.diff import diff_checkpoints
+from analysis.families.real_family import MODEL_NAMES, build_real_family, family_refs
 
 pytestmark = pytest.mark.slow
 

@@ -2,8 +2,8 @@
 
 import pytest
 
-from analysis.structure import (KINDS, architecture_from_config, block_index, detect_family, layer_index,
-                                normalize_name, tensor_role)
+from analysis.checkpoints.structure import (KINDS, architecture_from_config, block_index, detect_family, layer_index,
+                                            normalize_name, tensor_role)
 from conftest import tiny_bert, tiny_gpt2, tiny_llama
 
 
@@ -54,7 +54,7 @@ def test_layer_and_block_index(name, layer, block):
 
 @pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2, tiny_bert])
 def test_block_modules_and_tensor_layers_agree(make):
-    from analysis.selectors.base import block_modules
+    from analysis.importance.selectors.base import block_modules
 
     model = make()
     blocks = block_modules(model)

@@ -1,4 +1,4 @@
-"""Trajectories (analysis/trajectory.py): hand-computed counts on a crafted run, equality with the
+"""Trajectories (analysis/sparsity/trajectory.py): hand-computed counts on a crafted run, equality with the
 pairwise diffs it replaces on the demo's run, and the ``trajectory`` command."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import save_file
 
 from analysis.__main__ import main
-from analysis.diff import diff_checkpoints
+from analysis.sparsity.diff import diff_checkpoints
 from analysis.errors import SubnetscopeError
-from analysis.trajectory import infer_steps, trajectory
+from analysis.sparsity.trajectory import infer_steps, trajectory
 
 W = "model.layers.0.mlp.up_proj.weight"
 # run of three checkpoints over 10 elements of a base: element -> increment of θ at that checkpoint
@@ -55,7 +55,7 @@ def test_hand_computed_run(tmp_path):
 
 
 def test_equals_the_pairwise_diffs_on_the_demo_run(demo):
-    from analysis.demo import trajectory_dirs
+    from analysis.families.demo import trajectory_dirs
 
     cks = trajectory_dirs(demo)
     assert [p.name for p in cks] == ["step-10", "step-20", "step-30", "step-40", "step-50"]
@@ -110,8 +110,8 @@ def test_every_grid_tolerance_from_one_pass(demo):
     """at_tolerance answers another τ from the one pass: each checkpoint's sparsity against the base
     and the previous checkpoint and the layer × step heatmap equal a fresh trajectory at that τ; the
     set counts keep the pass τ."""
-    from analysis.demo import trajectory_dirs
-    from analysis.trajectory import at_tolerance
+    from analysis.families.demo import trajectory_dirs
+    from analysis.sparsity.trajectory import at_tolerance
 
     cks = trajectory_dirs(demo)[:3]
     one = trajectory(demo / "sft", cks, tol=1e-5).to_json()
@@ -137,7 +137,7 @@ def test_step_names_are_the_steps_and_never_renumbered(tmp_path):
     """names carrying a step (the Trainer's checkpoint-N, DeepSpeed's global_stepN,
     Megatron's iter_N, step-N, a weight file inside such a folder) give the steps and must come in
     increasing order, as ``--steps`` must; other trailing numbers are no steps."""
-    from analysis.trajectory import name_step
+    from analysis.sparsity.trajectory import name_step
 
     assert [name_step(r) for r in ("out/checkpoint-500", "step_20", "step-20.safetensors", "global_step500",
                                    "iter_0000500", "ckpt20", "run/step-30/model.safetensors", "checkpoint-7/")] == [

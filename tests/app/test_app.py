@@ -7,7 +7,7 @@ import json
 from streamlit.testing.v1 import AppTest
 
 from analysis.checkpoints import open_checkpoint
-from analysis.demo import build_demo, default_demo_dir, demo_is_current
+from analysis.families.demo import build_demo, default_demo_dir, demo_is_current
 from conftest import ROOT, tiny_llama
 
 

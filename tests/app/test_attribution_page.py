@@ -9,10 +9,10 @@ import time
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from analysis.attribution import attribute, compare, head_weight_change
-from analysis.demo_task import qa_examples
+from analysis.attribution.methods import attribute, compare, head_weight_change
+from analysis.families.demo_task import qa_examples
 from analysis.jobs import JobDir
-from analysis.models import load_model
+from analysis.checkpoints.models import load_model
 from conftest import ROOT, tiny_llama
 from plotly_data import traces
 

@@ -16,9 +16,9 @@ import urllib.request
 import pytest
 
 from analysis.checkpoints import open_checkpoint
-from analysis.demo import default_demo_dir, demo_is_current
-from analysis.diff import diff_checkpoints
-from analysis.overlap import overlap
+from analysis.families.demo import default_demo_dir, demo_is_current
+from analysis.sparsity.diff import diff_checkpoints
+from analysis.sparsity.overlap import overlap
 from conftest import ROOT
 
 pytestmark = pytest.mark.browser
@@ -58,7 +58,7 @@ def app_url(tmp_path_factory):
             pytest.fail("streamlit did not start within 90 s")
         yield url
     finally:
-        from analysis.finetune import queue
+        from analysis.jobs import queue
 
         os.environ["SUBNETSCOPE_RUNS"], saved = str(runs), os.environ.get("SUBNETSCOPE_RUNS")
         queue.shutdown()  # the worker the page started, if any
@@ -225,14 +225,14 @@ def test_overlap_page_in_chromium(app_url, browser_page):
 
 def test_importance_page_in_chromium(app_url, browser_page):
     """The page answers, for the demo's RL run, which selector best predicts its subnetwork."""
-    from analysis.importance import compute_scores
-    from analysis.models import load_model
+    from analysis.importance.scores import compute_scores
+    from analysis.checkpoints.models import load_model
 
     d = default_demo_dir()
     changed = {}
     diff_checkpoints(d / "sft", d / "rl-seed1", tol=1e-5, on_mask=changed.__setitem__)
     model, _ = load_model(d / "sft", device="cpu")
-    from analysis.selector_eval import predictive_power
+    from analysis.importance.evaluation import predictive_power
     auroc = predictive_power(compute_scores(model, "smallest_magnitude"), changed).auroc
     browser_page.goto(app_url + "/importance", wait_until="domcontentloaded")
     ok = browser_page.get_by_test_id("stAlertContentSuccess").first
@@ -246,9 +246,9 @@ def test_importance_page_in_chromium(app_url, browser_page):
 
 def test_attribution_page_in_chromium(app_url, browser_page):
     """The prompt as coloured tokens, the conservation check and the charts, base against SFT."""
-    from analysis.attribution import attribute
-    from analysis.demo_task import qa_examples
-    from analysis.models import load_model
+    from analysis.attribution.methods import attribute
+    from analysis.families.demo_task import qa_examples
+    from analysis.checkpoints.models import load_model
 
     d = default_demo_dir()
     prompt, answer = qa_examples("held_out")[0]

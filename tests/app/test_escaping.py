@@ -110,7 +110,7 @@ def _values(elements) -> list[str]:
 def test_a_markdown_k_from_the_link_is_shown_as_text(demo):
     """``geometry?k=**bold**[link](https://example.com)``: the error box shows those characters."""
     from analysis.errors import SubnetscopeError
-    from analysis.geometry import parse_k
+    from analysis.sparsity.geometry import parse_k
 
     k = "**bold**[link](https://example.com)"
     with pytest.raises(SubnetscopeError) as e:

@@ -10,7 +10,7 @@ import time
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from analysis.finetune import queue
+from analysis.jobs import queue
 from analysis.finetune.compare import compare_runs
 from analysis.finetune.config import FinetuneConfig
 from analysis.finetune.run import run_finetune

@@ -8,7 +8,7 @@ import json
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from analysis.geometry import geometry
+from analysis.sparsity.geometry import geometry
 from conftest import ROOT
 from plotly_data import traces
 

@@ -8,10 +8,10 @@ import json
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from analysis.diff import diff_checkpoints
-from analysis.importance import compute_scores
-from analysis.models import load_model
-from analysis.selector_eval import predictive_power
+from analysis.sparsity.diff import diff_checkpoints
+from analysis.importance.scores import compute_scores
+from analysis.checkpoints.models import load_model
+from analysis.importance.evaluation import predictive_power
 from conftest import ROOT
 from plotly_data import traces
 

@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import save_file
 from streamlit.testing.v1 import AppTest
 
-from analysis.diff import diff_checkpoints
-from analysis.overlap import overlap
+from analysis.sparsity.diff import diff_checkpoints
+from analysis.sparsity.overlap import overlap
 from conftest import ROOT, tiny_llama
 from plotly_data import traces
 
@@ -186,17 +186,17 @@ def test_slider_reaggregates_without_a_new_job(family, tmp_path, monkeypatch):
     while job.state().status == "running" and time.time() < deadline:
         time.sleep(0.3)
     at.run()
-    import analysis.diff
+    import analysis.sparsity.diff
 
     took = []
 
-    def timed(d, tol, _f=analysis.diff.at_tolerance):
+    def timed(d, tol, _f=analysis.sparsity.diff.at_tolerance):
         t0 = time.perf_counter()
         out = _f(d, tol)
         took.append(time.perf_counter() - t0)
         return out
 
-    monkeypatch.setattr(analysis.diff, "at_tolerance", timed)  # the page imports it on each rerun
+    monkeypatch.setattr(analysis.sparsity.diff, "at_tolerance", timed)  # the page imports it on each rerun
     for tol in (0.0, 1e-2, 1e-1, 1.0):
         at.select_slider(key="sparsity_tol").set_value(tol).run()
         assert took and max(took) < 0.1, took  # a move re-aggregates in < 100 ms

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from streamlit.testing.v1 import AppTest
 
-from analysis.demo import trajectory_dirs
-from analysis.trajectory import trajectory
+from analysis.families.demo import trajectory_dirs
+from analysis.sparsity.trajectory import trajectory
 from conftest import ROOT
 from plotly_data import traces
 
@@ -41,7 +41,7 @@ def test_slider_reaggregates_and_sets_on_request(demo, monkeypatch):
     """Moving τ answers the sparsity lines and the layer heatmap from the one pass (no second
     trajectory), equal to a fresh trajectory at that τ; the set counts say their τ until the
     button measures them at the new one."""
-    import analysis.trajectory as tr
+    import analysis.sparsity.trajectory as tr
 
     calls = []
     real = tr.trajectory

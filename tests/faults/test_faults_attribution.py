@@ -17,7 +17,7 @@ from fault_corpus import Case, params, run_case
 
 
 def _ckpt(tmp: Path, name: str = "ck", tokenizer=None, **kw) -> Path:
-    from analysis.demo_task import make_tokenizer
+    from analysis.families.demo_task import make_tokenizer
 
     d = tmp / name
     if not d.exists():
@@ -31,7 +31,7 @@ def _whitespace_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from analysis.demo_task import CHARS, SPECIALS
+    from analysis.families.demo_task import CHARS, SPECIALS
 
     tk = Tokenizer(models.WordLevel({t: i for i, t in enumerate(SPECIALS + tuple(CHARS))}, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()

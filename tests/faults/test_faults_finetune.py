@@ -18,7 +18,7 @@ ROW = {"loss": 3.5, "lr": 1e-3, "grad_norm": 1.0, "trainable": 10, "tokens_per_s
 
 def tiny(tmp: Path) -> Path:
     """A 2-layer GPT-2 with the demo's tokenizer (a checkpoint a run can start from in a second)."""
-    from analysis.demo import make_tokenizer
+    from analysis.families.demo import make_tokenizer
     from conftest import tiny_gpt2
 
     d = tmp / "gpt2"

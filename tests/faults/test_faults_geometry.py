@@ -60,7 +60,7 @@ def _skipped(reason: str, nonfinite: dict):
     """check: q of layer 0 is skipped with ``reason`` and its counts, left out of every mean (the q
     row is the other q matrix's own numbers), the 13 others measured as in a clean pair."""
     def check(tmp, out, err):
-        from analysis.geometry import geometry
+        from analysis.sparsity.geometry import geometry
 
         d = json.loads((tmp / "g.json").read_text())
         assert d["skipped"] == [{"name": Q0, "layer": 0, "kind": "q", "reason": reason, "nonfinite": nonfinite}]

@@ -21,7 +21,7 @@ def _llama(tmp: Path, tokenizer: bool = False, positions: int | None = None) -> 
         model.config.max_position_embeddings = positions
     model.save_pretrained(d)
     if tokenizer:
-        from analysis.demo_task import make_tokenizer
+        from analysis.families.demo_task import make_tokenizer
 
         make_tokenizer().save_pretrained(d)
     return d

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from kernels.diff_stats import (EDGES, EDGES32, EXACT_BITS, N_BINS, TOLERANCE, Incomparable, changed_mask, comparison,
-                                diff_stats, diff_stats_cpu, diff_stats_reference, dtype_class, f32_floor,
-                                merge_stats, stats_by_units)
+                                diff_stats, diff_stats_cpu, diff_stats_reference, dtype_class, f32_floor, merge_stats,
+                                stats_by_units)
 
 FIELDS = ("numel", "identical", "zero", "nonfinite", "changed", "compare")
 IMPLS = (diff_stats_reference, diff_stats_cpu)
@@ -129,7 +129,7 @@ def test_bucket_tables_at_every_edge_and_cell_boundary():
     that hold a grid edge): exact at each
     grid edge and one float32 step either side, at every cell's lowest value and the value below it,
     for subnormal, huge, inf and NaN |Δ| — the histogram equals searchsorted over the edges."""
-    from kernels.diff_stats_reference import cell_tables
+    from kernels.diff_stats.definition import (cell_tables)
 
     slot, edge = cell_tables()
     assert (slot >= (1 << 20)).sum() == len(EDGES32) and np.isfinite(edge).sum() == len(EDGES32)  # one cell an edge
@@ -164,11 +164,11 @@ def spy_implementations(monkeypatch, *, triton: bool = False) -> list[str]:
     """
     import importlib
 
-    targets = [("kernels._diff_stats_numba", "loop", "loop"),
+    targets = [("kernels.diff_stats.numba_loop", "loop", "loop"),
                ("kernels.diff_stats", "diff_stats_reference", "reference"),
-               ("kernels.diff_stats_reference", "_reference", "reference")]
+               ("kernels.diff_stats.reference", "_reference", "reference")]
     if triton:
-        targets.append(("kernels.diff_stats_triton", "diff_stats_triton", "triton"))
+        targets.append(("kernels.diff_stats.triton_kernel", "diff_stats_triton", "triton"))
     ran: list[str] = []
     for module_name, attr, label in targets:
         module = importlib.import_module(module_name)

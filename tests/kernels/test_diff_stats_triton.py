@@ -14,7 +14,7 @@ if not ON_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must be set before the kernel is defined
 
 from kernels.diff_stats import diff_stats, diff_stats_reference  # noqa: E402
-from kernels.diff_stats_triton import available, diff_stats_triton  # noqa: E402
+from kernels.diff_stats.triton_kernel import available, diff_stats_triton  # noqa: E402
 from test_diff_stats import _pair, _same, spy_implementations  # noqa: E402
 
 DEVICE = "cuda" if ON_CUDA else "cpu"
@@ -51,7 +51,7 @@ def test_dispatch_by_device(monkeypatch):
 
 @pytest.mark.skipif(not ON_CUDA, reason="CUDA tensors")
 def test_dispatch_on_cuda_without_triton_uses_reference(monkeypatch):
-    import kernels.diff_stats_triton as tr
+    import kernels.diff_stats.triton_kernel as tr
 
     b, t = _pair((64, 65), torch.bfloat16, seed=9)
     want = diff_stats_reference(b, t, 1e-5)
@@ -96,7 +96,7 @@ def test_overlap_kernel_matches_reference(dtype, shape, n_runs):
     """The Triton overlap table equals the torch reference, with NaN, ±0 and inf planted in every
     run (so bit-identity and the NaN rule are exercised); up to the 10 coded runs."""
     from kernels.diff_stats import overlap_counts_reference
-    from kernels.diff_stats_triton import overlap_counts_triton
+    from kernels.diff_stats.triton_kernel import overlap_counts_triton
     from test_diff_stats import _runs_of
 
     x = torch.randn(shape, generator=torch.Generator().manual_seed(3)).to(dtype)
@@ -115,7 +115,7 @@ def test_overlap_dispatch_by_device():
     """overlap_counts takes the Triton kernel for CUDA tensors stored alike, the torch reference
     for mixed storage on CUDA, and the numba loop on CPU; all equal the reference."""
     import kernels.diff_stats as ds
-    import kernels.diff_stats_triton as tr
+    import kernels.diff_stats.triton_kernel as tr
     from test_diff_stats import _runs_of
 
     x = torch.randn(40, 33, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)

@@ -63,7 +63,7 @@ def test_pydantic_type_checks_name_the_field():
 
 
 def test_demo_rl_recipe_is_the_demo_builds():
-    from analysis.demo import RECIPE
+    from analysis.families.demo import RECIPE
 
     stage = next(s for s in RECIPE if s.name == "rl-seed1")
     assert (stage.steps, stage.lr, stage.batch, stage.seed) == (

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from analysis.__main__ import main
-from analysis.structure import lora_targets
+from analysis.checkpoints.structure import lora_targets
 from conftest import tiny_bert, tiny_gpt2, tiny_llama
 
 LLAMA = [f"model.layers.{L}.{m}" for L in range(2) for m in (
@@ -61,7 +61,7 @@ def test_lora_finetune_of_a_gpt2_checkpoint(tmp_path):
     """``finetune --lora`` on GPT-2 (the reported bug: PEFT found no target module): the run
     finishes, and the merged model differs from the start only in the adapted Conv1D weights, each
     by an update of rank at most r (the merged product of the LoRA factors, up to float32 rounding)."""
-    from analysis.demo import make_tokenizer
+    from analysis.families.demo import make_tokenizer
 
     ckpt = tmp_path / "gpt2"
     tiny_gpt2().save_pretrained(ckpt)

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from analysis.__main__ import main
-from analysis.finetune import queue
+from analysis.jobs import queue
 from analysis.finetune.config import FinetuneConfig
 
 

@@ -29,7 +29,7 @@ FLAGS = ["--full", "--batch-size", "4", "--eval-every", "1000", "--save-every", 
 
 @pytest.fixture
 def ckpt(tmp_path) -> Path:
-    from analysis.demo import make_tokenizer
+    from analysis.families.demo import make_tokenizer
 
     d = tmp_path / "ck" / "gpt2"
     tiny_gpt2().save_pretrained(d)
@@ -259,7 +259,7 @@ def test_lm_data_read_in_bounded_pieces(tmp_path, monkeypatch):
     """One line of 50 MB (the process aborted: "memory allocation of 3489660928 bytes failed"): the
     tokenizer sees at most PIECE_CHARS characters at a time, and the file is read only as far as
     the run needs (with defaults, every small file is read whole)."""
-    from analysis.demo import make_tokenizer
+    from analysis.families.demo import make_tokenizer
     from analysis.finetune import tasks
 
     huge = tmp_path / "huge.txt"
@@ -285,8 +285,8 @@ def test_lm_data_read_in_bounded_pieces(tmp_path, monkeypatch):
 
 def test_lm_data_of_small_files_is_what_it_was(tmp_path):
     """A file under the bounds gives calibration's sequences exactly (same tokens, same order)."""
-    from analysis.calibration import token_sequences
-    from analysis.demo import make_tokenizer
+    from analysis.importance.calibration import token_sequences
+    from analysis.families.demo import make_tokenizer
     from analysis.finetune.tasks import lm_sequences
 
     tok = make_tokenizer()

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from analysis.finetune.config import FinetuneConfig
 from analysis.finetune.run import resume_finetune, run_finetune
-from analysis.masks import load_mask, save_mask
+from analysis.sparsity.masks import load_mask, save_mask
 
 
 def _common(demo, **kw):
@@ -218,7 +218,7 @@ def test_a_new_run_in_a_used_directory_starts_clean(demo, tmp_path):
 
 
 def test_random_mask_covers_the_blocks_of_a_gpt2(tmp_path):
-    """The blocks' scope is the selectors' (analysis.importance.in_scope), not a Llama name pattern."""
+    """The blocks' scope is the selectors' (analysis.importance.scores.in_scope), not a Llama name pattern."""
     from conftest import tiny_gpt2
 
     ck = tmp_path / "gpt2"

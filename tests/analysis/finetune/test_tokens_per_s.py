@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from analysis import demo_task as demo_mod
+from analysis.families import demo_task as demo_mod
 from analysis.finetune.config import FinetuneConfig
 from analysis.finetune.distributed import Distributed
 from analysis.finetune.run import run_finetune
 from analysis.finetune.tasks import make_task
-from analysis.models import load_model
+from analysis.checkpoints.models import load_model
 
 PROMPT = 1 + len("Q:12+07\nA:")  # <bos> and 10 characters: every demo prompt has 11 tokens
 

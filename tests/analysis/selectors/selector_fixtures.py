@@ -8,8 +8,8 @@ import torch
 from conftest import tiny_llama
 from safetensors.torch import save_file
 
-from analysis.calibration import calibration_batches
-from analysis.demo_task import make_tokenizer
+from analysis.importance.calibration import calibration_batches
+from analysis.families.demo_task import make_tokenizer
 
 UP = "model.layers.0.mlp.up_proj.weight"  # [96, 64]
 Q = "model.layers.1.self_attn.q_proj.weight"  # [64, 64]

@@ -10,20 +10,10 @@ import torch
 from conftest import tiny_gpt2, tiny_llama
 from selector_fixtures import demo_batches
 
-from analysis.importance import (
-    ImportanceError,
-    aggregate,
-    allocate,
-    compute_scores,
-    expand,
-    global_topk,
-    per_layer_topk,
-    scope_names,
-    structured_mask,
-    summarize,
-)
-from analysis.selectors import SELECTORS, SelectorError
-from analysis.structure import tensor_role
+from analysis.importance.scores import (ImportanceError, aggregate, allocate, compute_scores, expand, global_topk,
+                                        per_layer_topk, scope_names, structured_mask, summarize)
+from analysis.importance.selectors import SELECTORS, SelectorError
+from analysis.checkpoints.structure import tensor_role
 
 L0, L1 = "model.layers.0.", "model.layers.1."
 
@@ -234,7 +224,7 @@ def test_compute_scores_dispatch_and_errors():
 def test_calibration_length_is_bounded_by_the_model_positions():
     from conftest import tiny_gpt2
 
-    from analysis.importance import SEQ_LEN, calibration_length
+    from analysis.importance.scores import SEQ_LEN, calibration_length
 
     assert SEQ_LEN == 64
     assert calibration_length({"max_position_embeddings": 32}) == 32  # not given: 64, or fewer positions

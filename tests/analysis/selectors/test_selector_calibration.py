@@ -10,10 +10,10 @@ import torch
 from conftest import tiny_llama
 from safetensors.torch import save_file
 
-from analysis.calibration import CalibrationError, calibration_batches
+from analysis.importance.calibration import CalibrationError, calibration_batches
 from analysis.checkpoints import CheckpointError
-from analysis.demo_task import EOS, lm_batch, make_tokenizer, qa_examples
-from analysis.models import ModelLoadError, load_model, resolve_device
+from analysis.families.demo_task import EOS, lm_batch, make_tokenizer, qa_examples
+from analysis.checkpoints.models import ModelLoadError, load_model, resolve_device
 
 
 @pytest.fixture(scope="module")

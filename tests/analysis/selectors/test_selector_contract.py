@@ -9,9 +9,9 @@ import torch
 from conftest import tiny_llama
 from selector_fixtures import demo_batches, no_hooks_left, planted_pair
 
-from analysis.importance import scope_names
-from analysis.selectors import SELECTORS, Scores
-from analysis.selectors.base import row_axis
+from analysis.importance.scores import scope_names
+from analysis.importance.selectors import SELECTORS, Scores
+from analysis.importance.selectors.base import row_axis
 
 LAYERS, HEADS, CHANNELS = 2, 4, 96  # tiny_llama
 
@@ -103,7 +103,7 @@ def test_declared_options_are_typed_keyword_arguments(name):
 
 
 def test_parse_options_converts_to_the_declared_types():
-    from analysis.selectors import SelectorError, parse_options
+    from analysis.importance.selectors import SelectorError, parse_options
 
     assert parse_options("principal", {"k": "3"}) == {"k": 3}
     assert type(parse_options("principal", {"k": "3"})["k"]) is int

@@ -10,9 +10,9 @@ import torch
 from conftest import tiny_llama
 from selector_fixtures import PLANTED_ABOVE, demo_batches, planted_pair
 
-from analysis import selector_eval as ev
-from analysis.importance import ImportanceError, compute_scores
-from analysis.selectors import SELECTORS
+from analysis.importance import evaluation as ev
+from analysis.importance.scores import ImportanceError, compute_scores
+from analysis.importance.selectors import SELECTORS
 
 
 def test_average_ranks_and_spearman_by_hand():

@@ -11,10 +11,10 @@ from conftest import tiny_llama
 from selector_fixtures import PLANTED_ABOVE, PLANTED_BELOW, K, demo_batches, planted_pair
 from torch import nn
 
-from analysis.importance import global_topk
-from analysis.masks import save_mask
-from analysis.selectors import SELECTORS
-from analysis.selectors.lisa import capped_probabilities
+from analysis.importance.scores import global_topk
+from analysis.sparsity.masks import save_mask
+from analysis.importance.selectors import SELECTORS
+from analysis.importance.selectors.lisa import capped_probabilities
 
 RTOL, ATOL = 1e-4, 1e-9
 
