@@ -12,12 +12,12 @@ import streamlit as st
 
 from ui import plots
 from analysis.attribution.methods import (COMPLETENESS_TARGET, DEFAULT_BUDGET, DEFAULT_STEPS, MAX_BUDGET, MAX_STEPS,
-                                          METHODS, MIN_BUDGET, Attribution, attribute, compare, head_weight_change)
-from analysis.checkpoints import fingerprint
+                                          METHODS, MIN_BUDGET, Attribution, compare, head_weight_change)
 from analysis.families.demo_task import qa_examples
 from analysis.errors import SubnetscopeError
 from analysis.attribution.lrp import VARIANTS
 from analysis.checkpoints.models import available_devices
+from analysis.specs.attribute import AttributeParams
 from analysis.definitions import PAPER_TOL
 from ui import work
 from ui.state import chosen_refs, label_of, parent_of
@@ -65,45 +65,14 @@ if not prompt or not target:
     st.stop()
 
 
-@st.cache_resource(max_entries=2, show_spinner="Loading the model…")
-def _model(ref: str, fp: tuple, device: str):
-    from analysis.checkpoints.models import load_model
-
-    return load_model(ref, device=device, masked_lm=True)
-
-
-@st.cache_data(max_entries=64, show_spinner="Attributing…")
-def _inline(ref: str, fp: tuple, prompt: str, target: str, method: str, steps, budget: int, device: str) -> dict:
-    model, tokenizer = _model(ref, fp, device)
-    return attribute(model, tokenizer, prompt, target, method, steps=steps, budget=budget).to_json()
-
-
-def passes(method: str, n_tokens: int) -> int:
-    """Forward(+backward) passes a method costs at most: what decides inline against a job."""
-    if method == "ig":
-        return int(budget) if steps == "auto" else steps
-    return n_tokens + 1 if method == "ablation" else 1
-
-
-def inline(r: str) -> dict | None:
-    """The result computed in the page when the work is small, else None (it is a job's)."""
-    if work.param_count(r) * passes(method, len(prompt.split()) + 4) <= 64 * work.inline_limit():
-        ig = method == "ig"  # the other methods' cache entries do not depend on IG's fields
-        return _inline(r, fingerprint(r), prompt, target, method, steps if ig else None,
-                       int(budget) if ig else DEFAULT_BUDGET, device)
-    return None
-
-
-try:
-    cheap = [inline(r) for r in [ref, *([other] if other else [])]]
-    if any(c is None for c in cheap):  # a large model and an expensive method: one job for both checkpoints
-        res = work.attribution_job(ref, prompt, target, method, steps, device, other, key="attr",
-                                   budget=int(budget) if steps == "auto" else None)
-        if res is None:
-            st.stop()
-        results = [res] + ([res["compare"]] if other else [])
-    else:
-        results = cheap
+try:  # inline when small (every method on the demo), else one job for both checkpoints
+    params = AttributeParams(ref, prompt=prompt, target=target, method=method, steps=str(steps),
+                             step_budget=str(int(budget) if steps == "auto" else DEFAULT_BUDGET), device=device,
+                             compare=other)
+    res = work.analysis("attribute", params, key="attr", label=f"{method} attribution")
+    if res is None:
+        st.stop()
+    results = [res] + ([res["compare"]] if other else [])
 except SubnetscopeError as e:
     st.error(md_escape(str(e)))
     st.stop()

@@ -10,7 +10,8 @@ from ui import plots
 from analysis.checkpoints import fingerprint
 from analysis.sparsity.diff import tolerance_grid
 from analysis.errors import SubnetscopeError
-from analysis.sparsity.geometry import geometry, matrix_detail, parse_k
+from analysis.sparsity.geometry import matrix_detail, parse_k
+from analysis.specs.geometry import GeometryParams
 from analysis.definitions import PAPER_TOL
 from ui import work
 from ui.state import label_of, parent_of, selection, url_bound
@@ -43,11 +44,6 @@ except SubnetscopeError as e:
     st.stop()
 
 
-@st.cache_data(show_spinner="SVDs of every block matrix…", max_entries=16)
-def _inline(b: str, t: str, k, tol: float, fps: tuple) -> dict:
-    return geometry(b, t, k=k, tol=tol).to_json()
-
-
 @st.cache_data(show_spinner="Full spectra of the matrix…", max_entries=32)
 def _detail(b: str, t: str, key: str, k, tol: float, fps: tuple) -> dict:
     return matrix_detail(b, t, key, k=k, tol=tol)
@@ -62,10 +58,8 @@ for i, t in enumerate(tuned):
         continue
     label = f"{label_of(t)} (from {label_of(b)})"
     try:
-        if work.param_count(t) < work.inline_limit():
-            d = _inline(b, t, k, tol, (fingerprint(b), fingerprint(t)))
-        else:
-            d = work.geometry_job(b, t, k, tol, key=f"geometry_{i}", label=label)
+        d = work.analysis("geometry", GeometryParams(b, t, k=k_text or None, tol=tol), key=f"geometry_{i}",
+                          label=f"geometry of {label}")
     except SubnetscopeError as e:
         st.error(md_escape(f"{label}: {e}"))
         continue

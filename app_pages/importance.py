@@ -18,6 +18,8 @@ from analysis.importance.scores import calibration_length, sample_scores, scores
 from analysis.sparsity.masks import load_mask, per_tensor as mask_rows
 from analysis.importance.evaluation import predictive_power, spearman, topk_jaccard
 from analysis.importance.selectors import SELECTORS
+from analysis.specs.evaluate_selectors import EvaluateParams
+from analysis.specs.importance import ImportanceParams
 from analysis.definitions import GRANULARITIES, PAPER_TOL
 from ui import work
 from ui.state import chosen_refs, label_of, parent_of, selection, url_bound
@@ -69,7 +71,10 @@ if name == "diff":
 
 try:
     seq_len = _seq_len(ref, fingerprint(ref))
-    inline = work.param_count(ref) < work.inline_limit()
+    params = ImportanceParams(ref, selector=name, granularity=granularity, data=data, samples=int(samples),
+                              seq_len=seq_len, scope=scope, density=density,
+                              option=tuple(f"{k}={v}" for k, v in sorted(options.items())) or None)
+    inline = work.runs_inline("importance", params)
     if inline:
         scores = work.scores(ref, name, granularity, data, int(samples), seq_len, **options)
         summary = summarize(scores, scope=scope)
@@ -77,8 +82,7 @@ try:
     else:  # a large model: the CLI scores it in the background and writes the mask into the job
         st.caption(f"{md_escape(label_of(ref))} has more than {work.inline_limit():,} parameters: it is scored as a "
                    "background job (`python -m analysis importance`).")
-        job = work.importance_job(ref, name, granularity, data, int(samples), seq_len, scope, density, key="imp",
-                                  **options)
+        job = work.importance_job(params, key="imp")
         if job is None:
             st.stop()
         scores, (summary, mask_path) = None, job
@@ -153,7 +157,10 @@ if scored_as == "element":
             second = work.scores(ref, other, "element", data, int(samples), seq_len)
             rho, jac = spearman(scores, second, scope=scope), topk_jaccard(scores, second, density, scope=scope)
         else:
-            res = work.evaluate_job(ref, [name, other], data, int(samples), seq_len, scope, density, key="imp_cmp")
+            res = work.job("evaluate-selectors", EvaluateParams(ref, selectors=f"{name},{other}", density=density,
+                                                                data=data, samples=int(samples), seq_len=seq_len,
+                                                                scope=scope), key="imp_cmp",
+                           label="evaluate 2 selectors")
             rho, jac = (None, None) if res is None else (res["agreement"]["spearman"][0][1],
                                                          res["agreement"]["jaccard"][0][1])
         if rho is not None:
@@ -192,8 +199,10 @@ try:
             bar.progress((i + 1) / len(chosen), text=f"Scored {SELECTORS[n].label}")
         bar.empty()
     else:  # every selector and the diff in one background job (`evaluate-selectors --against-diff`)
-        res = work.evaluate_job(ref, chosen, data, int(samples), seq_len, scope, density, key="imp_pred",
-                                against=(parent, target))
+        res = work.job("evaluate-selectors", EvaluateParams(ref, selectors=",".join(chosen), density=density,
+                                                            against_diff=(parent, target), data=data,
+                                                            samples=int(samples), seq_len=seq_len, scope=scope),
+                       key="imp_pred", label=f"evaluate {len(chosen)} selectors")
         preds = {} if res is None else {p["selector"]: p for p in res["prediction"]}
 except SubnetscopeError as e:
     st.error(md_escape(str(e)))

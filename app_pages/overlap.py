@@ -42,7 +42,7 @@ base_summary = try_load(summary, base)
 if base_summary is None:
     st.stop()
 try:
-    r = work.overlap_of(base, runs, tol, base_summary["total_params"], key="overlap")
+    r = work.overlap_of(base, runs, tol, key="overlap")
 except SubnetscopeError as e:
     st.error(md_escape(str(e)))
     st.stop()

@@ -11,11 +11,11 @@ import pandas as pd
 import streamlit as st
 
 from ui import plots
-from analysis.checkpoints import fingerprint
 from analysis.families.demo import trajectory_dirs
 from analysis.errors import SubnetscopeError
 from analysis.paths import default_demo_dir
-from analysis.sparsity.trajectory import at_tolerance, infer_steps, trajectory
+from analysis.sparsity.trajectory import at_tolerance, infer_steps
+from analysis.specs.trajectory import TrajectoryParams
 from analysis.definitions import DECADE_TOLS, PAPER_TOL
 from ui import work
 from ui.state import label_of, url_bound
@@ -56,11 +56,6 @@ if order_problem is not None:
     st.stop()
 
 
-@st.cache_data(show_spinner="Measuring the trajectory…", max_entries=16)
-def _inline(base: str, cks: tuple[str, ...], steps: tuple[int, ...], tol: float, fps: tuple) -> dict:
-    return trajectory(base, list(cks), steps=list(steps), tol=tol).to_json()
-
-
 try:
     steps = [int(s) for s in steps_text.split(",") if s.strip()]
 except ValueError:
@@ -71,13 +66,10 @@ except ValueError:
 # changed sets, so they stay at the pass τ until the user asks for them at another.
 pass_tol = st.session_state.setdefault("trajectory_pass_tol", PAPER_TOL)
 try:
-    refs = [base, *cks]
-    if work.param_count(base) < work.inline_limit():
-        d = _inline(base, tuple(cks), tuple(steps), pass_tol, tuple(fingerprint(r) for r in refs))
-    else:
-        d = work.trajectory_job(base, cks, steps, pass_tol, key="trajectory")
-        if d is None:
-            st.stop()
+    d = work.analysis("trajectory", TrajectoryParams(base, tuple(cks), steps=",".join(map(str, steps)) or None,
+                                                     tol=pass_tol), key="trajectory")
+    if d is None:
+        st.stop()
     sets = d  # the set counts, at the pass τ
     if tol != pass_tol:
         d = at_tolerance(d, tol)

@@ -59,14 +59,12 @@ pass_tol = st.session_state.setdefault("sparsity_pass_tol", PAPER_TOL)
 results: dict[str, dict] = {}
 for ref in tuned:
     try:
-        r = work.diff(parents[ref], ref, pass_tol, rank and ref == focus, base_summary["total_params"],
-                      key=f"diff_{ref}")
+        r = work.diff(parents[ref], ref, pass_tol, rank and ref == focus, key=f"diff_{ref}")
         if r is not None and tol != pass_tol:
             try:
                 r = at_tolerance(r, tol)
             except ValueError:  # a result written before the per-τ counts existed: a pass at τ
-                r = work.diff(parents[ref], ref, tol, rank and ref == focus, base_summary["total_params"],
-                              key=f"diff_{ref}_tol")
+                r = work.diff(parents[ref], ref, tol, rank and ref == focus, key=f"diff_{ref}_tol")
     except SubnetscopeError as e:
         st.error(md_escape(f"{label_of(ref)}: {e}"))
         continue

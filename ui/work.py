@@ -1,55 +1,82 @@
-"""Analyses for the pages: small checkpoints inline (cached), large ones as background jobs.
+"""Analyses for the pages: below the inline limit computed in the page (cached), above it a
+background job — one rule for every analysis, from its spec (:mod:`analysis.specs`).
 
-A diff, overlap, importance scoring or selector evaluation of a large checkpoint never runs
-inside the page rerun: it is a job (the CLI in a subprocess, :class:`analysis.jobs.JobDir`) that
-a fragment polls every second with a progress bar and a cancel button; the finished result is
-read from the job directory. "Large" is :func:`inline_limit` parameters.
+:func:`analysis` takes a spec's name and its params: when the spec's cost (estimated from the
+checkpoints' headers) is below :func:`inline_limit`, it runs in the page, cached by the spec's cache
+key; above it, it is a job (:class:`analysis.jobs.JobDir`: the params as JSON, run by ``python -m
+analysis run-job`` in a subprocess) that a fragment polls every second with a progress bar and a
+cancel button, and the finished result is read from the job directory. No page writes a flag.
 """
 
 from __future__ import annotations
 
+import json
 import os
 
 import streamlit as st
 
 from analysis.checkpoints import fingerprint
-from analysis.sparsity.diff import diff_checkpoints
 from analysis.errors import SubnetscopeError
 from analysis.jobs import JobDir
-from analysis.sparsity.overlap import overlap
+from analysis.specs import get_spec
+from analysis.specs.base import params_to_json
+from analysis.sparsity.diff import diff_checkpoints
 from ui.text import md_escape
 
 
 def inline_limit() -> int:
-    """Parameters below which an analysis runs inline (well under a second per pair); above it
-    runs as a job. ``SUBNETSCOPE_INLINE_LIMIT`` overrides the default of 20M."""
+    """The cost (parameters read, :attr:`analysis.specs.base.Spec.cost`) below which an analysis runs
+    inline (well under a second per pair); above it runs as a job. ``SUBNETSCOPE_INLINE_LIMIT``
+    overrides the default of 20M."""
     return int(os.environ.get("SUBNETSCOPE_INLINE_LIMIT", 20_000_000))
 
 
-@st.cache_data(show_spinner="Diffing…", max_entries=64)
-def _diff_inline(base: str, tuned: str, tol: float, rank: bool, fps: tuple) -> dict:
-    return diff_checkpoints(base, tuned, tol=tol, rank=rank).to_json()
+def launcher():
+    """How the page starts a job: None (a detached ``run-job`` process) unless
+    ``SUBNETSCOPE_JOBS_IN_PROCESS=1`` — then the job runs in the page's process to its end (tests: the
+    same job directory, params file and result, without a process per job)."""
+    if os.environ.get("SUBNETSCOPE_JOBS_IN_PROCESS") == "1":
+        from analysis.jobs import run_in_process
+
+        return run_in_process
+    return None
 
 
-@st.cache_data(show_spinner="Measuring overlap…", max_entries=32)
-def _overlap_inline(base: str, tuned: tuple[str, ...], tol: float, fps: tuple) -> dict:
-    return overlap(base, list(tuned), tol=tol).to_json()
+def runs_inline(name: str, params) -> bool:
+    """The one rule: whether ``name`` with ``params`` is computed in the page."""
+    return get_spec(name).cost(params) < inline_limit()
 
 
-def diff(base: str, tuned: str, tol: float, rank: bool, total_params: int, key: str) -> dict | None:
+@st.cache_data(show_spinner="Computing…", max_entries=128)
+def _inline(name: str, params_json: str, fps: tuple) -> dict:
+    from analysis.specs.base import params_from_json
+
+    spec = get_spec(name)
+    return spec.run(params_from_json(spec, json.loads(params_json)), None)
+
+
+def analysis(name: str, params, key: str, label: str | None = None) -> dict | None:
+    """The result JSON of analysis ``name`` with ``params`` (a params dataclass of its spec): computed
+    here below the inline limit, else a background job's — None while that runs (or waits for a
+    click: a job starts only on the button)."""
+    spec = get_spec(name)
+    if runs_inline(name, params):
+        return _inline(name, json.dumps(params_to_json(params), sort_keys=True),
+                       tuple(fingerprint(r) for r in spec.refs(params)))
+    return job(name, params, key, label)
+
+
+def diff(base: str, tuned: str, tol: float, rank: bool, key: str) -> dict | None:
     """The diff JSON of base → tuned, or None while its background job runs."""
-    refs = [base, tuned]
-    if total_params < inline_limit():
-        return _diff_inline(base, tuned, tol, rank, tuple(fingerprint(r) for r in refs))
-    argv = ["diff", base, tuned, "--tol", repr(tol), "--quiet", *(["--rank"] if rank else [])]
-    return _job(argv, refs, key)
+    from analysis.specs.diff import DiffParams
+
+    return analysis("diff", DiffParams(base, tuned, tol=tol, rank=rank), key)
 
 
-def overlap_of(base: str, tuned: list[str], tol: float, total_params: int, key: str) -> dict | None:
-    refs = [base, *tuned]
-    if total_params < inline_limit():
-        return _overlap_inline(base, tuple(tuned), tol, tuple(fingerprint(r) for r in refs))
-    return _job(["overlap", base, *tuned, "--tol", repr(tol), "--quiet"], refs, key)
+def overlap_of(base: str, tuned: list[str], tol: float, key: str) -> dict | None:
+    from analysis.specs.overlap import OverlapParams
+
+    return analysis("overlap", OverlapParams(base, tuple(tuned), tol=tol), key)
 
 
 def param_count(ref: str) -> int:
@@ -64,46 +91,36 @@ def _param_count(ref: str, fp: tuple) -> int:
     return summarize(open_checkpoint(ref))["total_params"]
 
 
-def importance_job(ref: str, selector: str, granularity: str | None, data: str, samples: int, seq_len: int,
-                   scope: str, density: float, key: str, **options) -> tuple[dict, str] | None:
-    """``python -m analysis importance`` as a job: (its JSON, the mask file it wrote), or None
-    while it runs."""
-    argv = ["importance", ref, "--selector", selector, "--data", data, "--samples", str(samples),
-            "--seq-len", str(seq_len), "--scope", scope, "--density", repr(density),
-            "--mask-out", "{job}/mask.safetensors", "--quiet",
-            *(["--granularity", granularity] if granularity else []),
-            *(a for k, v in sorted(options.items()) for a in ("--option", f"{k}={v}"))]
-    refs = [ref, *(v for k, v in sorted(options.items()) if k in ("base", "tuned"))]
-    res = _job(argv, refs, key, label=f"score {selector}")
+def importance_job(params, key: str) -> tuple[dict, str] | None:
+    """``importance`` as a job, its mask written into the job directory: (its JSON, the mask file),
+    or None while it runs."""
+    import dataclasses
+
+    res = job("importance", dataclasses.replace(params, mask_out="{job}/mask.safetensors"), key,
+              label=f"score {params.selector}")
     return None if res is None else (res, res["mask"]["file"])
 
 
-def evaluate_job(ref: str, selectors: list[str], data: str, samples: int, seq_len: int, scope: str,
-                 density: float, key: str, against: tuple[str, str] | None = None) -> dict | None:
-    """``python -m analysis evaluate-selectors`` as a job: its JSON, or None while it runs."""
-    argv = ["evaluate-selectors", ref, "--selectors", ",".join(selectors), "--data", data, "--samples",
-            str(samples), "--seq-len", str(seq_len), "--scope", scope, "--density", repr(density), "--quiet",
-            *(["--against-diff", *against] if against else [])]
-    return _job(argv, [ref, *(against or ())], key, label=f"evaluate {len(selectors)} selectors")
-
-
-def _job(argv: list[str], refs: list[str], key: str, label: str | None = None) -> dict | None:
-    job = JobDir.of(argv, refs)
-    stt = job.state()
+def job(name: str, params, key: str, label: str | None = None) -> dict | None:
+    """Analysis ``name`` as a background job: its JSON once done, else None (a start button, or the
+    progress of the running job)."""
+    spec = get_spec(name)
+    jd = JobDir.of(spec, params)
+    stt = jd.state()
     if stt.status == "done":
         return stt.result()
     if stt.status in ("failed", "died", "cancelled", "missing"):
         if stt.status != "missing":
-            st.error(f"{argv[0]} job {stt.status}: {md_escape(stt.error or 'no result')}")
-        if st.button(f"Run {md_escape(label or argv[0])} in the background", key=f"start_{key}", type="primary"):
+            st.error(f"{name} job {stt.status}: {md_escape(stt.error or 'no result')}")
+        if st.button(f"Run {md_escape(label or name)} in the background", key=f"start_{key}", type="primary"):
             try:
-                job.start(argv, refs)
+                jd.start(spec, params, launcher=launcher())
             except SubnetscopeError as e:  # e.g. a full disk under the jobs folder: one line, no traceback
                 st.error(md_escape(str(e)))
                 return None
             st.rerun()
         return None
-    _poll(job, key)
+    _poll(jd, key)
     return None
 
 
@@ -179,28 +196,3 @@ def _changed(base: str, tuned: str, tol: float, fps: tuple) -> dict:
 def changed_mask(base: str, tuned: str, tol: float) -> dict:
     """name -> BoolTensor of the elements base → tuned changed at τ (cached)."""
     return _changed(base, tuned, tol, (fingerprint(base), fingerprint(tuned)))
-
-
-def attribution_job(ref: str, prompt: str, target: str, method: str, steps: int | str, device: str,
-                    compare: str | None, key: str, budget: int | None = None) -> dict | None:
-    """``python -m analysis attribute`` as a job (IG with many steps, ablation of a long prompt on a
-    large model): its JSON, or None while it runs. ``steps`` may be ``"auto"`` (then ``budget``
-    bounds the adaptive IG)."""
-    argv = ["attribute", ref, "--prompt", prompt, "--target", target, "--method", method, "--steps", str(steps),
-            *(["--step-budget", str(budget)] if budget else []),
-            "--device", device, "--quiet", *(["--compare", compare] if compare else [])]
-    return _job(argv, [ref, *([compare] if compare else [])], key, label=f"{method} attribution")
-
-
-def trajectory_job(base: str, checkpoints: list[str], steps: list[int], tol: float, key: str) -> dict | None:
-    """``python -m analysis trajectory`` as a job: its JSON, or None while it runs."""
-    argv = ["trajectory", base, *checkpoints, "--tol", repr(tol), "--quiet",
-            *(["--steps", ",".join(map(str, steps))] if steps else [])]
-    return _job(argv, [base, *checkpoints], key, label="trajectory")
-
-
-def geometry_job(base: str, tuned: str, k, tol: float, key: str, label: str | None = None) -> dict | None:
-    """``python -m analysis geometry`` as a job (a large pair: an SVD per block matrix): its JSON,
-    or None while it runs; ``label`` names the pair on the button."""
-    argv = ["geometry", base, tuned, "--tol", repr(tol), "--quiet", *(["--k", str(k)] if k is not None else [])]
-    return _job(argv, [base, tuned], key, label=f"geometry of {label or tuned}")

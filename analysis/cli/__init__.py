@@ -1,9 +1,10 @@
 """Command line: ``python -m analysis <command> ...``, one module per command group.
 
 - :mod:`.checkpoints`: ``inspect``, ``align``, ``demo``;
-- :mod:`.sparsity`: ``diff``, ``overlap``;
-- :mod:`.importance`: ``selectors``, ``importance``, ``evaluate-selectors``;
-- :mod:`.attribution`: ``attribute``;
+- :mod:`.analyses`: every analysis declared by a spec (:mod:`analysis.specs`): ``diff``,
+  ``overlap``, ``trajectory``, ``geometry``, ``importance``, ``evaluate-selectors``, ``attribute``,
+  and the hidden ``run-job`` of the app's background jobs;
+- :mod:`.importance`: ``selectors``;
 - :mod:`.finetune`: ``finetune`` (its options generated from ``FinetuneConfig``), ``run-queue``,
   ``compare-runs``.
 
@@ -19,7 +20,7 @@ import os
 import signal
 import sys
 
-from analysis.cli import attribution, checkpoints, finetune, geometry, importance, sparsity
+from analysis.cli import analyses, checkpoints, finetune, importance
 from analysis.cli.common import EXIT_USAGE, run_command
 from analysis.errors import SubnetscopeError
 from analysis.jobs.progress import Progress
@@ -31,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m analysis",
                                 description="Subnetscope: parameter importance and update sparsity.")
     sub = p.add_subparsers(dest="command", required=True)
-    for group in (checkpoints, sparsity, geometry, importance, attribution, finetune):
+    for group in (checkpoints, analyses, importance, finetune):
         group.register(sub)
     return p
 
@@ -67,14 +68,23 @@ def main(argv=None) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return EXIT_USAGE
-    status = Progress("", False, getattr(args, "progress_file", None))
+    progress_file = getattr(args, "progress_file", None)
+    if args.command == "run-job":  # a page's background job: its progress file is in its directory
+        from analysis.jobs.jobdir import JobDir
+
+        progress_file = JobDir(args.job_dir).progress_file
+    status = Progress("", False, progress_file)
     if status.file and args.command != "finetune":  # a background job: SIGTERM is a cancel
         signal.signal(signal.SIGTERM, _terminate)
     try:
         from analysis.jobs.jobdir import is_app_job, job_slot
 
         if status.file and args.command != "finetune" and is_app_job(status.file):  # jobs take turns
-            with job_slot(status.file, " ".join([args.command, *_names(args)])):
+            from analysis.jobs.jobdir import JobDir
+
+            what = (JobDir(args.job_dir).what() if args.command == "run-job"
+                    else " ".join([args.command, *_names(args)]))
+            with job_slot(status.file, what):
                 return run_command(args)
         return run_command(args)
     except SubnetscopeError as e:

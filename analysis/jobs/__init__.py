@@ -9,10 +9,10 @@
 - :func:`alive`, :func:`spawn`, :func:`terminate`: the processes behind both (:mod:`.process`).
 """
 
-from analysis.jobs.jobdir import JobDir, JobState, job_id
+from analysis.jobs.jobdir import JobDir, JobState, run_in_process
 from analysis.jobs.process import alive, last_line, spawn, terminate
 from analysis.jobs.progress import Progress, read_json
 from analysis.jobs.rundir import ACTIVE, RunDir, RunError, RunLock
 
-__all__ = ["ACTIVE", "JobDir", "JobState", "Progress", "RunDir", "RunError", "RunLock", "alive", "job_id",
+__all__ = ["ACTIVE", "JobDir", "JobState", "Progress", "RunDir", "RunError", "RunLock", "alive", "run_in_process",
            "last_line", "read_json", "spawn", "terminate"]

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from conftest import ROOT
 
+from analysis.specs import MODULES
+
 PACKAGES = ("analysis", "kernels", "ui")
 
 
@@ -90,7 +92,8 @@ def test_main_is_a_thin_entry_point():
     assert len(text.splitlines()) <= 10 and "from analysis.cli import main" in text
 
 
-# The layers, bottom to top: a module imports only from its own layer or the layers below. A module
+# The layers, bottom to top (the specs' framework and registry beside the jobs that run them, each
+# analysis's spec above everything it runs): a module imports only from its own layer or the layers below. A module
 # belongs to the longest prefix listed (``analysis.families.demo_task`` is the task the selectors'
 # calibration and the trainer read; the rest of ``analysis.families`` builds checkpoints by training).
 LAYERS = (
@@ -98,11 +101,11 @@ LAYERS = (
     ("analysis", "analysis.errors", "analysis.paths", "analysis.definitions", "analysis.io", "analysis.training",
      "analysis.attribution.options", "analysis.jobs.progress", "analysis.jobs.process"),
     ("analysis.checkpoints", "analysis.families.demo_task"),
-    ("analysis.sparsity", "analysis.jobs"),
+    ("analysis.sparsity", "analysis.jobs", "analysis.specs"),
     ("analysis.attribution",),
     ("analysis.importance",),
     ("analysis.finetune",),
-    ("analysis.families", "analysis.jobs.queue", "analysis.specs"),
+    ("analysis.families", "analysis.jobs.queue", *MODULES.values()),
     ("analysis.cli", "analysis.__main__"),
     ("ui",),
     ("app_pages", "app"),

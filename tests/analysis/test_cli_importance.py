@@ -95,7 +95,7 @@ def test_options_are_typed_and_flags_are_not_options(llama_dir, tmp_path, capsys
     """--option values reach the selector as the types it declares (the JSON says so); what a flag
     sets (--granularity, --seed) is given by the flag, and every such flag exists."""
     from analysis.cli import build_parser
-    from analysis.cli.importance import FLAGS
+    from analysis.specs.importance import FLAGS
 
     out = tmp_path / "p.json"
     for text, value in (("3", 3), ("0.5", 0.5)):

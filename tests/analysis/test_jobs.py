@@ -8,7 +8,10 @@ import time
 
 import pytest
 
-from analysis.jobs import JobDir, job_id
+from analysis.jobs import JobDir
+from analysis.specs import get_spec
+from analysis.specs.base import cache_key
+from analysis.specs.diff import DiffParams
 from analysis.sparsity.diff import diff_checkpoints
 from conftest import tiny_llama
 
@@ -27,8 +30,9 @@ def test_diff_job_result_and_reuse(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     tiny_llama(seed=0).save_pretrained(a)
     tiny_llama(seed=1).save_pretrained(b)
-    argv = ["diff", str(a), str(b), "--tol", "1e-5", "--quiet"]
-    st = JobDir.of(argv, [str(a), str(b)], root=tmp_path / "jobs").start(argv, [str(a), str(b)])
+    spec, params = get_spec("diff"), DiffParams(str(a), str(b), tol=1e-5)
+    st = JobDir.of(spec, params, root=tmp_path / "jobs").start(spec, params)
+    assert (st.dir / "params.json").is_file() and not (st.dir / "result.json").exists()
     assert st.status == "running"
     st = _wait(st.dir)
     assert st.status == "done", st.error
@@ -36,18 +40,18 @@ def test_diff_job_result_and_reuse(tmp_path):
     assert res["changed_params"] == diff_checkpoints(a, b, tol=1e-5).changed_params
     assert res["total_params"] == 68_160
     # same request: the finished job
-    again = JobDir.of(argv, [str(a), str(b)], root=tmp_path / "jobs").start(argv, [str(a), str(b)])
+    again = JobDir.of(spec, params, root=tmp_path / "jobs").start(spec, params)
     assert again.dir == st.dir and again.status == "done"
     # a changed checkpoint is a different request
     tiny_llama(seed=2).save_pretrained(b)
-    assert job_id(argv, [str(a), str(b)]) != st.id
+    assert cache_key(spec, params) != st.id
 
 
 def test_failed_job_reports_the_error(tmp_path):
     a = tmp_path / "a"
     tiny_llama().save_pretrained(a)
-    argv = ["diff", str(a), str(tmp_path / "nope"), "--quiet"]
-    st = JobDir.of(argv, [str(a)], root=tmp_path / "jobs").start(argv, [str(a)])
+    spec, params = get_spec("diff"), DiffParams(str(a), str(tmp_path / "nope"))
+    st = JobDir.of(spec, params, root=tmp_path / "jobs").start(spec, params)
     st = _wait(st.dir)
     assert st.status == "failed"
     assert "nope: no such file or directory" in st.error
@@ -86,16 +90,15 @@ def test_jobs_take_turns(tmp_path, monkeypatch):
     held.write("geometry demo/base demo/sft")
     held.flush()
     fcntl.flock(held.fileno(), fcntl.LOCK_EX)
-    argv = ["diff", str(a), str(b), "--quiet"]
-    st = JobDir.of(argv, [str(a), str(b)]).start(argv, [str(a), str(b)])
+    spec = get_spec("diff")
+    st = JobDir.of(spec, DiffParams(str(a), str(b))).start(spec, DiffParams(str(a), str(b)))
     t0 = time.time()
     while "queued" not in JobDir(st.dir).state().current and time.time() - t0 < 60:
         time.sleep(0.2)
     assert JobDir(st.dir).state().current == "queued: waiting for geometry demo/base demo/sft to finish"
     time.sleep(1.0)
     assert JobDir(st.dir).state().status == "running"  # still waiting: no result while the slot is held
-    argv2 = ["diff", str(b), str(a), "--quiet"]
-    st2 = JobDir.of(argv2, [str(b), str(a)]).start(argv2, [str(b), str(a)])
+    st2 = JobDir.of(spec, DiffParams(str(b), str(a))).start(spec, DiffParams(str(b), str(a)))
     t0 = time.time()
     while "queued" not in JobDir(st2.dir).state().current and time.time() - t0 < 60:
         time.sleep(0.2)

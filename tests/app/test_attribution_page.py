@@ -112,8 +112,8 @@ def test_prompt_with_unknown_characters_is_a_warning_and_an_unknown_target_an_er
     assert at.error and "does not know ('€')" in at.error[0].value and "explained as" in at.error[0].value
 
 
-@pytest.mark.multiprocess
 def test_large_model_runs_as_a_job(demo, tmp_path, monkeypatch):
+    monkeypatch.setenv("SUBNETSCOPE_JOBS_IN_PROCESS", "1")  # the job in-process: its directory and result as a process
     home = tmp_path / "home"
     home.mkdir()
     (home / "demo").symlink_to(demo)
