@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     if status.file and args.command != "finetune":  # a background job: SIGTERM is a cancel
         signal.signal(signal.SIGTERM, _terminate)
     try:
-        from analysis.jobs.jobdir import is_app_job, job_slot
+        from analysis.jobs.slots import is_app_job, job_slot
 
         if status.file and args.command != "finetune" and is_app_job(status.file):  # jobs take turns
             from analysis.jobs.jobdir import JobDir

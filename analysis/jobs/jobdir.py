@@ -18,7 +18,6 @@ recomputing. How a job's process starts is injectable (``launcher``): tests run 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from dataclasses import dataclass
@@ -28,76 +27,6 @@ from analysis.io import os_error, write_json_atomic
 from analysis.jobs.process import alive, last_line, spawn, terminate
 from analysis.jobs.progress import read_json
 from analysis.paths import jobs_dir
-
-
-SLOT_LOCK = "jobs.lock"  # beside the jobs folder (not in it: it holds only job directories)
-
-
-def is_app_job(progress_file: str | Path) -> bool:
-    """Whether a progress file is a job's of the app's jobs folder (only those take turns: a
-    ``--progress-file`` elsewhere is the user's, and no lock goes next to it)."""
-    try:
-        return Path(progress_file).resolve().parent.parent == jobs_dir().resolve()
-    except OSError:
-        return False
-
-
-class SlotAbandoned(Exception):
-    """Raised by :func:`job_slot` when ``give_up()`` said so before the slot was free."""
-
-
-def slot_lock() -> Path:
-    """The one lock every computation of the app takes turns on: analysis jobs and fine-tunes."""
-    return jobs_dir().parent / SLOT_LOCK
-
-
-@contextlib.contextmanager
-def job_slot(progress_file: str | Path, what: str, *, lock: str | Path | None = None, give_up=None):
-    """Runs the body once no other job of this jobs folder is computing: jobs take turns in one
-    slot (an ``fcntl`` lock on SLOT_LOCK beside the folder, released when the holder exits, even if it
-    dies), because each already uses every core (numba and torch threads): three geometry jobs at
-    once on two cores ran each 3x slower, together slower than one after another. While waiting
-    the progress file says so and a cancel (SIGTERM) still ends the job.
-
-    Args:
-        progress_file (str | Path): the job's ``progress.json`` in ``<jobs>/<id>/``; the lock is
-            ``<jobs>/../SLOT_LOCK``.
-        what (str): this job, for the message of the jobs waiting behind it.
-        lock (str | Path, optional): the lock file, when the progress file is not in the jobs
-            folder (a fine-tune's run directory: :func:`slot_lock`). Default: beside the jobs folder.
-        give_up (callable, optional): polled while waiting; True raises :class:`SlotAbandoned`
-            (the run was cancelled while it waited). Default: wait until the slot is free.
-    """
-    import fcntl
-
-    lock = Path(lock) if lock is not None else Path(progress_file).resolve().parent.parent.parent / SLOT_LOCK
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "a+") as f:
-        told = False
-        while True:
-            try:
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if give_up is not None and give_up():
-                    raise SlotAbandoned(what) from None
-                if not told:
-                    f.seek(0)
-                    holder = f.read().strip() or "another job"
-                    write_json_atomic(progress_file, {"status": "running", "done": 0, "total": 0,
-                                                      "current": f"queued: waiting for {holder[:120]} to finish"})
-                    told = True
-                time.sleep(0.5)
-        f.seek(0)
-        f.truncate()
-        f.write(what)
-        f.flush()
-        try:
-            yield
-        finally:
-            f.seek(0)
-            f.truncate()
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 @dataclass

@@ -10,7 +10,7 @@ The queue: :func:`enqueue` writes a run directory holding only ``config.json`` a
 worker ``python -m analysis run-queue``, which trains the oldest queued run as a CLI subprocess
 (``job.json`` holds its pid), then the next, and exits when none is left. One at a time, and one
 at a time with the app's analysis jobs too: the worker takes the same slot they take turns on
-(:func:`analysis.jobs.jobdir.job_slot`) before it starts a run, since each uses every core.
+(:func:`analysis.jobs.slots.job_slot`) before it starts a run, since each uses every core.
 :func:`cancel` drops a queued run or sends SIGTERM to a running one (the CLI finishes the current
 step, saves the state, status ``cancelled``).
 """
@@ -28,7 +28,7 @@ from pathlib import Path
 from analysis.finetune.config import FinetuneConfig
 from analysis.io import write_json_atomic
 from analysis.jobs import ACTIVE, RunDir, alive, last_line, read_json, spawn, terminate
-from analysis.jobs.jobdir import SlotAbandoned, job_slot, slot_lock
+from analysis.jobs.slots import SlotAbandoned, job_slot, slot_lock
 from analysis.paths import runs_dir
 
 __all__ = ["ACTIVE", "cancel", "enqueue", "ensure_worker", "index_problem", "list_runs", "queued", "register",

@@ -165,4 +165,4 @@ def passes(p: AttributeParams) -> int:
 
 SPEC = Spec("attribute", "relevance of prompt tokens, layers and heads for a target continuation", AttributeParams,
             run, report, refs=lambda p: p.refs,
-            cost=lambda p: max(parameters_of(r) for r in p.refs) * passes(p) // PASSES_PER_LIMIT)
+            cost=lambda p: max(parameters_of(r) for r in p.refs) * passes(p) // PASSES_PER_LIMIT, loads_model=True)

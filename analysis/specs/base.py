@@ -54,8 +54,8 @@ class Spec:
         data (callable, optional): ``data(params) -> list[str]``: the files besides the checkpoints
             (masks, calibration data) no output may touch. Default: none.
         outputs (tuple[str, ...]): params fields naming output files, beside ``--json``.
-        usage (callable, optional): ``usage(params) -> str | None``: a problem in how the options
-            combine, said as the CLI's usage error (exit 2).
+        loads_model (bool): it loads a transformers model (``--quiet`` then also silences
+            transformers' own bars; a spec that reads tensors only never imports transformers).
     """
 
     name: str
@@ -67,6 +67,7 @@ class Spec:
     cost: Callable[[Any], int]
     data: Callable[[Any], list[str]] | None = None
     outputs: tuple[str, ...] = ()
+    loads_model: bool = False
 
 
 # ---------------------------------------------------------------------------- params
@@ -177,7 +178,7 @@ def execute(spec: Spec, params, *, json_out: str, quiet: bool = True, progress_f
         inputs.add(d)
     outs = argparse.Namespace(json=json_out, **{n: getattr(params, n) for n in spec.outputs})
     check_outputs(outs, inputs, "json", *spec.outputs)
-    if quiet:
+    if quiet and spec.loads_model:
         from analysis.specs.common import quiet_transformers
 
         quiet_transformers(True)

@@ -84,4 +84,4 @@ def report(p: EvaluateParams, out: dict) -> None:
 
 SPEC = Spec("evaluate-selectors", "agreement of selectors, and how well they predict a real update", EvaluateParams,
             run, report, refs=lambda p: [p.checkpoint, *(p.against_diff or ())],
-            cost=lambda p: parameters_of(p.checkpoint), data=lambda p: [p.data])
+            cost=lambda p: parameters_of(p.checkpoint), data=lambda p: [p.data], loads_model=True)

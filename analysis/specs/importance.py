@@ -185,4 +185,4 @@ def _data(p: ImportanceParams) -> list[str]:
 
 SPEC = Spec("importance", "importance scores of a checkpoint's parameters by one selector", ImportanceParams, run,
             report, refs=_refs, cost=lambda p: parameters_of(p.checkpoint), data=_data,
-            outputs=("mask_out", "scores_out"))
+            outputs=("mask_out", "scores_out"), loads_model=True)

@@ -78,7 +78,7 @@ def test_jobs_take_turns(tmp_path, monkeypatch):
     outside the jobs folder is not an app job's (no turn, no lock beside it)."""
     import fcntl
 
-    from analysis.jobs.jobdir import SLOT_LOCK, is_app_job
+    from analysis.jobs.slots import SLOT_LOCK, is_app_job
 
     monkeypatch.setenv("SUBNETSCOPE_HOME", str(tmp_path / "home"))
     a, b = tmp_path / "a", tmp_path / "b"
@@ -111,3 +111,35 @@ def test_jobs_take_turns(tmp_path, monkeypatch):
     # only the app's jobs take turns: a --progress-file of the user's elsewhere puts no lock beside it
     assert is_app_job(jobs / "some-id" / "progress.json")
     assert not is_app_job(tmp_path / "mine" / "p" / "progress.json")
+
+
+def test_more_jobs_at_once_by_setting(tmp_path, monkeypatch):
+    """SUBNETSCOPE_JOBS=2: two computations hold a slot each at once; a third waits, says for whom,
+    and gives up when asked. The default is one at a time; a bad value is one line."""
+    import contextlib
+    import json
+
+    from analysis.errors import SubnetscopeError
+    from analysis.jobs.slots import SlotAbandoned, job_slot, slots
+
+    jobs = tmp_path / "home" / "jobs"
+    monkeypatch.setenv("SUBNETSCOPE_HOME", str(tmp_path / "home"))
+    assert slots() == 1
+    monkeypatch.setenv("SUBNETSCOPE_JOBS", "2")
+    progress = [jobs / f"j{i}" / "progress.json" for i in range(3)]
+    for p in progress:
+        p.parent.mkdir(parents=True)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(job_slot(progress[0], "diff a b"))
+        stack.enter_context(job_slot(progress[1], "geometry a b"))  # at once: no wait
+        waited = []
+        with pytest.raises(SlotAbandoned):
+            with job_slot(progress[2], "overlap a b c", give_up=lambda: waited.append(1) or len(waited) > 2):
+                raise AssertionError("a third slot was free")
+        assert json.loads(progress[2].read_text())["current"] == \
+            "queued: waiting for diff a b and geometry a b to finish"
+    with job_slot(progress[2], "overlap a b c", give_up=lambda: True):
+        pass  # both released: the slot is free at once
+    monkeypatch.setenv("SUBNETSCOPE_JOBS", "zero")
+    with pytest.raises(SubnetscopeError, match="SUBNETSCOPE_JOBS='zero'"):
+        slots()

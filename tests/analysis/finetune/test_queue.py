@@ -43,7 +43,7 @@ def test_a_fine_tune_waits_for_the_analysis_job_holding_the_slot(demo, tmp_path,
     import fcntl
     import time
 
-    from analysis.jobs.jobdir import slot_lock
+    from analysis.jobs.slots import slot_lock
 
     monkeypatch.setenv("SUBNETSCOPE_HOME", str(tmp_path / "home"))
     lock = slot_lock()
