@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from analysis.attribution.options import COMPLETENESS_TARGET, DEFAULT_BUDGET, MAX_STEPS, METHODS
 from analysis.errors import quoted
 from analysis.specs.base import Spec
+from analysis.specs.results import AttributeResult
 from analysis.specs.common import DEVICE_HELP, parameters_of
 
 
@@ -93,7 +94,8 @@ def run(p: AttributeParams, progress) -> dict:
         target = r.target  # the second checkpoint explains the same continuation
         results.append(r)
         del model
-    out = {"checkpoint": p.checkpoint, "prompt": p.prompt, **results[0].to_json()}
+    out = {"schema": "subnetscope.attribute/1", "checkpoint": p.checkpoint, "prompt": p.prompt,
+           **results[0].to_json()}
     if p.compare:
         out["compare"] = {"checkpoint": p.compare, **results[1].to_json(),
                           "difference": compare(results[0], results[1])}
@@ -165,4 +167,5 @@ def passes(p: AttributeParams) -> int:
 
 SPEC = Spec("attribute", "relevance of prompt tokens, layers and heads for a target continuation", AttributeParams,
             run, report, refs=lambda p: p.refs,
-            cost=lambda p: max(parameters_of(r) for r in p.refs) * passes(p) // PASSES_PER_LIMIT, loads_model=True)
+            cost=lambda p: max(parameters_of(r) for r in p.refs) * passes(p) // PASSES_PER_LIMIT, loads_model=True,
+            result=AttributeResult)

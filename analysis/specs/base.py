@@ -54,6 +54,7 @@ class Spec:
         data (callable, optional): ``data(params) -> list[str]``: the files besides the checkpoints
             (masks, calibration data) no output may touch. Default: none.
         outputs (tuple[str, ...]): params fields naming output files, beside ``--json``.
+        result (type): the ``TypedDict`` of the JSON it writes (:mod:`analysis.specs.results`).
         loads_model (bool): it loads a transformers model (``--quiet`` then also silences
             transformers' own bars; a spec that reads tensors only never imports transformers).
     """
@@ -68,6 +69,7 @@ class Spec:
     data: Callable[[Any], list[str]] | None = None
     outputs: tuple[str, ...] = ()
     loads_model: bool = False
+    result: type | None = None
 
 
 # ---------------------------------------------------------------------------- params

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from analysis.specs.common import tolerance
 from analysis.definitions import DECADE_TOLS, PAPER_TOL
 from analysis.specs.base import Spec
+from analysis.specs.results import DiffResult
 from analysis.specs.common import RAY_HELP, parameters_of
 
 
@@ -55,4 +56,5 @@ def report(p: DiffParams, d: dict) -> None:
 
 SPEC = Spec("diff", "update sparsity of TUNED against BASE (one streaming pass)", DiffParams, run, report,
             refs=lambda p: [p.base, p.tuned], cost=lambda p: parameters_of(p.base),
-            outputs=("mask_out",))
+            outputs=("mask_out",),
+            result=DiffResult)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from analysis.specs.common import ratio, tolerance
 from analysis.definitions import PAPER_TOL
 from analysis.specs.base import Spec
+from analysis.specs.results import EvaluateResult
 from analysis.specs.common import parameters_of
 from analysis.specs.importance import calibration, check_numbers, data_fields
 
@@ -63,7 +64,8 @@ def run(p: EvaluateParams, progress) -> dict:
     res = evaluate_selectors(model, p.names, batches=batches, held_out=held_out, density=p.density, scope=p.scope,
                              seed=p.seed, against_diff=list(p.against_diff) if p.against_diff else None, tol=p.tol,
                              progress_for=lambda n: Progress(n, enabled, file))
-    return {"checkpoint": p.checkpoint, "selectors": p.names, "density": p.density, "scope": p.scope,
+    return {"schema": "subnetscope.evaluate-selectors/1", "checkpoint": p.checkpoint, "selectors": p.names,
+            "density": p.density, "scope": p.scope,
             "data": p.data if who else None, "samples": p.samples if who else None, **res}
 
 
@@ -84,4 +86,5 @@ def report(p: EvaluateParams, out: dict) -> None:
 
 SPEC = Spec("evaluate-selectors", "agreement of selectors, and how well they predict a real update", EvaluateParams,
             run, report, refs=lambda p: [p.checkpoint, *(p.against_diff or ())],
-            cost=lambda p: parameters_of(p.checkpoint), data=lambda p: [p.data], loads_model=True)
+            cost=lambda p: parameters_of(p.checkpoint), data=lambda p: [p.data], loads_model=True,
+            result=EvaluateResult)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from analysis.specs.common import ratio, tolerance
 from analysis.definitions import PAPER_TOL
 from analysis.specs.base import Spec
+from analysis.specs.results import GeometryResult
 from analysis.specs.common import RAY_HELP, parameters_of
 
 def k_value(s: str | None) -> float | int | None:
@@ -83,4 +84,5 @@ def report(p: GeometryParams, d: dict) -> None:
 
 
 SPEC = Spec("geometry", "spectra, principal subspaces and principal weights of BASE vs TUNED", GeometryParams, run,
-            report, refs=lambda p: [p.base, p.tuned], cost=lambda p: parameters_of(p.base))
+            report, refs=lambda p: [p.base, p.tuned], cost=lambda p: parameters_of(p.base),
+            result=GeometryResult)

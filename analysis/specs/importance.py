@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from analysis.definitions import BUDGETS, GRANULARITIES
 from analysis.errors import SubnetscopeError
 from analysis.specs.base import Spec
+from analysis.specs.results import ImportanceResult
 from analysis.specs.common import DEVICE_HELP, parameters_of
 
 # What `importance` sets by a flag of its own: as an --option it is refused, never passed twice.
@@ -23,6 +24,9 @@ FLAGS = {"seed": "--seed", "granularity": "--granularity", "samples": "--samples
          "density": "--density", "budget": "--budget"}
 FIXED = {**FLAGS, **{k.replace("_", "-"): v for k, v in FLAGS.items()}}
 MINIMUM = (("samples", 1), ("seq_len", 2), ("batch_size", 1))  # calibration_batches' minimums
+
+
+SCHEMA = "subnetscope.importance/1"
 
 
 class ImportanceArgsError(SubnetscopeError):
@@ -138,7 +142,7 @@ def run(p: ImportanceParams, progress) -> dict:
     batches = calibration(q, tokenizer, [p.selector]) if get_selector(p.selector).needs_data else None
     scores = compute_scores(model, p.selector, batches, granularity=p.granularity, seed=p.seed, progress=progress,
                             **opts)
-    out = {"checkpoint": p.checkpoint, **summarize(scores, scope=p.scope),
+    out = {"schema": SCHEMA, "checkpoint": p.checkpoint, **summarize(scores, scope=p.scope),
            "data": p.data if batches else None, "samples": p.samples if batches else None,
            "seq_len": seq_len if batches else None, "options": opts, "info": plain(scores.info)}
     if p.density is not None:
@@ -185,4 +189,5 @@ def _data(p: ImportanceParams) -> list[str]:
 
 SPEC = Spec("importance", "importance scores of a checkpoint's parameters by one selector", ImportanceParams, run,
             report, refs=_refs, cost=lambda p: parameters_of(p.checkpoint), data=_data,
-            outputs=("mask_out", "scores_out"), loads_model=True)
+            outputs=("mask_out", "scores_out"), loads_model=True,
+            result=ImportanceResult)

@@ -9,6 +9,7 @@ from analysis.specs.common import ratio, tolerance
 from analysis.definitions import PAPER_TOL
 from analysis.errors import SubnetscopeError
 from analysis.specs.base import Spec
+from analysis.specs.results import OverlapResult
 from analysis.specs.common import RAY_HELP, parameters_of
 
 
@@ -46,4 +47,5 @@ def report(p: OverlapParams, d: dict) -> None:
 
 
 SPEC = Spec("overlap", "overlap of the subnetworks changed by 2+ fine-tunes of BASE", OverlapParams, run, report,
-            refs=lambda p: [p.base, *p.tuned], cost=lambda p: parameters_of(p.base))
+            refs=lambda p: [p.base, *p.tuned], cost=lambda p: parameters_of(p.base),
+            result=OverlapResult)

@@ -9,6 +9,7 @@ from analysis.specs.common import ratio, tolerance
 from analysis.definitions import PAPER_TOL
 from analysis.errors import SubnetscopeError, quoted
 from analysis.specs.base import Spec
+from analysis.specs.results import TrajectoryResult
 from analysis.specs.common import RAY_HELP, parameters_of
 
 
@@ -75,4 +76,5 @@ def report(p: TrajectoryParams, d: dict) -> None:
 
 SPEC = Spec("trajectory", "update sparsity along one run: checkpoints against the base and each other",
             TrajectoryParams, run, report, refs=lambda p: [p.base, *p.checkpoints],
-            cost=lambda p: parameters_of(p.base) * len(p.checkpoints))
+            cost=lambda p: parameters_of(p.base) * len(p.checkpoints),
+            result=TrajectoryResult)

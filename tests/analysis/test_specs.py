@@ -14,6 +14,7 @@ from analysis.errors import SubnetscopeError
 from analysis.jobs import JobDir, run_in_process
 from analysis.specs import MODULES, get_spec
 from analysis.specs.attribute import AttributeParams
+from analysis.specs.results import DiffResult, check
 from analysis.specs.base import ParamsError, cache_key, params_from_json, params_to_json
 from analysis.specs.diff import DiffParams
 from analysis.specs.evaluate_selectors import EvaluateParams
@@ -78,6 +79,7 @@ def test_cli_and_job_give_the_same_json(demo, tmp_path, monkeypatch):
         assert st.status == "done", (name, st.error)
         assert json.loads((job.path / "params.json").read_text())["params"] == params_to_json(params)
         assert _same(st.result()) == _same(json.loads(out.read_text())), name
+        check(spec.result, st.result())  # its typed form: every field, of its type, no other
 
 
 def test_a_job_reads_its_params_and_says_what_is_wrong(demo, tmp_path, monkeypatch):
@@ -126,3 +128,18 @@ def test_no_page_writes_a_command_line_flag():
             if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith("--"):
                 found.append(f"{p.name}:{node.lineno}: {node.value}")
     assert found == []
+
+
+def test_the_typed_result_refuses_a_wrong_field(demo):
+    import pydantic
+
+    from analysis.sparsity.diff import diff_checkpoints
+
+    d = diff_checkpoints(demo / "base", demo / "sft").to_json()
+    check(DiffResult, d)
+    with pytest.raises(pydantic.ValidationError, match="changed_params"):
+        check(DiffResult, {**d, "changed_params": "many"})
+    with pytest.raises(pydantic.ValidationError, match="extra"):
+        check(DiffResult, {**d, "extra": 1})
+    with pytest.raises(pydantic.ValidationError, match="schema"):
+        check(DiffResult, {k: v for k, v in d.items() if k != "schema"})
