@@ -10,12 +10,11 @@ from analysis.definitions import PAPER_TOL
 from analysis.specs.base import Spec
 from analysis.specs.results import EvaluateResult
 from analysis.specs.common import parameters_of
-from analysis.specs.importance import calibration, check_numbers, data_fields
+from analysis.specs.importance import CalibrationParams, calibration, check_numbers
 
 
 @dataclass(frozen=True)
-class EvaluateParams:
-    checkpoint: str = data_fields("the checkpoint whose parameters are scored")["checkpoint"]
+class EvaluateParams(CalibrationParams):
     selectors: str = field(default=None, metadata={
         "required": True, "help": "comma-separated names, e.g. magnitude,wanda,fisher; an empty, unknown or "
                                   "repeated name is refused (each selector once)"})
@@ -25,13 +24,6 @@ class EvaluateParams:
     density: float = field(default=None, metadata={"required": True,
                                                     "help": "top-k density of the Jaccard, in (0, 1]"})
     stability: bool = field(default=False, metadata={"help": "also rescore on a disjoint calibration set"})
-    data: str = data_fields()["data"]
-    samples: int = data_fields()["samples"]
-    seq_len: int | None = data_fields()["seq_len"]
-    batch_size: int = data_fields()["batch_size"]
-    device: str = data_fields()["device"]
-    seed: int = data_fields()["seed"]
-    scope: str = data_fields()["scope"]
 
     def __post_init__(self):
         from analysis.importance.evaluation import check_selectors

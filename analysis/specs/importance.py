@@ -33,22 +33,22 @@ class ImportanceArgsError(SubnetscopeError):
     """A flag of ``importance`` or ``evaluate-selectors`` out of its range, in one line."""
 
 
-def data_fields(positional_help: str = "the checkpoint to score"):
-    """The calibration options ``importance`` and ``evaluate-selectors`` share, as dataclass fields."""
-    return {
-        "checkpoint": field(metadata={"positional": True, "help": positional_help}),
-        "data": field(default="demo", metadata={
-            "help": "demo (the arithmetic task), a .txt/.jsonl file, or a dataset name"}),
-        "samples": field(default=32, metadata={"help": "calibration sequences (default 32)"}),
-        "seq_len": field(default=None, metadata={
-            "help": "tokens per sequence at most (default 64, or the model's positions when fewer)"}),
-        "batch_size": field(default=8, metadata={"help": "sequences per forward"}),
-        "device": field(default="auto", metadata={"help": DEVICE_HELP}),
-        "seed": field(default=0, metadata={"help": "seed of the data and of random selectors"}),
-        "scope": field(default="blocks", metadata={
-            "choices": ("blocks", "all"),
-            "help": "blocks: the attention and MLP matrices of the transformer blocks; all: every parameter"}),
-    }
+@dataclass(frozen=True)
+class CalibrationParams:
+    """What ``importance`` and ``evaluate-selectors`` share: the checkpoint scored and its calibration."""
+
+    checkpoint: str = field(metadata={"positional": True, "help": "the checkpoint whose parameters are scored"})
+    data: str = field(default="demo", metadata={
+        "help": "demo (the arithmetic task), a .txt/.jsonl file, or a dataset name"})
+    samples: int = field(default=32, metadata={"help": "calibration sequences (default 32)"})
+    seq_len: int | None = field(default=None, metadata={
+        "help": "tokens per sequence at most (default 64, or the model's positions when fewer)"})
+    batch_size: int = field(default=8, metadata={"help": "sequences per forward"})
+    device: str = field(default="auto", metadata={"help": DEVICE_HELP})
+    seed: int = field(default=0, metadata={"help": "seed of the data and of random selectors"})
+    scope: str = field(default="blocks", metadata={
+        "choices": ("blocks", "all"),
+        "help": "blocks: the attention and MLP matrices of the transformer blocks; all: every parameter"})
 
 
 def check_numbers(p) -> None:
@@ -84,18 +84,10 @@ def options(pairs) -> dict[str, str]:
 
 
 @dataclass(frozen=True)
-class ImportanceParams:
-    checkpoint: str = data_fields()["checkpoint"]
+class ImportanceParams(CalibrationParams):
     selector: str = field(default=None, metadata={"required": True, "help": "the selector (see `selectors`)"})
     granularity: str | None = field(default=None, metadata={"choices": GRANULARITIES,
                                                             "help": "element, row, head, channel or layer"})
-    data: str = data_fields()["data"]
-    samples: int = data_fields()["samples"]
-    seq_len: int | None = data_fields()["seq_len"]
-    batch_size: int = data_fields()["batch_size"]
-    device: str = data_fields()["device"]
-    seed: int = data_fields()["seed"]
-    scope: str = data_fields()["scope"]
     option: tuple[str, ...] | None = field(default=None, metadata={
         "action": "append", "metavar": "KEY=VALUE", "pair": True,
         "help": "a selector option (see `selectors`), each at most once, its value of the type the selector "
