@@ -1,62 +1,11 @@
-"""``inspect``, ``align`` and ``demo``: what a checkpoint holds, how checkpoints pair, the demo family."""
+"""``demo``: build the demo family (or the SmolLM2 conversion and its family) offline."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from analysis.cli.common import check_outputs, fmt_int, human_bytes, inputs_of
 from analysis.errors import SubnetscopeError
-
-
-def cmd_inspect(args) -> int:
-    from analysis.checkpoints import open_checkpoint, summarize
-    from analysis.io import write_json_atomic
-
-    check_outputs(args, inputs_of([args.checkpoint]), "json")  # before any work (a hub id's download too)
-    ck = open_checkpoint(args.checkpoint, trust_remote_code=args.trust_remote_code)
-    s = summarize(ck)
-    if args.json:  # outputs first: the summary below may go to a closed pipe
-        write_json_atomic(args.json, s)
-    print(f"{ck.ref}  [{ck.source}]  {ck.path}")
-    arch = ("model_type", "num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim",
-            "intermediate_size", "vocab_size", "tie_word_embeddings", "config_dtype")
-    for k in arch:
-        print(f"  {k:<20} {s[k]}")
-    print(f"  {'total_params':<20} {fmt_int(s['total_params'])}")
-    print(f"  {'tensors':<20} {len(s['tensors'])}")
-    print(f"  {'dtypes':<20} " + ", ".join(f"{d}: {fmt_int(n)}" for d, n in s["dtypes"].items()))
-    print(f"  {'files':<20} {len(s['files'])} ({human_bytes(s['size_bytes'])})")
-    print("  params by kind:")
-    for k, n in s["params_by_kind"].items():
-        print(f"    {k:<12} {n:>14,}")
-    if args.json:
-        print(f"wrote {args.json}")
-    return 0
-
-
-def cmd_align(args) -> int:
-    from analysis.checkpoints import align, open_checkpoint
-    from analysis.io import write_json_atomic
-
-    check_outputs(args, inputs_of(args.checkpoints), "json")  # before any work (a hub id's download too)
-    cks = [open_checkpoint(r, trust_remote_code=args.trust_remote_code) for r in args.checkpoints]
-    al = align(cks)
-    d = al.to_dict()
-    if args.json:
-        write_json_atomic(args.json, d)
-    print(f"aligned tensors: {d['aligned']}  compared params: {fmt_int(d['compared_params'])}")
-    for label, rows in (("missing", d["missing"]), ("shape mismatches", d["shape_mismatches"]),
-                        ("resized (compared on shared rows)", d["resized"])):
-        print(f"{label}: {len(rows)}")
-        for r in rows[:20]:
-            extra = {k: v for k, v in r.items() if k != "key"}
-            print(f"  {r['key']}  {json.dumps(extra)}")
-        if len(rows) > 20:
-            print(f"  ... {len(rows) - 20} more (see --json)")
-    if args.json:
-        print(f"wrote {args.json}")
-    return 0
 
 
 def cmd_demo(args) -> int:
@@ -107,20 +56,6 @@ def _warm(demo_dir: Path) -> None:
 
 
 def register(sub) -> None:
-    s = sub.add_parser("inspect", help="architecture, exact parameter counts and tensors of a checkpoint")
-    s.add_argument("checkpoint", help="model dir, .safetensors, .bin/.pt state dict, or hub id")
-    s.add_argument("--json", metavar="OUT", help="write the full summary here")
-    s.add_argument("--trust-remote-code", action="store_true", help="allow configs that need remote code")
-    s.add_argument("--quiet", action="store_true", help="accepted as by every command (inspect shows no progress)")
-    s.set_defaults(func=cmd_inspect)
-
-    s = sub.add_parser("align", help="pair the tensors of two or more checkpoints")
-    s.add_argument("checkpoints", nargs="+", metavar="CKPT")
-    s.add_argument("--json", metavar="OUT")
-    s.add_argument("--trust-remote-code", action="store_true")
-    s.add_argument("--quiet", action="store_true", help="accepted as by every command (align shows no progress)")
-    s.set_defaults(func=cmd_align, min_args=("checkpoints", 2, "align needs at least two checkpoints"))
-
     s = sub.add_parser("demo", help="build the embedded demo family offline (or --real: SmolLM2-135M)")
     s.add_argument("--out", metavar="DIR", help="default: $SUBNETSCOPE_HOME/demo")
     s.add_argument("--if-missing", action="store_true", help="do nothing when an up-to-date family exists")

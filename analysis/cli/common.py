@@ -6,22 +6,10 @@ from __future__ import annotations
 import argparse
 
 from analysis.io import STDOUT
-from analysis.specs.common import (OUTPUTS, check_outputs, density, inputs_of, options,  # noqa: F401 (shared)
-                                   plain, quiet_transformers, ratio, tolerance)
+from analysis.specs.common import (OUTPUTS, check_outputs, density, fmt_int, human_bytes,  # noqa: F401
+                                   inputs_of, options, plain, quiet_transformers, ratio, tolerance)
 
 EXIT_USAGE = 2
-
-
-def fmt_int(n) -> str:
-    return f"{n:,}" if isinstance(n, int) else str(n)
-
-
-def human_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
-        n /= 1024
-    return str(n)
 
 
 def run_command(args) -> int:

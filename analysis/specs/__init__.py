@@ -9,6 +9,8 @@ import importlib
 from analysis.specs.base import Spec
 
 MODULES = {  # command -> module (imported on first use: `--help` imports no torch)
+    "inspect": "analysis.specs.inspect",
+    "align": "analysis.specs.align",
     "diff": "analysis.specs.diff",
     "overlap": "analysis.specs.overlap",
     "trajectory": "analysis.specs.trajectory",

@@ -54,6 +54,7 @@ class Spec:
         data (callable, optional): ``data(params) -> list[str]``: the files besides the checkpoints
             (masks, calibration data) no output may touch. Default: none.
         outputs (tuple[str, ...]): params fields naming output files, beside ``--json``.
+        json_required (bool): ``--json`` must be given (else the summary alone may be asked for).
         result (type): the ``TypedDict`` of the JSON it writes (:mod:`analysis.specs.results`).
         loads_model (bool): it loads a transformers model (``--quiet`` then also silences
             transformers' own bars; a spec that reads tensors only never imports transformers).
@@ -70,6 +71,7 @@ class Spec:
     outputs: tuple[str, ...] = ()
     loads_model: bool = False
     result: type | None = None
+    json_required: bool = True
 
 
 # ---------------------------------------------------------------------------- params
@@ -141,7 +143,8 @@ def add_parser(sub, spec: Spec) -> argparse.ArgumentParser:
         if meta.get("required") or (f.default is MISSING and f.default_factory is MISSING):  # type: ignore[misc]
             kwargs["required"] = True
         s.add_argument(meta.get("flag", "--" + f.name.replace("_", "-")), dest=f.name, default=default, **kwargs)
-    s.add_argument("--json", metavar="OUT", required=True)
+    s.add_argument("--json", metavar="OUT", required=spec.json_required,
+                   help=None if spec.json_required else "write the full result here")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.add_argument("--progress-file", metavar="P", help=argparse.SUPPRESS)
     s.set_defaults(spec=spec, func=lambda args: run_cli(spec, args))
@@ -163,7 +166,8 @@ def run_cli(spec: Spec, args) -> int:
                    progress_file=args.progress_file)
 
 
-def execute(spec: Spec, params, *, json_out: str, quiet: bool = True, progress_file=None, report: bool = True) -> int:
+def execute(spec: Spec, params, *, json_out: str | None, quiet: bool = True, progress_file=None,
+            report: bool = True) -> int:
     """Runs ``spec`` as the CLI and a job do: the outputs checked before any work (none may touch an
     input or the weights of any checkpoint), a progress bar and/or progress file, the JSON written
     atomically, the summary printed.
@@ -189,8 +193,10 @@ def execute(spec: Spec, params, *, json_out: str, quiet: bool = True, progress_f
         result = spec.run(params, prog)
     finally:
         prog.close()
-    write_json_atomic(json_out, result)
+    if json_out:  # outputs first: the summary below may go to a closed pipe
+        write_json_atomic(json_out, result)
     if report:
         spec.report(params, result)
-        print(f"wrote {json_out}")
+        if json_out:
+            print(f"wrote {json_out}")
     return 0

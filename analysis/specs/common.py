@@ -141,3 +141,15 @@ def tolerance(s: str) -> float:
     if not (v >= 0 and v < float("inf")):
         raise argparse.ArgumentTypeError(f"tolerance must be finite and >= 0, got {s}")
     return v
+
+
+def fmt_int(n) -> str:
+    return f"{n:,}" if isinstance(n, int) else str(n)
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return str(n)

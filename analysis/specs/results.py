@@ -13,6 +13,40 @@ from typing_extensions import TypedDict  # noqa: UP035 (pydantic reads typing_ex
 Rows = list[dict[str, Any]]
 
 
+class InspectResult(TypedDict):
+    ref: str
+    path: str
+    source: str
+    model_type: str | None
+    family: str
+    num_layers: int | None
+    hidden_size: int | None
+    num_heads: int | None
+    num_kv_heads: int | None
+    head_dim: int | None
+    intermediate_size: int | None
+    vocab_size: int | None
+    tie_word_embeddings: bool | None
+    config_dtype: str | None
+    total_params: int
+    dtypes: dict[str, int]
+    size_bytes: int
+    files: Rows
+    params_by_kind: dict[str, int]
+    params_by_layer: list[Any]
+    tensors: Rows
+
+
+class AlignResult(TypedDict):
+    refs: list[str]
+    aligned: int
+    compared_params: int
+    missing: Rows
+    shape_mismatches: Rows
+    resized: Rows
+    tensors: Rows
+
+
 class DiffResult(TypedDict):
     schema: str  # subnetscope.diff/N
     base: str

@@ -13,7 +13,9 @@ from analysis.cli import main
 from analysis.errors import SubnetscopeError
 from analysis.jobs import JobDir, run_in_process
 from analysis.specs import MODULES, get_spec
+from analysis.specs.align import AlignParams
 from analysis.specs.attribute import AttributeParams
+from analysis.specs.inspect import InspectParams
 from analysis.specs.results import DiffResult, check
 from analysis.specs.base import ParamsError, cache_key, params_from_json, params_to_json
 from analysis.specs.diff import DiffParams
@@ -39,6 +41,8 @@ def _cases(demo):
     d = {n: str(demo / n) for n in ("base", "sft", "rl-seed1", "rl-seed2")}
     steps = [str(demo / "rl-seed1-steps" / s) for s in ("step-10", "step-20")]
     return [
+        ("inspect", InspectParams(d["sft"]), ["inspect", d["sft"]]),
+        ("align", AlignParams((d["base"], d["sft"])), ["align", d["base"], d["sft"]]),
         ("diff", DiffParams(d["base"], d["sft"], tol=1e-6), ["diff", d["base"], d["sft"], "--tol", "1e-6"]),
         ("overlap", OverlapParams(d["sft"], (d["rl-seed1"], d["rl-seed2"])),
          ["overlap", d["sft"], d["rl-seed1"], d["rl-seed2"]]),
