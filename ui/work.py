@@ -52,6 +52,10 @@ def _inline(name: str, params_json: str, fps: tuple) -> dict:
     from analysis.specs.base import params_from_json
 
     spec = get_spec(name)
+    if spec.loads_model:  # the page shows its own spinner: no transformers bars in the server's log
+        from analysis.specs.common import quiet_transformers
+
+        quiet_transformers(True)
     return spec.run(params_from_json(spec, json.loads(params_json)), None)
 
 

@@ -40,10 +40,11 @@ def app_url(tmp_path_factory):
     port = _free_port()
     runs = tmp_path_factory.mktemp("runs")  # the fine-tune runs this test launches stay out of the user's list
     env = dict(os.environ, HF_HUB_OFFLINE="1", SUBNETSCOPE_RUNS=str(runs))
+    log = open(tmp_path_factory.mktemp("server") / "streamlit.log", "w+")  # a file: a pipe nobody reads fills up
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", "app.py", "--server.address", "127.0.0.1",
          "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 90
@@ -53,7 +54,7 @@ def app_url(tmp_path_factory):
                     break
             except OSError:
                 time.sleep(0.5)
-            assert proc.poll() is None, proc.stdout.read()
+            assert proc.poll() is None, (log.seek(0), log.read())[1]
         else:
             pytest.fail("streamlit did not start within 90 s")
         yield url
