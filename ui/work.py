@@ -83,18 +83,6 @@ def overlap_of(base: str, tuned: list[str], tol: float, key: str) -> dict | None
     return analysis("overlap", OverlapParams(base, tuple(tuned), tol=tol), key)
 
 
-def param_count(ref: str) -> int:
-    """The checkpoint's parameter count, from its headers (nothing loaded)."""
-    return _param_count(ref, fingerprint(ref))
-
-
-@st.cache_data(max_entries=64, show_spinner=False)
-def _param_count(ref: str, fp: tuple) -> int:
-    from analysis.checkpoints import open_checkpoint, summarize
-
-    return summarize(open_checkpoint(ref))["total_params"]
-
-
 def importance_job(params, key: str) -> tuple[dict, str] | None:
     """``importance`` as a job, its mask written into the job directory: (its JSON, the mask file),
     or None while it runs."""

@@ -37,16 +37,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _usage_error(args) -> str | None:
-    """What argparse cannot say: too few positional arguments, options that need each other."""
-    if getattr(args, "min_args", None):
-        name, n, message = args.min_args
-        if len(getattr(args, name)) < n:
-            return message
-    check = getattr(args, "usage_check", None)
-    return check(args) if check else None
-
-
 def _names(args) -> list[str]:
     """The checkpoints a command reads, by their last two path parts (for a waiting job's message)."""
     from pathlib import Path
@@ -64,10 +54,6 @@ def _terminate(signum, frame):
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    problem = _usage_error(args)
-    if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        return EXIT_USAGE
     progress_file = getattr(args, "progress_file", None)
     if args.command == "run-job":  # a page's background job: its progress file is in its directory
         from analysis.jobs.jobdir import JobDir

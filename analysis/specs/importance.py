@@ -9,6 +9,7 @@ positions or calibration data the selector cannot use.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -130,7 +131,7 @@ def run(p: ImportanceParams, progress) -> dict:
     opts = p.parsed_options
     model, tokenizer = load_model(p.checkpoint, device=p.device)
     seq_len = calibration_length(model.config, p.seq_len, where=p.checkpoint)
-    q = _with(p, seq_len=seq_len)
+    q = dataclasses.replace(p, seq_len=seq_len)
     batches = calibration(q, tokenizer, [p.selector]) if get_selector(p.selector).needs_data else None
     scores = compute_scores(model, p.selector, batches, granularity=p.granularity, seed=p.seed, progress=progress,
                             **opts)
@@ -152,12 +153,6 @@ def run(p: ImportanceParams, progress) -> dict:
         write_atomic(p.scores_out, save({k: v.contiguous() for k, v in values.items()},
                                         metadata={"selector": p.selector, "granularity": scores.granularity}))
     return out
-
-
-def _with(p, **changes):
-    import dataclasses
-
-    return dataclasses.replace(p, **changes)
 
 
 def report(p: ImportanceParams, out: dict) -> None:
