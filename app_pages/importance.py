@@ -16,7 +16,6 @@ from analysis.checkpoints import fingerprint, open_checkpoint
 from analysis.errors import SubnetscopeError
 from analysis.importance.scores import calibration_length, sample_scores, scores_to_mask, summarize
 from analysis.sparsity.masks import load_mask, per_tensor as mask_rows
-from analysis.importance.evaluation import predictive_power, spearman, topk_jaccard
 from analysis.importance.selectors import SELECTORS
 from analysis.specs.evaluate_selectors import EvaluateParams
 from analysis.specs.importance import ImportanceParams
@@ -153,16 +152,12 @@ other = st.selectbox("Second selector", [n for n in element_selectors if n != na
                      format_func=lambda n: SELECTORS[n].label)
 if scored_as == "element":
     try:
-        if inline:
-            second = work.scores(ref, other, "element", data, int(samples), seq_len)
-            rho, jac = spearman(scores, second, scope=scope), topk_jaccard(scores, second, density, scope=scope)
-        else:
-            res = work.job("evaluate-selectors", EvaluateParams(ref, selectors=f"{name},{other}", density=density,
-                                                                data=data, samples=int(samples), seq_len=seq_len,
-                                                                scope=scope), key="imp_cmp",
-                           label="evaluate 2 selectors")
-            rho, jac = (None, None) if res is None else (res["agreement"]["spearman"][0][1],
-                                                         res["agreement"]["jaccard"][0][1])
+        res = work.analysis("evaluate-selectors", EvaluateParams(ref, selectors=f"{name},{other}", density=density,
+                                                                 data=data, samples=int(samples), seq_len=seq_len,
+                                                                 scope=scope), key="imp_cmp",
+                            label="evaluate 2 selectors")
+        rho, jac = (None, None) if res is None else (res["agreement"]["spearman"][0][1],
+                                                     res["agreement"]["jaccard"][0][1])
         if rho is not None:
             cmp1, cmp2 = st.columns(2)
             cmp1.metric("Spearman ρ", f"{rho:+.3f}")
@@ -189,21 +184,13 @@ preds = {}
 try:
     if not chosen:
         st.stop()
-    if inline:
-        changed = work.changed_mask(parent, target, PAPER_TOL)
-        bar = st.progress(0.0, text="Scoring selectors…")
-        for i, n in enumerate(chosen):
-            sc = work.scores(ref, n, None if SELECTORS[n].granularities[0] != "element" else "element", data,
-                             int(samples), seq_len)
-            preds[n] = predictive_power(sc, changed, scope=scope).to_dict()
-            bar.progress((i + 1) / len(chosen), text=f"Scored {SELECTORS[n].label}")
-        bar.empty()
-    else:  # every selector and the diff in one background job (`evaluate-selectors --against-diff`)
-        res = work.job("evaluate-selectors", EvaluateParams(ref, selectors=",".join(chosen), density=density,
-                                                            against_diff=(parent, target), data=data,
-                                                            samples=int(samples), seq_len=seq_len, scope=scope),
-                       key="imp_pred", label=f"evaluate {len(chosen)} selectors")
-        preds = {} if res is None else {p["selector"]: p for p in res["prediction"]}
+    # every selector and the diff in one evaluation (`evaluate-selectors --against-diff`): inline on a small
+    # model, a background job on a large one
+    res = work.analysis("evaluate-selectors", EvaluateParams(ref, selectors=",".join(chosen), density=density,
+                                                             against_diff=(parent, target), data=data,
+                                                             samples=int(samples), seq_len=seq_len, scope=scope),
+                        key="imp_pred", label=f"evaluate {len(chosen)} selectors")
+    preds = {} if res is None else {p["selector"]: p for p in res["prediction"]}
 except SubnetscopeError as e:
     st.error(md_escape(str(e)))
     st.stop()

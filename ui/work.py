@@ -176,15 +176,3 @@ def scores(ref: str, selector: str, granularity: str | None, data: str, samples:
     """Importance scores of a checkpoint (cached per file fingerprint and every parameter)."""
     return _scores(ref, fingerprint(ref), selector, granularity, data, samples, seq_len, seed,
                    tuple(sorted(options.items())))
-
-
-@st.cache_resource(show_spinner="Diffing for the changed elements…", max_entries=8)
-def _changed(base: str, tuned: str, tol: float, fps: tuple) -> dict:
-    masks = {}
-    diff_checkpoints(base, tuned, tol=tol, on_mask=masks.__setitem__)
-    return masks
-
-
-def changed_mask(base: str, tuned: str, tol: float) -> dict:
-    """name -> BoolTensor of the elements base → tuned changed at τ (cached)."""
-    return _changed(base, tuned, tol, (fingerprint(base), fingerprint(tuned)))
