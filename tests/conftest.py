@@ -79,7 +79,10 @@ def _private_recent_list(tmp_path, monkeypatch):
     """Tests open many temporary checkpoints: keep them out of the user's recent list."""
     import ui.state
 
+    from analysis.families import lineage
+
     monkeypatch.setattr(ui.state, "_recent_file", lambda: tmp_path / "recent.json")
+    monkeypatch.setattr(lineage, "family_file", lambda: tmp_path / "family.json")  # the user's parents stay theirs
     monkeypatch.setenv("SUBNETSCOPE_RUNS", str(tmp_path / "runs"))  # and their runs out of the user's list
     yield
     from analysis.jobs import queue

@@ -19,12 +19,18 @@ class InspectParams:
 
 def run(p: InspectParams, progress) -> dict:
     from analysis.checkpoints import open_checkpoint, summarize
+    from analysis.families.lineage import declared_parent
 
-    return summarize(open_checkpoint(p.checkpoint, trust_remote_code=p.trust_remote_code))
+    ckpt = open_checkpoint(p.checkpoint, trust_remote_code=p.trust_remote_code)
+    # the checkpoint it was trained from, as its files say (docs/design.md §14); outside a family,
+    # config.json's _name_or_path counts when it names another local checkpoint
+    return summarize(ckpt) | declared_parent(str(ckpt.path)).to_dict()
 
 
 def report(p: InspectParams, s: dict) -> None:
     print(f"{s['ref']}  [{s['source']}]  {s['path']}")
+    if s.get("parent"):
+        print(f"  {'parent':<20} {s['parent']}  (from the {s['parent_source']}: {s['parent_file']})")
     for k in ("model_type", "num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim",
               "intermediate_size", "vocab_size", "tie_word_embeddings", "config_dtype"):
         print(f"  {k:<20} {s[k]}")

@@ -35,6 +35,9 @@ class InspectResult(TypedDict):
     params_by_kind: dict[str, int]
     params_by_layer: list[Any]
     tensors: Rows
+    parent: str | None  # the checkpoint it was trained from (docs/design.md §14)
+    parent_source: str | None
+    parent_file: str | None
 
 
 class AlignResult(TypedDict):
