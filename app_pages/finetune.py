@@ -36,6 +36,20 @@ st.caption("Train only a subnetwork — the elements an RL run changed, the top 
 
 refs = chosen_refs(None)
 demo = demo_refs()
+ss = st.session_state
+# a hand-off from another page ("Train this mask" on Importance, "Train the changed subnetwork" on Update
+# sparsity) fills the form in: its widgets are keyed by the hand-off's number, so they start from it
+handoff = ss.pop("ft_handoff", None)
+if handoff is not None:
+    ss["ft_form"] = {"n": ss.get("ft_form", {}).get("n", 0) + 1, **handoff}
+form = ss.get("ft_form", {"n": 0})
+for r in [form.get("checkpoint"), *(form.get("diff") or [])]:  # a hand-off's checkpoints are offered too
+    if r and r not in refs:
+        refs = [*refs, r]
+n = form["n"]
+if handoff is not None:
+    st.info("Filled in from " + md_escape(handoff.get("from", "another page")) + ": " +
+            md_escape(handoff.get("summary", "")) + ". Check the recipe and add it to the queue.")
 
 
 with st.expander("New run", expanded=True):
@@ -43,30 +57,45 @@ with st.expander("New run", expanded=True):
         st.info("Choose a checkpoint in the sidebar.")
     else:
         c1, c2, c3 = st.columns(3)
-        default = demo.get("demo/sft") if demo.get("demo/sft") in refs else refs[0]
+        default = (form.get("checkpoint") if form.get("checkpoint") in refs else
+                   demo.get("demo/sft") if demo.get("demo/sft") in refs else refs[0])
         checkpoint = c1.selectbox("Start from", refs, index=refs.index(default), format_func=label_of,
-                                  help=HELP["checkpoint"])
+                                  help=HELP["checkpoint"], key=f"ft_start_{n}")
         task = c2.selectbox("Task", TASKS, index=1 if checkpoint == demo.get("demo/sft") else 0, help=HELP["task"])
         data = c3.text_input("Data file", "", help=HELP["data"], disabled=task != "lm", placeholder="a .txt or .jsonl")
-        source = st.radio("Train", list(SOURCE_LABELS), format_func=SOURCE_LABELS.get, horizontal=True)
+        sources = list(SOURCE_LABELS)
+        source = st.radio("Train", sources, format_func=SOURCE_LABELS.get, horizontal=True, key=f"ft_source_{n}",
+                          index=sources.index(form.get("source", "diff")))
         src: dict = {}
         s1, s2, s3, s4 = st.columns(4)
         if source == "diff":
             pairs = [t for t in refs if t != checkpoint]
-            default_tuned = next((t for t in pairs if parent_of(t) == checkpoint), pairs[0] if pairs else None)
+            handed = (form.get("diff") or [None, None])[1]
+            default_tuned = handed if handed in pairs else next((t for t in pairs if parent_of(t) == checkpoint),
+                                                                pairs[0] if pairs else None)
             tuned_ref = s1.selectbox("Changed by", pairs, index=pairs.index(default_tuned) if default_tuned else None,
-                                     format_func=label_of, help="The fine-tune whose changed elements form the mask.")
+                                     format_func=label_of, help="The fine-tune whose changed elements form the mask.",
+                                     key=f"ft_diff_tuned_{n}")
             diff_base = s2.selectbox("…relative to", refs, index=refs.index(parent_of(tuned_ref) or checkpoint)
                                      if tuned_ref and (parent_of(tuned_ref) or checkpoint) in refs else 0,
-                                     format_func=label_of)
-            tol = s3.select_slider("τ", [t for t in DECADE_TOLS if t == 0 or t >= 1e-7], value=DEFAULTS["diff_tol"],
-                                   help=HELP["diff_tol"])
+                                     format_func=label_of, key=f"ft_diff_base_{n}")
+            taus = sorted({*(t for t in DECADE_TOLS if t == 0 or t >= 1e-7),
+                           *([form["diff_tol"]] if isinstance(form.get("diff_tol"), float) else [])})
+            tol = s3.select_slider("τ", taus, value=form.get("diff_tol") if form.get("diff_tol") in taus
+                                   else DEFAULTS["diff_tol"], help=HELP["diff_tol"], format_func=lambda t: f"{t:g}",
+                                   key=f"ft_tol_{n}")
             src = {"diff": [diff_base, tuned_ref] if tuned_ref else None, "diff_tol": tol}
         elif source == "selector":
             names = [n for n in SELECTORS if n != "diff"]
-            sel = s1.selectbox("Selector", names, index=names.index("fisher"), format_func=lambda n: SELECTORS[n].label)
-            gran = s2.selectbox("Granularity", GRANULARITIES, help=HELP["granularity"])
-            dens = s3.number_input("Density", 0.001, 1.0, 0.05, format="%.3f", help=HELP["density"])
+            # the selector last studied on Importance (or handed over), else Fisher
+            last = form.get("selector") or ss.get("last_selector")
+            sel = s1.selectbox("Selector", names, index=names.index(last if last in names else "fisher"),
+                               format_func=lambda x: SELECTORS[x].label, key=f"ft_sel_{n}")
+            gran = s2.selectbox("Granularity", GRANULARITIES, help=HELP["granularity"], key=f"ft_gran_{n}",
+                                index=GRANULARITIES.index(form["granularity"])
+                                if form.get("granularity") in GRANULARITIES else 0)
+            dens = s3.number_input("Density", 0.001, 1.0, float(form.get("density", 0.05)), format="%.3f",
+                                   help=HELP["density"], key=f"ft_dens_{n}")
             budget = s4.selectbox("Budget", ["auto", *BUDGETS], help=HELP["budget"])
             src = {"selector": sel, "granularity": gran, "density": dens,
                    "budget": None if budget == "auto" else budget}

@@ -141,15 +141,31 @@ def _mask_file() -> bytes:
                          source=f"{name} {scored_as} density={density} scope={scope}").read_bytes()
 
 
-d1, d2 = st.columns(2)
+st.session_state["last_selector"] = name  # the fine-tune form's selector defaults to the one last studied
+d1, d2, d3 = st.columns(3)
 d1.download_button("Download mask", _mask_file(), f"mask-{name}-{density:g}.safetensors", "application/octet-stream")
 d2.download_button("Download scores summary (JSON)", json.dumps(summary), f"scores-{name}.json", "application/json")
+if name != "diff" and d3.button("Train this mask", type="primary", icon=":material/model_training:",
+                                help="Open the masked fine-tune form with this model, selector, granularity and "
+                                     "density (the lab's masks cover the blocks' matrices)."):
+    st.session_state["ft_handoff"] = {
+        "from": "Importance", "checkpoint": ref, "source": "selector", "selector": name,
+        "granularity": scored_as, "density": density,
+        "summary": f"{entry.label}, {scored_as} granularity, density {density:g}, from {label_of(ref)}"
+                   + (" (scope all on Importance; the lab's masks cover the blocks)" if scope == "all" else "")}
+    st.switch_page("app_pages/finetune.py")
 
 # ------------------------------------------------------------------ compare two selectors
 st.subheader("Compare with another selector")
 element_selectors = [n for n, e in SELECTORS.items() if e.granularities[0] == "element" and n != "diff"]
-other = st.selectbox("Second selector", [n for n in element_selectors if n != name],
-                     format_func=lambda n: SELECTORS[n].label)
+others = [n for n in element_selectors if n != name]
+# by default one of another kind: a data-free selector beside one that reads calibration data (never magnitude
+# beside its own inverse, which agrees at ρ = −1 by construction)
+kind_default = next((n for n in (("magnitude", "wanda") if entry.needs_data else ("fisher", "wanda", "taylor"))
+                     if n in others), others[0])
+other = st.selectbox("Second selector", others, index=others.index(kind_default),
+                     format_func=lambda n: SELECTORS[n].label, key=f"imp_other_{name}",
+                     help="Defaults to a selector of the other kind (data-free vs calibration data).")
 if scored_as == "element":
     try:
         res = work.analysis("evaluate-selectors", EvaluateParams(ref, selectors=f"{name},{other}", density=density,

@@ -11,7 +11,7 @@ from analysis.errors import SubnetscopeError
 from analysis.definitions import PAPER_TOL
 from ui import work
 from ui.loaders import summary, try_load
-from ui.state import label_of, parent_of, selection, url_bound
+from ui.state import family, label_of, normalize_ref, parent_of, selection, url_bound
 from ui.text import md_escape
 
 st.header("Subnetwork overlap")
@@ -20,23 +20,36 @@ if not base or len(tuned) < 2:
     st.info("Choose a base and at least two fine-tunes of it in the sidebar.")
     st.stop()
 
-# the runs must share a base: the demo's RL runs come from its SFT model, not from its base
+# the runs must share a base: by default the runs' common parent in the family (the demo's RL runs come from its
+# SFT model, not from its base), kept in the URL with the runs
+fam = family()
 shared = [parent_of(t) for t in tuned]
 common = max(set(shared) - {None}, key=shared.count, default=None)
-default_base = common if common in [base, *tuned] and shared.count(common) >= 2 else base
+default_base = common if common and shared.count(common) >= 2 else base
+options = list(dict.fromkeys([default_base, base, *tuned, *fam.everyone()]))
 c1, c2, c3 = st.columns([3, 2, 2])
 url_bound("overlap_tol", PAPER_TOL, param="tol", parse=float, valid=lambda v: v in tolerance_grid())
 tol = c1.select_slider("Tolerance τ", options=tolerance_grid(), format_func=lambda t: f"{t:g}", key="overlap_tol")
-options = [base, *tuned]
-run_base = c2.selectbox("Base of the runs", options, index=options.index(default_base), format_func=label_of,
-                        help="The checkpoint every run was fine-tuned from.")
+url_bound("overlap_base", default_base, param="runs_base", parse=normalize_ref, valid=lambda v: v in options)
+if st.session_state["overlap_base"] not in options:  # the sidebar's checkpoints changed
+    st.session_state["overlap_base"] = default_base
+run_base = c2.selectbox("Base of the runs", options, format_func=label_of, key="overlap_base",
+                        help="The checkpoint every run was fine-tuned from: their common parent in the family.")
 candidates = [t for t in tuned if t != run_base]
-default_runs = [t for t in candidates if parent_of(t) == run_base] if common == run_base else candidates
-runs = c3.multiselect("Runs", candidates, default=default_runs if len(default_runs) >= 2 else candidates,
-                      format_func=label_of)
+default_runs = [t for t in candidates if parent_of(t) == run_base]
+default_runs = default_runs if len(default_runs) >= 2 else candidates
+url_bound("overlap_runs", default_runs, param="runs", parse=normalize_ref,
+          valid=lambda v: all(x in candidates for x in v))
+if any(x not in candidates for x in st.session_state["overlap_runs"]):  # the base or the sidebar changed
+    st.session_state["overlap_runs"] = default_runs
+runs = c3.multiselect("Runs", candidates, format_func=label_of, key="overlap_runs")
 if len(runs) < 2:
     st.info("Pick at least two runs fine-tuned from the chosen base.")
     st.stop()
+if any(parent_of(x) != run_base for x in runs):
+    strays = ", ".join(f"{label_of(x)} (parent {label_of(parent_of(x))})" for x in runs if parent_of(x) != run_base)
+    st.warning(f"Not every run is a child of {md_escape(label_of(run_base))} in the family: {md_escape(strays)}. "
+               "Their overlap mixes updates from different starts.")
 base = run_base
 base_summary = try_load(summary, base)
 if base_summary is None:

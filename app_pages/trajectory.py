@@ -1,11 +1,13 @@
 """Trajectory: how the changed subnetwork of one run grows and settles over its checkpoints.
 
-The run is a base and its checkpoints in training order: by default the demo's RL run saved every
-10 steps; any list of checkpoint paths can be given. Small models are measured inside the page
+The run is a base and its checkpoints in training order: a folder of ``step-N`` / ``checkpoint-N``
+directories (by default the demo's RL run, saved every 10 steps) or a list of paths; the base is the
+first checkpoint's parent in the family. All of it is kept in the URL. Small models are measured inside the page
 (cached by the files' fingerprints); larger ones by a background ``trajectory`` job.
 """
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import streamlit as st
@@ -14,11 +16,11 @@ from ui import plots
 from analysis.families.demo import trajectory_dirs
 from analysis.errors import SubnetscopeError
 from analysis.paths import default_demo_dir
-from analysis.sparsity.trajectory import at_tolerance, infer_steps
+from analysis.sparsity.trajectory import at_tolerance, infer_steps, run_checkpoints
 from analysis.specs.trajectory import TrajectoryParams
 from analysis.definitions import DECADE_TOLS, PAPER_TOL
 from ui import work
-from ui.state import label_of, url_bound
+from ui.state import label_of, mirror_to_url, normalize_ref, parent_of, url_bound
 from ui.text import md_escape
 
 st.header("Trajectory")
@@ -26,15 +28,40 @@ st.caption("One run's checkpoints against its base and against each other: updat
            "changed set growing and settling, the step at which elements first change, and how much of the final "
            "subnetwork each checkpoint already holds (docs/design.md §11).")
 
+# the run: one folder of step-N / checkpoint-N directories (sorted by step), or a list; its base is the first
+# checkpoint's parent in the family (a run directory's start, a model card, the demo manifest), all in the URL
 demo = default_demo_dir()
 demo_run = trajectory_dirs(demo)
-c1, c2 = st.columns([1, 2])
-base = c1.text_input("Base (the run's start)", str(demo / "sft") if demo_run else "",
-                     help="The checkpoint the run started from: for the demo's RL run, demo/sft.")
-listed = c2.text_area("Checkpoints in training order, one per line", "\n".join(map(str, demo_run)), height=130,
-                      help="Directories or files, e.g. .../checkpoint-100, .../checkpoint-200 (the steps are read "
-                           "from the names when they end in increasing numbers).")
-cks = [line.strip() for line in listed.splitlines() if line.strip()]
+c1, c2 = st.columns([2, 1])
+url_bound("trajectory_run", str(Path(demo_run[0]).parent) if demo_run else "", param="run", parse=normalize_ref)
+folder = c1.text_input("Run folder", key="trajectory_run",
+                       help="A folder of the run's saved checkpoints: step-N or checkpoint-N directories (sorted by "
+                            "the step in their names), e.g. a Trainer's output_dir.")
+ss = st.session_state
+if "trajectory_list" not in ss:  # the URL's ?ckpt=…&ckpt=… the first time, then the text area's own value
+    ss["trajectory_list"] = "\n".join(x for x in (normalize_ref(c) for c in st.query_params.get_all("ckpt")) if x)
+with st.expander("…or list the checkpoints in training order", expanded=bool(ss["trajectory_list"])):
+    st.text_area("One path a line (used instead of the folder when given)", key="trajectory_list", height=120,
+                 help="Directories or files; the steps are read from the names when they carry them.")
+listed = [x for x in (normalize_ref(line) for line in ss["trajectory_list"].splitlines()) if x]
+mirror_to_url({"ckpt": listed})
+cks = listed
+if not cks and folder:
+    try:
+        cks = run_checkpoints(folder)
+    except SubnetscopeError as e:
+        st.error(md_escape(str(e)))
+        st.stop()
+start = parent_of(cks[0]) if cks else None
+url_bound("trajectory_base", start or "", param="from", parse=normalize_ref)
+if not st.session_state["trajectory_base"] and start:
+    st.session_state["trajectory_base"] = start
+base = c2.text_input("Base (the run's start)", key="trajectory_base",
+                     help="The checkpoint the run started from; by default the first checkpoint's parent in its "
+                          "files (a run directory's start, a model card's base_model, the demo manifest).")
+if cks:
+    st.caption(f"{len(cks)} checkpoints: " + md_escape(", ".join(label_of(c) for c in cks)) + " — from "
+               + md_escape(label_of(base) if base else "?"))
 c3, c4 = st.columns(2)
 TAUS = list(DECADE_TOLS)
 url_bound("trajectory_tol", PAPER_TOL, param="tol", parse=float, valid=lambda v: v in TAUS)

@@ -32,17 +32,14 @@ if st.session_state["sparsity_focus"] not in tuned:  # the sidebar's fine-tunes 
 focus = c2.selectbox("Details for", tuned, format_func=label_of, key="sparsity_focus")
 rank = c3.checkbox("Update rank", help="rank(ΔW) / min(m, n) per matrix (torch.linalg.matrix_rank; costly).")
 
-# each fine-tune is compared with the checkpoint it was trained from: the base unless known
-# otherwise (the demo's RL runs come from its SFT model) or chosen here
-refs = [base, *tuned]
-with st.expander("Compared pairs", expanded=False):
-    parents = {}
-    for t in tuned:
-        known = parent_of(t)
-        default = known if known in refs and known != t else base
-        options = [r for r in refs if r != t]
-        parents[t] = st.selectbox(f"{md_escape(label_of(t))} is compared with", options, index=options.index(default),
-                                  format_func=label_of, key=f"parent_{t}")
+# each fine-tune is compared with its parent in the family (the sidebar: read from the files, or as the user
+# corrected it — kept in the URL), the sidebar base when none is known
+parents = {t: parent_of(t) or base for t in tuned}
+unknown = [t for t in tuned if parent_of(t) is None and t != base]
+if unknown:
+    st.caption(md_escape(", ".join(label_of(t) for t in unknown)) + ": no parent in the files; compared with the "
+               "sidebar base. Set a parent under the sidebar's family to change it.")
+parents = {t: p for t, p in parents.items() if p != t}
 
 
 def pair_label(t: str) -> str:
@@ -57,7 +54,7 @@ if base_summary is None:
 # channels and the absorption view (and --rank) need the weights again, on request.
 pass_tol = st.session_state.setdefault("sparsity_pass_tol", PAPER_TOL)
 results: dict[str, dict] = {}
-for ref in tuned:
+for ref in parents:
     try:
         r = work.diff(parents[ref], ref, pass_tol, rank and ref == focus, key=f"diff_{ref}")
         if r is not None and tol != pass_tol:
@@ -133,6 +130,14 @@ if r["skipped"]:
     st.warning(f"{len(r['skipped'])} tensors not compared: " + "; ".join(md_escape(f"{s['name']} ({s['reason']})")
                                                                       for s in r["skipped"][:10]))
 
+if st.button("Train the changed subnetwork", icon=":material/model_training:",
+             help=f"Open the masked fine-tune form: from {label_of(parents[focus])}, train only the elements "
+                  f"{label_of(focus)} changed at τ = {tol:g} (the paper's experiment)."):
+    st.session_state["ft_handoff"] = {
+        "from": "Update sparsity", "checkpoint": parents[focus], "source": "diff", "diff": [parents[focus], focus],
+        "diff_tol": tol, "summary": f"the elements {label_of(focus)} changed from {label_of(parents[focus])} at "
+                                    f"τ = {tol:g}, trained from {label_of(parents[focus])}"}
+    st.switch_page("app_pages/finetune.py")
 d1, d2, d3 = st.columns(3)
 stem = f"diff-{label_of(parents[focus])}-{label_of(focus)}-tol{tol:g}".replace("/", "_")
 d1.download_button("Download JSON", json.dumps(r, indent=1), f"{stem}.json", "application/json")

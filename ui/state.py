@@ -12,6 +12,7 @@ import streamlit as st
 
 from analysis.paths import default_demo_dir, subnetscope_home
 from analysis.io import write_json_atomic
+from analysis.families.lineage import normalize_ref
 from ui.text import md_code, md_escape, visible
 
 MAX_TUNED = 3
@@ -67,20 +68,67 @@ def demo_refs() -> dict[str, str]:
     return refs | family_refs()
 
 
-def parent_of(ref: str) -> str | None:
-    """The checkpoint a fine-tune was trained from, when known (the demo and SmolLM2 family
-    manifests' parents)."""
-    from analysis.families.real_family import real_family_dir
+# ---------------------------------------------------------------------------- the family
 
-    for d in (default_demo_dir(), real_family_dir()):
-        try:
-            models = json.loads((d / "manifest.json").read_text())["models"]
-        except (OSError, ValueError, KeyError):
-            continue
-        for name, m in models.items():
-            if str(d / name) == ref and m.get("parent"):
-                return str(d / m["parent"])
-    return None
+def _url_parents() -> dict[str, str | None]:
+    """The parents the URL sets (``parent=CHILD::PARENT``, an empty PARENT: none), read once per
+    session; the sidebar's corrections join them."""
+    ss = st.session_state
+    if "url_parents" not in ss:
+        found = {}
+        for item in st.query_params.get_all("parent"):
+            child, sep, parent = item.partition("::")
+            child, parent = normalize_ref(child), normalize_ref(parent)
+            if sep and child and parent != child:
+                found[child] = parent
+        ss["url_parents"] = found
+    return ss["url_parents"]
+
+
+def corrections() -> dict[str, str | None]:
+    """The user's parents: ``$SUBNETSCOPE_HOME/family.json``, then the URL's (a shared link wins)."""
+    from analysis.families.lineage import load_corrections
+
+    return load_corrections() | _url_parents()
+
+
+_FRESH_S = 2.0  # the family's files are read again after this long (a model card written meanwhile)
+
+
+def family():
+    """The family of the checkpoints chosen in the sidebar (:class:`analysis.families.lineage.Family`):
+    each one's parent from its files or the user's correction, read once per rerun or so."""
+    import time
+
+    from analysis.families.lineage import Family
+
+    base, tuned = selection()
+    refs = tuple(r for r in [base, *tuned] if r)
+    corr = corrections()
+    given = {path: lab for lab, path in demo_refs().items()}
+    key = (refs, tuple(sorted(corr.items(), key=str)), tuple(sorted(given.items())))
+    ss = st.session_state
+    hit = ss.get("_family")
+    if hit and hit[0] == key and time.monotonic() - hit[1] < _FRESH_S:
+        return hit[2]
+    fam = Family.of(refs, corr)
+    labels = fam.labels(given)
+    ss["_family"] = (key, time.monotonic(), fam, labels)
+    return fam
+
+
+def parent_of(ref: str | None) -> str | None:
+    """The checkpoint ``ref`` was trained from: the family's (the user's correction, else what its
+    files say: run directory, adapter, model card, config, manifest — docs/design.md §14)."""
+    from analysis.families.lineage import declared_parent
+
+    if not ref:
+        return None
+    fam = family()
+    if ref in fam.parents:
+        return fam.parent(ref)
+    corr = corrections()
+    return corr[ref] if ref in corr else declared_parent(ref, fam.everyone()).ref
 
 
 def _label(ref: str, labels: dict[str, str]) -> str:
@@ -88,21 +136,6 @@ def _label(ref: str, labels: dict[str, str]) -> str:
 
 
 BASE_KEY, TUNED_KEY = "picker_base", "picker_tuned"  # the sidebar widgets' keys
-
-
-def normalize_ref(ref: str | None) -> str | None:
-    """One spelling per checkpoint: a local path without trailing slashes, ``~`` expanded and
-    ``.``/``..`` folded (``/x/demo/sft/`` and ``/x/demo/sft`` are one entry); a hub id unchanged."""
-    import os
-
-    from analysis.checkpoints import is_hub_id
-
-    if not ref or not isinstance(ref, str):
-        return None
-    ref = ref.strip()
-    if ref and not is_hub_id(ref):
-        ref = os.path.normpath(os.path.expanduser(ref))
-    return ref or None
 
 
 def _from_url() -> tuple[str | None, list[str], list[str]]:
@@ -190,9 +223,20 @@ def chosen_refs(empty: str | None = "Choose a checkpoint in the sidebar.") -> li
     return refs
 
 
-def label_of(ref: str) -> str:
-    """Short display name of a reference (demo/sft rather than the full path)."""
-    return _label(ref, demo_refs())
+def label_of(ref: str | None) -> str:
+    """A checkpoint's short name: the shortest trailing path parts that tell the family's members
+    and their parents apart (``arith/grpo-lr1e-5``; the demo's ``demo/sft``), the user's own name
+    when given, a hub id as it is (docs/design.md §14)."""
+    if not ref:
+        return "—"
+    family()
+    labels = st.session_state["_family"][3]
+    if ref not in labels:  # not of the family (a picker option): named beside it
+        from analysis.families.lineage import short_names, load_names
+
+        given = {path: lab for lab, path in demo_refs().items()} | load_names()
+        labels = short_names([*labels, ref], given | {r: lab for r, lab in labels.items()})
+    return labels.get(ref, ref)
 
 
 def _hub_downloads(base: str | None, tuned: list[str]) -> tuple[str | None, list[str]]:
@@ -260,7 +304,60 @@ def sidebar() -> None:
         if not labels:
             st.caption("Demo family not built yet: `python -m analysis demo`")
     base, tuned = selection()
-    mirror_to_url({"base": base, "tuned": tuned})
+    with st.sidebar:
+        family_panel()
+    fam = family()
+    mirror_to_url({"base": base, "tuned": tuned,
+                   "parent": [f"{c}::{p or ''}" for c, p in _url_parents().items() if c in fam.members]})
+
+
+def family_panel() -> None:
+    """The family as a small tree (each checkpoint under its parent, the full path and where the
+    parent was read in a tooltip), and a form to correct a parent or a short name once: kept in
+    ``$SUBNETSCOPE_HOME/family.json`` and in the URL."""
+    from analysis.families.lineage import FamilyError, declared_parent, set_name, set_parent
+
+    fam = family()
+    if not fam.members:
+        return
+    st.caption("Family — each fine-tune is compared with its parent")
+    for depth, r in fam.tree():
+        src = fam.source(r)
+        why = (f"parent from the {src.source}: {src.file}" if src.ref else
+               "no parent set by you" if src.source == "user" else "no parent named in its files")
+        chosen = "" if r in fam.members else " *(not chosen)*"
+        indent = "\u2003" * depth + ("↳ " if depth else "")
+        st.markdown(f"{indent}{md_code(label_of(r))}{chosen}",
+                    help=f"{visible(r)} — {visible(why)}")
+    ss = st.session_state
+    with st.expander("Correct a parent or a name"):
+        child = st.selectbox("Checkpoint", fam.members, format_func=label_of, key="family_child")
+        files = declared_parent(child, fam.everyone()).ref
+        keep_files, no_parent = "(as its files say)", "(no parent)"
+        others = [r for r in dict.fromkeys([*fam.everyone(), *demo_refs().values()]) if r != child]
+        pick = st.selectbox("Its parent", [keep_files, no_parent, *others], key=f"family_parent_{child}",
+                            format_func=lambda r: r if r in (keep_files, no_parent) else label_of(r),
+                            accept_new_options=True, help=f"Its files say: {visible(files or 'none')}. Type a "
+                                                          "path or hub id to name another.")
+        name = st.text_input("Short name", label_of(child), key=f"family_name_{child}")
+        c1, c2 = st.columns(2)
+        try:
+            if c1.button("Keep the parent", key="family_keep_parent"):
+                if pick == keep_files:
+                    set_parent(child, None, forget=True)
+                    _url_parents().pop(child, None)
+                else:
+                    parent = None if pick == no_parent else normalize_ref(pick)
+                    set_parent(child, parent)
+                    _url_parents()[child] = parent
+                ss.pop("_family", None)
+                st.rerun()
+            if c2.button("Keep the name", key="family_keep_name"):
+                set_name(child, name)  # blank: back to the computed name
+                ss.pop("_family", None)
+                st.rerun()
+        except FamilyError as e:
+            st.error(md_escape(str(e)))
 
 
 def mirror_to_url(params: dict) -> None:

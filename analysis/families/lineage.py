@@ -193,13 +193,37 @@ def family_file() -> Path:
     return subnetscope_home() / "family.json"
 
 
+def _family_data() -> dict:
+    data = _json(family_file())
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        return {}
+    return data
+
+
 def load_corrections() -> dict[str, str | None]:
     """child -> parent (None: "no parent") the user set, from ``family.json`` ({} when there is
-    none; an unreadable file is ignored here and reported by :func:`set_parent`)."""
-    data = _json(family_file())
-    if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("parents"), dict):
+    none; an unreadable file is ignored here and replaced by the next :func:`set_parent`)."""
+    parents = _family_data().get("parents")
+    if not isinstance(parents, dict):
         return {}
-    return {k: v for k, v in data["parents"].items() if isinstance(k, str) and (v is None or isinstance(v, str))}
+    return {k: v for k, v in parents.items() if isinstance(k, str) and (v is None or isinstance(v, str))}
+
+
+def load_names() -> dict[str, str]:
+    """ref -> the short name the user gave it (``family.json``)."""
+    names = _family_data().get("names")
+    if not isinstance(names, dict):
+        return {}
+    return {k: v for k, v in names.items() if isinstance(k, str) and isinstance(v, str) and v.strip()}
+
+
+def _write(parents: dict, names: dict) -> None:
+    from analysis.io import write_json_atomic
+
+    try:
+        write_json_atomic(family_file(), {"format": FORMAT, "parents": parents, "names": names})
+    except OSError as e:
+        raise FamilyError(f"{family_file()}: cannot keep the family ({e.strerror or e})") from None
 
 
 def set_parent(child: str, parent: str | None, *, forget: bool = False) -> None:
@@ -209,8 +233,6 @@ def set_parent(child: str, parent: str | None, *, forget: bool = False) -> None:
     Raises:
         FamilyError: a parent that is the child itself, or the file cannot be written.
     """
-    from analysis.io import write_json_atomic
-
     child, parent = normalize_ref(child), normalize_ref(parent)
     if child is None:
         raise FamilyError("set_parent: no checkpoint named")
@@ -221,10 +243,27 @@ def set_parent(child: str, parent: str | None, *, forget: bool = False) -> None:
         parents.pop(child, None)
     else:
         parents[child] = parent
-    try:
-        write_json_atomic(family_file(), {"format": FORMAT, "parents": parents})
-    except OSError as e:
-        raise FamilyError(f"{family_file()}: cannot keep the parent ({e.strerror or e})") from None
+    _write(parents, load_names())
+
+
+def set_name(ref: str, name: str | None) -> None:
+    """Keeps the user's short name of ``ref`` (None or blank: back to the computed one).
+
+    Raises:
+        FamilyError: a name with control characters or over 80 characters, or an unwritable file.
+    """
+    ref = normalize_ref(ref)
+    name = (name or "").strip()
+    if ref is None:
+        raise FamilyError("set_name: no checkpoint named")
+    if len(name) > 80 or any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise FamilyError(f"{name[:80]!r}: a short name is up to 80 printable characters")
+    names = load_names()
+    if name:
+        names[ref] = name
+    else:
+        names.pop(ref, None)
+    _write(load_corrections(), names)
 
 
 # ---------------------------------------------------------------------------- the family
@@ -308,9 +347,10 @@ class Family:
         """Members and the parents they name, members first."""
         return list(dict.fromkeys([*self.members, *(self.parent(m) for m in self.members if self.parent(m))]))
 
-    def labels(self, given: dict[str, str] | None = None) -> dict[str, str]:
-        """ref -> short name over :meth:`everyone` (``given`` labels win where they are unique)."""
-        return short_names(self.everyone(), given)
+    def labels(self, given: dict[str, str] | None = None, also=()) -> dict[str, str]:
+        """ref -> short name over :meth:`everyone` and ``also`` (``given`` labels, then the user's
+        names, win where they are unique)."""
+        return short_names([*self.everyone(), *also], (given or {}) | load_names())
 
 
 def short_names(refs, given: dict[str, str] | None = None) -> dict[str, str]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from collections.abc import Callable
 
 import numpy as np
@@ -145,6 +146,31 @@ def name_step(ref: str) -> int | None:
         if m:
             return int(m.group(1))
     return None
+
+
+def run_checkpoints(folder: str | Path) -> list[str]:
+    """A run's saved checkpoints: the sub-folders of ``folder`` whose names carry a step
+    (``step-20``, ``checkpoint-500``, :data:`STEP_NAME`) and that hold a model (a ``config.json`` or a
+    weights file), sorted by step.
+
+    Raises:
+        SubnetscopeError: ``folder`` is not a folder, or holds no such checkpoint.
+    """
+    from analysis.errors import quoted
+
+    d = Path(folder).expanduser()
+    if not d.is_dir():
+        raise SubnetscopeError(f"{quoted(d)}: not a folder of checkpoints")
+    found = []
+    for sub in d.iterdir():
+        step = name_step(sub.name)
+        if step is None or not sub.is_dir():
+            continue
+        if (sub / "config.json").is_file() or any(f.suffix in WEIGHT_SUFFIXES for f in sub.iterdir()):
+            found.append((step, str(sub)))
+    if not found:
+        raise SubnetscopeError(f"{quoted(d)}: no step-N or checkpoint-N folder holding a model")
+    return [ref for _, ref in sorted(found)]
 
 
 def infer_steps(refs: list[str]) -> list[int]:

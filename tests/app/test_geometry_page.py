@@ -80,7 +80,7 @@ def test_a_non_finite_matrix_is_a_warning_and_a_zero_one_says_what_is_undefined(
     assert not at.exception, at.exception
     assert not at.error, [e.value for e in at.error]
     [w] = [_shown(w.value) for w in at.warning]
-    label = f"{tmp_path / 'tuned'} (from {tmp_path / 'base'})"
+    label = "tuned (from base)"  # short names: the last path part tells them apart
     assert w.startswith(f"{label}: 1 block matrix skipped, left out of the heatmaps, the table and α")
     assert w.endswith("layers.0.self_attn.q_proj.weight: base holds 1 non-finite element (inf)")
     z = traces(at.get("plotly_chart")[0].proto.spec)[0]["z"]
@@ -99,6 +99,6 @@ def test_every_matrix_non_finite_is_one_st_error(tmp_path, monkeypatch):
     at = _page(tmp_path, monkeypatch, _pair_with_bad_matrices(tmp_path, every=True))
     assert not at.exception, at.exception
     [e] = [_shown(e.value) for e in at.error]
-    assert e.startswith(f"{tmp_path / 'tuned'} (from {tmp_path / 'base'}): no block matrix of")
+    assert e.startswith("tuned (from base): no block matrix of")
     assert "could be compared" in e
     assert "layers.0.self_attn.q_proj.weight: base holds 1 non-finite element (inf)" in e and "\n" not in e

@@ -78,15 +78,35 @@ def test_update_sparsity_tolerance_changes_counts(family):
     assert at.metric[0].value == "100.00%"
 
 
-def test_update_sparsity_compare_with_another_fine_tune(family):
-    at = _run("update_sparsity.py", family["base"], [family["r1"], family["r2"]])
-    at.selectbox(key=f"parent_{family['r2']}").set_value(family["r1"]).run()
+@pytest.mark.parametrize("how", ["family.json", "url", "model card"])
+def test_update_sparsity_compares_each_fine_tune_with_its_parent(family, how, tmp_path):
+    """r2's parent is r1 — kept by the user (family.json), carried by a link (?parent=r2::r1), or read
+    from a model card (a copy of r2 whose README names r1): the page compares r1 → r2."""
+    import shutil
+
+    from analysis.families.lineage import set_parent
+
+    r2 = family["r2"]
+    if how == "model card":
+        r2 = str(tmp_path / "r2-copy")
+        shutil.copytree(family["r2"], r2)
+        (tmp_path / "r2-copy" / "README.md").write_text(f"---\nbase_model: {family['r1']}\n---\n")
+    at = AppTest.from_file(str(ROOT / "app_pages" / "update_sparsity.py"), default_timeout=120)
+    at.session_state["base_ref"] = family["base"]
+    at.session_state["tuned_refs"] = [family["r1"], r2]
+    if how == "family.json":
+        set_parent(r2, family["r1"])
+    elif how == "url":
+        at.query_params["parent"] = f"{r2}::{family['r1']}"
+    at.run()
     assert not at.exception
     # r1 -> r2: r1's 8 changes minus the 5 shared, plus r2's own 2 elsewhere = 5 elements differ
-    expected = diff_checkpoints(family["r1"], family["r2"], tol=1e-5)
+    expected = diff_checkpoints(family["r1"], r2, tol=1e-5)
     assert expected.changed_params == 5
     assert at.metric[1].value == f"{expected.update_sparsity:.2%}"
-    assert "→" in at.metric[1].label
+    assert at.metric[1].label == ("r1 → r2-copy" if how == "model card" else "r1 → r2")
+    assert at.metric[0].label == "base → r1"  # no parent in its files: the sidebar base, said in a caption
+    assert any("r1: no parent in the files" in c.value for c in at.caption)
 
 
 def test_update_sparsity_bad_fine_tune(family, tmp_path):
