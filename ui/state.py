@@ -131,10 +131,6 @@ def parent_of(ref: str | None) -> str | None:
     return corr[ref] if ref in corr else declared_parent(ref, fam.everyone()).ref
 
 
-def _label(ref: str, labels: dict[str, str]) -> str:
-    return next((lab for lab, r in labels.items() if r == ref), ref)
-
-
 BASE_KEY, TUNED_KEY = "picker_base", "picker_tuned"  # the sidebar widgets' keys
 
 
@@ -223,20 +219,33 @@ def chosen_refs(empty: str | None = "Choose a checkpoint in the sidebar.") -> li
     return refs
 
 
+def _labels_with(refs) -> dict[str, str]:
+    """The family's short names, and names for ``refs`` outside it chosen beside them."""
+    family()
+    labels = st.session_state["_family"][3]
+    extra = [r for r in refs if r and r not in labels]
+    if not extra:
+        return labels
+    from analysis.families.lineage import load_names, short_names
+
+    given = {path: lab for lab, path in demo_refs().items()} | load_names()
+    return short_names([*labels, *extra], given | labels)
+
+
 def label_of(ref: str | None) -> str:
     """A checkpoint's short name: the shortest trailing path parts that tell the family's members
     and their parents apart (``arith/grpo-lr1e-5``; the demo's ``demo/sft``), the user's own name
     when given, a hub id as it is (docs/design.md §14)."""
     if not ref:
         return "—"
-    family()
-    labels = st.session_state["_family"][3]
-    if ref not in labels:  # not of the family (a picker option): named beside it
-        from analysis.families.lineage import short_names, load_names
+    return _labels_with([ref]).get(ref, ref)
 
-        given = {path: lab for lab, path in demo_refs().items()} | load_names()
-        labels = short_names([*labels, ref], given | {r: lab for r, lab in labels.items()})
-    return labels.get(ref, ref)
+
+def formatter(refs) -> callable:
+    """A widget's ``format_func`` over ``refs``: their short names as of this run (a snapshot, so the
+    widget's labels do not depend on when Streamlit calls it)."""
+    labels = dict(_labels_with(list(refs)))
+    return lambda r: labels.get(r) or label_of(r)
 
 
 def _hub_downloads(base: str | None, tuned: list[str]) -> tuple[str | None, list[str]]:
@@ -293,7 +302,7 @@ def sidebar() -> None:
             options.append(r)
     ss[BASE_KEY] = base  # the latest choice (selection() read it from these keys first)
     ss[TUNED_KEY] = [t for t in tuned if t in options]
-    fmt = lambda r: _label(r, labels)  # noqa: E731
+    fmt = formatter(options)
     with st.sidebar:
         st.selectbox("Base", options, key=BASE_KEY, format_func=fmt, accept_new_options=True,
                      placeholder="path or hub id",
@@ -326,17 +335,18 @@ def family_panel() -> None:
         why = (f"parent from the {src.source}: {src.file}" if src.ref else
                "no parent set by you" if src.source == "user" else "no parent named in its files")
         chosen = "" if r in fam.members else " *(not chosen)*"
-        indent = "\u2003" * depth + ("↳ " if depth else "")
+        indent = ("\u200b" + "\u2003" * depth + "↳ ") if depth else ""  # a zero-width start: the indent is kept
         st.markdown(f"{indent}{md_code(label_of(r))}{chosen}",
                     help=f"{visible(r)} — {visible(why)}")
     ss = st.session_state
     with st.expander("Correct a parent or a name"):
-        child = st.selectbox("Checkpoint", fam.members, format_func=label_of, key="family_child")
+        child = st.selectbox("Checkpoint", fam.members, format_func=formatter(fam.members), key="family_child")
         files = declared_parent(child, fam.everyone()).ref
         keep_files, no_parent = "(as its files say)", "(no parent)"
         others = [r for r in dict.fromkeys([*fam.everyone(), *demo_refs().values()]) if r != child]
+        fmt = formatter(others)
         pick = st.selectbox("Its parent", [keep_files, no_parent, *others], key=f"family_parent_{child}",
-                            format_func=lambda r: r if r in (keep_files, no_parent) else label_of(r),
+                            format_func=lambda r: r if r in (keep_files, no_parent) else fmt(r),
                             accept_new_options=True, help=f"Its files say: {visible(files or 'none')}. Type a "
                                                           "path or hub id to name another.")
         name = st.text_input("Short name", label_of(child), key=f"family_name_{child}")
