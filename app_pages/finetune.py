@@ -15,8 +15,8 @@ from ui import plots
 from analysis.errors import SubnetscopeError
 from analysis.jobs import queue
 from analysis.finetune.compare import compare_runs, read_run
-from analysis.finetune.config import (BUDGETS, COMBINE, DEMO_RL_RECIPE, GRANULARITIES, OPTIMIZERS, TASKS,
-                                      FinetuneConfig)
+from analysis.finetune.config import (BUDGETS, COMBINE, DEMO_RL_RECIPE, GRANULARITIES, LORA_LR_FACTOR, OPTIMIZERS,
+                                      TASKS, FinetuneConfig, eval_every_for)
 from analysis.finetune.experiments import paper_experiment
 from analysis.importance.selectors import SELECTORS
 from analysis.definitions import DECADE_TOLS, PAPER_TOL
@@ -116,10 +116,17 @@ with st.expander("New run", expanded=True):
         o1, o2, o3, o4, o5, o6 = st.columns(6)
         d = {**DEFAULTS, **(DEMO_RL_RECIPE if task == "demo-rl" else {})}  # demo-rl: the demo's own RL recipe
         steps = int(o1.number_input("Steps", 1, 100_000, d["steps"], help=HELP["steps"]))
-        lr = o2.number_input("Learning rate", 1e-7, 1.0, d["lr"], format="%.0e", help=HELP["lr"])
+        # each control its own recipe: LoRA at its usual tenfold learning rate (the widget is keyed by the source,
+        # so switching to LoRA and back gives each its default)
+        lr_default = d["lr"] * (LORA_LR_FACTOR if source == "lora" else 1)
+        lr = o2.number_input("Learning rate", 1e-7, 1.0, lr_default, format="%.0e", key=f"ft_lr_{n}_{source}_{task}",
+                             help=HELP["lr"] + (f" LoRA: {LORA_LR_FACTOR}× the recipe's, its usual rate."
+                                                if source == "lora" else ""))
         batch = int(o3.number_input("Batch size", 1, 4096, d["batch_size"], help=HELP["batch_size"]))
         seed = int(o4.number_input("Seed", 0, 2**31 - 1, d["seed"], help=HELP["seed"]))
-        eval_every = int(o5.number_input("Evaluate every", 1, 100_000, d["eval_every"], help=HELP["eval_every"]))
+        # often enough to draw a curve: about ten evaluations over the run (and the start, step 0)
+        eval_every = int(o5.number_input("Evaluate every", 1, 100_000, eval_every_for(steps), key=f"ft_eval_{steps}",
+                                         help=HELP["eval_every"] + " Default: about ten evaluations per run."))
         optimizer = o6.selectbox("Optimizer", OPTIMIZERS, index=OPTIMIZERS.index(d["optimizer"]),
                                  help=HELP["optimizer"], disabled=source in ("full", "lora", "id3"))
         optimizer = "sparse" if source in ("full", "lora", "id3") else optimizer
@@ -159,7 +166,7 @@ with st.expander("New run", expanded=True):
                      f"lr {DEMO_RL_RECIPE['lr']:g}, "
                      f"{DEMO_RL_RECIPE['batch_size']} prompts × 8 samples, seed {DEMO_RL_RECIPE['seed']}) "
                      "four ways: the SFT → rl-seed1 diff mask, a random mask of the same density, full, and "
-                     "LoRA r=4 (lr 1e-4)."):
+                     f"LoRA r=4 (lr {DEMO_RL_RECIPE['lr'] * LORA_LR_FACTOR:g}, its own tenfold rate)."):
             try:
                 for cfg in paper_experiment(demo["demo/sft"], demo["demo/rl-seed1"]):
                     queue.enqueue(cfg, title=queue.default_title(cfg, demo))
@@ -299,7 +306,9 @@ def live():
     st.session_state["ft_seen"] = names
     chosen = st.multiselect("Overlay", names, key="ft_pick")
     mirror_to_url({"runs": list(chosen)})
-    curves = {n: runs[n]["metrics"] for n in chosen}
+    # every curve starts at step 0 with the start checkpoint's metric (measured before the first step)
+    curves = {n: ([{"step": 0, **runs[n]["summary"]["initial"]}] if runs[n]["summary"].get("initial") else [])
+              + runs[n]["metrics"] for n in chosen}
     left, right = st.columns(2)
     smooth = left.slider("Smoothing (steps)", 1, 25, 5, key="ft_smooth")
     left.plotly_chart(plots.training_curves(curves, "loss", "Training loss", smooth=smooth), key="ft_loss")
@@ -384,6 +393,27 @@ if bad:
              "please report it.")
 else:
     st.success("Every masked run changed only elements inside its mask.")
+# the verdict of the core loop: each masked run against a random mask at the same budget, paired per problem
+shown_runs = {r["run"] for r in cmp["runs"]}
+verdicts = [v for v in cmp.get("verdicts", []) if v["run"] in shown_runs and v["random"] in shown_runs]
+masked_shown = [r for r in cmp["runs"]
+                if r["mask_source"] and not str(r["mask_source"]).startswith(("random", "full", "lora"))]
+for v in verdicts:
+    who, rnd = name_of.get(v["run"], Path(v["run"]).name), name_of.get(v["random"], Path(v["random"]).name)
+    ci = v["accuracy_gap_ci"]
+    text = (f"**{md_escape(who)}** {md_escape(v['verdict'])} **{md_escape(rnd)}** at the same budget "
+            f"({v['trainable']:,} vs {v['random_trainable']:,} trainable elements)")
+    if ci is not None:
+        text += (f": accuracy gap {v['accuracy_gap']:+.2%}, 95% interval [{ci[0]:+.2%}, {ci[1]:+.2%}] over "
+                 f"{v['problems']:,} held-out problems (paired)")
+    if v["identical_to_reference"] is not None and v["random_identical_to_reference"] is not None:
+        text += (f". Identical to the reference at τ = {tol:g}: {v['identical_to_reference']:.2%}, against "
+                 f"{v['random_identical_to_reference']:.2%} for the random mask of the same density (chance)")
+    (st.success if v["verdict"].startswith("beat") else st.warning if v["verdict"].startswith("did worse")
+     else st.info)(text + ".")
+if masked_shown and not verdicts:
+    st.info("No verdict yet: add a random mask at the same budget (same start, task, steps, batch size and "
+            "trainable count) to the comparison — the Random mask source at the masked run's density.")
 st.caption("Identical: elements whose final values agree with the reference's within τ (the paper: 94% for the "
            "subnetwork run against full fine-tuning). Gaps are paired per held-out problem, run − reference, with "
            "95% normal intervals; the sampled reward averages each problem's samples first.")

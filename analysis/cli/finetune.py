@@ -197,6 +197,10 @@ def cmd_compare_runs(args) -> int:
                      f"update cosine {cos if cos is None else round(cos, 3)}")
         print(f"{r['run']}: {r['status']}, {r['mask_source']}, accuracy {r['accuracy']}, "
               f"outside mask {r['outside_mask_changed']}{extra}")
+    for v in d["verdicts"]:  # each masked run against a random mask at the same budget
+        ci = v["accuracy_gap_ci"]
+        gap = "" if ci is None else f": accuracy gap {v['accuracy_gap']:+.3f}, 95% [{ci[0]:+.3f}, {ci[1]:+.3f}]"
+        print(f"verdict: {v['run']} ({v['mask_source']}) {v['verdict']} {v['random']}{gap}")
     print(f"wrote {args.json}")
     return 0
 

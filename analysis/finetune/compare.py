@@ -118,5 +118,61 @@ def compare_runs(run_dirs: list[str | Path], *, reference: str | Path | None = N
             row.update(eval_intervals(ev, ref_ev))
         table.append(row)
     warnings = list(dict.fromkeys(w for r in [*runs, *([ref] if ref else [])] for w in r["warnings"]))
+    everyone = runs + ([ref] if ref is not None and all(r["run"] != ref["run"] for r in runs) else [])
     return finite({"reference": str(reference) if reference is not None else None, "tol": tol, "runs": table,
-                   "curves": {r["run"]: r["metrics"] for r in runs}, "warnings": warnings})
+                   "curves": {r["run"]: r["metrics"] for r in runs}, "warnings": warnings,
+                   "verdicts": verdicts(everyone, {row["run"]: row for row in table})})
+
+
+BUDGET_SLACK = 0.01  # two runs train "the same budget" when their trainable counts differ by at most 1%
+
+
+def same_budget(a: dict, b: dict) -> bool:
+    """Two runs (:func:`read_run` dicts) at equal budget: the same start, task, steps and batch size,
+    and trainable element counts within :data:`BUDGET_SLACK` of each other."""
+    ca, cb = a["config"], b["config"]
+    if any(ca.get(k) != cb.get(k) for k in ("checkpoint", "task", "steps", "batch_size")):
+        return False
+    ta, tb = a["summary"].get("trainable"), b["summary"].get("trainable")
+    return bool(ta and tb) and abs(ta - tb) <= BUDGET_SLACK * max(ta, tb)
+
+
+def _words(ci: list[float] | None, what: str) -> str:
+    if not ci:
+        return "no paired evaluation to compare"
+    if ci[0] > 0:
+        return f"beat {what}"
+    if ci[1] < 0:
+        return f"did worse than {what}"
+    return f"no detectable difference from {what} (the 95% interval contains 0)"
+
+
+def verdicts(runs: list[dict], rows: dict[str, dict] | None = None) -> list[dict]:
+    """The core loop's answer: for every masked run (a selector's, a diff's, mask files, ID3) and every
+    random-mask run at the same budget (:func:`same_budget`), the paired per-problem accuracy gap
+    masked − random on the held-out problems, its 95% interval and its sign in words; with ``rows``
+    (compare_runs' table, against a full fine-tune) both runs' "identical to the reference" beside
+    each other — the random one is the chance value of the masked one's."""
+    rows = rows or {}
+    randoms = [r for r in runs if r["config"].get("random") is not None]
+    masked = [r for r in runs if r["config"].get("random") is None and not r["config"].get("full")
+              and r["config"].get("lora") is None]
+    out = []
+    for m in masked:
+        ev_m = read_eval(m["run"])
+        for rnd in randoms:
+            if not same_budget(m, rnd):
+                continue
+            ev_r = read_eval(rnd["run"])
+            gap = None
+            if ev_m and ev_r and len(ev_m.get("per_problem_accuracy", [])) == len(ev_r.get("per_problem_accuracy", [])):
+                gap = mean_ci([a - b for a, b in zip(ev_m["per_problem_accuracy"], ev_r["per_problem_accuracy"])])
+            out.append({"run": m["run"], "random": rnd["run"], "mask_source": m["summary"].get("mask_source"),
+                        "trainable": m["summary"].get("trainable"), "random_trainable": rnd["summary"].get("trainable"),
+                        "accuracy_gap": gap["mean"] if gap else None, "accuracy_gap_ci": gap["ci"] if gap else None,
+                        "problems": gap["n"] if gap else 0,
+                        "verdict": _words(gap["ci"] if gap else None, "the random mask"),
+                        "identical_to_reference": rows.get(m["run"], {}).get("to_reference_identical_fraction"),
+                        "random_identical_to_reference":
+                            rows.get(rnd["run"], {}).get("to_reference_identical_fraction")})
+    return out

@@ -27,6 +27,12 @@ DTYPES = ("float32", "bfloat16")
 COMBINE = ("union", "intersect", "minus")  # plus "consensus:K"
 SOURCES = ("mask", "selector", "diff", "random", "id3", "full", "lora")
 # the demo's own RL training (analysis/families/demo.py: rl-seed1 from sft), the preset of a demo-rl run
+LORA_LR_FACTOR = 10  # LoRA's own recipe: its usual tenfold learning rate over the full model's (arXiv 2106.09685)
+def eval_every_for(steps: int) -> int:
+    """The form's default evaluation interval: about ten evaluations per run (every step of a short one)."""
+    return max(1, int(steps) // 10)
+
+
 DEMO_RL_RECIPE = {"steps": 50, "lr": 1e-5, "batch_size": 16, "seed": 1, "eval_every": 10}
 
 

@@ -7,7 +7,7 @@ random mask of the same density, the full model, and LoRA.
 
 from __future__ import annotations
 
-from analysis.finetune.config import DEMO_RL_RECIPE, FinetuneConfig
+from analysis.finetune.config import DEMO_RL_RECIPE, LORA_LR_FACTOR, FinetuneConfig
 from analysis.definitions import PAPER_TOL
 
 
@@ -34,4 +34,5 @@ def paper_experiment(sft: str, rl: str, *, tol: float = PAPER_TOL) -> list[Finet
     density = block_density(sft, rl, tol)
     return [FinetuneConfig(diff=[sft, rl], diff_tol=tol, **rl_args),
             FinetuneConfig(random=round(density, 4), **rl_args),
-            FinetuneConfig(full=True, **rl_args), FinetuneConfig(lora=4, **{**rl_args, "lr": 1e-4})]
+            FinetuneConfig(full=True, **rl_args),
+            FinetuneConfig(lora=4, **{**rl_args, "lr": rl_args["lr"] * LORA_LR_FACTOR})]

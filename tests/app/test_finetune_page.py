@@ -78,6 +78,10 @@ def test_queue_runs_compare_and_cli_run(demo, tmp_path):
     # curves: one trace per overlaid run, the loss of every step
     loss = traces(at.get("plotly_chart")[0].proto.spec)
     assert len(loss) == 3 and sorted(len(t["x"]) for t in loss) == [2, 3, 3]
+    # the metric's curve starts at step 0 with the start checkpoint's value (summary.json's "initial")
+    metric = traces(at.get("plotly_chart")[1].proto.spec)
+    initial = {json.loads((d / "summary.json").read_text())["initial"]["accuracy"] for d in queue.list_runs()}
+    assert len(metric) == 3 and all(t["x"][0] == 0 for t in metric) and {t["y"][0] for t in metric} == initial
     # the comparison panel: the full run is the reference; numbers as compare_runs computes them
     panel = at.dataframe[1].value
     source = lambda d: json.loads((d / "summary.json").read_text())["mask_source"]  # noqa: E731

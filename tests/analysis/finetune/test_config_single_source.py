@@ -11,7 +11,8 @@ from streamlit.testing.v1 import AppTest
 
 from analysis.cli import build_parser
 from analysis.cli.finetune import config_from_args
-from analysis.finetune.config import DEMO_RL_RECIPE, FinetuneConfig, FinetuneConfigError
+from analysis.finetune.config import (DEMO_RL_RECIPE, LORA_LR_FACTOR, FinetuneConfig, FinetuneConfigError,
+                                      eval_every_for)
 from conftest import ROOT
 
 
@@ -79,11 +80,15 @@ def test_page_form_defaults_are_the_dataclass_defaults(demo):
     d = FinetuneConfig.defaults()
     at.selectbox[1].set_value("demo-sft").run()
     number = {w.label: w.value for w in at.number_input}
+    # the evaluation interval follows the steps (about ten evaluations a run: eval_every_for, in config.py)
     assert (number["Steps"], number["Learning rate"], number["Batch size"], number["Seed"],
-            number["Evaluate every"]) == (d["steps"], d["lr"], d["batch_size"], d["seed"], d["eval_every"])
+            number["Evaluate every"]) == (d["steps"], d["lr"], d["batch_size"], d["seed"], eval_every_for(d["steps"]))
     assert next(w for w in at.selectbox if w.label == "Optimizer").value == d["optimizer"]
     at.selectbox[1].set_value("demo-rl").run()  # the demo's RL recipe, the form's preset for demo-rl
     number = {w.label: w.value for w in at.number_input}
     r = {**d, **DEMO_RL_RECIPE}
     assert (number["Steps"], number["Learning rate"], number["Batch size"], number["Seed"],
-            number["Evaluate every"]) == (r["steps"], r["lr"], r["batch_size"], r["seed"], r["eval_every"])
+            number["Evaluate every"]) == (r["steps"], r["lr"], r["batch_size"], r["seed"], eval_every_for(r["steps"]))
+    at.radio[0].set_value("lora").run()  # LoRA's own recipe: its tenfold learning rate
+    assert next(w for w in at.number_input if w.label == "Learning rate").value == pytest.approx(
+        r["lr"] * LORA_LR_FACTOR)
