@@ -38,7 +38,8 @@ def test_a_diff_mask_against_a_random_mask_of_the_same_density(demo, tmp_path):
     sft, rl = str(demo / "sft"), str(demo / "rl-seed1")
     common = dict(checkpoint=sft, task="demo-sft", steps=4, batch_size=8, lr=1e-3, eval_every=2)
     density = block_density(sft, rl)
-    runs = {"diff": FinetuneConfig(diff=[sft, rl], **common), "random": FinetuneConfig(random=round(density, 4), **common),
+    runs = {"diff": FinetuneConfig(diff=[sft, rl], **common),
+            "random": FinetuneConfig(random=round(density, 4), **common),
             "full": FinetuneConfig(full=True, **common), "small": FinetuneConfig(random=0.01, **common)}
     for name, cfg in runs.items():
         assert run_finetune(cfg, tmp_path / name)["status"] == "finished"
