@@ -11,9 +11,9 @@ import pandas as pd
 import streamlit as st
 
 from ui import plots
+from analysis.attribution.options import CONSERVATION_FLAG
 from analysis.attribution.methods import (COMPLETENESS_TARGET, DEFAULT_BUDGET, DEFAULT_STEPS, MAX_BUDGET, MAX_STEPS,
                                           METHODS, MIN_BUDGET, Attribution, compare, head_weight_change)
-from analysis.families.demo_task import qa_examples
 from analysis.errors import SubnetscopeError
 from analysis.attribution.lrp import VARIANTS
 from analysis.checkpoints.models import available_devices
@@ -21,7 +21,7 @@ from analysis.specs.attribute import AttributeParams
 from analysis.definitions import PAPER_TOL
 from ui import work
 from ui.state import chosen_refs, label_of, parent_of
-from ui.text import md_escape, md_html
+from ui.text import md_escape, md_html, fmt_tau
 
 st.header("Attribution")
 st.caption("Relevance of each prompt token for the target continuation, and of each layer and head. "
@@ -29,7 +29,26 @@ st.caption("Relevance of each prompt token for the target continuation, and of e
            "LRP is patented (Fraunhofer HHI) and free for research and personal use.")
 refs = chosen_refs()
 
-demo_prompt, demo_answer = qa_examples("held_out")[0]
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def _fitting_prompt(ref: str, fp: tuple):
+    from analysis.attribution.prompts import default_prompt
+    from analysis.checkpoints import open_checkpoint
+
+    return default_prompt(open_checkpoint(ref, local_only=True).path)
+
+
+def _default_prompt(ref: str):
+    from analysis.attribution.prompts import FACTUAL, DefaultPrompt
+    from analysis.checkpoints import fingerprint
+
+    try:
+        return _fitting_prompt(ref, fingerprint(ref))
+    except SubnetscopeError:  # the checkpoint's own error is shown below, when it is opened
+        return DefaultPrompt(*FACTUAL, "a factual completion")
+
+
 c1, c2 = st.columns(2)
 ref = c1.selectbox("Checkpoint", refs, format_func=label_of)
 others = [None] + [r for r in refs if r != ref]
@@ -37,10 +56,10 @@ default_other = next((r for r in others if r and (parent_of(r) == ref or parent_
 other = c2.selectbox("Compare with (same prompt and target)", others, index=others.index(default_other),
                      format_func=lambda r: "—" if r is None else label_of(r))
 c3, c4 = st.columns(2)
-is_demo = label_of(ref).startswith("demo/")  # the demo family's task, else a factual prompt for a real LM
-prompt = c3.text_area("Prompt", demo_prompt if is_demo else "The capital of France is",
-                      height=80, help="The tokenizer adds its special tokens (e.g. <bos>).")
-target = c4.text_input("Target continuation", demo_answer if is_demo else " Paris",
+fits = _default_prompt(ref)  # one the model can answer: the demo task for a demo model, a chat turn for an instruct one
+prompt = c3.text_area("Prompt", fits.prompt, height=80,
+                      help=f"Default: {fits.why}. The tokenizer adds its special tokens (e.g. <bos>).")
+target = c4.text_input("Target continuation", fits.target,
                        help="The continuation whose log-probability / logit is explained (teacher-forced).")
 c5, c6, c7 = st.columns(3)
 method = c5.selectbox("Method", list(METHODS), format_func=METHODS.get, index=list(METHODS).index("lrp-attn"))
@@ -138,6 +157,10 @@ for col, a, label in zip(cols, att, labels):
             st.warning("The prompt holds characters the tokenizer does not know ("
                        + md_escape(", ".join(repr(c) for c in a.info["unknown"]))
                        + "): they are read as its unknown token.")
+        if a.conservation_error is not None and a.conservation_error > CONSERVATION_FLAG:
+            st.warning(f"Conservation error {a.conservation_error:.1%} is above {CONSERVATION_FLAG:.0%}: the "
+                       f"relevances sum to {a.relevance_sum:.4g}, not the target logit — read them as a ranking, not "
+                       "as shares of the logit.")
         if a.conservation_error is not None:
             st.caption(f"Conservation error {a.conservation_error:.3g} — |Σ relevance − target logit| / |target logit| "
                        f"(Σ relevance {a.relevance_sum:.4g}). CP-LRP conserves on bias-free Llama-family models; "
@@ -191,7 +214,7 @@ if diff and diff.get("heads_moved"):
              "rank by weight change": ranks.get((m["layer"], m["head"]))} for m in diff["heads_moved"]]
     st.dataframe(pd.DataFrame(rows), hide_index=True)
     st.caption(f"Weights changed: the fraction of the head's q/k/v/o weights that differ between "
-               f"{md_escape(label_of(pair[0]))} and {md_escape(label_of(pair[1]))} at τ = {PAPER_TOL:g} "
+               f"{md_escape(label_of(pair[0]))} and {md_escape(label_of(pair[1]))} at τ = {fmt_tau(PAPER_TOL)} "
                "(as on the Update "
                "sparsity page; GQA: a kv head's k/v count for each query head it serves). Rank 1 is the head whose "
                "weights changed most.")

@@ -21,7 +21,7 @@ from analysis.finetune.experiments import paper_experiment
 from analysis.importance.selectors import SELECTORS
 from analysis.definitions import DECADE_TOLS, PAPER_TOL
 from ui.state import chosen_refs, demo_refs, label_of, mirror_to_url, parent_of
-from ui.text import md_escape
+from ui.text import md_escape, fmt_tau
 
 HELP = FinetuneConfig.help()
 DEFAULTS = FinetuneConfig.defaults()  # the form's defaults are the CLI's: one declaration
@@ -82,7 +82,7 @@ with st.expander("New run", expanded=True):
             taus = sorted({*(t for t in DECADE_TOLS if t == 0 or t >= 1e-7),
                            *([form["diff_tol"]] if isinstance(form.get("diff_tol"), float) else [])})
             tol = s3.select_slider("τ", taus, value=form.get("diff_tol") if form.get("diff_tol") in taus
-                                   else DEFAULTS["diff_tol"], help=HELP["diff_tol"], format_func=lambda t: f"{t:g}",
+                                   else DEFAULTS["diff_tol"], help=HELP["diff_tol"], format_func=fmt_tau,
                                    key=f"ft_tol_{n}")
             src = {"diff": [diff_base, tuned_ref] if tuned_ref else None, "diff_tol": tol}
         elif source == "selector":
@@ -377,7 +377,7 @@ name_of = {str(d): n for n, d in by_name.items()}
 for r in cmp["runs"]:
     name = name_of.get(r["run"], Path(r["run"]).name)
     rows.append({"run": name + (" (reference)" if r["run"] == str(by_name[ref]) else ""),
-                 f"identical to reference at τ={tol:g}": r.get("to_reference_identical_fraction"),
+                 f"identical to reference at τ={fmt_tau(tol)}": r.get("to_reference_identical_fraction"),
                  "update cosine": r.get("to_reference_cosine"),
                  "accuracy": r.get("accuracy"), "accuracy gap (95%)": _fmt_ci(r.get("accuracy_gap_ci")),
                  "sampled reward": r.get("reward_sampled"),
@@ -407,7 +407,7 @@ for v in verdicts:
         text += (f": accuracy gap {v['accuracy_gap']:+.2%}, 95% interval [{ci[0]:+.2%}, {ci[1]:+.2%}] over "
                  f"{v['problems']:,} held-out problems (paired)")
     if v["identical_to_reference"] is not None and v["random_identical_to_reference"] is not None:
-        text += (f". Identical to the reference at τ = {tol:g}: {v['identical_to_reference']:.2%}, against "
+        text += (f". Identical to the reference at τ = {fmt_tau(tol)}: {v['identical_to_reference']:.2%}, against "
                  f"{v['random_identical_to_reference']:.2%} for the random mask of the same density (chance)")
     (st.success if v["verdict"].startswith("beat") else st.warning if v["verdict"].startswith("did worse")
      else st.info)(text + ".")

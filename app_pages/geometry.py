@@ -15,7 +15,7 @@ from analysis.specs.geometry import GeometryParams
 from analysis.definitions import PAPER_TOL
 from ui import work
 from ui.state import label_of, parent_of, selection, url_bound
-from ui.text import md_escape
+from ui.text import md_escape, fmt_tau
 
 st.header("Geometry of an update")
 st.caption("Per block matrix, base W₀ against tuned W₁: how far the singular values moved (spectral drift), how "
@@ -32,7 +32,7 @@ url_bound("geometry_k", "1%", param="k")
 url_bound("geometry_tol", PAPER_TOL, param="tol", parse=float, valid=lambda v: v in tolerance_grid())
 k_text = c1.text_input("k", help="Size of the principal subspace: a count (8), a fraction of each matrix's "
                                        "rank (0.05) or a percentage (1%, the default).", key="geometry_k")
-tol = c2.select_slider("Tolerance τ of the changed sets", options=tolerance_grid(), format_func=lambda t: f"{t:g}",
+tol = c2.select_slider("Tolerance τ of the changed sets", options=tolerance_grid(), format_func=fmt_tau,
                        key="geometry_tol")
 against = c3.radio("Compare each fine-tune with", ["its start checkpoint", "the sidebar base"], horizontal=True,
                    help="The demo's RL runs start from its SFT model: against their start, the update is the RL "
@@ -79,6 +79,12 @@ for label, d in runs.items():  # a matrix left out (NaN / inf, another shape …
         st.caption(f"{md_escape(label)}: {len(d['skipped']) - len(left_out)} other tensors not compared "
                    "(see the JSON).")
 
+if not isinstance(k, int):  # a fraction of each matrix's rank: say where it rounds to a single direction
+    ones = sorted({t["kind"] for d in runs.values() for t in d["tensors"] if t.get("k") == 1})
+    if ones:
+        st.warning(f"k = {md_escape(k_text or '1%')} of the rank is k = 1 for the {', '.join(ones)} matrices (their "
+                   "rank is under 100 / the fraction): each top-k subspace is a single singular direction. Give a "
+                   "count (e.g. 8) or a larger fraction for a subspace.")
 url_bound("geometry_field", "spectral_drift", param="show", valid=lambda v: v in plots.GEOMETRY_FIELDS)
 field = st.radio("Heatmap", list(plots.GEOMETRY_FIELDS), horizontal=True, key="geometry_field",
                  format_func=lambda f: plots.GEOMETRY_FIELDS[f][0].split(" (")[0].split(" ‖")[0])

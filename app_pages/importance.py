@@ -22,7 +22,7 @@ from analysis.specs.importance import ImportanceParams
 from analysis.definitions import GRANULARITIES, PAPER_TOL
 from ui import work
 from ui.state import chosen_refs, label_of, parent_of, selection, url_bound
-from ui.text import md_escape
+from ui.text import md_escape, fmt_tau
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
@@ -191,8 +191,9 @@ if not tuned:
 target = st.selectbox("Fine-tune", tuned, index=tuned.index(default_target), format_func=label_of,
                       key="imp_target")
 parent = parent_of(target) or base
-st.caption(f"Changed elements of {md_escape(label_of(parent))} → {md_escape(label_of(target))} at τ = {PAPER_TOL:g} "
-           f"(the paper's RL subnetwork), predicted from the scores of {md_escape(label_of(ref))}.")
+st.caption(f"Changed elements of {md_escape(label_of(parent))} → {md_escape(label_of(target))} at "
+           f"τ = {fmt_tau(PAPER_TOL)} "
+           f"(its parent in the family → the fine-tune), predicted from the scores of {md_escape(label_of(ref))}.")
 chosen = st.multiselect("Selectors", [n for n in SELECTORS if n != "diff"],
                         default=["magnitude", "smallest_magnitude", "random", "wanda", "taylor", "fisher",
                                  "sensitivity"], format_func=lambda n: SELECTORS[n].label)

@@ -12,7 +12,7 @@ from analysis.definitions import PAPER_TOL
 from ui import work
 from ui.loaders import summary, try_load
 from ui.state import family, label_of, normalize_ref, parent_of, selection, url_bound
-from ui.text import md_escape
+from ui.text import md_escape, fmt_tau
 
 st.header("Subnetwork overlap")
 base, tuned = selection()
@@ -29,7 +29,7 @@ default_base = common if common and shared.count(common) >= 2 else base
 options = list(dict.fromkeys([default_base, base, *tuned, *fam.everyone()]))
 c1, c2, c3 = st.columns([3, 2, 2])
 url_bound("overlap_tol", PAPER_TOL, param="tol", parse=float, valid=lambda v: v in tolerance_grid())
-tol = c1.select_slider("Tolerance τ", options=tolerance_grid(), format_func=lambda t: f"{t:g}", key="overlap_tol")
+tol = c1.select_slider("Tolerance τ", options=tolerance_grid(), format_func=fmt_tau, key="overlap_tol")
 url_bound("overlap_base", default_base, param="runs_base", parse=normalize_ref, valid=lambda v: v in options)
 if st.session_state["overlap_base"] not in options:  # the sidebar's checkpoints changed
     st.session_state["overlap_base"] = default_base
@@ -64,7 +64,7 @@ if r is None:
 
 labels = [label_of(x) for x in runs]
 st.caption(f"Runs fine-tuned from **{md_escape(label_of(base))}**; {r['total_params']:,} elements compared at "
-           f"τ = {tol:g}.")
+           f"τ = {fmt_tau(tol)}.")
 st.markdown(
     "For runs *a*, *b* with changed sets I_a, I_b: **o1** = |I_a ∩ I_b| / |I_a|, **o2** = |I_a ∩ I_b| / |I_b|. "
     "*Random* is the paper's baseline (independent subnetworks of the same sizes: o1 = 1 − s_b); "

@@ -21,7 +21,7 @@ from analysis.specs.trajectory import TrajectoryParams
 from analysis.definitions import DECADE_TOLS, PAPER_TOL
 from ui import work
 from ui.state import label_of, mirror_to_url, normalize_ref, parent_of, url_bound
-from ui.text import md_escape
+from ui.text import md_escape, fmt_tau
 
 st.header("Trajectory")
 st.caption("One run's checkpoints against its base and against each other: update sparsity along the steps, the "
@@ -65,7 +65,7 @@ if cks:
 c3, c4 = st.columns(2)
 TAUS = list(DECADE_TOLS)
 url_bound("trajectory_tol", PAPER_TOL, param="tol", parse=float, valid=lambda v: v in TAUS)
-tol = c3.select_slider("Tolerance τ", options=TAUS, format_func=lambda t: f"{t:g}", key="trajectory_tol")
+tol = c3.select_slider("Tolerance τ", options=TAUS, format_func=fmt_tau, key="trajectory_tol")
 try:
     named_steps = ",".join(map(str, infer_steps(cks))) if cks else ""
 except SubnetscopeError as e:  # step names out of training order: said below, never renumbered
@@ -104,7 +104,7 @@ except SubnetscopeError as e:
     st.error(md_escape(str(e)))
     st.stop()
 except ValueError as e:  # a result written before the per-τ counts existed
-    st.warning(f"{md_escape(e)}; the page measures the run at τ = {tol:g} instead.")
+    st.warning(f"{md_escape(e)}; the page measures the run at τ = {fmt_tau(tol)} instead.")
     st.session_state["trajectory_pass_tol"] = tol
     st.rerun()
 
@@ -117,14 +117,14 @@ for r in d.get("resized", []):
 detail = d.get("detail_tolerance", d["tolerance"])
 if detail != tol:
     n1, n2 = st.columns([4, 1])
-    n1.caption(f"Sparsity and the layer heatmap are at τ = {tol:g}. Ever changed, first changed, back at the base "
-               f"and the overlap with the final set come from the pass at τ = {detail:g}; recomputing them reads "
-               f"the weights again.")
-    if n2.button(f"Sets at τ = {tol:g}", key="trajectory_details"):
+    n1.caption(f"Sparsity and the layer heatmap are at τ = {fmt_tau(tol)}. Ever changed, first changed, back at the "
+               f"base and the overlap with the final set come from the pass at τ = {fmt_tau(detail)}; recomputing "
+               "them reads the weights again.")
+    if n2.button(f"Sets at τ = {fmt_tau(tol)}", key="trajectory_details"):
         st.session_state["trajectory_pass_tol"] = tol
         st.rerun()
 last = d["checkpoints"][-1]
-suffix = "" if detail == tol else f" (τ = {detail:g})"
+suffix = "" if detail == tol else f" (τ = {fmt_tau(detail)})"
 m1, m2, m3, m4 = st.columns(4)
 m1.metric("checkpoints", f"{len(d['checkpoints'])}")
 m2.metric("final update sparsity", f"{last['vs_base']['update_sparsity']:.2%}")

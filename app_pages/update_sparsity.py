@@ -12,7 +12,7 @@ from analysis.definitions import PAPER_TOL
 from ui import work
 from ui.loaders import summary, try_load
 from ui.state import label_of, parent_of, selection, url_bound
-from ui.text import md_escape
+from ui.text import md_escape, fmt_tau
 
 st.header("Update sparsity")
 base, tuned = selection()
@@ -22,10 +22,10 @@ if not base or not tuned:
 
 c1, c2, c3 = st.columns([3, 2, 1])
 url_bound("sparsity_tol", PAPER_TOL, param="tol", parse=float, valid=lambda v: v in tolerance_grid())
-tol = c1.select_slider("Tolerance τ", options=tolerance_grid(), key="sparsity_tol", format_func=lambda t: f"{t:g}",
+tol = c1.select_slider("Tolerance τ", options=tolerance_grid(), key="sparsity_tol", format_func=fmt_tau,
                        help="Element i is unchanged iff its stored values are bit-identical or |θ¹ᵢ − θ⁰ᵢ| ≤ τ "
                             "(float32 difference). The paper (arXiv 2505.11711) uses "
-                            f"{PAPER_TOL:g} on bf16 weights.")
+                            f"{fmt_tau(PAPER_TOL)} on bf16 weights.")
 url_bound("sparsity_focus", tuned[0], param="focus", valid=lambda v: v in tuned)
 if st.session_state["sparsity_focus"] not in tuned:  # the sidebar's fine-tunes changed
     st.session_state["sparsity_focus"] = tuned[0]
@@ -74,7 +74,7 @@ cols = st.columns(len(results))
 for col, (ref, r) in zip(cols, results.items()):
     col.metric(md_escape(pair_label(ref)), f"{r['update_sparsity']:.2%}",
                help="Update sparsity: the fraction of elements unchanged at τ (docs/design.md §3).")
-    col.caption(f"changed at τ = {tol:g}: {r['changed_params']:,} of {r['total_params']:,} elements")
+    col.caption(f"changed at τ = {fmt_tau(tol)}: {r['changed_params']:,} of {r['total_params']:,} elements")
     exact = r.get("by_compare", {}).get("exact_bits", {})
     if exact.get("numel"):
         col.caption(f"of which compared by exact bits (integer / bool / packed tensors, τ does not apply): "
@@ -90,9 +90,9 @@ st.subheader(md_escape(pair_label(focus)))
 detail = r.get("detail_tolerance", r["tolerance"])
 if detail != tol:
     n1, n2 = st.columns([4, 1])
-    n1.caption(f"Counts, layers, kinds, tensors and heads are at τ = {tol:g}. MLP channels and the absorption "
-               f"view come from the pass at τ = {detail:g}; recomputing them reads the weights again.")
-    if n2.button(f"Details at τ = {tol:g}", key="sparsity_details"):
+    n1.caption(f"Counts, layers, kinds, tensors and heads are at τ = {fmt_tau(tol)}. MLP channels and the absorption "
+               f"view come from the pass at τ = {fmt_tau(detail)}; recomputing them reads the weights again.")
+    if n2.button(f"Details at τ = {fmt_tau(tol)}", key="sparsity_details"):
         st.session_state["sparsity_pass_tol"] = tol
         st.rerun()
 left, right = st.columns(2)
@@ -132,18 +132,19 @@ if r["skipped"]:
 
 if st.button("Train the changed subnetwork", icon=":material/model_training:",
              help=f"Open the masked fine-tune form: from {label_of(parents[focus])}, train only the elements "
-                  f"{label_of(focus)} changed at τ = {tol:g} (the paper's experiment)."):
+                  f"{label_of(focus)} changed at τ = {fmt_tau(tol)} (the paper's experiment)."):
     st.session_state["ft_handoff"] = {
         "from": "Update sparsity", "checkpoint": parents[focus], "source": "diff", "diff": [parents[focus], focus],
         "diff_tol": tol, "summary": f"the elements {label_of(focus)} changed from {label_of(parents[focus])} at "
-                                    f"τ = {tol:g}, trained from {label_of(parents[focus])}"}
+                                    f"τ = {fmt_tau(tol)}, trained from {label_of(parents[focus])}"}
     st.switch_page("app_pages/finetune.py")
 d1, d2, d3 = st.columns(3)
-stem = f"diff-{label_of(parents[focus])}-{label_of(focus)}-tol{tol:g}".replace("/", "_")
+stem = f"diff-{label_of(parents[focus])}-{label_of(focus)}-tol{fmt_tau(tol)}".replace("/", "_")
 d1.download_button("Download JSON", json.dumps(r, indent=1), f"{stem}.json", "application/json")
 d2.download_button("Download CSV (tensors)", tensors[show].to_csv(index=False), f"{stem}.csv", "text/csv")
 if base_summary["total_params"] < work.inline_limit():
     d3.download_button("Download mask", work.mask_bytes(parents[focus], focus, tol), f"{stem}-mask.safetensors",
                        "application/octet-stream", help="Changed elements as a packed-bits mask file.")
 else:
-    d3.caption(f"Mask of a large model: `python -m analysis diff BASE TUNED --tol {tol:g} --json OUT --mask-out M`")
+    d3.caption("Mask of a large model: "
+               f"`python -m analysis diff BASE TUNED --tol {fmt_tau(tol)} --json OUT --mask-out M`")

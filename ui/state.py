@@ -234,7 +234,7 @@ def _labels_with(refs) -> dict[str, str]:
 
 def label_of(ref: str | None) -> str:
     """A checkpoint's short name: the shortest trailing path parts that tell the family's members
-    and their parents apart (``arith/grpo-lr1e-5``; the demo's ``demo/sft``), the user's own name
+    and their parents apart (``arith/grpo-seed1``; the demo's ``demo/sft``), the user's own name
     when given, a hub id as it is (docs/design.md §14)."""
     if not ref:
         return "—"

@@ -92,3 +92,15 @@ def md_html(s) -> str:
     t = re.sub(r"([\\`*_\[\]~$|])", r"\\\1", t)
     t = re.sub(r"(?i)(https?:|www)(?=\S)", r"\1<span></span>", t)
     return t.replace("@", "<span></span>@")
+
+
+def fmt_tau(t: float) -> str:
+    """A tolerance as a reader writes it: ``0``, ``1e-5``, ``1.26e-4``, ``0.01`` (three significant
+    digits, no zero-padded exponent) — one style on every page."""
+    if t == 0:
+        return "0"
+    if t >= 1e-2:
+        return f"{t:.3g}"
+    mant, exp = f"{t:.2e}".split("e")
+    mant = mant.rstrip("0").rstrip(".")
+    return f"{mant}e{int(exp)}"

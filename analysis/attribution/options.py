@@ -18,6 +18,9 @@ DEFAULT_STEPS = 50  # IG's steps when a fixed number is asked for without one (t
 # each, refined until the completeness bound and the scores' error are at most COMPLETENESS_TARGET or
 # DEFAULT_BUDGET points (forward + backward passes) are spent
 COMPLETENESS_TARGET = 0.01
+# LRP's conservation error |Σ relevance − logit| / |logit| above which the page flags the relevances: CP-LRP
+# conserves to float precision on bias-free Llama-family models; AttnLRP's softmax rule loses a few percent
+CONSERVATION_FLAG = 0.05
 PANEL_STEPS = 16
 START_PANELS = 4
 DEFAULT_BUDGET = 4096

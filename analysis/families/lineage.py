@@ -18,7 +18,7 @@ A parent the user sets (:func:`set_parent`) comes before all of them and is kept
 ``$SUBNETSCOPE_HOME/family.json``; so is "no parent" (``None``).
 
 Labels (:func:`short_names`) are the shortest trailing path components that tell the family's
-members apart (``arith/grpo-lr1e-5``); hub ids stay as they are.
+members apart (``arith/grpo-seed1``); hub ids stay as they are.
 
 Reads small JSON/YAML files only: nothing here imports torch.
 """
@@ -354,8 +354,8 @@ class Family:
 
 
 def short_names(refs, given: dict[str, str] | None = None) -> dict[str, str]:
-    """ref -> the shortest trailing path components that tell ``refs`` apart (``arith/grpo-lr1e-5``
-    for ``/home/u/runs/arith/grpo-lr1e-5``); a hub id as it is. ``given`` (ref -> label, e.g. the
+    """ref -> the shortest trailing path components that tell ``refs`` apart (``arith/grpo-seed1``
+    for ``/home/u/runs/arith/grpo-seed1``); a hub id as it is. ``given`` (ref -> label, e.g. the
     user's own or the demo's ``demo/sft``) is used where it names no other ref."""
     from analysis.checkpoints.open import is_hub_id
 

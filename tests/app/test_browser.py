@@ -189,7 +189,7 @@ def test_typed_pair_survives_a_reload(app_url, browser_page):
     assert "base=" in page.url and "rl-seed1" in page.url
     page.reload(wait_until="domcontentloaded")
     page.get_by_test_id("stMetricValue").first.wait_for(timeout=90_000)
-    sidebar = page.get_by_test_id("stSidebar").inner_text()  # the fine-tunes' chips
+    sidebar = page.get_by_test_id("stSidebar").get_by_test_id("stMultiSelect").inner_text()  # the fine-tunes' chips
     assert page.get_by_test_id("stSelectbox").first.locator("input").input_value() == "demo/sft"  # one entry
     assert "demo/rl-seed1" in sidebar and "demo/rl-seed2" not in sidebar and "demo/sft" not in sidebar
     page.goto(app_url, wait_until="domcontentloaded")  # back to the default family for the next tests

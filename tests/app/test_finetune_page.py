@@ -90,7 +90,7 @@ def test_queue_runs_compare_and_cli_run(demo, tmp_path):
     expected = compare_runs([full, rand_dir], reference=full)["runs"][1]
     row = panel[panel["mask source"].str.startswith("random")].iloc[0]
     assert row["outside mask"] == 0
-    assert row["identical to reference at τ=1e-05"] == pytest.approx(expected["to_reference_identical_fraction"])
+    assert row["identical to reference at τ=1e-5"] == pytest.approx(expected["to_reference_identical_fraction"])
     assert row["update cosine"] == pytest.approx(expected["to_reference_cosine"])
     assert "Every masked run changed only elements inside its mask." in at.success[0].value
 

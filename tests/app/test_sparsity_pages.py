@@ -52,8 +52,8 @@ def test_update_sparsity_page(family):
     assert metrics == [f"{(n - 8) / n:.2%}", f"{(n - 7) / n:.2%}"]
     # the caption says changed and counts the changed elements (it once said "unchanged" over a changed count)
     captions = [c.value for c in at.caption]
-    assert "changed at τ = 1e-05: 8 of 68,160 elements" in captions
-    assert "changed at τ = 1e-05: 7 of 68,160 elements" in captions
+    assert "changed at τ = 1e-5: 8 of 68,160 elements" in captions
+    assert "changed at τ = 1e-5: 7 of 68,160 elements" in captions
     assert not any("unchanged at" in c for c in captions) and not any("exact bits" in c for c in captions)
     charts = at.get("plotly_chart")
     sweep = traces(charts[0].proto.spec)
@@ -181,7 +181,7 @@ def test_update_sparsity_page_shows_exact_bit_tensors(tmp_path):
     n = 68_160
     assert at.metric[0].value == f"{(n - 5) / n:.2%}"
     captions = [c.value for c in at.caption]
-    assert "changed at τ = 1e-05: 5 of 68,160 elements" in captions
+    assert "changed at τ = 1e-5: 5 of 68,160 elements" in captions
     assert ("of which compared by exact bits (integer / bool / packed tensors, τ does not apply): "
             "3 of 4,096 elements in 1 tensors changed") in captions
     table = next(df.value for df in at.dataframe if "compare" in df.value.columns)

@@ -97,8 +97,8 @@ def test_slider_reaggregates_and_sets_on_request(demo, monkeypatch):
     heat = traces(at.get("plotly_chart")[3].proto.spec)[0]
     assert heat["z"] == [r["update_sparsity"] for r in want["layers"]]
     table = at.dataframe[0].value
-    assert "ever changed (τ = 1e-05)" in table.columns
-    next(b for b in at.button if b.label == "Sets at τ = 0.001").click().run()
+    assert "ever changed (τ = 1e-5)" in table.columns
+    next(b for b in at.button if b.label == "Sets at τ = 1e-3").click().run()
     assert calls == [1e-5, 1e-3]
     table = at.dataframe[0].value
     assert list(table["ever changed"]) == [c["cumulative_changed"] for c in want["checkpoints"]]
