@@ -19,7 +19,7 @@ from analysis.attribution.lrp import VARIANTS
 from analysis.checkpoints.models import available_devices
 from analysis.specs.attribute import AttributeParams
 from analysis.definitions import PAPER_TOL
-from ui import work
+from ui import tables, work
 from ui.state import chosen_refs, label_of, parent_of
 from ui.text import md_escape, md_html, fmt_tau
 
@@ -212,7 +212,7 @@ if diff and diff.get("heads_moved"):
     rows = [{"layer": m["layer"], "head": m["head"], "Δ relevance": m["delta"],
              "weights changed": change.get((m["layer"], m["head"]), {}).get("fraction"),
              "rank by weight change": ranks.get((m["layer"], m["head"]))} for m in diff["heads_moved"]]
-    st.dataframe(pd.DataFrame(rows), hide_index=True)
+    tables.show(st, pd.DataFrame(rows))
     st.caption(f"Weights changed: the fraction of the head's q/k/v/o weights that differ between "
                f"{md_escape(label_of(pair[0]))} and {md_escape(label_of(pair[1]))} at τ = {fmt_tau(PAPER_TOL)} "
                "(as on the Update "

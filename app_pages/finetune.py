@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from ui import plots
+from ui import plots, tables
 from analysis.errors import SubnetscopeError
 from analysis.jobs import queue
 from analysis.finetune.compare import compare_runs, read_run
@@ -266,7 +266,7 @@ def live():
              if (not want_status or r["status"] in want_status)
              and (not want_task or str(r["config"].get("task")) in want_task)
              and (not want_start or str(r["config"].get("checkpoint")) in want_start)}
-    st.dataframe(_table(shown), hide_index=True, width="stretch")
+    tables.show(st, _table(shown), width="stretch")
     finished = [n for n, r in shown.items() if r["status"] not in queue.ACTIVE]
     if finished:
         d1, d2 = st.columns([4, 1])
@@ -386,7 +386,7 @@ for r in cmp["runs"]:
                  "trainable": r["trainable"], "mask source": _short(r["mask_source"])})  # the numbers first
     intervals.append({"label": name, **{k: r.get(k) for k in ("reward_sampled_gap", "reward_sampled_gap_ci",
                                                                "accuracy_gap", "accuracy_gap_ci")}})
-st.dataframe(pd.DataFrame(rows).dropna(axis=1, how="all"), hide_index=True, width="stretch")
+tables.show(st, pd.DataFrame(rows).dropna(axis=1, how="all"), width="stretch")
 bad = [x["run"] for x in rows if x["outside mask"]]
 if bad:
     st.error(f"Elements changed outside the mask in {md_escape(', '.join(bad))} — this must never happen; "

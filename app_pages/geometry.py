@@ -13,7 +13,7 @@ from analysis.errors import SubnetscopeError
 from analysis.sparsity.geometry import matrix_detail, parse_k
 from analysis.specs.geometry import GeometryParams
 from analysis.definitions import PAPER_TOL
-from ui import work
+from ui import tables, work
 from ui.state import label_of, parent_of, selection, url_bound
 from ui.text import md_escape, fmt_tau
 
@@ -106,7 +106,7 @@ for label, d in runs.items():
                      "smallest o1": r["smallest_o1"], "random o1": r["random_o1"], "alignment": r["alignment"],
                      "alignment random": r["alignment_random"], "spectral drift": r["spectral_drift"],
                      "angle U (°)": r["angle_u_mean"], "α base": r["alpha_base"], "α tuned": r["alpha_tuned"]})
-st.dataframe(pd.DataFrame(rows), hide_index=True)
+tables.show(st, pd.DataFrame(rows))
 st.plotly_chart(plots.geometry_alpha(runs), key="alpha")
 
 st.subheader("One matrix")

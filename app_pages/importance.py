@@ -20,7 +20,7 @@ from analysis.importance.selectors import SELECTORS
 from analysis.specs.evaluate_selectors import EvaluateParams
 from analysis.specs.importance import ImportanceParams
 from analysis.definitions import GRANULARITIES, PAPER_TOL
-from ui import work
+from ui import tables, work
 from ui.state import chosen_refs, label_of, parent_of, selection, url_bound
 from ui.text import md_escape, fmt_tau
 
@@ -127,7 +127,7 @@ per_tensor = pd.DataFrame(mask_rows(mask), columns=["tensor", "selected", "numel
 selected = int(per_tensor["selected"].sum()) if len(per_tensor) else 0
 right.metric("Selected elements", f"{selected:,}", help=f"density {density:g} of the {scope} scope")
 right.caption("Where the top-k lands")
-right.dataframe(per_tensor.sort_values("selected", ascending=False).head(15), hide_index=True)
+tables.show(right, per_tensor.sort_values("selected", ascending=False).head(15))
 
 
 def _mask_file() -> bytes:
@@ -224,7 +224,7 @@ elif preds:
     right.plotly_chart(plots.roc_curves({SELECTORS[n].label: {**p["roc"], "auroc": p["auroc"]}
                                          for n, p in preds.items()}), key="imp_roc")
     table = pd.DataFrame([{k: v for k, v in p.items() if k != "roc"} for p in preds.values()])
-    st.dataframe(table.sort_values("auroc", ascending=False), hide_index=True)
+    tables.show(st, table.sort_values("auroc", ascending=False))
     buf = io.StringIO()
     table.to_csv(buf, index=False)
     st.download_button("Download (CSV)", buf.getvalue(), "selector-prediction.csv", "text/csv")

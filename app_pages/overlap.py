@@ -9,7 +9,7 @@ from ui import plots
 from analysis.sparsity.diff import tolerance_grid
 from analysis.errors import SubnetscopeError
 from analysis.definitions import PAPER_TOL
-from ui import work
+from ui import tables, work
 from ui.loaders import summary, try_load
 from ui.state import family, label_of, normalize_ref, parent_of, selection, url_bound
 from ui.text import md_escape, fmt_tau
@@ -72,8 +72,8 @@ st.markdown(
     "so any two runs tend to change the same small weights (arXiv 2505.11711 §5; docs/design.md §4).")
 st.plotly_chart(plots.overlap_matrix(r["pairs"], labels), key="matrix")
 pairs = pd.DataFrame([{**p, "a": labels[p["a"]], "b": labels[p["b"]]} for p in r["pairs"]])
-st.dataframe(pairs[["a", "b", "sparsity_a", "sparsity_b", "o1", "o1_random", "o1_matched", "o2", "o2_random",
-                    "o2_matched", "jaccard", "jaccard_random"]], hide_index=True)
+tables.show(st, pairs[["a", "b", "sparsity_a", "sparsity_b", "o1", "o1_random", "o1_matched", "o2", "o2_random",
+                       "o2_matched", "jaccard", "jaccard_random"]])
 
 left, right = st.columns(2)
 names = [f"{labels[p['a']]} ∩ {labels[p['b']]}" for p in r["pairs"]]

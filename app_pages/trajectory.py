@@ -19,7 +19,7 @@ from analysis.paths import default_demo_dir
 from analysis.sparsity.trajectory import at_tolerance, infer_steps, run_checkpoints
 from analysis.specs.trajectory import TrajectoryParams
 from analysis.definitions import DECADE_TOLS, PAPER_TOL
-from ui import work
+from ui import tables, work
 from ui.state import label_of, mirror_to_url, normalize_ref, parent_of, url_bound
 from ui.text import md_escape, fmt_tau
 
@@ -141,6 +141,6 @@ rows = [{"step": c["step"], "checkpoint": label_of(c["checkpoint"]),
          "changed": c["vs_base"]["changed"], "ever changed" + suffix: c["cumulative_changed"],
          "first changed here" + suffix: c["first_changed"], "back at the base" + suffix: c["returned_to_base"],
          "o1 with final" + suffix: c["overlap_with_final"]["o1"]} for c in d["checkpoints"]]
-st.dataframe(pd.DataFrame(rows), hide_index=True)
+tables.show(st, pd.DataFrame(rows))
 st.download_button("Download JSON", data=json.dumps(d, indent=2), file_name="trajectory.json",
                    mime="application/json")

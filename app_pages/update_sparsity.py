@@ -9,7 +9,7 @@ from ui import plots
 from analysis.sparsity.diff import at_tolerance, tolerance_grid
 from analysis.errors import SubnetscopeError
 from analysis.definitions import PAPER_TOL
-from ui import work
+from ui import tables, work
 from ui.loaders import summary, try_load
 from ui.state import label_of, parent_of, selection, url_bound
 from ui.text import md_escape, fmt_tau
@@ -115,7 +115,7 @@ layers = pd.DataFrame(r["layers"])
 if not layers.empty:
     st.caption("Per layer: *update_sparsity* is weighted by element count; *update_sparsity_unweighted* is the "
                "mean over tensors, as the paper's script averages.")
-    st.dataframe(layers, hide_index=True)
+    tables.show(st, layers)
 
 tensors = pd.DataFrame(r["tensors"])
 show = ["name", "update_sparsity", "changed", "numel", "delta_fro", "max_abs_delta", "rank", "rank_fraction", "kind",
@@ -123,9 +123,9 @@ show = ["name", "update_sparsity", "changed", "numel", "delta_fro", "max_abs_del
 show = [c for c in show if c in tensors]  # compare: "tolerance", or "exact_bits" for integer / bool tensors
 t1, t2 = st.columns(2)
 t1.caption("Most changed tensors")
-t1.dataframe(tensors.sort_values("update_sparsity").head(10)[show], hide_index=True)
+tables.show(t1, tensors.sort_values("update_sparsity").head(10)[show])
 t2.caption("Least changed tensors")
-t2.dataframe(tensors.sort_values("update_sparsity", ascending=False).head(10)[show], hide_index=True)
+tables.show(t2, tensors.sort_values("update_sparsity", ascending=False).head(10)[show])
 if r["skipped"]:
     st.warning(f"{len(r['skipped'])} tensors not compared: " + "; ".join(md_escape(f"{s['name']} ({s['reason']})")
                                                                       for s in r["skipped"][:10]))

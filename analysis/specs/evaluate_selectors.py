@@ -76,7 +76,16 @@ def report(p: EvaluateParams, out: dict) -> None:
         print(f"  {n:<18} stability (top-k Jaccard across disjoint data) {j:.3f}")
 
 
+def cost(p: EvaluateParams) -> int:
+    """Parameters touched: the model once per data-free selector, once per calibration sample for each
+    selector that reads data (twice with --stability), and the diff's pair."""
+    from analysis.importance.selectors import SELECTORS
+
+    passes = sum(p.samples * (2 if p.stability else 1) if SELECTORS[n].needs_data else 1 for n in p.names)
+    return parameters_of(p.checkpoint) * passes + (parameters_of(p.against_diff[0]) if p.against_diff else 0)
+
+
 SPEC = Spec("evaluate-selectors", "agreement of selectors, and how well they predict a real update", EvaluateParams,
             run, report, refs=lambda p: [p.checkpoint, *(p.against_diff or ())],
-            cost=lambda p: parameters_of(p.checkpoint), data=lambda p: [p.data], loads_model=True,
+            cost=cost, data=lambda p: [p.data], loads_model=True,
             result=EvaluateResult)

@@ -174,7 +174,15 @@ def _data(p: ImportanceParams) -> list[str]:
     return [p.data, *([opts["mask"]] if "mask" in opts else [])]
 
 
+def cost(p: ImportanceParams) -> int:
+    """Parameters touched: the model once, or once per calibration sample for a selector that reads data."""
+    from analysis.importance.selectors import SELECTORS
+
+    entry = SELECTORS.get(p.selector)
+    return parameters_of(p.checkpoint) * (p.samples if entry is not None and entry.needs_data else 1)
+
+
 SPEC = Spec("importance", "importance scores of a checkpoint's parameters by one selector", ImportanceParams, run,
-            report, refs=_refs, cost=lambda p: parameters_of(p.checkpoint), data=_data,
+            report, refs=_refs, cost=cost, data=_data,
             outputs=("mask_out", "scores_out"), loads_model=True,
             result=ImportanceResult)

@@ -39,6 +39,7 @@ def test_large_model_is_scored_by_jobs(demo, tmp_path, monkeypatch):
     """The jobs run in-process (the injectable launcher: the same job directories, params files and
     results as a run-job process writes; tests/analysis/test_jobs.py starts real ones)."""
     monkeypatch.setenv("SUBNETSCOPE_JOBS_IN_PROCESS", "1")
+    monkeypatch.setenv("SUBNETSCOPE_INLINE_LIMIT", "100000000")  # the reference: every panel inline
     inline = _page(demo)
     inline.run()
     assert not inline.exception and not inline.error

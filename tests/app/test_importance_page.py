@@ -16,7 +16,21 @@ from conftest import ROOT
 from plotly_data import traces
 
 
-def test_importance_page_on_demo(demo):
+def test_the_prediction_of_seven_selectors_is_a_job_on_the_demo(demo):
+    """Its cost (the model once per data-free selector and per calibration sample of the others: 131
+    passes of 184,512 parameters) is above the inline limit: a button, nothing computed in the rerun;
+    the comparison of two selectors (33 passes) is computed inline."""
+    at = AppTest.from_file(str(ROOT / "app_pages" / "importance.py"), default_timeout=300)
+    at.session_state["base_ref"] = str(demo / "base")
+    at.session_state["tuned_refs"] = [str(demo / "rl-seed1")]
+    at.run()
+    assert not at.exception and not at.error
+    assert any(b.label == "Run evaluate 7 selectors in the background" for b in at.button)
+    assert not at.success and [m.label for m in at.metric][1] == "Spearman ρ"
+
+
+def test_importance_page_on_demo(demo, monkeypatch):
+    monkeypatch.setenv("SUBNETSCOPE_INLINE_LIMIT", "100000000")  # every panel inline
     at = AppTest.from_file(str(ROOT / "app_pages" / "importance.py"), default_timeout=300)
     at.session_state["base_ref"] = str(demo / "base")
     at.session_state["tuned_refs"] = [str(demo / "rl-seed1")]
@@ -47,10 +61,11 @@ def test_importance_page_on_demo(demo):
                                               f"elements in scope)")
 
 
-def test_prediction_panel_when_the_fine_tune_changed_nothing(demo, tmp_path):
+def test_prediction_panel_when_the_fine_tune_changed_nothing(demo, tmp_path, monkeypatch):
     """AUROC is undefined with no changed element: the page says why instead of crashing."""
     import shutil
 
+    monkeypatch.setenv("SUBNETSCOPE_INLINE_LIMIT", "100000000")
     same = tmp_path / "sft-copy"
     shutil.copytree(demo / "sft", same)
     at = AppTest.from_file(str(ROOT / "app_pages" / "importance.py"), default_timeout=300)
