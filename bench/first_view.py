@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import socket
 import subprocess
@@ -30,6 +31,61 @@ PAGES = ["checkpoints", "update_sparsity", "overlap", "trajectory", "geometry", 
 DONE = ("() => { const a = document.querySelector('[data-testid=stApp]');"
         " return a && a.getAttribute('data-test-script-state') === 'notRunning'"
         " && document.querySelector('[data-testid=stMain] h2, [data-testid=stMain] h1') !== null; }")
+
+
+LLAMA3_8B = dict(hidden=4096, inter=14336, layers=32, heads=32, kv=8, vocab=128256)
+
+
+def make_8b_pair(d: Path) -> tuple[Path, Path]:
+    """Two checkpoints with Llama-3-8B's config and tensor shapes (bf16, 4 shards and an index, 16 GB
+    each) whose data are holes of a sparse file: the headers are real, the disk holds almost nothing.
+    A first view reads headers only, so it sees an 8B-sized pair exactly as a real one; the diff job
+    would read zeros. Built once in ``d``; the safetensors header is written as the format specifies
+    (8-byte little-endian length, JSON, data), since no library writes a header without the data."""
+    import struct
+
+    c = LLAMA3_8B
+    shapes = {"model.embed_tokens.weight": (c["vocab"], c["hidden"]), "lm_head.weight": (c["vocab"], c["hidden"]),
+              "model.norm.weight": (c["hidden"],)}
+    kv = c["hidden"] // c["heads"] * c["kv"]
+    h, i = c["hidden"], c["inter"]
+    for L in range(c["layers"]):
+        p = f"model.layers.{L}."
+        shapes |= {p + "self_attn.q_proj.weight": (h, h), p + "self_attn.k_proj.weight": (kv, h),
+                   p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, h),
+                   p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h),
+                   p + "mlp.down_proj.weight": (h, i), p + "input_layernorm.weight": (h,),
+                   p + "post_attention_layernorm.weight": (h,)}
+    names = list(shapes)
+    shards = [names[i::4] for i in range(4)]
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": c["hidden"],
+              "intermediate_size": c["inter"], "num_hidden_layers": c["layers"], "num_attention_heads": c["heads"],
+              "num_key_value_heads": c["kv"], "vocab_size": c["vocab"], "max_position_embeddings": 8192,
+              "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
+    out = []
+    for which in ("base", "tuned"):
+        m = d / which
+        out.append(m)
+        if (m / "model.safetensors.index.json").is_file():
+            continue
+        m.mkdir(parents=True, exist_ok=True)
+        weight_map = {}
+        for k, group in enumerate(shards):
+            fname = f"model-{k + 1:05d}-of-00004.safetensors"
+            header, off = {}, 0
+            for n in group:
+                size = 2 * math.prod(shapes[n])
+                header[n] = {"dtype": "BF16", "shape": list(shapes[n]), "data_offsets": [off, off + size]}
+                off += size
+                weight_map[n] = fname
+            raw = json.dumps(header).encode()
+            raw += b" " * (-len(raw) % 8)
+            with open(m / fname, "wb") as f:
+                f.write(struct.pack("<Q", len(raw)) + raw)
+                f.truncate(8 + len(raw) + off)  # the data: a hole
+        (m / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+        (m / "config.json").write_text(json.dumps(config))
+    return out[0], out[1]
 
 
 def _port() -> int:
@@ -56,6 +112,7 @@ def _server(root: Path, env: dict) -> tuple[subprocess.Popen, str]:
 
 
 def _visit(browser, url: str, timeout_s: float = 180) -> float:
+    """Seconds until the page's first script run has ended with its header drawn."""
     page = browser.new_page(viewport={"width": 1400, "height": 2200})
     t = time.perf_counter()
     page.goto(url, wait_until="domcontentloaded")
@@ -66,7 +123,7 @@ def _visit(browser, url: str, timeout_s: float = 180) -> float:
     return s
 
 
-def measure(root: Path, pages: list[str], env: dict) -> dict[str, tuple[float, float]]:
+def measure(root: Path, pages: list[str], env: dict, query: str = "") -> dict[str, tuple[float, float]]:
     from playwright.sync_api import sync_playwright
 
     out = {}
@@ -76,7 +133,7 @@ def measure(root: Path, pages: list[str], env: dict) -> dict[str, tuple[float, f
             for name in pages:  # a new server per page: its first view is cold
                 proc, url = _server(root, env)
                 try:
-                    path = "" if name == "checkpoints" else "/" + name
+                    path = ("" if name == "checkpoints" else "/" + name) + query
                     cold = _visit(browser, url + path)
                     warm = _visit(browser, url + path)
                     out[name] = (cold, warm)
@@ -95,6 +152,8 @@ def main() -> None:
     ap.add_argument("--home", help="SUBNETSCOPE_HOME for the server (default: a fresh temporary one beside the demo)")
     ap.add_argument("--pages", default=",".join(PAGES))
     ap.add_argument("--json", help="write the table as JSON")
+    ap.add_argument("--8b", dest="big", metavar="DIR",
+                    help="open the pages on an 8B-sized pair (Llama-3-8B shapes, sparse files) built in DIR")
     a = ap.parse_args()
     from analysis.paths import default_demo_dir
 
@@ -104,7 +163,13 @@ def main() -> None:
     if not a.home:  # the demo family, but no jobs, runs or caches of earlier sessions
         (home / "demo").symlink_to(default_demo_dir())
     env = dict(os.environ, SUBNETSCOPE_HOME=str(home), HF_HUB_OFFLINE="1", PYTHONPATH=a.root)
-    res = measure(Path(a.root), a.pages.split(","), env)
+    query = ""
+    if a.big:
+        from urllib.parse import urlencode
+
+        base, tuned = make_8b_pair(Path(a.big))
+        query = "?" + urlencode({"base": str(base), "tuned": str(tuned)})
+    res = measure(Path(a.root), a.pages.split(","), env, query)
     print("\n| page | first view, cold server (s) | again, warm server (s) |\n|---|---:|---:|")
     for name, (cold, warm) in res.items():
         print(f"| {name} | {cold:.1f} | {warm:.1f} |")

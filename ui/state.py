@@ -184,6 +184,14 @@ def selection() -> tuple[str | None, list[str]]:
     else the demo family. A hub id not in the local cache is left out until the user downloads
     it (see :func:`sidebar`); references that came only with the link are not remembered."""
     ss = st.session_state
+    if BASE_KEY in ss and (moved_by_history("base") or moved_by_history("tuned")):
+        # back / forward to an entry with other checkpoints: that entry's choice, as a link would give it
+        base, tuned, _ = _from_url()
+        for k in ("base", "tuned"):  # handled: later calls in this run see no move
+            ss["_url_last"][k] = st.query_params.get_all(k)
+        ss[BASE_KEY], ss[TUNED_KEY] = base, tuned
+        ss["base_ref"], ss["tuned_refs"] = base, tuned
+        ss["picker_options"] = list(dict.fromkeys([*ss.get("picker_options", []), *(r for r in [base, *tuned] if r)]))
     if BASE_KEY in ss:  # the sidebar's widgets hold the latest choice
         before = {ss.get("base_ref"), *ss.get("tuned_refs", [])}
         base = normalize_ref(ss[BASE_KEY])
@@ -374,13 +382,25 @@ def mirror_to_url(params: dict) -> None:
     """Writes ``params`` into the page URL (a list: the key repeated; None: removed), touching it
     only where it differs."""
     qp = st.query_params
+    last = st.session_state.setdefault("_url_last", {})
     for k, v in params.items():
         want = [] if v is None else [str(x) for x in v] if isinstance(v, list) else [str(v)]
         if qp.get_all(k) != want:
             if want:
-                qp[k] = want if isinstance(v, list) else want[0]
+                qp[k] = want if isinstance(v, list) else want[0]  # a new browser history entry
             elif k in qp:
                 del qp[k]
+        last[k] = want
+
+
+def moved_by_history(param: str) -> bool:
+    """True when the URL's ``param`` is not what this session last wrote there: the browser's back or
+    forward button brought an earlier entry (Streamlit reruns the page with its query string), so
+    the URL's value is the user's choice again."""
+    last = st.session_state.get("_url_last", {})
+    now = st.query_params.get_all(param)
+    # an absent parameter is not a move: switching pages starts the new page's URL without one
+    return param in last and bool(now) and now != last[param]
 
 
 def url_bound(key: str, default, *, parse=str, valid=None, param: str | None = None):
@@ -398,6 +418,8 @@ def url_bound(key: str, default, *, parse=str, valid=None, param: str | None = N
     """
     ss = st.session_state
     param = param or key
+    if key in ss and moved_by_history(param):  # back / forward: the entry's value, read as on a first visit
+        del ss[key]
     if key not in ss:
         value = default
         raw = st.query_params.get_all(param) if isinstance(default, list) else st.query_params.get(param)

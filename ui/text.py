@@ -95,7 +95,7 @@ def md_html(s) -> str:
 
 
 def fmt_tau(t: float) -> str:
-    """A tolerance as a reader writes it: ``0``, ``1e-5``, ``1.26e-4``, ``0.01`` (three significant
+    """A tolerance as a reader writes it: ``0``, ``1e-7``, ``1.26e-4``, ``0.01`` (three significant
     digits, no zero-padded exponent) — one style on every page."""
     if t == 0:
         return "0"

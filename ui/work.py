@@ -104,6 +104,7 @@ def job(name: str, params, key: str, label: str | None = None) -> dict | None:
     if stt.status in ("failed", "died", "cancelled", "missing"):
         if stt.status != "missing":
             st.error(f"{name} job {stt.status}: {md_escape(stt.error or 'no result')}")
+        st.caption(size_note(spec, params))
         if st.button(f"Run {md_escape(label or name)} in the background", key=f"start_{key}", type="primary"):
             try:
                 jd.start(spec, params, launcher=launcher())
@@ -114,6 +115,22 @@ def job(name: str, params, key: str, label: str | None = None) -> dict | None:
         return None
     _poll(jd, key)
     return None
+
+
+DISK_RATE = 400e6  # bytes/s: a cold read of an 8B pair's 32 GB took 85 s on the 2-core VM (the issue's timing)
+
+
+def size_note(spec, params) -> str:
+    """What a job will read, said before it starts: the weights' size on disk, the parameters its cost
+    counts, and a time at disk speed (a floor: SVDs and calibration passes add to it)."""
+    from analysis.specs.common import human_bytes
+
+    total = sum(size for r in spec.refs(params) for _, size, _ in fingerprint(r)[1])
+    cost = spec.cost(params)
+    secs = total / DISK_RATE
+    when = f"{secs:.0f} s" if secs < 120 else f"{secs / 60:.1f} min"
+    return (f"Reads {human_bytes(total)} of weights ({cost:,} parameter reads by its cost) — at least {when} at "
+            f"disk speed ({DISK_RATE / 1e6:.0f} MB/s); progress and cancel below once it runs.")
 
 
 def _poll(job: JobDir, key: str) -> None:

@@ -42,10 +42,12 @@ def test_ig_on_the_trained_demo_reports_its_error(demo):
     assert few.completeness_error > 0.1 and few.converged is False and few.step_budget is None
     assert fine.completeness_error < few.completeness_error / 10
     # the default refines the segments of the path near α = 0: converged in fewer than half the uniform
-    # rule's steps and closer to complete than it, with the same scores
+    # rule's steps, with the same scores
     auto = attribute(model, tok, PROMPT, TARGET, "ig", with_faithfulness=False)
     assert auto.converged and auto.completeness_error < 1e-2 and auto.steps_used < 2048 and auto.step_budget == 4096
-    assert auto.completeness_error < fine.completeness_error
+    # closer to complete than the uniform rule, unless both are at float32's rounding of the sum (the demo
+    # is built per machine: on some the uniform rule also reaches ~2e-7)
+    assert auto.completeness_error < max(fine.completeness_error, 1e-6)
     assert auto.info["ig"]["shortest_segment"] < 0.01  # where the integrand is
     l1 = sum(abs(a - b) for a, b in zip(auto.scores, fine.scores)) / sum(map(abs, fine.scores))
     assert l1 < 2e-2

@@ -84,3 +84,25 @@ def test_page_choices_round_trip_through_the_url(demo):
     warnings = " ".join(w.value for w in stale.warning)
     assert "tol=abc" in warnings and "focus=/nowhere" in warnings
     assert stale.select_slider(key="sparsity_tol").value == 1e-5
+
+
+def test_back_and_forward_restore_the_view(demo):
+    """Each choice is a history entry (Streamlit pushes the URL); the back button reruns the page with
+    the earlier entry's query string, and the page shows that entry — τ, the selector, the checkpoints —
+    instead of writing the newer choice back over it."""
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=300)
+    at.switch_page("app_pages/update_sparsity.py").run()
+    first = dict(at.query_params)
+    assert at.select_slider(key="sparsity_tol").value == 1e-5
+    at.select_slider(key="sparsity_tol").set_value(1e-3).run()
+    at.multiselect(key="picker_tuned").unselect(str(demo / "rl-seed2")).run()
+    assert _listed(at.query_params["tol"]) == ["0.001"]
+    assert str(demo / "rl-seed2") not in _listed(at.query_params["tuned"])
+    at.query_params.clear()  # back: the browser's URL is the first entry's again, and the page reruns
+    at.query_params.update(first)
+    at.run()
+    assert not at.exception, at.exception
+    assert at.select_slider(key="sparsity_tol").value == 1e-5
+    assert str(demo / "rl-seed2") in at.multiselect(key="picker_tuned").value
+    assert _listed(at.query_params["tol"]) == _listed(first["tol"])  # not overwritten by the newer choice
+    assert len(at.metric) == 3

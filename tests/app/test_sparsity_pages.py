@@ -230,3 +230,18 @@ def test_slider_reaggregates_without_a_new_job(family, tmp_path, monkeypatch):
         assert z == [[1 - c / u["numel"] for c in u["changed"]] for u in want_q], tol  # heads at this τ
         assert len(list((tmp_path / "home" / "jobs").iterdir())) == 1  # still the one job
     assert any("recomputing them reads the weights again" in c.value for c in at.caption)
+
+
+def test_an_8b_sized_pair_asks_first_and_says_what_it_will_read(tmp_path, monkeypatch):
+    """Llama-3-8B shapes (sparse files: real headers, data holes): the page reads headers only, starts
+    nothing, and the job button says the size and a time at disk speed."""
+    from bench.first_view import make_8b_pair
+
+    monkeypatch.setenv("SUBNETSCOPE_HOME", str(tmp_path / "home"))
+    base, tuned = make_8b_pair(tmp_path / "big")
+    at = _run("update_sparsity.py", str(base), [str(tuned)])
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert any(b.label == "Run diff in the background" for b in at.button) and not at.metric
+    note = next(c.value for c in at.caption if c.value.startswith("Reads "))
+    assert note.startswith("Reads 29.9 GiB of weights (8,030,261,248 parameter reads by its cost) — at least 80 s")
+    assert not (tmp_path / "home" / "jobs").exists()
