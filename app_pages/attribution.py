@@ -222,6 +222,11 @@ if diff and diff.get("heads_moved"):
 curves = {lb: a.faithfulness for lb, a in zip(labels, att) if a.faithfulness}
 if curves:
     st.subheader("Faithfulness")
+    abpc = st.columns(len(curves))
+    for col, (lb, c) in zip(abpc, curves.items()):  # the number itself, not only in a legend
+        col.metric(f"ABPC, {md_escape(lb)}", f"{c['abpc']:+.3g}",
+                   help="Area between the perturbation curves: the mean over the steps of (most relevant "
+                        "first − least relevant first), in the explained quantity's units.")
     st.plotly_chart(plots.faithfulness_curves(curves), key="faith")
     st.caption("Prompt tokens are replaced by the baseline token most relevant first and least relevant first; "
                "the area between the curves (ABPC) is larger when the method ranks tokens well. "

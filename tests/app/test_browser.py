@@ -127,6 +127,30 @@ def check_charts(page, where: str) -> int:
     return len(found)
 
 
+_TITLES = """
+() => [...document.querySelectorAll('.gtitle, .g-xtitle text, .g-ytitle text, .legendtext, .cbtitle text')]
+  .map(t => t.textContent)
+"""
+
+
+def check_reading(page, where: str) -> None:
+    """What a reader reads, on the rendered page: checkpoints by short names (no absolute path of the
+    demo family in the visible text), chart titles, axis titles, legends and colour-bar titles in words
+    (no snake_case), legends not cut to a few letters, and no tolerance written as a long decimal
+    (0.000125893: τ is written 1.26e-4)."""
+    import re
+
+    body = page.inner_text("body")
+    home = str(default_demo_dir())
+    assert home not in body, f"{where}: an absolute path in the page: {body[body.index(home) - 40:][:120]!r}"
+    assert not re.search(r"0\.0000?\d{5,}", body), f"{where}: a long decimal: {re.search(r'0[.]0+[0-9]{5,}', body)}"
+    titles = page.evaluate(_TITLES)
+    snake = [t for t in titles if re.search(r"\b[a-z0-9]+_[a-z0-9_]+\b", t)]
+    assert not snake, f"{where}: snake_case titles {snake[:5]}"
+    cut = [t for t in titles if t.endswith(("…", "...")) and len(t) <= 8]
+    assert not cut, f"{where}: legends cut to a few letters {cut[:5]}"
+
+
 def _open(page, url: str, shot: str) -> list[str]:
     """Opens a page, waits for its metrics and charts, keeps a screenshot, returns metric values."""
     page.goto(url, wait_until="domcontentloaded")
@@ -139,6 +163,7 @@ def _open(page, url: str, shot: str) -> list[str]:
     body = page.inner_text("body")
     assert "Traceback" not in body and "Error" not in body
     assert check_charts(page, shot) >= 1
+    check_reading(page, shot)
     return page.get_by_test_id("stMetricValue").all_inner_texts()
 
 
@@ -236,11 +261,18 @@ def test_importance_page_in_chromium(app_url, browser_page):
     from analysis.importance.evaluation import predictive_power
     auroc = predictive_power(compute_scores(model, "smallest_magnitude"), changed).auroc
     browser_page.goto(app_url + "/importance", wait_until="domcontentloaded")
+    # seven selectors, 131 passes of the model: a background job, started by its button (the size it reads
+    # said beside it), with a progress bar
+    start = browser_page.get_by_role("button", name="Run evaluate 7 selectors in the background")
+    start.wait_for(timeout=180_000)
+    assert "Reads " in browser_page.inner_text("body")
+    start.click()
     ok = browser_page.get_by_test_id("stAlertContentSuccess").first
     ok.wait_for(timeout=180_000)
     browser_page.wait_for_timeout(1500)
     browser_page.screenshot(path=str(ROOT / "artifacts" / "importance-page.png"), full_page=True)
     assert check_charts(browser_page, "importance-page.png") >= 1
+    check_reading(browser_page, "importance-page.png")
     text = ok.inner_text()
     assert "Smallest magnitude (SaRA)" in text and f"AUROC {auroc:.3f}" in text
 
