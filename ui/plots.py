@@ -160,7 +160,7 @@ def layer_kind_heatmap(rows: list[dict], value: str = "update_sparsity") -> go.F
     for r in rows:
         z[layers.index(r["layer"])][kinds.index(r["kind"])] = r[value]
     fig = go.Figure(go.Heatmap(z=z, x=kinds, y=layers, colorscale="Viridis", zmin=0, zmax=1,
-                               colorbar=dict(tickformat=".0%", title=dict(text="unchanged", side="right")),
+                               colorbar=dict(tickformat=".0%"),
                                hovertemplate="layer %{y} %{x}: %{z:.2%}<extra></extra>"))
     fig.update_yaxes(autorange="reversed", dtick=1)
     fig.update_layout(height=max(260, 28 * len(layers) + 90))
@@ -172,7 +172,7 @@ def unit_heatmap(units: list[dict], component: str, title: str) -> go.Figure:
     rows = sorted((u for u in units if u["component"] == component), key=lambda u: u["layer"])
     z = [[1 - c / u["numel"] for c in u["changed"]] for u in rows]
     fig = go.Figure(go.Heatmap(z=z, y=[u["layer"] for u in rows], colorscale="Viridis", zmin=0, zmax=1,
-                               colorbar=dict(tickformat=".0%", title=dict(text="unchanged", side="right")),
+                               colorbar=dict(tickformat=".0%"),
                                hovertemplate="layer %{y} unit %{x}: %{z:.2%}<extra></extra>"))
     fig.update_yaxes(autorange="reversed", dtick=1)
     fig.update_layout(height=max(260, 28 * len(rows) + 90))
@@ -393,7 +393,6 @@ def relevance_heatmap(z, x, y, title: str, xtitle: str, ytitle: str = "layer") -
     """A signed heatmap centred on 0 (red positive, blue negative), layers down the y axis."""
     m = max((abs(v) for row in z for v in row), default=0.0) or 1.0
     fig = go.Figure(go.Heatmap(z=z, x=x, y=y, colorscale="RdBu", reversescale=True, zmin=-m, zmax=m,
-                               colorbar=dict(title=dict(text="relevance", side="right")),
                                hovertemplate=_hover(ytitle) + " %{y} " + _hover(xtitle)
                                + " %{x}: %{z:.4g}<extra></extra>"))
     fig.update_yaxes(autorange="reversed", dtick=1)
