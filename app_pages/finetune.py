@@ -17,7 +17,7 @@ from analysis.jobs import queue
 from analysis.finetune.compare import compare_runs, read_run
 from analysis.finetune.config import (BUDGETS, COMBINE, DEMO_RL_RECIPE, GRANULARITIES, LORA_LR_FACTOR, OPTIMIZERS,
                                       TASKS, FinetuneConfig, eval_every_for)
-from analysis.finetune.experiments import paper_experiment
+from analysis.finetune.experiments import matched_random, paper_experiment
 from analysis.importance.selectors import SELECTORS
 from analysis.definitions import DECADE_TOLS, PAPER_TOL
 from ui.state import chosen_refs, demo_refs, label_of, mirror_to_url, parent_of
@@ -347,7 +347,9 @@ ref = c1.selectbox("Reference", list(by_name), key="ft_cmp_ref",
                    help="Usually the full fine-tune of the same task (the paper compares with it).")
 same = [n for n in by_name if n != ref and configs[n].get("checkpoint") == configs[ref].get("checkpoint")]
 kept = [n for n in ss.get("ft_cmp_runs", []) if n in same]
-ss["ft_cmp_runs"] = kept if kept else same[:4]
+new_runs = [n for n in same if n not in ss.get("ft_cmp_same", same)]  # finished since (e.g. a queued control)
+ss["ft_cmp_runs"] = kept + new_runs if kept else same[:4]
+ss["ft_cmp_same"] = same
 others = c2.multiselect("Runs", same, key="ft_cmp_runs")
 tol = c3.select_slider("τ", [t for t in DECADE_TOLS if t == 0 or 1e-7 <= t <= 1e-4], value=PAPER_TOL,
                       key="ft_cmp_tol")
@@ -411,9 +413,21 @@ for v in verdicts:
                  f"{v['random_identical_to_reference']:.2%} for the random mask of the same density (chance)")
     (st.success if v["verdict"].startswith("beat") else st.warning if v["verdict"].startswith("did worse")
      else st.info)(text + ".")
-if masked_shown and not verdicts:
-    st.info("No verdict yet: add a random mask at the same budget (same start, task, steps, batch size and "
-            "trainable count) to the comparison — the Random mask source at the masked run's density.")
+for r in masked_shown:  # a masked run without its control: one click queues it (same recipe, same budget)
+    if any(v["run"] == r["run"] for v in verdicts):
+        continue
+    who = name_of.get(r["run"], Path(r["run"]).name)
+    v1, v2 = st.columns([3, 1])
+    v1.info(f"No verdict yet for **{md_escape(who)}**: it needs a random mask at the same budget (same start, "
+            f"task, steps, batch size and {r['trainable']:,} trainable elements) in the comparison.")
+    if v2.button("Queue its random control", key=f"ft_matched_{Path(r['run']).name}", icon=":material/casino:"):
+        try:
+            cfg = matched_random(configs[who], r["trainable"])
+            queue.enqueue(cfg, title=f"random control of {who}")
+            queue.ensure_worker()
+            st.toast(f"Queued: random density {cfg.random:g}, the budget of {md_escape(who)}")
+        except SubnetscopeError as e:
+            st.error(md_escape(str(e)))
 st.caption("Identical: elements whose final values agree with the reference's within τ (the paper: 94% for the "
            "subnetwork run against full fine-tuning). Gaps are paired per held-out problem, run − reference, with "
            "95% normal intervals; the sampled reward averages each problem's samples first.")

@@ -7,6 +7,7 @@ import math
 import plotly.graph_objects as go
 
 from analysis.definitions import PAPER_TOL
+from ui.text import fmt_tau
 
 
 LEGEND_CHARS = 40  # longer trace names are cut in the legend (the hover keeps the whole name)
@@ -125,7 +126,7 @@ def sparsity_sweep(sweeps: dict[str, list[dict]], tol: float | None = None) -> g
     for label, rows in sweeps.items():
         pos = [r for r in rows if r["tolerance"] > 0]
         x, y = [r["tolerance"] for r in pos], [r["update_sparsity"] for r in pos]
-        text, size = [f"τ={t:.1e}" for t in x], [0] * len(x)
+        text, size = [f"τ={fmt_tau(t)}" for t in x], [0] * len(x)
         zero = next((r for r in rows if r["tolerance"] == 0), None)
         if zero is not None:
             has_zero = True
@@ -135,9 +136,9 @@ def sparsity_sweep(sweeps: dict[str, list[dict]], tol: float | None = None) -> g
                         marker=dict(size=size, symbol="diamond"),
                         hovertemplate="%{text}: %{y:.2%}<extra>" + _hover(label) + "</extra>")
     fig.add_vline(x=PAPER_TOL, line_dash="dash", line_color="gray",
-                  annotation_text=f"paper τ = {PAPER_TOL:g}", annotation_position="top left")
+                  annotation_text=f"paper τ = {fmt_tau(PAPER_TOL)}", annotation_position="top left")
     if tol and tol != PAPER_TOL:
-        fig.add_vline(x=tol, line_dash="dot", line_color="firebrick", annotation_text=f"τ = {tol:g}")
+        fig.add_vline(x=tol, line_dash="dot", line_color="firebrick", annotation_text=f"τ = {fmt_tau(tol)}")
     fig.update_xaxes(type="log", exponentformat="power")
     if has_zero:  # the τ = 0 tick, then decades
         lo = math.floor(math.log10(x0 * 10))
@@ -205,7 +206,7 @@ def absorption(rows: list[dict], tol: float) -> go.Figure:
     fig.add_scatter(x=x, y=[r["bf16_half_ulp"] for r in rows], yaxis="y2", mode="lines+markers",
                     name="bf16 half-ulp", line=dict(color="firebrick"))
     if tol > 0 and x:  # τ as a dotted line named in the legend: no label text on the bars
-        fig.add_scatter(x=[min(x), max(x)], y=[tol, tol], yaxis="y2", mode="lines", name=f"τ = {tol:g}",
+        fig.add_scatter(x=[min(x), max(x)], y=[tol, tol], yaxis="y2", mode="lines", name=f"τ = {fmt_tau(tol)}",
                         line=dict(color="firebrick", dash="dot"), hoverinfo="skip")
     ulps = [r["bf16_half_ulp"] for r in rows] + ([tol] if tol > 0 else [])
     # the right axis is named by its red line's legend entry and red tick labels: a title there took
@@ -428,7 +429,7 @@ def trajectory_sparsity(d: dict) -> go.Figure:
     fig.add_scatter(x=steps, y=[c["vs_previous"]["update_sparsity"] for c in d["checkpoints"]],
                     mode="lines+markers", name="against the previous checkpoint")
     fig.update_yaxes(tickformat=".0%", range=[0, 1.02])  # a fraction: never autoranged to 200% when flat
-    return _layout(fig, f"Update sparsity along the run (τ = {d['tolerance']:g})", "step", "unchanged")
+    return _layout(fig, f"Update sparsity along the run (τ = {fmt_tau(d['tolerance'])})", "step", "unchanged")
 
 
 def trajectory_sets(d: dict) -> go.Figure:

@@ -36,3 +36,29 @@ def paper_experiment(sft: str, rl: str, *, tol: float = PAPER_TOL) -> list[Finet
             FinetuneConfig(random=round(density, 4), **rl_args),
             FinetuneConfig(full=True, **rl_args),
             FinetuneConfig(lora=4, **{**rl_args, "lr": rl_args["lr"] * LORA_LR_FACTOR})]
+
+
+def matched_random(config: dict, trainable: int) -> FinetuneConfig:
+    """The random-mask control of a finished masked run: its recipe (start, task, steps, batch, lr,
+    seed, evaluation) with a random mask of the same number of trainable elements — the density
+    ``trainable`` over the blocks' weight matrices of the start checkpoint (read from its headers), so
+    :func:`analysis.finetune.compare.same_budget` pairs the two.
+
+    Raises:
+        SubnetscopeError: the start checkpoint cannot be read, or has no block matrices.
+    """
+    import math
+    from dataclasses import replace
+
+    from analysis.checkpoints import open_checkpoint
+    from analysis.errors import SubnetscopeError
+    from analysis.importance.scores import in_scope
+
+    cfg = FinetuneConfig.from_dict(config)
+    ck = open_checkpoint(cfg.checkpoint, local_only=True)
+    blocks = sum(math.prod(t.shape) for t in ck.tensors.values() if in_scope(t.name, t.shape, ck.arch.family, "blocks"))
+    if not blocks:
+        raise SubnetscopeError(f"{cfg.checkpoint}: no block matrices to draw a random mask from")
+    sources = dict(mask=None, selector=None, diff=None, id3=None, full=False, lora=None, granularity=None,
+                   budget=None, density=None)
+    return replace(cfg, **sources, random=round(max(trainable, 1) / blocks, 6))

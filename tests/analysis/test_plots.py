@@ -70,7 +70,7 @@ def test_absorption_marks_tau_in_the_legend_not_on_the_bars():
              "unchanged": 4, "unchanged_fraction": 0.4} for e in (110, 118, 122)]
     fig = absorption(rows, 1e-5)
     assert not fig.layout.annotations
-    tau = next(t for t in fig.data if t.name == "τ = 1e-05")
+    tau = next(t for t in fig.data if t.name == "τ = 1e-5")
     assert list(tau.y) == [1e-5, 1e-5] and tau.yaxis == "y2"
     assert list(tau.x) == [2.0 ** -17, 2.0 ** -5]
     lo, hi = fig.layout.yaxis2.range

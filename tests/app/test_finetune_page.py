@@ -232,3 +232,25 @@ def test_damaged_run_files_are_named_and_the_page_keeps_working(demo):
                         "(first: line 3: not JSON)"]
     table = at.dataframe[0].value
     assert list(table["run"]) == ["d-metrics"] and list(table["steps"]) == ["3/3"]
+
+
+@pytest.mark.multiprocess
+def test_a_masked_run_without_its_control_gets_one_click_to_queue_it(demo):
+    """A selector run beside a full run has no verdict yet: the panel says why and queues the random
+    control at the same budget; once that has trained, the verdict is shown in words."""
+    from analysis.paths import runs_dir
+
+    common = dict(checkpoint=str(demo / "sft"), task="demo-sft", steps=2, batch_size=8, lr=1e-3, eval_every=1)
+    run_finetune(FinetuneConfig(selector="magnitude", density=0.03, **common), runs_dir() / "sel")
+    run_finetune(FinetuneConfig(full=True, **common), runs_dir() / "full")
+    at = _page(demo)
+    at.run()
+    assert not at.exception, at.exception
+    assert any("No verdict yet" in i.value for i in at.info)
+    next(b for b in at.button if b.label == "Queue its random control").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    _wait_idle()
+    at.run()
+    assert not at.exception, at.exception
+    shown = [m.value for m in [*at.success, *at.warning, *at.info] if "at the same budget" in m.value]
+    assert shown and any(w in shown[0] for w in ("beat", "did worse than", "no detectable difference"))

@@ -59,3 +59,22 @@ def test_a_diff_mask_against_a_random_mask_of_the_same_density(demo, tmp_path):
     assert main(["compare-runs", str(tmp_path / "diff"), str(tmp_path / "random"), "--reference",
                  str(tmp_path / "full"), "--json", str(out)]) == 0
     assert json.loads(out.read_text())["verdicts"][0]["verdict"] == v["verdict"]
+
+
+@pytest.mark.slow
+def test_the_matched_random_control_is_at_the_same_budget(demo, tmp_path):
+    """The page's "Queue its random control": the masked run's recipe with a random mask of as many
+    trainable elements, so the verdict pairs the two."""
+    from analysis.finetune.experiments import matched_random
+    from analysis.jobs import RunDir
+
+    sft = str(demo / "sft")
+    cfg = FinetuneConfig(checkpoint=sft, task="demo-sft", selector="magnitude", density=0.03, steps=2, batch_size=8,
+                         lr=1e-3, eval_every=1)
+    s = run_finetune(cfg, tmp_path / "sel")
+    control = matched_random(RunDir(tmp_path / "sel").config(), s["trainable"])
+    assert (control.source, control.steps, control.lr, control.batch_size, control.task, control.checkpoint) == (
+        "random", 2, 1e-3, 8, "demo-sft", sft)
+    run_finetune(control, tmp_path / "rnd")
+    [v] = compare_runs([tmp_path / "sel", tmp_path / "rnd"])["verdicts"]
+    assert v["random"] == str(tmp_path / "rnd") and abs(v["random_trainable"] - v["trainable"]) <= 0.01 * v["trainable"]
