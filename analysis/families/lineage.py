@@ -224,6 +224,9 @@ def _write(parents: dict, names: dict) -> None:
         write_json_atomic(family_file(), {"format": FORMAT, "parents": parents, "names": names})
     except OSError as e:
         raise FamilyError(f"{family_file()}: cannot keep the family ({e.strerror or e})") from None
+    except SubnetscopeError as e:  # analysis.io's one line for a write that failed (a full disk, not a folder)
+        reason = str(e).split(": ", 1)[-1]
+        raise FamilyError(f"{family_file()}: cannot keep the family ({reason})") from None
 
 
 def set_parent(child: str, parent: str | None, *, forget: bool = False) -> None:

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from analysis.cli import main
-from analysis.families.lineage import (Family, FamilyError, declared_parent, load_corrections, normalize_ref,
-                                       set_parent, short_names)
+from analysis.families.lineage import (Family, FamilyError, declared_parent, load_corrections, load_names,
+                                       normalize_ref, set_parent, short_names)
 
 
 def _ckpt(d: Path, **config) -> Path:
@@ -155,3 +155,23 @@ def test_inspect_reports_the_parent(tmp_path, demo):
                                                                          str(copy / "README.md"))
     assert main(["inspect", str(demo / "base"), "--json", str(out), "--quiet"]) == 0
     assert json.loads(out.read_text())["parent"] is None
+
+
+def test_bad_names_and_an_unwritable_family_file_are_one_line(tmp_path, monkeypatch):
+    from analysis.families import lineage
+    from analysis.families.lineage import set_name
+
+    a = _ckpt(tmp_path / "a")
+    for bad in ("x\ny", "x" * 81, "\x1b[31m"):
+        with pytest.raises(FamilyError, match="up to 80 printable characters"):
+            set_name(str(a), bad)
+    set_name(str(a), " mine ")
+    assert load_names() == {str(a): "mine"}
+    set_name(str(a), "")  # blank: back to the computed name
+    assert load_names() == {}
+    blocked = tmp_path / "a-file"  # a home that cannot hold family.json (a file where its folder should be)
+    blocked.write_text("")
+    monkeypatch.setattr(lineage, "family_file", lambda: blocked / "family.json")
+    with pytest.raises(FamilyError, match=r"family\.json: cannot keep the family") as e:
+        set_parent(str(a), None)
+    assert "\n" not in str(e.value)
