@@ -5,9 +5,10 @@ LM completes a factual sentence."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
+
+from analysis.jobs.progress import read_json  # the one reader of small JSON files
 
 FACTUAL = ("The capital of France is", " Paris")
 CHAT = ("What is the capital of France?", "The capital of France is Paris.")
@@ -20,19 +21,12 @@ class DefaultPrompt:
     why: str  # said under the fields: where the default came from
 
 
-def _json(path: Path):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError):
-        return None
-
-
 def is_demo_tokenizer(folder: str | Path) -> bool:
     """True when ``folder``'s ``tokenizer.json`` has exactly the demo task's vocabulary (its four
     special tokens and its characters) — a demo model wherever it was copied."""
     from analysis.families.demo_task import CHARS, SPECIALS
 
-    tok = _json(Path(folder) / "tokenizer.json")
+    tok = read_json(Path(folder) / "tokenizer.json")
     vocab = ((tok or {}).get("model") or {}).get("vocab") if isinstance(tok, dict) else None
     return isinstance(vocab, dict) and set(vocab) == set(SPECIALS) | set(CHARS)
 
@@ -46,7 +40,7 @@ def default_prompt(folder: str | Path) -> DefaultPrompt:
     if is_demo_tokenizer(folder):
         prompt, answer = qa_examples("held_out")[0]
         return DefaultPrompt(prompt, answer, "the demo task's first held-out problem (the model's own vocabulary)")
-    cfg = _json(folder / "tokenizer_config.json")
+    cfg = read_json(folder / "tokenizer_config.json")
     # transformers keeps the template in tokenizer_config.json, or (newer) in chat_template.jinja / .json
     if (isinstance(cfg, dict) and cfg.get("chat_template")) or any(
             (folder / f).is_file() for f in ("chat_template.jinja", "chat_template.json")):

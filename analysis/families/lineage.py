@@ -25,10 +25,11 @@ Reads small JSON/YAML files only: nothing here imports torch.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from analysis.jobs.progress import read_json  # the one reader of small JSON files
 
 from analysis.errors import SubnetscopeError
 
@@ -99,17 +100,10 @@ def _reference(value, folder: Path) -> str | None:
     return value if is_hub_id(value) else None
 
 
-def _json(path: Path):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError):
-        return None
-
-
 def _run_parent(folder: Path) -> Parent | None:
     for run in (folder, folder.parent) if folder.name == "model" else (folder,):
         if (run / RUN_MARKER).is_file():
-            cfg = _json(run / "config.json")
+            cfg = read_json(run / "config.json")
             ref = _reference(cfg.get("checkpoint"), run) if isinstance(cfg, dict) else None
             if ref:
                 return Parent(ref, "run", str(run / "config.json"))
@@ -117,7 +111,7 @@ def _run_parent(folder: Path) -> Parent | None:
 
 
 def _adapter_parent(folder: Path) -> Parent | None:
-    cfg = _json(folder / "adapter_config.json")
+    cfg = read_json(folder / "adapter_config.json")
     ref = _reference(cfg.get("base_model_name_or_path"), folder) if isinstance(cfg, dict) else None
     return Parent(ref, "adapter", str(folder / "adapter_config.json")) if ref else None
 
@@ -143,7 +137,7 @@ def _card_parent(folder: Path) -> Parent | None:
 
 
 def _config_parent(folder: Path, me: str, members: set[str] | None) -> Parent | None:
-    cfg = _json(folder / "config.json")
+    cfg = read_json(folder / "config.json")
     ref = _reference(cfg.get("_name_or_path"), folder) if isinstance(cfg, dict) else None
     if not ref or ref == me or (Path(ref).exists() and Path(ref).resolve() == folder.resolve()):
         return None
@@ -156,7 +150,7 @@ def _config_parent(folder: Path, me: str, members: set[str] | None) -> Parent | 
 def _manifest_parent(folder: Path) -> Parent | None:
     """The demo / SmolLM2 manifests: ``models[name].parent`` of the family folder above."""
     for d in (folder.parent, folder.parent.parent):
-        manifest = _json(d / "manifest.json")
+        manifest = read_json(d / "manifest.json")
         if not isinstance(manifest, dict) or not isinstance(manifest.get("models"), dict):
             continue
         for name, m in manifest["models"].items():
@@ -194,7 +188,7 @@ def family_file() -> Path:
 
 
 def _family_data() -> dict:
-    data = _json(family_file())
+    data = read_json(family_file())
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         return {}
     return data
