@@ -28,6 +28,7 @@ import errno
 import json
 import os
 import re
+import shutil
 import stat
 import sys
 import tempfile
@@ -560,3 +561,16 @@ def current_umask() -> int:
 def write_json_atomic(path: str | os.PathLike, obj) -> Path:
     """``json.dumps`` (indented; NaN refused — callers write None) then :func:`write_atomic`."""
     return write_atomic(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
+
+
+def replace_dir(tmp: Path, out_dir: Path) -> None:
+    """Moves the finished directory ``tmp`` to ``out_dir`` (a sibling of it); an existing ``out_dir`` is
+    renamed away first and removed after (a directory is never half-written in place)."""
+    os.chmod(tmp, 0o755)  # mkdtemp made it private
+    old = None
+    if out_dir.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        os.replace(out_dir, old)  # renaming a directory over an empty one is allowed
+    os.replace(tmp, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -49,9 +49,43 @@ def _layout(fig: go.Figure, title: str, x: str, y: str, subtitle: str | None = N
             values = getattr(tr, axis, None)
             if values is not None and len(values) and all(isinstance(v, str) for v in values):
                 tr[axis] = [plain_text(v) for v in values]
-        if tr.type == "heatmap":  # a slim colour bar: heatmaps in narrow columns keep their plot area
-            tr.update(colorbar=dict(thickness=10, xpad=4))
+        if tr.type == "heatmap":  # the colour bar lies under the plot, titled: see SCALES
+            tr.update(colorbar=dict(orientation="h", yref="container", y=0, yanchor="bottom", x=0.5,
+                                    xanchor="center", len=0.6, thickness=10))
     return fig
+
+
+# One colour scale per quantity, on every page: (colour-bar title, colorscale, fixed range or None for
+# the data's own range, tick format). The bar lies under the heatmap, horizontal, with its title to the
+# right: these maps sit two to a row, and a titled bar beside one took its plot area below 70% of the
+# column.
+SCALES = {
+    "unchanged": ("unchanged", "Viridis", (0, 1), ".0%"),
+    "overlap": ("overlap", "Blues", (0, 1), ".0%"),
+    "score": ("score", "Viridis", None, None),
+    "relevance": ("relevance", "RdBu", "symmetric", None),
+}
+
+
+def _scale(quantity: str, z=None, title: str | None = None) -> dict:
+    """A heatmap's colour arguments for ``quantity`` (a key of :data:`SCALES`): its colorscale, its
+    range (fixed, the data's own, or symmetric about 0) and its titled colour bar."""
+    name, colorscale, rng, fmt = SCALES[quantity]
+    out: dict = {"colorscale": colorscale}
+    bar: dict = {"title": dict(text=title or name, side="right")}
+    if rng == "symmetric":
+        m = max((abs(v) for row in z for v in row if v is not None), default=0.0) or 1.0
+        out.update(zmin=-m, zmax=m, reversescale=True)
+    elif rng is None:
+        data = _range_bar(z)
+        bar.update(data.pop("colorbar", {}))
+        out.update(data)
+    else:
+        out.update(zmin=rng[0], zmax=rng[1])
+    if fmt:
+        bar["tickformat"] = fmt
+    out["colorbar"] = bar
+    return out
 
 
 def _range_bar(values) -> dict:
@@ -135,10 +169,15 @@ def sparsity_sweep(sweeps: dict[str, list[dict]], tol: float | None = None) -> g
         fig.add_scatter(x=x, y=y, text=text, mode="lines+markers", name=label, connectgaps=False,
                         marker=dict(size=size, symbol="diamond"),
                         hovertemplate="%{text}: %{y:.2%}<extra>" + _hover(label) + "</extra>")
+    # each label beside its own line, at the top, on the side away from the other line (two labels
+    # on one side of close lines used to stack far from both)
+    chosen = tol if tol and tol != PAPER_TOL else None
+    paper_side = "right" if chosen is not None and chosen < PAPER_TOL else "left"
     fig.add_vline(x=PAPER_TOL, line_dash="dash", line_color="gray",
-                  annotation_text=f"paper τ = {fmt_tau(PAPER_TOL)}", annotation_position="top left")
-    if tol and tol != PAPER_TOL:
-        fig.add_vline(x=tol, line_dash="dot", line_color="firebrick", annotation_text=f"τ = {fmt_tau(tol)}")
+                  annotation_text=f"paper τ = {fmt_tau(PAPER_TOL)}", annotation_position=f"top {paper_side}")
+    if chosen is not None:
+        fig.add_vline(x=chosen, line_dash="dot", line_color="firebrick", annotation_text=f"τ = {fmt_tau(chosen)}",
+                      annotation_position="top " + ("left" if paper_side == "right" else "right"))
     fig.update_xaxes(type="log", exponentformat="power")
     if has_zero:  # the τ = 0 tick, then decades
         lo = math.floor(math.log10(x0 * 10))
@@ -160,8 +199,7 @@ def layer_kind_heatmap(rows: list[dict], value: str = "update_sparsity") -> go.F
     z = [[None] * len(kinds) for _ in layers]
     for r in rows:
         z[layers.index(r["layer"])][kinds.index(r["kind"])] = r[value]
-    fig = go.Figure(go.Heatmap(z=z, x=kinds, y=layers, colorscale="Viridis", zmin=0, zmax=1,
-                               colorbar=dict(tickformat=".0%"),
+    fig = go.Figure(go.Heatmap(z=z, x=kinds, y=layers, **_scale("unchanged"),
                                hovertemplate="layer %{y} %{x}: %{z:.2%}<extra></extra>"))
     fig.update_yaxes(autorange="reversed", dtick=1)
     fig.update_layout(height=max(260, 28 * len(layers) + 90))
@@ -172,8 +210,7 @@ def unit_heatmap(units: list[dict], component: str, title: str) -> go.Figure:
     """Layer × unit (head or channel) heatmap of update sparsity for one component."""
     rows = sorted((u for u in units if u["component"] == component), key=lambda u: u["layer"])
     z = [[1 - c / u["numel"] for c in u["changed"]] for u in rows]
-    fig = go.Figure(go.Heatmap(z=z, y=[u["layer"] for u in rows], colorscale="Viridis", zmin=0, zmax=1,
-                               colorbar=dict(tickformat=".0%"),
+    fig = go.Figure(go.Heatmap(z=z, y=[u["layer"] for u in rows], **_scale("unchanged"),
                                hovertemplate="layer %{y} unit %{x}: %{z:.2%}<extra></extra>"))
     fig.update_yaxes(autorange="reversed", dtick=1)
     fig.update_layout(height=max(260, 28 * len(rows) + 90))
@@ -241,8 +278,9 @@ def overlap_matrix(pairs: list[dict], labels: list[str], field: str = "o1") -> g
         z[b][a] = p["o2"]
         text[a][b] = f"{_f2(p['o1'])}<br>rand {_f2(p['o1_random'])}<br>matched {_f2(p['o1_matched'])}"
         text[b][a] = f"{_f2(p['o2'])}<br>rand {_f2(p['o2_random'])}<br>matched {_f2(p['o2_matched'])}"
-    fig = go.Figure(go.Heatmap(z=z, x=labels, y=labels, text=text, texttemplate="%{text}", colorscale="Blues",
-                               zmin=0, zmax=1, hovertemplate="%{y} ∩ %{x} / |%{y}|: %{z:.3f}<extra></extra>"))
+    fig = go.Figure(go.Heatmap(z=z, x=labels, y=labels, text=text, texttemplate="%{text}",
+                               **_scale("overlap", title=field),
+                               hovertemplate="%{y} ∩ %{x} / |%{y}|: %{z:.3f}<extra></extra>"))
     fig.update_yaxes(autorange="reversed")
     fig.update_layout(height=120 * N + 120)
     return _layout(fig, "Overlap |I_row ∩ I_col| / |I_row| (o1 / o2) vs chance", "run", "run")
@@ -273,9 +311,7 @@ def consensus_bar(consensus: list[int]) -> go.Figure:
 def score_heatmap(z, x, y, title: str, xtitle: str, ytitle: str = "layer") -> go.Figure:
     """A plain heatmap of scores (auto range), layers down the y axis."""
     z = [[None if v is None else float(v) for v in row] for row in z]
-    bar = _range_bar(z)
-    bar.setdefault("colorbar", {})["title"] = dict(text="score", side="right")
-    fig = go.Figure(go.Heatmap(z=z, x=x, y=y, colorscale="Viridis", **bar,
+    fig = go.Figure(go.Heatmap(z=z, x=x, y=y, **_scale("score", z),
                                hovertemplate=_hover(ytitle) + " %{y} " + _hover(xtitle)
                                + " %{x}: %{z:.4g}<extra></extra>"))
     fig.update_yaxes(autorange="reversed", dtick=1)
@@ -392,8 +428,7 @@ def layer_relevance(layers: dict[str, list[float]], title: str) -> go.Figure:
 
 def relevance_heatmap(z, x, y, title: str, xtitle: str, ytitle: str = "layer") -> go.Figure:
     """A signed heatmap centred on 0 (red positive, blue negative), layers down the y axis."""
-    m = max((abs(v) for row in z for v in row), default=0.0) or 1.0
-    fig = go.Figure(go.Heatmap(z=z, x=x, y=y, colorscale="RdBu", reversescale=True, zmin=-m, zmax=m,
+    fig = go.Figure(go.Heatmap(z=z, x=x, y=y, **_scale("relevance", z),
                                hovertemplate=_hover(ytitle) + " %{y} " + _hover(xtitle)
                                + " %{x}: %{z:.4g}<extra></extra>"))
     fig.update_yaxes(autorange="reversed", dtick=1)
@@ -463,7 +498,7 @@ def trajectory_layers(d: dict) -> go.Figure:
     steps = [str(c["step"]) for c in d["checkpoints"]]
     rows = d["layers"]
     fig = go.Figure(go.Heatmap(z=[r["update_sparsity"] for r in rows], x=steps, y=[r["layer"] for r in rows],
-                               colorscale="Viridis", zmin=0, zmax=1,
+                               **_scale("unchanged"),
                                hovertemplate="layer %{y} step %{x}: %{z:.2%} unchanged<extra></extra>"))
     fig.update_yaxes(autorange="reversed", dtick=1)
     fig.update_xaxes(type="category")
@@ -483,6 +518,10 @@ GEOMETRY_FIELDS = {  # field -> (title, format)
 }
 
 
+GEOMETRY_BARS = {"spectral_drift": "drift", "top_k_drift": "drift", "angle_u_mean": "angle (°)",
+                 "angle_v_mean": "angle (°)", "alignment_ratio": "÷ random", "principal_o1": "o1"}
+
+
 def geometry_heatmap(d: dict, field: str, title: str | None = None) -> go.Figure:
     """Layer × kind heatmap of one geometry quantity (``alignment_ratio`` = alignment ÷ its random
     value); a sequential scale from the smallest to the largest value, no wrap."""
@@ -497,14 +536,10 @@ def geometry_heatmap(d: dict, field: str, title: str | None = None) -> go.Figure
             v = t[field]
         z[layers.index(t["layer"])][kinds.index(t["kind"])] = v
     name, fmt = GEOMETRY_FIELDS.get(field, (field, ".3g"))
-    fig = go.Figure(go.Heatmap(z=z, x=kinds, y=layers, colorscale="Viridis", **_range_bar(z),
+    fig = go.Figure(go.Heatmap(z=z, x=kinds, y=layers, **_scale("score", z, title=GEOMETRY_BARS.get(field)),
                                hovertemplate=f"layer %{{y}} %{{x}}: %{{z:{fmt}}}<extra></extra>"))
     fig.update_yaxes(autorange="reversed", dtick=1 if len(layers) <= 32 else None)
-    fig = _layout(fig, title or name, "kind", "layer").update_layout(height=max(280, 18 * len(layers) + 150))
-    # the colour bar lies under the plot: these maps sit two to a row, and a bar beside one (with its
-    # end labels) took the plot area below 70% of the column
-    return fig.update_traces(colorbar=dict(orientation="h", yref="container", y=0, yanchor="bottom", x=0.5,
-                                           xanchor="center", len=0.6, thickness=10))
+    return _layout(fig, title or name, "kind", "layer").update_layout(height=max(280, 18 * len(layers) + 150))
 
 
 def geometry_alpha(runs: dict[str, dict]) -> go.Figure:

@@ -1,7 +1,8 @@
 """Loading a checkpoint as a model for the analyses that run it (selectors, attribution).
 
-Models are loaded in float32, in eval mode, with ``trust_remote_code=False`` unless the user asks;
-they are never modified afterwards.
+Models are loaded in float32 (unless asked otherwise), in eval mode, with ``trust_remote_code=False``
+unless the user asks; only weight patching (:mod:`analysis.behaviour.patch`) writes into them, and
+it writes θ⁰ back.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
 
 
 def load_model(ref: str | os.PathLike, *, device: str | torch.device | None = "auto",
-               trust_remote_code: bool = False, masked_lm: bool = False):
+               trust_remote_code: bool = False, masked_lm: bool = False, dtype: torch.dtype = torch.float32):
     """Opens a checkpoint directory as an eval-mode float32 model and its tokenizer.
 
     Args:
@@ -82,7 +83,7 @@ def load_model(ref: str | os.PathLike, *, device: str | torch.device | None = "a
                                  "): there is no target logit to attribute")
         cls = AutoModelForMaskedLM
     try:
-        model = cls.from_pretrained(ck.path, dtype=torch.float32, trust_remote_code=trust_remote_code)
+        model = cls.from_pretrained(ck.path, dtype=dtype, trust_remote_code=trust_remote_code)
     except Exception as e:  # transformers raises many types; the user gets one line
         raise ModelLoadError(f"{ck.path}: cannot load as {cls.__name__}: {one_line(e)}") from None
     model.to(dev).eval()

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import random
 import shutil
 import sys
@@ -38,6 +37,7 @@ from tqdm.auto import tqdm
 from analysis.families.demo_task import (BOS, CHARS, EOS, N_HELD_OUT, PAD, SPECIALS, evaluate, lm_batch, make_tokenizer,
                                          qa_prompt, rl_loss, split_problems)
 from analysis.errors import SubnetscopeError
+from analysis.io import replace_dir
 from analysis.paths import default_demo_dir
 from analysis.training import lm_loss, scheduler
 
@@ -218,18 +218,6 @@ def _load_fp32(path: Path):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-
-
-def replace_dir(tmp: Path, out_dir: Path) -> None:
-    """Moves the finished ``tmp`` to ``out_dir``; an existing ``out_dir`` is renamed away first."""
-    os.chmod(tmp, 0o755)  # mkdtemp made it private
-    old = None
-    if out_dir.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-        os.replace(out_dir, old)  # renaming a directory over an empty one is allowed
-    os.replace(tmp, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def build_demo(out_dir: Path | None = None, *, scale: float = 1.0, progress: bool = True,

@@ -234,7 +234,7 @@ def build_real_family(out_dir: Path | None = None, *, source: Path | None = None
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from analysis.families.demo import replace_dir
+    from analysis.io import replace_dir
     from analysis.io import check_output_dir
     from analysis.paths import smollm2_dir
     from analysis.families.smollm2 import build_real, is_converted_dir

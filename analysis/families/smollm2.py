@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from analysis.families.demo import DemoError, replace_dir, save_bf16
+from analysis.families.demo import DemoError, save_bf16
+from analysis.io import replace_dir
 from analysis.paths import smollm2_dir
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

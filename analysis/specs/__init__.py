@@ -18,6 +18,8 @@ MODULES = {  # command -> module (imported on first use: `--help` imports no tor
     "importance": "analysis.specs.importance",
     "evaluate-selectors": "analysis.specs.evaluate_selectors",
     "attribute": "analysis.specs.attribute",
+    "behaviour": "analysis.specs.behaviour",
+    "patch": "analysis.specs.patch",
 }
 
 

@@ -189,3 +189,50 @@ def check(result_type: type, obj: dict) -> dict:
 
     typed = with_config(ConfigDict(extra="forbid", strict=False))(result_type)
     return TypeAdapter(typed).validate_python(obj)
+
+
+class BehaviourResult(TypedDict):
+    schema: str  # subnetscope.behaviour/N
+    base: str
+    tuned: str
+    device: str
+    both_in_memory: bool
+    top: int
+    prompts: Rows  # per prompt: prompt, ids, tokens, kl (per position), kl_mean, kl_max, rose, fell
+    kl_mean: float  # over every position of every prompt
+    kl_prompt_mean: float
+    positions: int
+    kl_quantiles: dict[str, float]
+    rose: Rows
+    fell: Rows
+    seconds: float
+
+
+class PatchResult(TypedDict):
+    schema: str  # subnetscope.patch/N
+    base: str
+    tuned: str
+    subset: str
+    alpha: float
+    rank: int | None
+    tolerance: float
+    selected: int
+    total: int
+    evaluations: list[str]
+    tuned_metrics: dict[str, Any]
+    base_metrics: dict[str, Any]
+    patched_metrics: dict[str, Any] | None
+    recovered: float | None  # of the first evaluation's metric
+    recovered_by_metric: dict[str, Any] | None
+    sweep: str | None
+    rows: Rows  # one per patch of a sweep
+    out: dict[str, Any] | None
+    not_in_model: list[str]
+    seconds: float
+    # the patched model's metrics, also at the top (one patch with --eval)
+    accuracy: NotRequired[float]
+    reward: NotRequired[float]
+    kl_to_tuned: NotRequired[float]
+    kl_to_base: NotRequired[float]
+    loss: NotRequired[float]
+    perplexity: NotRequired[float]

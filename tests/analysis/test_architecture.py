@@ -104,6 +104,7 @@ LAYERS = (
     ("analysis.sparsity", "analysis.jobs", "analysis.specs"),
     ("analysis.attribution",),
     ("analysis.importance",),
+    ("analysis.behaviour",),
     ("analysis.finetune",),
     ("analysis.families", "analysis.jobs.queue", *MODULES.values()),
     ("analysis.cli", "analysis.__main__"),

@@ -7,6 +7,7 @@ import math
 
 import pytest
 
+from ui import plots
 from ui.plots import sparsity_sweep
 from plotly_data import traces
 
@@ -99,3 +100,35 @@ def test_hover_texts_show_a_crafted_name_as_text():
 
     fig = plots.training_curves({"<b>x</b> %{y}": [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}]}, "loss")
     assert fig.data[0].hovertemplate == "step %{x}: %{y:.4g}<extra>&lt;b&gt;x&lt;/b&gt; &#37;{y}</extra>"
+
+
+def test_one_titled_colour_scale_per_quantity_on_every_heatmap():
+    """Every heatmap's colour bar has a title in words and lies under the plot; a quantity has one
+    scale wherever it is drawn (update sparsity 0–100% Viridis on the layer × kind, head and
+    trajectory maps; relevance symmetric about 0)."""
+    rows = [{"layer": L, "kind": k, "update_sparsity": 0.25 * L} for L in range(3) for k in ("q", "up")]
+    units = [{"component": "q", "layer": L, "unit": "head", "numel": 4, "changed": [0, 1, 4]} for L in range(2)]
+    traj = {"checkpoints": [{"step": 1}, {"step": 2}], "layers": [{"layer": 0, "update_sparsity": [0.5, 0.4]}]}
+    figs = {"kind": plots.layer_kind_heatmap(rows), "unit": plots.unit_heatmap(units, "q", "heads"),
+            "trajectory": plots.trajectory_layers(traj)}
+    for name, fig in figs.items():
+        h = fig.data[0]
+        viridis = plots.go.Heatmap(colorscale="Viridis").colorscale[0][1]
+        assert (h.colorscale[0][1], h.zmin, h.zmax) == (viridis, 0, 1), name
+        assert h.colorbar.title.text == "unchanged" and h.colorbar.tickformat == ".0%", name
+        assert h.colorbar.orientation == "h", name
+    rel = plots.relevance_heatmap([[0.5, -2.0], [1.0, 0.0]], ["a", "b"], [0, 1], "t", "head").data[0]
+    assert (rel.zmin, rel.zmax, rel.colorbar.title.text) == (-2.0, 2.0, "relevance")
+    score = plots.score_heatmap([[1.0, 3.0]], ["q", "k"], [0], "t", "kind").data[0]
+    assert (score.zmin, score.zmax, score.colorbar.title.text) == (1.0, 3.0, "score")
+
+
+def test_tau_labels_sit_beside_their_own_lines():
+    """The paper's τ and the chosen τ are labelled on opposite sides, each away from the other line."""
+    sweeps = {"a": [{"tolerance": t, "update_sparsity": 0.5} for t in (1e-6, 1e-5, 1e-4)]}
+    for tol, paper_side, chosen_side in ((1e-4, "left", "right"), (1e-6, "right", "left")):
+        notes = {a.text: a for a in plots.sparsity_sweep(sweeps, tol=tol).layout.annotations}
+        paper = next(a for t, a in notes.items() if t.startswith("paper"))
+        chosen = next(a for t, a in notes.items() if not t.startswith("paper"))
+        assert paper.xanchor == ("right" if paper_side == "left" else "left"), tol
+        assert chosen.xanchor == ("right" if chosen_side == "left" else "left"), tol

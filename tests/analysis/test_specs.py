@@ -15,6 +15,8 @@ from analysis.jobs import JobDir, run_in_process
 from analysis.specs import MODULES, get_spec
 from analysis.specs.align import AlignParams
 from analysis.specs.attribute import AttributeParams
+from analysis.specs.behaviour import BehaviourParams
+from analysis.specs.patch import PatchParams
 from analysis.specs.inspect import InspectParams
 from analysis.specs.results import DiffResult, check
 from analysis.specs.base import ParamsError, cache_key, params_from_json, params_to_json
@@ -59,6 +61,10 @@ def _cases(demo):
                                       compare=d["rl-seed1"]),
          ["attribute", d["sft"], "--prompt", "Q:12+07\nA:", "--target", "19", "--method", "lrp-cp",
           "--compare", d["rl-seed1"]]),
+        ("behaviour", BehaviourParams(d["sft"], d["rl-seed1"], prompt=("Q:12+07\nA:", "Q:3-4\nA:"), top=3),
+         ["behaviour", d["sft"], d["rl-seed1"], "--prompt", "Q:12+07\nA:", "--prompt", "Q:3-4\nA:", "--top", "3"]),
+        ("patch", PatchParams(d["sft"], d["rl-seed1"], subset="kinds:mlp", eval=("demo",)),
+         ["patch", d["sft"], d["rl-seed1"], "--subset", "kinds:mlp", "--eval", "demo"]),
     ]
 
 
