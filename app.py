@@ -18,6 +18,7 @@ pages = [
     st.Page("app_pages/geometry.py", title="Geometry", icon=":material/architecture:"),
     st.Page("app_pages/importance.py", title="Importance", icon=":material/leaderboard:"),
     st.Page("app_pages/attribution.py", title="Attribution", icon=":material/highlight:"),
+    st.Page("app_pages/behaviour.py", title="Behaviour", icon=":material/psychology:"),
     st.Page("app_pages/finetune.py", title="Masked fine-tune", icon=":material/model_training:"),
 ]
 # the pages across the top; the sidebar starts with the app's name, then the checkpoint picker

@@ -64,6 +64,7 @@ SCALES = {
     "overlap": ("overlap", "Blues", (0, 1), ".0%"),
     "score": ("score", "Viridis", None, None),
     "relevance": ("relevance", "RdBu", "symmetric", None),
+    "recovered": ("recovered", "Viridis", None, ".0%"),
 }
 
 
@@ -577,3 +578,66 @@ def geometry_angles(angles_u: list[float], angles_v: list[float]) -> go.Figure:
     fig.add_bar(x=list(range(1, len(angles_v) + 1)), y=angles_v, name="V (right)")
     return _layout(fig, "Principal angles between the top-k subspaces", "angle index", "degrees").update_layout(
         barmode="group", legend=dict(orientation="h", y=-0.3))
+
+
+# ---------------------------------------------------------------------------- behaviour
+
+def kl_distribution(means: list[float]) -> go.Figure:
+    """Histogram of the per-prompt mean KL(tuned ‖ base)."""
+    fig = go.Figure(go.Histogram(x=means, nbinsx=40, marker_color="#3182bd",
+                                 hovertemplate="mean KL %{x}: %{y} prompts<extra></extra>"))
+    return _layout(fig, "Mean KL(tune ‖ base) per prompt", "mean KL per token (nats)", "prompts")
+
+
+def recovered_bars(rows: list[dict], title: str) -> go.Figure:
+    """Recovered gain of each patch of a layers or kinds sweep: the part alone and all but it."""
+    fig = go.Figure()
+    for group, colour in (("alone", "#3182bd"), ("all but", "#bdbdbd")):
+        part = [r for r in rows if r.get("group") == group]
+        if not part:
+            continue
+        x = [str(r.get("layer", r.get("kind"))) for r in part]
+        y = [r["recovered"] for r in part]
+        fig.add_bar(x=x, y=y, name=("the part alone" if group == "alone" else "all but the part"),
+                    marker_color=colour, hovertemplate="%{x}: %{y:.1%} recovered<extra></extra>")
+    fig.add_hline(y=1, line_dash="dot", line_color="gray", annotation_text="the tune", annotation_position="top left")
+    fig.update_yaxes(tickformat=".0%")
+    fig.update_xaxes(type="category")
+    return _layout(fig, title, "layer" if rows and "layer" in rows[0] else "module kind", "recovered gain")
+
+
+def recovered_curve(rows: list[dict], x: str, title: str, xtitle: str) -> go.Figure:
+    """Recovered gain against rank, α or density, one line per group (a selector and random)."""
+    fig = go.Figure()
+    for group in dict.fromkeys(r["group"] for r in rows):
+        part = [r for r in rows if r["group"] == group]
+        xs = [r.get(x) for r in part]
+        if x == "rank":  # full rank drawn one step right of the largest k
+            top = max((v for v in xs if v is not None), default=1)
+            xs = [2 * top if v is None else v for v in xs]
+        fig.add_scatter(x=xs, y=[r["recovered"] for r in part], mode="lines+markers", name=str(group),
+                        text=[r["label"] for r in part],
+                        hovertemplate="%{text}: %{y:.1%} recovered<extra>" + _hover(str(group)) + "</extra>")
+    fig.add_hline(y=1, line_dash="dot", line_color="gray")
+    fig.update_yaxes(tickformat=".0%")
+    if x == "rank":
+        fig.update_xaxes(type="log", dtick=math.log10(2), tickformat="d")
+    if x == "density":
+        fig.update_xaxes(type="log", tickformat=".0%")
+    return _layout(fig, title, xtitle, "recovered gain")
+
+
+def recovered_cells(rows: list[dict]) -> go.Figure:
+    """Layer × kind heatmap of the recovered gain of each cell patched alone."""
+    from analysis.checkpoints.structure import KINDS
+
+    layers = sorted({r["layer"] for r in rows})
+    kinds = [k for k in KINDS if any(r["kind"] == k for r in rows)]
+    z = [[None] * len(kinds) for _ in layers]
+    for r in rows:
+        z[layers.index(r["layer"])][kinds.index(r["kind"])] = r["recovered"]
+    fig = go.Figure(go.Heatmap(z=z, x=kinds, y=layers, **_scale("recovered", z),
+                               hovertemplate="layer %{y} %{x} alone: %{z:.1%} recovered<extra></extra>"))
+    fig.update_yaxes(autorange="reversed", dtick=1)
+    fig.update_layout(height=max(260, 28 * len(layers) + 90))
+    return _layout(fig, "Recovered gain of each layer × kind patched alone", "module kind", "layer")

@@ -184,6 +184,12 @@ def selection() -> tuple[str | None, list[str]]:
     else the demo family. A hub id not in the local cache is left out until the user downloads
     it (see :func:`sidebar`); references that came only with the link are not remembered."""
     ss = st.session_state
+    added = ss.pop("_add_tuned", None)  # a checkpoint a page wrote (a hybrid): into the picker before it is drawn
+    if added and BASE_KEY in ss:
+        now = list(ss.get(TUNED_KEY) or [])
+        if added not in now and len(now) < MAX_TUNED:
+            ss[TUNED_KEY] = [*now, added]
+            ss["picker_options"] = list(dict.fromkeys([*ss.get("picker_options", []), added]))
     if BASE_KEY in ss and (moved_by_history("base") or moved_by_history("tuned")):
         # back / forward to an entry with other checkpoints: that entry's choice, as a link would give it
         base, tuned, _ = _from_url()
@@ -214,6 +220,16 @@ def selection() -> tuple[str | None, list[str]]:
         ss["base_ref"] = (_cached_only([base], "base") or [None])[0]
         ss["tuned_refs"] = _cached_only(tuned, "tuned")
     return ss["base_ref"], list(ss.get("tuned_refs", []))
+
+
+def add_tuned(ref: str) -> bool:
+    """Puts ``ref`` (a checkpoint a page just wrote) among the sidebar's fine-tunes on the next run
+    and in the recent list. False when the picker already holds :data:`MAX_TUNED` fine-tunes."""
+    remember(ref)
+    if len(st.session_state.get("tuned_refs", [])) >= MAX_TUNED:
+        return False
+    st.session_state["_add_tuned"] = ref
+    return True
 
 
 def chosen_refs(empty: str | None = "Choose a checkpoint in the sidebar.") -> list[str]:

@@ -1,0 +1,43 @@
+"""AppTest of the Behaviour page on the demo family: the per-token KL of the first RL run against its
+parent (SFT) as the behaviour API gives it, a sweep's recovered gains as the patch API gives them,
+and a bad subset an st.error."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from analysis.specs import get_spec
+from analysis.specs.behaviour import BehaviourParams
+from analysis.specs.patch import PatchParams
+from conftest import ROOT
+from plotly_data import traces
+
+
+def test_behaviour_page_on_the_demo(demo, monkeypatch):
+    monkeypatch.setenv("SUBNETSCOPE_JOBS_IN_PROCESS", "1")
+    at = AppTest.from_file(str(ROOT / "app_pages" / "behaviour.py"), default_timeout=300)
+    at.run()
+    assert not at.exception, at.exception
+    assert not at.error, [e.value for e in at.error]
+    assert at.selectbox(key="beh_tune").value == str(demo / "sft")  # the first fine-tune, against the base
+    at.selectbox(key="beh_tune").set_value(str(demo / "rl-seed1")).run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert "demo/sft" in " ".join(c.value for c in at.caption)  # compared with its parent, not the base
+    want = get_spec("behaviour").run(BehaviourParams(str(demo / "sft"), str(demo / "rl-seed1"), prompts="demo"), None)
+    assert at.metric[0].value == f"{want['kl_mean']:.3g} nats"
+    assert at.metric[2].value == "256"
+    sweep = get_spec("patch").run(PatchParams(str(demo / "sft"), str(demo / "rl-seed1"), eval=("demo",),
+                                              sweep="layers"), None)
+    charts = at.get("plotly_chart")
+    bars = traces(charts[-1].proto.spec)
+    alone = [r["recovered"] for r in sweep["rows"] if r["group"] == "alone"]
+    assert bars[0]["y"] == pytest.approx(alone)
+    assert json.loads(charts[-1].proto.spec)["layout"]["title"]["text"].startswith("Recovered gain")
+    at.text_input(key="beh_subset").set_value("layers:9").run()
+    assert not at.exception
+    at.button(key="start_beh_save").click().run()  # the job runs (here, in the page's process) and fails in one line
+    assert not at.exception
+    assert any("block 9 does not exist" in e.value for e in at.error), [e.value for e in at.error]
