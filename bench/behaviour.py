@@ -105,7 +105,7 @@ def main() -> None:
     t0 = time.perf_counter()
     done = run_rows(patcher, ev, rows)
     whole = time.perf_counter() - t0
-    del model, patcher, ev
+    patcher.undo()  # the base again; the loaded model is left to the collector
 
     # ---- behaviour against its two forward passes
     def two_passes():

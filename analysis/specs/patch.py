@@ -152,7 +152,7 @@ def run(p: PatchParams, progress) -> dict:
 
 
 def _fmt(x) -> str:
-    return "undefined" if x is None else f"{x:.4g}"
+    return "undefined" if x is None else f"{x + 0.0:.4g}"  # + 0.0: no "-0"
 
 
 def report(p: PatchParams, d: dict) -> None:

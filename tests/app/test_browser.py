@@ -297,6 +297,16 @@ def test_attribution_page_in_chromium(app_url, browser_page):
     assert browser_page.locator(".js-plotly-plot").count() >= 6  # tokens, difference, layers, heads x3, ...
 
 
+def test_behaviour_page_in_chromium(app_url, browser_page):
+    """The first fine-tune against its parent: the KL metrics, the tokens shaded by KL, the layers sweep's
+    recovered gains drawn (every chart's plot area, colour ranges and reading checked by _open)."""
+    values = _open(browser_page, app_url + "/behaviour", "behaviour-page.png")
+    assert values[0].endswith("nats") and values[2] == "256"
+    text = browser_page.inner_text("body")
+    assert "Rose most often" in text and "Which part of the update carries it" in text
+    assert browser_page.locator(".js-plotly-plot").count() >= 2  # the KL distribution, the recovered gains
+
+
 def test_geometry_page_in_chromium(app_url, browser_page):
     """SFT from the base and both RL runs from SFT side by side: three heatmaps, the kind table, α and
     the one-matrix detail (spectra and principal angles) drawn; k = 1% of the demo's rank is 1."""
