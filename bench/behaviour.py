@@ -76,7 +76,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     from analysis.behaviour.evals import Evaluator, EvalSpec
-    from analysis.behaviour.kl import _pad_id, batches, behaviour, encode, log_probs
+    from analysis.behaviour.kl import pad_id, batches, behaviour, encode, log_probs
     from analysis.behaviour.patch import Pair, Patcher
     from analysis.behaviour.sweeps import rows_of, run_rows
     from analysis.checkpoints.models import load_model
@@ -113,8 +113,8 @@ def main() -> None:
         u, _ = load_model(str(tune), device="cpu")
         ids = encode(t, texts)
         for g in batches(ids, b.config.vocab_size):
-            log_probs(b, ids, g, _pad_id(t))
-            log_probs(u, ids, g, _pad_id(t))
+            log_probs(b, ids, g, pad_id(t))
+            log_probs(u, ids, g, pad_id(t))
 
     passes = method = float("inf")
     for _ in range(args.repeat):

@@ -627,6 +627,21 @@ def recovered_curve(rows: list[dict], x: str, title: str, xtitle: str) -> go.Fig
     return _layout(fig, title, xtitle, "recovered gain")
 
 
+def estimated_vs_measured(agreement: dict, estimated: list[dict]) -> go.Figure:
+    """Per layer: the measured recovered gain of patching it alone beside the weight-space IG's estimate
+    of its share of the difference."""
+    layers = agreement["layers"]
+    est = {r["layer"]: r["share"] for r in estimated}
+    fig = go.Figure()
+    fig.add_bar(x=layers, y=agreement["measured"], name="measured: the layer patched alone", marker_color="#3182bd",
+                hovertemplate="layer %{x}: %{y:.1%} recovered<extra></extra>")
+    fig.add_bar(x=layers, y=[est.get(L) for L in layers], name="estimated: weight-space IG share",
+                marker_color="#fd8d3c", hovertemplate="layer %{x}: %{y:.1%} of the difference<extra></extra>")
+    fig.update_yaxes(tickformat=".0%")
+    fig.update_xaxes(dtick=1)
+    return _layout(fig, "Which layer carries the change: measured and estimated", "layer", "share of the change")
+
+
 def recovered_cells(rows: list[dict]) -> go.Figure:
     """Layer × kind heatmap of the recovered gain of each cell patched alone."""
     from analysis.checkpoints.structure import KINDS

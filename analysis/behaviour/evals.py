@@ -9,8 +9,9 @@ An evaluation is written as text (:func:`parse_eval`):
 - ``kl:FILE``: on a prompts file (:mod:`analysis.behaviour.prompts`; ``kl:demo`` for the held-out
   prompts), the mean per-token KL(p_tuned ‖ p_patched) (``kl_to_tuned``) and KL(p_patched ‖ p_base)
   (``kl_to_base``);
-- ``lm:FILE``: mean next-token loss (nats) and perplexity on a text file's sequences (the calibration
-  reader: ``.txt`` or ``.jsonl``; ``lm:demo`` the demo task's Q/A texts) (``loss``, ``perplexity``).
+- ``lm:FILE``: mean next-token loss (nats) and perplexity on a text file's first 64 sequences (the
+  calibration reader: a ``.txt`` line or a ``.jsonl`` record each, 128 tokens at most; ``lm:demo`` the
+  demo task's Q/A texts) (``loss``, ``perplexity``).
 
 Recovered gain of a metric m: (m(patched) − m(θ⁰)) / (m(θ¹) − m(θ⁰)), None (undefined) when m(θ¹) = m(θ⁰).
 """
@@ -84,9 +85,20 @@ class Evaluator:
                 from analysis.importance.calibration import CalibrationError, calibration_batches
 
                 try:
-                    self._lm[s.text] = calibration_batches(s.path, tokenizer, samples=64, seq_len=128, batch_size=8)
+                    self._lm[s.text] = calibration_batches(s.path, tokenizer, samples=64, seq_len=128, batch_size=8,
+                                                           text_mode="lines")  # a .txt: one sequence per line
                 except CalibrationError as e:
                     raise PatchError(f"--eval {s.text}: {e}") from None
+
+    def prompts_of(self, text: str) -> list[str]:
+        return self._prompts[text]
+
+    def tuned_log_probs(self, text: str) -> list[torch.Tensor]:
+        """The tune's log-probabilities on a ``kl:`` evaluation's prompts (after :meth:`references`)."""
+        return self._lp[text]["tuned"]
+
+    def lm_batches(self, text: str) -> list:
+        return self._lm[text]
 
     @property
     def model(self):

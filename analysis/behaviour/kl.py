@@ -57,15 +57,15 @@ def batches(ids: list[list[int]], vocab: int) -> list[list[int]]:
     return out
 
 
-def _pad_id(tokenizer) -> int:
+def pad_id(tokenizer) -> int:
     return next((t for t in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None))
                  if t is not None), 0)
 
 
-@torch.no_grad()
-def log_probs(model, ids: list[list[int]], batch: list[int], pad: int) -> list[torch.Tensor]:
+def forward_log_probs(model, ids: list[list[int]], batch: list[int], pad: int) -> list[torch.Tensor]:
     """The next-token log-probabilities at every position of the prompts ``batch`` (right-padded,
-    masked), each ``# [len, vocab]`` float32 on the model's device."""
+    masked), each ``# [len, vocab]`` float32 on the model's device; differentiable (see
+    :func:`log_probs` for the no-grad pass)."""
     dev = next(model.parameters()).device
     length = max(len(ids[i]) for i in batch)
     x = torch.full((len(batch), length), pad, dtype=torch.long)
@@ -76,6 +76,9 @@ def log_probs(model, ids: list[list[int]], batch: list[int], pad: int) -> list[t
     logits = model(input_ids=x.to(dev), attention_mask=att.to(dev), use_cache=False).logits
     lp = logits.float().log_softmax(-1)
     return [lp[r, :len(ids[i])] for r, i in enumerate(batch)]
+
+
+log_probs = torch.no_grad()(forward_log_probs)
 
 
 def token_kl(lp_tuned: torch.Tensor, lp_base: torch.Tensor) -> torch.Tensor:
@@ -207,7 +210,7 @@ def behaviour(base_ref: str, tuned_ref: str, prompts: list[str], *, top: int = 1
         tokenizer = AutoTokenizer.from_pretrained(open_checkpoint(tuned_ref).path) if \
             _has_tokenizer(tuned_ref) else None
     ids = encode(tokenizer, prompts)
-    pad = _pad_id(tokenizer)
+    pad = pad_id(tokenizer)
     groups = batches(ids, base.config.get_text_config().vocab_size)
     total = 2 * len(groups)
     rows: list[dict | None] = [None] * len(ids)
@@ -254,4 +257,4 @@ def iter_log_probs(model, tokenizer, prompts: list[str]) -> Iterator[tuple[int, 
     """(prompt index, ``# [len, vocab]`` log-probabilities) of every prompt, batch by batch."""
     ids = encode(tokenizer, prompts)
     for g in batches(ids, model.config.get_text_config().vocab_size):
-        yield from zip(g, log_probs(model, ids, g, _pad_id(tokenizer)))
+        yield from zip(g, log_probs(model, ids, g, pad_id(tokenizer)))

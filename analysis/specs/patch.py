@@ -39,6 +39,9 @@ class PatchParams:
     selector: tuple[str, ...] | None = field(default=None, metadata={
         "action": "append", "metavar": "NAME", "pair": True,
         "help": "selectors of --sweep density (default magnitude; a random mask is always beside them)"})
+    attribute: bool = field(default=False, metadata={
+        "help": "also estimate each part's share by integrated gradients in weight space along θ⁰ → θ¹ (needs a "
+                "first --eval kl:FILE or lm:FILE); with --sweep layers, beside the measured per-layer effects"})
     data: str = field(default="demo", metadata={"help": "calibration data of selectors that need it (default demo)"})
     samples: int = field(default=32, metadata={"help": "calibration sequences (default 32)"})
     device: str = field(default="cpu", metadata={"help": DEVICE_HELP})
@@ -58,6 +61,8 @@ class PatchParams:
             parse_eval(e)
         if self.sweep and not self.eval:
             raise PatchError(f"--sweep {self.sweep} needs an --eval to score each row")
+        if self.attribute and not (self.eval and parse_eval(self.eval[0]).what in ("kl", "lm")):
+            raise PatchError("--attribute needs a differentiable first --eval: kl:FILE or lm:FILE")
         if self.sweep and self.out:
             raise PatchError("--out writes one patched checkpoint; a --sweep writes none")
         if self.samples < 1:
@@ -130,6 +135,10 @@ def run(p: PatchParams, progress) -> dict:
     if specs:
         evaluator = Evaluator(patcher, tokenizer, specs)
         out["tuned_metrics"], out["base_metrics"] = evaluator.references()
+    if p.attribute:
+        from analysis.behaviour.weight_ig import weight_ig
+
+        out["attribution"] = weight_ig(patcher, evaluator, progress=progress)
     if p.sweep:
         masks = None
         if p.sweep == "density":
@@ -137,6 +146,15 @@ def run(p: PatchParams, progress) -> dict:
             masks = density_masks(pair, model, names, _calibration(p, tokenizer, names), seed=p.seed)
         rows = rows_of(p.sweep, pair, sel, masks=masks)
         out["rows"] = run_rows(patcher, evaluator, rows, progress=progress)
+        if p.sweep == "layers" and (p.selector or p.attribute):
+            from analysis.behaviour.sweeps import layer_agreement
+
+            names = list(p.selector or ())
+            measured = {r["layer"]: r["recovered"] for r in out["rows"] if r["group"] == "alone"}
+            est = {r["layer"]: r["share"] for r in out["attribution"]["by_layer"] if r["layer"] != "other"} \
+                if p.attribute else None
+            out["layer_agreement"] = layer_agreement(model, names, _calibration(p, tokenizer, names) if names else None,
+                                                     measured, estimated=est, seed=p.seed)
     elif specs:
         patcher.apply(sel, alpha=p.alpha, rank=p.rank)
         metrics = evaluator.score()
@@ -165,13 +183,27 @@ def report(p: PatchParams, d: dict) -> None:
     for r in d["rows"]:
         print(f"  {r['label']:<24} {r['selected']:>12,}  recovered {_fmt(r['recovered'])}  "
               + "  ".join(f"{k} {_fmt(v)}" for k, v in r["metrics"].items()))
+    a = d.get("attribution")
+    if a:
+        print(f"  weight IG of {a['metric']}: parts sum to {a['total']:.4g} of the measured {a['measured']:.4g} "
+              f"(conservation error {a['conservation_error']:.2e}, {a['nodes']} Gauss–Legendre nodes)")
+        print("  by layer: " + ", ".join(f"{r['layer']}: {_fmt(r['share'])}" for r in a["by_layer"]))
+        print("  by kind: " + ", ".join(f"{r['kind']}: {_fmt(r['share'])}" for r in a["by_kind"]))
+    for r in d.get("layer_agreement", []):
+        print(f"  {r['selector']} per-layer scores vs the measured per-layer effects: Spearman {_fmt(r['spearman'])}")
     if d["out"]:
         print(f"wrote {d['out']['path']} ({d['out']['tensors']} tensors)")
 
 
 def _cost(p: PatchParams) -> int:
-    rows = {None: 2, "layers": 60, "kinds": 20, "cells": 200, "heads": 300, "rank": 12, "alpha": 9, "density": 14}
-    return parameters_of(p.base) * (rows.get(p.sweep, 10) if p.eval else 1)
+    """Parameters passed through: one forward per row and evaluation (a layers sweep of a 30-layer model
+    has 60 rows; density 7 per selector and random); weight IG about 8 forward-and-backward passes."""
+    selectors = len(p.selector or ("magnitude",))
+    rows = {None: 3, "layers": 60, "kinds": 20, "cells": 200, "heads": 300, "rank": 12, "alpha": 11,
+            "density": 7 * (selectors + 1) + 2}
+    passes = rows.get(p.sweep, 10) * len(p.eval or ()) + (24 if p.attribute else 0) + \
+        (selectors if p.sweep in ("layers", "density") and p.selector else 0)
+    return parameters_of(p.base) * max(1, passes)
 
 
 SPEC = Spec("patch", "apply part of TUNED's update to BASE and measure how much of its behaviour comes back",

@@ -236,3 +236,5 @@ class PatchResult(TypedDict):
     kl_to_base: NotRequired[float]
     loss: NotRequired[float]
     perplexity: NotRequired[float]
+    attribution: NotRequired[dict[str, Any]]  # --attribute: weight-space IG per tensor, layer, kind, cell
+    layer_agreement: NotRequired[Rows]  # --sweep layers with --selector / --attribute

@@ -291,3 +291,41 @@ def test_recovered_gain_is_undefined_when_the_tune_did_not_move_the_metric():
 
     assert recovered(0.5, 0.25, 0.75) == 0.5 and recovered(0.3, 0.3, 0.3) is None
     assert math.isclose(recovered(1.0, 2.0, 0.0), 0.5)
+
+
+@pytest.mark.parametrize("ev", ["kl", "lm"])
+def test_weight_space_ig_sums_to_the_measured_difference(tmp_path, ev):
+    """Σ_j A_j = m(θ¹) − m(θ⁰) within 1e-3 relative; the per-layer parts sum to the whole; the layer the
+    tune moved most carries most; the model is θ⁰ again afterwards."""
+    from analysis.behaviour.evals import Evaluator, parse_eval
+    from analysis.behaviour.weight_ig import weight_ig
+    from analysis.checkpoints.models import load_model
+
+    base, tuned = _pair(tmp_path, scale=0.02)
+    f = tmp_path / "p.txt"
+    f.write_text("Q:12+07\\nA:19\nQ:50-49\\nA:1\nQ:33+33\\nA:66\n")
+    pair = Pair.open(base, tuned)
+    model, tok = load_model(base, device="cpu")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    patcher = Patcher(model, pair)
+    evaluator = Evaluator(patcher, tok, [parse_eval(f"{ev}:{f}")])
+    tuned_m, base_m = evaluator.references()
+    a = weight_ig(patcher, evaluator)
+    key = "kl_to_tuned" if ev == "kl" else "loss"
+    assert a["measured"] == pytest.approx(-(tuned_m[key] - base_m[key]), rel=1e-5)  # m = −KL or −loss
+    assert a["conservation_error"] <= 1e-3 and a["converged"]
+    assert abs(a["total"] - a["measured"]) <= 1e-3 * abs(a["measured"])
+    assert sum(r["attribution"] for r in a["by_layer"]) == pytest.approx(a["total"], rel=1e-9)
+    layers = {r["layer"]: abs(r["attribution"]) for r in a["by_layer"]}
+    assert layers[0] > layers[1]
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]) and not p.requires_grad, n
+
+
+def test_attribute_needs_a_differentiable_evaluation(tmp_path, capsys):
+    from analysis.__main__ import main
+
+    base, tuned = _pair(tmp_path)
+    code = main(["patch", base, tuned, "--eval", "demo", "--attribute", "--json", str(tmp_path / "o.json"), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "--attribute needs a differentiable first --eval" in err

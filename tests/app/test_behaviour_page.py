@@ -41,3 +41,26 @@ def test_behaviour_page_on_the_demo(demo, monkeypatch):
     at.button(key="start_beh_save").click().run()  # the job runs (here, in the page's process) and fails in one line
     assert not at.exception
     assert any("block 9 does not exist" in e.value for e in at.error), [e.value for e in at.error]
+
+
+def test_importance_page_asks_whether_importance_finds_what_matters(demo, monkeypatch):
+    """Importance → "Does importance find what matters?": two jobs on a click each; the selectors' top-k
+    curve beside random and the per-layer Spearman table are what the patch API gives for the same pair."""
+    monkeypatch.setenv("SUBNETSCOPE_JOBS_IN_PROCESS", "1")
+    at = AppTest.from_file(str(ROOT / "app_pages" / "importance.py"), default_timeout=600)
+    at.run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    at.multiselect[-1].set_value(["magnitude", "random"]).run()  # the prediction's selectors: magnitude (+ random)
+    for key in ("start_imp_matters_density", "start_imp_matters_layers"):
+        at.button(key=key).click().run()
+        assert not at.exception and not at.error, [e.value for e in at.error]
+    sft, rl = str(demo / "sft"), str(demo / "rl-seed1")
+    want = get_spec("patch").run(PatchParams(sft, rl, eval=("kl:demo",), sweep="layers", selector=("magnitude",),
+                                             attribute=True), None)
+    table = at.dataframe[-1].value
+    assert list(table["selector"]) == ["Magnitude |W|", "weight IG (estimated)"]
+    assert list(table.iloc[:, 1]) == pytest.approx([r["spearman"] for r in want["layer_agreement"]])
+    curve = [c for c in at.get("plotly_chart")
+             if json.loads(c.proto.spec)["layout"]["title"]["text"].startswith("Recovered gain of each selector")]
+    names = [t["name"] for t in traces(curve[0].proto.spec)]
+    assert names == ["magnitude", "random"]
