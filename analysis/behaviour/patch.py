@@ -173,6 +173,10 @@ class Pair:
         if only:
             raise PatchError(f"{tuned_ref}: {len(only)} tensor(s) the base {base_ref} lacks (first: {only[0]}); "
                              "a patch needs the same tensors in both")
+        lacking = [m["key"] for m in al.missing if 0 in m["present_in"]]
+        if lacking:  # e.g. a tune saved with tied embeddings: its head is not a tensor of its own
+            raise PatchError(f"{base_ref}: {len(lacking)} tensor(s) the tune {tuned_ref} lacks (first: {lacking[0]}); "
+                             "a patch needs the same tensors in both")
         bad = al.mismatched + al.resized
         if bad:
             raise PatchError(f"{tuned_ref}: {bad[0]['key']} has another shape than in {base_ref} "

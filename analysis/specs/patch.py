@@ -120,9 +120,15 @@ def run(p: PatchParams, progress) -> dict:
     specs = [parse_eval(e) for e in p.eval or ()]
     model = tokenizer = patcher = evaluator = None
     if specs or subset.needs_model or p.sweep:
-        from analysis.checkpoints.models import load_model
+        import torch
 
-        model, tokenizer = load_model(p.base, device=p.device)
+        from analysis.checkpoints.models import load_model, resolve_device
+
+        # on a GPU, bf16 weights when the tune stores bf16 (each patched tensor is computed in its stored dtype,
+        # so nothing is rounded twice); float32 otherwise and on the CPU
+        stored = {t.dtype for t in pair.tuned.tensors.values()}
+        bf16 = resolve_device(p.device).type == "cuda" and stored == {"bfloat16"}
+        model, tokenizer = load_model(p.base, device=p.device, dtype=torch.bfloat16 if bf16 else torch.float32)
         patcher = Patcher(model, pair)
     batches = _calibration(p, tokenizer, [subset.selector]) if subset.needs_model else None
     sel = select(pair, subset, tol=p.tol, model=model, batches=batches)

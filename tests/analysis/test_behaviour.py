@@ -329,3 +329,22 @@ def test_attribute_needs_a_differentiable_evaluation(tmp_path, capsys):
     code = main(["patch", base, tuned, "--eval", "demo", "--attribute", "--json", str(tmp_path / "o.json"), "--quiet"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "--attribute needs a differentiable first --eval" in err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA: run on the device when one is lent")
+def test_behaviour_and_a_sweep_on_cuda_match_the_cpu(tmp_path):
+    """bf16 weights and fp32 log-softmax on the GPU give the CPU's float32 KL within bf16's rounding."""
+    from analysis.behaviour.kl import behaviour
+    from analysis.specs import get_spec
+
+    base, tuned = _pair(tmp_path, torch.bfloat16)
+    prompts = ["Q:12+07\nA:", "Q:99-98\nA:1"]
+    cpu = behaviour(base, tuned, prompts, device="cpu")
+    gpu = behaviour(base, tuned, prompts, device="cuda")
+    assert gpu["device"].startswith("cuda") and gpu["kl_mean"] == pytest.approx(cpu["kl_mean"], rel=0.05)
+    f = tmp_path / "p.txt"
+    f.write_text("Q:12+07\\nA:\n")
+    spec = get_spec("patch")
+    rows = [spec.run(spec.params(base, tuned, eval=(f"kl:{f}",), sweep="layers", device=d), None)["rows"]
+            for d in ("cpu", "cuda")]
+    assert [r["recovered"] for r in rows[1]] == pytest.approx([r["recovered"] for r in rows[0]], abs=0.05)

@@ -16,8 +16,18 @@ from conftest import ROOT
 from plotly_data import traces
 
 
-def test_behaviour_page_on_the_demo(demo, monkeypatch):
+def _fresh_home(demo, tmp_path, monkeypatch):
+    """A home of its own (no job of an earlier run is found done) holding the demo family by a link."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "demo").symlink_to(demo)
+    monkeypatch.setenv("SUBNETSCOPE_HOME", str(home))
     monkeypatch.setenv("SUBNETSCOPE_JOBS_IN_PROCESS", "1")
+    return home / "demo"
+
+
+def test_behaviour_page_on_the_demo(demo, tmp_path, monkeypatch):
+    demo = _fresh_home(demo, tmp_path, monkeypatch)
     at = AppTest.from_file(str(ROOT / "app_pages" / "behaviour.py"), default_timeout=300)
     at.run()
     assert not at.exception, at.exception
@@ -41,12 +51,27 @@ def test_behaviour_page_on_the_demo(demo, monkeypatch):
     at.button(key="start_beh_save").click().run()  # the job runs (here, in the page's process) and fails in one line
     assert not at.exception
     assert any("block 9 does not exist" in e.value for e in at.error), [e.value for e in at.error]
+    at.text_input(key="beh_subset").set_value("kinds:attn").run()
+    at.button(key="start_beh_save").click().run()  # "Save this hybrid": the parent with the attention update
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert any("Saved" in m.value for m in at.success)
+    from analysis.families.lineage import declared_parent
+    from analysis.behaviour.patch import Pair
+
+    saved = next((demo.parent / "hybrids").iterdir())
+    assert declared_parent(str(saved), [str(demo / "sft"), str(saved)]).ref == str(demo / "sft")  # a child of it
+    import torch
+
+    pair, source = Pair.open(str(saved), str(demo / "rl-seed1")), Pair.open(str(demo / "sft"), str(demo / "rl-seed1"))
+    for key, (n, _) in pair.names.items():  # attention from the tune, the rest the parent's, bit for bit
+        want = source.theta(key)[1 if pair.kind[key] in ("q", "k", "v", "o") else 0]
+        assert torch.equal(want, pair.base.tensor(n)), key
 
 
-def test_importance_page_asks_whether_importance_finds_what_matters(demo, monkeypatch):
+def test_importance_page_asks_whether_importance_finds_what_matters(demo, tmp_path, monkeypatch):
     """Importance → "Does importance find what matters?": two jobs on a click each; the selectors' top-k
     curve beside random and the per-layer Spearman table are what the patch API gives for the same pair."""
-    monkeypatch.setenv("SUBNETSCOPE_JOBS_IN_PROCESS", "1")
+    demo = _fresh_home(demo, tmp_path, monkeypatch)
     at = AppTest.from_file(str(ROOT / "app_pages" / "importance.py"), default_timeout=600)
     at.run()
     assert not at.exception and not at.error, [e.value for e in at.error]
