@@ -156,7 +156,7 @@ selector = None
 if axis == "density":
     from analysis.importance.selectors import SELECTORS
 
-    names = [n for n in SELECTORS if n not in ("random", "diff", "lrp")]
+    names = [n for n, e in SELECTORS.items() if e.granularities[0] == "element" and n not in ("random", "diff", "lrp")]
     url_bound("beh_selector", "magnitude", param="selector", valid=lambda v: v in names)
     selector = c3.selectbox("Selector", names, key="beh_selector")
 try:
@@ -200,7 +200,8 @@ with st.expander("Save this hybrid"):
                                 f"(at the paper's τ = {fmt_tau(PAPER_TOL)}), mask:FILE, selector:NAME:DENSITY")
     alpha = h2.number_input("α", value=1.0, step=0.25, key="beh_alpha")
     rank = int(h3.number_input("Rank (0 = full)", min_value=0, value=0, step=1, key="beh_rank"))
-    name = f"{label_of(tune).replace('/', '-')}-{hashlib.sha256(f'{subset}|{alpha}|{rank}'.encode()).hexdigest()[:8]}"
+    recipe = f"{parent}|{tune}|{subset}|{alpha}|{rank}"  # the parent too: another pair never replaces this hybrid
+    name = f"{label_of(tune).replace('/', '-')}-{hashlib.sha256(recipe.encode()).hexdigest()[:8]}"
     out = subnetscope_home() / "hybrids" / name
     try:
         hp = PatchParams(parent, tune, subset=subset, alpha=alpha, rank=rank or None, out=str(out))

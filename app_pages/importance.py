@@ -12,6 +12,7 @@ import pandas as pd
 import streamlit as st
 
 from ui import plots
+from analysis.attribution.prompts import is_demo_tokenizer
 from analysis.checkpoints import fingerprint, open_checkpoint
 from analysis.errors import SubnetscopeError
 from analysis.importance.scores import calibration_length, sample_scores, scores_to_mask, summarize
@@ -236,8 +237,11 @@ st.caption(f"Predicting the update is correlation; this is the causal test. Each
            f"{md_escape(label_of(parent))} gets only its part of the update {md_escape(label_of(parent))} → "
            f"{md_escape(label_of(target))} (weight patching, Behaviour page), beside a random mask of the same "
            "density, and each layer is patched alone to see where the change lives.")
-matters_eval = "kl:demo" if data == "demo" else f"lm:{data}"
-matters = [n for n in chosen if n not in ("random", "lrp")] or ["magnitude"]
+# the KL on the demo's held-out prompts for a model of the demo family, else the LM loss on the calibration data
+matters_eval = "kl:demo" if is_demo_tokenizer(open_checkpoint(parent, local_only=True).path) else \
+    f"lm:{data}"
+matters = [n for n in chosen if SELECTORS[n].granularities[0] == "element" and n not in ("random", "diff", "lrp")] \
+    or ["magnitude"]
 try:
     # two background jobs (a button each): dozens of patched evaluations never run inside the page's rerun
     curve = work.job("patch", PatchParams(parent, target, eval=(matters_eval,), sweep="density",
@@ -263,8 +267,9 @@ if by_layer is not None and by_layer.get("layer_agreement"):
     right.plotly_chart(plots.estimated_vs_measured(agreement[0], [r for r in by_layer["attribution"]["by_layer"]
                                                                   if r["layer"] != "other"]), key="imp_matters_layers")
     a = by_layer["attribution"]
-    right.caption(f"The estimate's parts sum to the measured difference within {a['conservation_error']:.1e} "
-                  f"(relative; {a['nodes']} Gauss–Legendre nodes).")
+    if a["conservation_error"] is not None:
+        right.caption(f"The estimate's parts sum to the measured difference within {a['conservation_error']:.1e} "
+                      f"(relative; {a['nodes']} Gauss–Legendre nodes).")
     table = pd.DataFrame([{"selector": SELECTORS[r["selector"]].label if r["selector"] in SELECTORS else r["selector"],
                            "Spearman ρ with the measured per-layer effects": r["spearman"]} for r in agreement])
     tables.show(st, table)

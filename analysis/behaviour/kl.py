@@ -196,7 +196,11 @@ def behaviour(base_ref: str, tuned_ref: str, prompts: list[str], *, top: int = 1
     from analysis.checkpoints import align, open_checkpoint
     from analysis.checkpoints.models import load_model, resolve_device
 
-    align([open_checkpoint(base_ref), open_checkpoint(tuned_ref)])  # another architecture: one line, no model run
+    al = align([open_checkpoint(base_ref), open_checkpoint(tuned_ref)])  # another architecture: one line, no model
+    if al.resized:
+        r = al.resized[0]
+        raise PromptsError(f"{tuned_ref}: its vocabulary was resized from {base_ref}'s ({r['key']}: "
+                           f"{' vs '.join(map(str, r['shapes']))}); KL needs one vocabulary")
     dev = resolve_device(device)
     half = dev.type == "cuda"
     keep = both_fit(base_ref, tuned_ref, dtype_bytes=2 if half else 4, device=dev.type) if keep_both is None \
@@ -205,10 +209,8 @@ def behaviour(base_ref: str, tuned_ref: str, prompts: list[str], *, top: int = 1
     dtype = torch.bfloat16 if half else torch.float32
     base, tokenizer = load_model(base_ref, device=dev, dtype=dtype)
     if tokenizer is None:  # the tune's tokenizer then (a base saved without one)
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(open_checkpoint(tuned_ref).path) if \
-            _has_tokenizer(tuned_ref) else None
+        if _has_tokenizer(tuned_ref):
+            tokenizer = _load_tokenizer(tuned_ref)
     ids = encode(tokenizer, prompts)
     pad = pad_id(tokenizer)
     groups = batches(ids, base.config.get_text_config().vocab_size)
@@ -243,6 +245,20 @@ def behaviour(base_ref: str, tuned_ref: str, prompts: list[str], *, top: int = 1
     return {"schema": "subnetscope.behaviour/1", "base": str(base_ref), "tuned": str(tuned_ref),
             "device": str(dev), "both_in_memory": bool(keep), "top": top, "prompts": out_rows, **summary,
             "seconds": time.perf_counter() - t0}
+
+
+def _load_tokenizer(ref: str):
+    from transformers import AutoTokenizer
+
+    from analysis.checkpoints import open_checkpoint
+    from analysis.checkpoints.models import ModelLoadError
+    from analysis.errors import one_line
+
+    path = open_checkpoint(ref).path
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # transformers raises many types: one line
+        raise ModelLoadError(f"{path}: the tokenizer cannot be loaded: {type(e).__name__}: {one_line(e)}") from None
 
 
 def _has_tokenizer(ref: str) -> bool:

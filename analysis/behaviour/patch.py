@@ -365,9 +365,24 @@ class Patcher:
         self.model, self.pair = model, pair
         params = dict(model.named_parameters(remove_duplicate=False))
         by_key = {normalize_name(n): p for n, p in params.items()}
-        self.params = {k: by_key[k] for k in pair.shapes if k in by_key}
+        self.params: dict = {}
+        self.aliased: list[str] = []  # a second name of one parameter (tied embeddings): patched through the first
+        seen: set[int] = set()
+        for k in pair.shapes:
+            p = by_key.get(k)
+            if p is None:
+                continue
+            if id(p) in seen:
+                self.aliased.append(k)
+                continue
+            seen.add(id(p))
+            self.params[k] = p
         self.not_in_model = [k for k in pair.shapes if k not in by_key]
-        self.touched: set[str] = set()
+        moved = [k for k in self.not_in_model if not torch.equal(*pair.theta(k))]
+        if moved:  # an update the model would not see: every recovered gain would be biased
+            raise PatchError(f"{pair.tuned.ref}: {moved[0]} changed but is no parameter of the loaded model "
+                             f"({len(moved)} such tensor(s)); the patch cannot apply it")
+        self.touched: dict[str, None] = {}  # ordered: undo writes back in the order patched
         self._svd: dict = {}
 
     def _theta0(self, key: str) -> torch.Tensor:
@@ -394,13 +409,15 @@ class Patcher:
                 svd = None
                 block = is_block_matrix(self.pair, k)
                 if rank is not None and block and tag is not None:
+                    if self._svd.get("_selection", {}).get(tag) is not sel:  # another selection: its own SVDs
+                        self._svd = {"_selection": {**self._svd.get("_selection", {}), tag: sel}}
                     svd = self._svd.get((tag, k))
                     if svd is None:
                         d = t1.float() - t0.float()
                         svd = self._svd[(tag, k)] = torch.linalg.svd(d if m is True else d * m, full_matrices=False)
                 p.copy_(patched(t0, t1, m, alpha=alpha, rank=rank, block_matrix=block, svd=svd)
                         .to(device=p.device, dtype=p.dtype))
-                self.touched.add(k)
+                self.touched[k] = None
 
 
 # ---------------------------------------------------------------------------- to a directory
@@ -466,8 +483,10 @@ def write_patched(pair: Pair, sel: Selection, out, *, alpha: float = 1.0, rank: 
                         progress(done, total, n)
             files.append(target.name)
             size += target.stat().st_size
-        if len(files) > 1:
-            shard_index(tmp, {n: Path(tuned.tensors[n].file).name for n in tuned.tensors}, size)
+        if len(files) > 1 or files != ["model.safetensors"]:  # a one-shard index too: the loader looks for it
+            shard_index(tmp, {n: Path(tuned.tensors[n].file).name for n in tuned.tensors},
+                        sum(tuned.tensors[n].numel * torch.empty((), dtype=getattr(torch, tuned.tensors[n].dtype))
+                            .element_size() for n in tuned.tensors))
         for extra in sorted(Path(tuned.path).iterdir()):  # config, generation config, tokenizer files
             if extra.is_file() and extra.suffix in (".json", ".txt", ".model", ".jinja") \
                     and not extra.name.endswith(".index.json") and not extra.name.startswith("."):

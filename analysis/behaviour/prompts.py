@@ -31,7 +31,8 @@ def parse_prompts(text: str, *, jsonl: bool, where: str) -> list[str]:
             no prompt at all, or more than :data:`MAX_PROMPTS`.
     """
     out: list[str] = []
-    for n, line in enumerate(text.splitlines(), 1):
+    for n, line in enumerate(text.split("\n"), 1):  # only \n ends a line (a JSON string may hold U+2028)
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         if jsonl:
@@ -66,7 +67,7 @@ def read_prompts(path: str) -> list[str]:
     if p.suffix.lower() not in (".txt", ".jsonl"):
         raise PromptsError(f"{path}: a prompts file is .txt (one per line) or .jsonl (a 'prompt' field per line)")
     try:
-        text = p.read_bytes().decode("utf-8")
+        text = p.read_bytes().decode("utf-8-sig")  # a byte-order mark is not part of line 1
     except FileNotFoundError:
         raise PromptsError(f"{path}: no such file") from None
     except IsADirectoryError:

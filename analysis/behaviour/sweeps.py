@@ -141,6 +141,12 @@ def layer_agreement(model, selectors: list[str], batches, measured: dict[int, fl
     from analysis.importance.scores import aggregate, compute_scores
     from analysis.importance.selectors import get_selector
 
+    import math
+
+    def rho(a, b):
+        r = spearman_rho(a, b) if len(layers) > 1 else None
+        return None if r is None or not math.isfinite(r) else r  # a constant side has no rank correlation
+
     layers = sorted(L for L, v in measured.items() if v is not None)
     effect = torch.tensor([measured[L] for L in layers], dtype=torch.float64)
     rows = []
@@ -150,11 +156,9 @@ def layer_agreement(model, selectors: list[str], batches, measured: dict[int, fl
         per = aggregate(s, "layer").values.double()
         scores = [float(per[L]) for L in layers]
         rows.append({"selector": name, "per_layer": scores,
-                     "spearman": spearman_rho(torch.tensor(scores, dtype=torch.float64), effect)
-                     if len(layers) > 1 else None})
+                     "spearman": rho(torch.tensor(scores, dtype=torch.float64), effect)})
     if estimated:
         est = [estimated.get(L, 0.0) for L in layers]
         rows.append({"selector": "weight IG (estimated)", "per_layer": est,
-                     "spearman": spearman_rho(torch.tensor(est, dtype=torch.float64), effect)
-                     if len(layers) > 1 else None})
+                     "spearman": rho(torch.tensor(est, dtype=torch.float64), effect)})
     return [{"layers": layers, "measured": [measured[L] for L in layers], **r} for r in rows]

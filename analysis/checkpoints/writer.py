@@ -19,11 +19,9 @@ from pathlib import Path
 
 import torch
 
-DTYPES = {  # torch dtype name -> safetensors dtype
-    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64", "int32": "I32",
-    "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL", "float8_e4m3fn": "F8_E4M3",
-    "float8_e5m2": "F8_E5M2",
-}
+from analysis.checkpoints.safetensors_header import ST_NAME
+
+DTYPES = {torch_name: st for st, torch_name in ST_NAME.items()}  # torch dtype name -> safetensors dtype
 
 
 class SafetensorsWriter:
@@ -36,6 +34,8 @@ class SafetensorsWriter:
         header: dict = {"__metadata__": dict(metadata)} if metadata else {}
         off = 0
         for name, dtype, shape in self.entries:
+            if dtype not in DTYPES:
+                raise ValueError(f"{self.path}: {name} is {dtype}, which safetensors does not store")
             size = math.prod(shape) * torch.empty((), dtype=getattr(torch, dtype)).element_size()
             header[name] = {"dtype": DTYPES[dtype], "shape": list(shape), "data_offsets": [off, off + size]}
             off += size
@@ -73,7 +73,8 @@ class SafetensorsWriter:
 
 
 def shard_index(folder: Path, weight_map: dict[str, str], total_bytes: int) -> Path:
-    """``model.safetensors.index.json`` of a sharded directory (the transformers convention)."""
+    """``model.safetensors.index.json`` of a sharded directory (the transformers convention; ``total_bytes``
+    counts the tensors' bytes)."""
     p = Path(folder) / "model.safetensors.index.json"
     p.write_text(json.dumps({"metadata": {"total_size": total_bytes}, "weight_map": weight_map}, indent=1))
     return p

@@ -57,8 +57,11 @@ class PatchParams:
         parse_subset(self.subset)
         object.__setattr__(self, "alpha", check_alpha(self.alpha))
         check_rank(self.rank)
-        for e in self.eval or ():
-            parse_eval(e)
+        kinds = [parse_eval(e).what for e in self.eval or ()]
+        for k in set(kinds):
+            if kinds.count(k) > 1:
+                raise PatchError(f"--eval {k}: given {kinds.count(k)} times; each kind of evaluation once (their "
+                                 "metrics share names)")
         if self.sweep and not self.eval:
             raise PatchError(f"--sweep {self.sweep} needs an --eval to score each row")
         if self.attribute and not (self.eval and parse_eval(self.eval[0]).what in ("kl", "lm")):
@@ -69,9 +72,11 @@ class PatchParams:
             raise PatchError(f"--samples must be at least 1, got {self.samples}")
         from analysis.importance.selectors import SELECTORS
 
+        usable = [n for n, e in SELECTORS.items() if e.granularities[0] == "element" and n != "diff"]
         for s in self.selector or ():
-            if s not in SELECTORS:
-                raise PatchError(f"--selector {s!r}: unknown; one of {', '.join(SELECTORS)}")
+            if s not in usable:
+                raise PatchError(f"--selector {s!r}: a sweep needs a selector of element scores; one of "
+                                 f"{', '.join(usable)}")
 
     @property
     def files(self) -> list[str]:
@@ -114,7 +119,10 @@ def run(p: PatchParams, progress) -> dict:
         from analysis.io import check_output_dir
         from analysis.specs.common import inputs_of
 
-        check_output_dir(p.out, inputs_of([p.base, p.tuned]), ours=is_patch_dir)
+        inputs = inputs_of([p.base, p.tuned])
+        for f in p.files:
+            inputs.add(f)
+        check_output_dir(p.out, inputs, ours=is_patch_dir)
     subset = parse_subset(p.subset)
     pair = Pair.open(p.base, p.tuned)
     specs = [parse_eval(e) for e in p.eval or ()]
@@ -127,7 +135,7 @@ def run(p: PatchParams, progress) -> dict:
         # on a GPU, bf16 weights when the tune stores bf16 (each patched tensor is computed in its stored dtype,
         # so nothing is rounded twice); float32 otherwise and on the CPU
         stored = {t.dtype for t in pair.tuned.tensors.values()}
-        bf16 = resolve_device(p.device).type == "cuda" and stored == {"bfloat16"}
+        bf16 = resolve_device(p.device).type == "cuda" and stored == {"bfloat16"} and not p.attribute
         model, tokenizer = load_model(p.base, device=p.device, dtype=torch.bfloat16 if bf16 else torch.float32)
         patcher = Patcher(model, pair)
     batches = _calibration(p, tokenizer, [subset.selector]) if subset.needs_model else None
@@ -192,7 +200,7 @@ def report(p: PatchParams, d: dict) -> None:
     a = d.get("attribution")
     if a:
         print(f"  weight IG of {a['metric']}: parts sum to {a['total']:.4g} of the measured {a['measured']:.4g} "
-              f"(conservation error {a['conservation_error']:.2e}, {a['nodes']} Gauss–Legendre nodes)")
+              f"(conservation error {_fmt(a['conservation_error'])}, {a['nodes']} Gauss–Legendre nodes)")
         print("  by layer: " + ", ".join(f"{r['layer']}: {_fmt(r['share'])}" for r in a["by_layer"]))
         print("  by kind: " + ", ".join(f"{r['kind']}: {_fmt(r['share'])}" for r in a["by_kind"]))
     for r in d.get("layer_agreement", []):
@@ -214,4 +222,4 @@ def _cost(p: PatchParams) -> int:
 
 SPEC = Spec("patch", "apply part of TUNED's update to BASE and measure how much of its behaviour comes back",
             PatchParams, run, report, refs=lambda p: [p.base, p.tuned], cost=_cost, data=lambda p: p.files,
-            loads_model=True, result=PatchResult)
+            loads_model=True, result=PatchResult)  # data: the files it reads, besides p.data (a dataset name)

@@ -196,6 +196,8 @@ def test_a_sweep_of_layers_restores_the_base_between_rows(tmp_path):
     (["--alpha", "inf"], "--alpha must be a finite number"),
     (["--eval", "accuracy"], "unknown evaluation"),
     (["--sweep", "layers"], "needs an --eval"),
+    (["--eval", "kl:a.txt", "--eval", "kl:b.txt"], "given 2 times"),
+    (["--eval", "demo", "--sweep", "density", "--selector", "block_influence"], "selector of element scores"),
 ])
 def test_bad_patch_input_is_one_line_and_exit_2(tmp_path, capsys, argv, words):
     from analysis.__main__ import main
@@ -307,6 +309,7 @@ def test_weight_space_ig_sums_to_the_measured_difference(tmp_path, ev):
     pair = Pair.open(base, tuned)
     model, tok = load_model(base, device="cpu")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    grad_before = {n: p.requires_grad for n, p in model.named_parameters()}
     patcher = Patcher(model, pair)
     evaluator = Evaluator(patcher, tok, [parse_eval(f"{ev}:{f}")])
     tuned_m, base_m = evaluator.references()
@@ -319,7 +322,7 @@ def test_weight_space_ig_sums_to_the_measured_difference(tmp_path, ev):
     layers = {r["layer"]: abs(r["attribution"]) for r in a["by_layer"]}
     assert layers[0] > layers[1]
     for n, p in model.named_parameters():
-        assert torch.equal(p, before[n]) and not p.requires_grad, n
+        assert torch.equal(p, before[n]) and p.requires_grad == grad_before[n] and p.grad is None, n
 
 
 def test_attribute_needs_a_differentiable_evaluation(tmp_path, capsys):
@@ -348,3 +351,29 @@ def test_behaviour_and_a_sweep_on_cuda_match_the_cpu(tmp_path):
     rows = [spec.run(spec.params(base, tuned, eval=(f"kl:{f}",), sweep="layers", device=d), None)["rows"]
             for d in ("cpu", "cuda")]
     assert [r["recovered"] for r in rows[1]] == pytest.approx([r["recovered"] for r in rows[0]], abs=0.05)
+
+
+def test_a_jsonl_prompt_may_hold_a_line_separator_and_a_file_a_byte_order_mark(tmp_path):
+    from analysis.behaviour.prompts import read_prompts
+
+    f = tmp_path / "p.jsonl"
+    f.write_bytes("\ufeff".encode() + json.dumps({"prompt": "a\u2028b"}, ensure_ascii=False).encode() + b"\r\n")
+    assert read_prompts(str(f)) == ["a\u2028b"]
+
+
+def test_a_rank_patch_of_another_selection_computes_its_own_svd(tmp_path):
+    """The SVD cache belongs to one selection: the same tag with another selection recomputes."""
+    from analysis.checkpoints.models import load_model
+
+    base, tuned = _pair(tmp_path)
+    pair = Pair.open(base, tuned)
+    model, _ = load_model(base, device="cpu")
+    patcher = Patcher(model, pair)
+    k = "layers.0.mlp.up_proj.weight"
+    half = torch.zeros(pair.shapes[k], dtype=torch.bool)
+    half[:, :10] = True
+    patcher.apply({k: True}, rank=1, tag="subset")
+    patcher.apply({k: half}, rank=1, tag="subset")
+    t0, t1 = pair.theta(k)
+    want = patched(t0, t1, half, rank=1, block_matrix=True)
+    assert torch.equal(patcher.params[k].detach(), want.float())
