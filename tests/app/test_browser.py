@@ -302,6 +302,10 @@ def test_behaviour_page_in_chromium(app_url, browser_page):
     recovered gains drawn (every chart's plot area, colour ranges and reading checked by _open)."""
     values = _open(browser_page, app_url + "/behaviour", "behaviour-page.png")
     assert values[0].endswith("nats") and values[2] == "256"
+    browser_page.locator(".js-plotly-plot").nth(1).wait_for(timeout=120_000)  # the sweep, computed after the KL
+    browser_page.wait_for_timeout(1500)
+    assert check_charts(browser_page, "behaviour-page.png") >= 2
+    check_reading(browser_page, "behaviour-page.png")
     text = browser_page.inner_text("body")
     assert "Rose most often" in text and "Which part of the update carries it" in text
     assert browser_page.locator(".js-plotly-plot").count() >= 2  # the KL distribution, the recovered gains
