@@ -153,11 +153,23 @@ def test_two_runs_into_one_directory_at_once(sft, tmp_path):
 
     from conftest import ROOT
 
+    import time
+
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "analysis", "finetune", str(sft), *FT, "--steps", "3", "--out", str(out)]
-    procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
-    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    cmd = [sys.executable, "-m", "analysis", "finetune", str(sft), *FT, "--steps", "150", "--eval-every", "1000",
+           "--out", str(out)]
+    # The second starts once the first is training (started together, a slow machine can let the first
+    # finish before the second looks, and then a finished run of ours is rightly trained again).
+    first = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and first.poll() is None:
+        summary = out / "summary.json"
+        if summary.exists() and '"running"' in summary.read_text():
+            break
+        time.sleep(0.05)
+    assert first.poll() is None, "the first run ended before it was seen training"
+    second = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in (first, second)]
     codes = sorted(r for r, _ in results)
     assert codes == [0, 2], results
     refused = next(err for r, err in results if r == 2)
