@@ -23,6 +23,14 @@ Undefined ratios are None, never a division by zero: o1 when run a changed nothi
 (|I_a| = 0), o2 likewise for b, Jaccard when neither did; every pair row carries a ``note``
 saying which and why (None when all are defined). A set of runs with nothing comparable (every
 aligned tensor skipped or empty) is a one-line SubnetscopeError.
+
+Runs as vectors, in the same pass (docs/design.md §16; the task-vector analyses of model merging:
+fusion_bench's task-vector cosine, TIES's sign election, arXiv 2306.01708): with Δ_k = θ_k − θ⁰ over
+the floating-point elements whose values are finite in θ⁰ and both runs, the cosine of runs a and b is
+⟨Δ_a, Δ_b⟩ / (‖Δ_a‖ ‖Δ_b‖) in float64 (None when either update is zero); the sign agreement is the
+fraction of the elements both changed at τ where sign Δ_a = sign Δ_b (chance 0.5; None when they share
+no changed element); per tensor, each run's relative update norm ‖Δ_k‖ / ‖θ⁰‖ (None when θ⁰ is zero).
+Integer / packed tensors have codes, not coordinates, and stay out of the vectors.
 """
 
 from __future__ import annotations
@@ -38,7 +46,7 @@ from analysis.definitions import PAPER_TOL
 from analysis.errors import SubnetscopeError
 from analysis.checkpoints.tensor_map import map_aligned
 from kernels.diff_stats import (EXACT_BITS, MAX_CODED_RUNS, TOLERANCE, Incomparable, changed_mask, comparison,
-                                overlap_counts)
+                                overlap_counts, vector_sums)
 
 SCHEMA = "subnetscope.overlap/1"
 
@@ -52,12 +60,25 @@ class _Acc:
     changed: np.ndarray = None  # [N] |I_k|
     inter: np.ndarray = None  # [N, N] |I_a ∩ I_b|
     matched: np.ndarray = None  # [N, N] Σ_s c_as c_bs / n_s
+    dots: np.ndarray = None  # [N, N] ⟨Δ_a, Δ_b⟩ (float64)
+    agree: np.ndarray = None  # [N, N] both changed at τ with the same sign
+    both: np.ndarray = None  # [N, N] both changed at τ, among the vector (floating) elements
 
     def __post_init__(self):
         N = self.n_runs
         self.changed = np.zeros(N, np.int64)
         self.inter = np.zeros((N, N), np.int64)
         self.matched = np.zeros((N, N), np.float64)
+        self.dots = np.zeros((N, N), np.float64)
+        self.agree = np.zeros((N, N), np.int64)
+        self.both = np.zeros((N, N), np.int64)
+
+    def vectors(self, a: int, b: int) -> dict:
+        """Cosine and sign agreement of runs a and b over this group (None where undefined)."""
+        na, nb = self.dots[a, a], self.dots[b, b]
+        cos = float(self.dots[a, b] / np.sqrt(na * nb)) if na > 0 and nb > 0 else None
+        return {"cosine": cos, "sign_agreement": _div(int(self.agree[a, b]), int(self.both[a, b])),
+                "sign_agreement_random": 0.5}
 
 
 @dataclass
@@ -71,6 +92,7 @@ class OverlapResult:
     consensus: list[int]  # [N+1]: elements changed by exactly k runs
     skipped: list[dict] = field(default_factory=list)
     exact_bits_numel: int = 0  # elements (of total.numel) compared by exact bits
+    norms: list[dict] = field(default_factory=list)  # per tensor: name, relative ‖Δ_k‖ / ‖θ⁰‖ per run
 
     def pairs(self, acc: _Acc | None = None) -> list[dict]:
         """Every pair (a < b) with the paper's fields and the magnitude-matched baseline.
@@ -95,7 +117,11 @@ class OverlapResult:
                     "jaccard": _div(i, union),
                     "jaccard_random": None if n == 0 else _div(da * db, da + db - da * db),
                     "note": self._note(a, b, ca, cb, n),
+                    "runs": [a, b], **acc.vectors(a, b),
                 })
+                if acc is self.total:
+                    out[-1]["by_layer"] = [{"layer": L, **g.vectors(a, b)} for L, g in sorted(self.layers.items())]
+                    out[-1]["by_kind"] = [{"kind": k, **g.vectors(a, b)} for k, g in self.kinds.items()]
         return out
 
     def _note(self, a: int, b: int, ca: int, cb: int, n: int) -> str | None:
@@ -124,6 +150,7 @@ class OverlapResult:
             "layers": [{"layer": L, "numel": acc.numel, "pairs": self.pairs(acc)}
                        for L, acc in sorted(self.layers.items())],
             "kinds": [{"kind": k, "numel": acc.numel, "pairs": self.pairs(acc)} for k, acc in self.kinds.items()],
+            "relative_norms": self.norms,
             "skipped": self.skipped,
         }
 
@@ -166,12 +193,13 @@ def overlap(base: str | Checkpoint, tuned: list[str | Checkpoint], *, tol: float
                for m in al.missing]
     skipped += [{"name": m["key"], "reason": "shapes " + str(m["shapes"])} for m in al.mismatched]
     done = exact = 0
+    norms: list[dict] = []
     for at, res in map_aligned(cks, al, _overlap_tensor, float(tol), ray=ray, should_stop=should_stop,
                                what="overlap"):
         if isinstance(res, str):  # incomparable dtypes: the reason
             skipped.append({"name": at.key, "reason": res})
             continue
-        n, changed, inter, matched, cons, is_exact = res
+        n, changed, inter, matched, cons, is_exact, vec = res
         if is_exact:
             exact += n
         consensus += cons
@@ -184,11 +212,19 @@ def overlap(base: str | Checkpoint, tuned: list[str | Checkpoint], *, tol: float
             acc.changed += changed
             acc.inter += inter
             acc.matched += matched
+            if vec is not None:
+                acc.dots += vec[0]
+                acc.agree += vec[2]
+                acc.both += vec[3]
+        if vec is not None:
+            b2 = vec[1]
+            norms.append({"name": at.key, "relative": [float(np.sqrt(vec[0][k, k] / b2)) if b2 > 0 else None
+                                                       for k in range(N)]})
         done += at.numel
         if progress is not None:
             progress(done, al.compared_params, at.key)
     res = OverlapResult(str(cks[0].ref), [str(c.ref) for c in cks[1:]], float(tol), total, layers, kinds,
-                        consensus.tolist(), skipped, exact)
+                        consensus.tolist(), skipped, exact, norms)
     if total.numel == 0:
         first = f" (first skipped: {skipped[0]['name']}: {skipped[0]['reason']})" if skipped else ""
         raise SubnetscopeError(f"nothing to compare: of {len(al.tensors)} tensor(s) aligned across {res.base} and "
@@ -204,7 +240,8 @@ def _overlap_tensor(at, values, tol: float):
         kinds_of = {comparison(x.dtype, y.dtype) for y in ys}
     except Incomparable as e:
         return str(e)
-    return (*_tensor_counts(x, ys, tol, EXACT_BITS in kinds_of), EXACT_BITS in kinds_of)
+    exact = EXACT_BITS in kinds_of
+    return (*_tensor_counts(x, ys, tol, exact), exact, None if exact else vector_sums(x, ys, tol))
 
 
 def _tensor_counts(x: torch.Tensor, ys: list[torch.Tensor], tol: float, exact: bool):

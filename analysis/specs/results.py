@@ -84,6 +84,7 @@ class OverlapResult(TypedDict):
     consensus: list[int]
     layers: Rows
     kinds: Rows
+    relative_norms: Rows  # per tensor: name, ‖Δ_k‖ / ‖θ⁰‖ per run
     skipped: Rows
 
 

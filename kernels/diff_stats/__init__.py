@@ -65,7 +65,7 @@ from kernels.diff_stats.reference import (special_stats, diff_stats_reference, o
 __all__ = ["DECADES", "EDGES", "EDGES32", "EXACT_BITS", "MAX_CODED_RUNS", "N_BINS", "PER_DECADE", "TOLERANCE",
            "DiffStats", "Incomparable", "changed_mask", "comparison", "diff_stats", "diff_stats_cpu", "merge_stats",
            "diff_stats_reference", "dtype_class", "f32_floor", "overlap_counts", "overlap_counts_reference",
-           "stored_bits"]
+           "stored_bits", "vector_sums"]
 
 
 # ------------------------------------------------------------------ CPU: fused numba loop
@@ -229,6 +229,77 @@ def overlap_counts(base: torch.Tensor, tuned: list[torch.Tensor], tol: float) ->
 
     overlap_loop(arr(base), tuple(arr(t) for t in tuned), f32_floor(tol), hist)
     return hist.sum(0)
+
+
+@_torch_threads_kept
+def vector_sums(base: torch.Tensor, tuned: list[torch.Tensor], tol: float):
+    """The N fine-tunes of one floating tensor as update vectors Δ_k = θ_k − θ⁰, in float64 over the
+    elements finite in the base and every fine-tune: ⟨Δ_a, Δ_b⟩ [N, N], ‖θ⁰‖², and [N, N] counts of the
+    elements both a and b changed at τ (:func:`changed_mask`'s rule) with the same sign, and in all.
+    On CPU, for fine-tunes stored like the base in bf16, fp16 or fp32, the numba loop reads them as
+    stored; otherwise torch in blocks of ``VECTOR_BLOCK`` elements.
+
+    Returns:
+        tuple: (dots [N, N] float64, base_sq float, agree [N, N] int64, both [N, N] int64).
+    """
+    N = len(tuned)
+    fast = (not base.is_cuda and base.numel() > 0 and base.dtype in (torch.bfloat16, torch.float16, torch.float32)
+            and all(t.dtype == base.dtype for t in tuned))
+    if fast:
+        try:
+            import numba
+
+            from kernels.diff_stats.numba_loop import vector_loop
+        except ImportError:
+            fast = False
+    if not fast:
+        return vector_sums_reference(base, tuned, tol)
+    R, C = base.shape if base.dim() == 2 else (1, base.numel())
+    if base.dim() != 2 and C > 4096:
+        R, C = _fold(base.numel())
+    nb = max(1, min(numba.get_num_threads(), R))
+    dots, b2 = np.zeros((nb, N, N)), np.zeros(nb)
+    agree, both = np.zeros((nb, N, N), np.int64), np.zeros((nb, N, N), np.int64)
+
+    def arr(x):
+        x = x.detach().contiguous()
+        if x.dtype == torch.bfloat16:
+            return _np_bits16(x).reshape(R, C)
+        if x.dtype == torch.float16:
+            return x.view(torch.int16).numpy().reshape(R, C)
+        return x.numpy().reshape(R, C)
+
+    vector_loop(arr(base), tuple(arr(t) for t in tuned), f32_floor(tol), dots, b2, agree, both)
+    sym = [np.triu(m.sum(0)) + np.triu(m.sum(0), 1).T for m in (dots, agree, both)]
+    return sym[0], float(b2.sum()), sym[1], sym[2]
+
+
+VECTOR_BLOCK = 1 << 22  # elements per float64 block of the torch path: N + 1 blocks of 32 MiB at a time
+
+
+def vector_sums_reference(base: torch.Tensor, tuned: list[torch.Tensor], tol: float):
+    """:func:`vector_sums` in torch, in blocks (any floating dtype and device)."""
+    N = len(tuned)
+    dots, agree, both = np.zeros((N, N)), np.zeros((N, N), np.int64), np.zeros((N, N), np.int64)
+    b2 = 0.0
+    xf, yf = base.reshape(-1), [y.reshape(-1) for y in tuned]
+    for i in range(0, xf.numel(), VECTOR_BLOCK):
+        xb = xf[i:i + VECTOR_BLOCK].double()
+        yb = [y[i:i + VECTOR_BLOCK].double() for y in yf]
+        finite = torch.isfinite(xb)
+        for y in yb:
+            finite &= torch.isfinite(y)
+        d = torch.stack([torch.where(finite, y - xb, 0.0) for y in yb])  # [N, n]
+        dots += (d @ d.T).cpu().numpy()
+        b2 += float(torch.where(finite, xb, 0.0).square().sum())
+        m = torch.stack([changed_mask(xf[i:i + VECTOR_BLOCK], y[i:i + VECTOR_BLOCK], tol) for y in yf]) & finite
+        pos = d > 0
+        for a in range(N):
+            for c in range(a, N):
+                mb = m[a] & m[c]
+                both[a, c] = both[c, a] = both[a, c] + int(mb.sum())
+                agree[a, c] = agree[c, a] = agree[a, c] + int((mb & (pos[a] == pos[c])).sum())
+    return dots, b2, agree, both
 
 
 def diff_stats(base: torch.Tensor, tuned: torch.Tensor, tol: float, *, with_mask: bool = False,

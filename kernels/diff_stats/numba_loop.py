@@ -178,3 +178,60 @@ def overlap_loop(bs, ts, tol32, hist):
                     key[c] |= np.int32((_raw(x) != _raw(y)) & (not d <= tol32)) << k
             for c in range(C):
                 h[key[c]] += 1
+
+
+@numba.njit(parallel=True, nogil=True, cache=True)
+def vector_loop(bs, ts, tol32, dots, b2, agree, both):
+    """The runs as vectors over the same base [R, C] and N fine-tunes (``overlap_loop``'s storage): per
+    block of rows, in float64 over the elements finite in the base and every fine-tune, Δ_k = θ_k − θ⁰,
+    ``dots[block, a, b]`` += Δ_a Δ_b, ``b2[block]`` += θ⁰², and, among the elements both a and b changed
+    at τ (``overlap_loop``'s rule), ``both[block, a, b]`` += 1 and ``agree[block, a, b]`` += 1 where
+    sign Δ_a = sign Δ_b. Row by row in branch-free loops over the columns (they vectorize): Δ with
+    non-finite elements zeroed, and per run a code 0 (unchanged or not finite), 1 (changed, Δ < 0) or
+    2 (changed, Δ > 0)."""
+    R, C = bs.shape
+    nb = dots.shape[0]
+    N = len(ts)
+    for blk in numba.prange(nb):
+        d = np.empty((N, C), np.float64)
+        code = np.empty((N, C), np.int8)
+        fin = np.empty(C, np.bool_)
+        xv = np.empty(C, np.float64)
+        for r in range(blk * R // nb, (blk + 1) * R // nb):
+            for c in range(C):
+                v = np.float64(_value(bs[r, c]))
+                xv[c] = v
+                fin[c] = np.isfinite(v)
+            for k in range(N):
+                t = ts[k]
+                for c in range(C):
+                    y = np.float64(_value(t[r, c]))
+                    fin[c] &= np.isfinite(y)
+                    d[k, c] = y - xv[c]
+            s2 = 0.0
+            for c in range(C):
+                s2 += xv[c] * xv[c] if fin[c] else 0.0
+            b2[blk] += s2
+            for k in range(N):
+                t = ts[k]
+                for c in range(C):
+                    x = bs[r, c]
+                    y = t[r, c]
+                    dk = d[k, c] if fin[c] else 0.0
+                    d[k, c] = dk
+                    chg = fin[c] & (_raw(x) != _raw(y)) & (not np.float32(abs(dk)) <= tol32)
+                    code[k, c] = np.int8(chg) * (np.int8(1) + np.int8(dk > 0))
+            for a in range(N):
+                for b in range(a, N):
+                    sd = 0.0
+                    nboth = 0
+                    nagree = 0
+                    for c in range(C):
+                        sd += d[a, c] * d[b, c]
+                        ca = code[a, c]
+                        cb = code[b, c]
+                        nboth += (ca != 0) & (cb != 0)
+                        nagree += (ca != 0) & (ca == cb)
+                    dots[blk, a, b] += sd
+                    both[blk, a, b] += nboth
+                    agree[blk, a, b] += nagree
