@@ -82,4 +82,16 @@ if r["layers"]:
     left.plotly_chart(plots.overlap_by_layer(r["layers"], i), key="by_layer")
 right.plotly_chart(plots.consensus_bar(r["consensus"]), key="consensus")
 right.caption(f"{r['total_params']:,} elements compared; k = 0 are unchanged by every run.")
+
+if all("cosine" in p for p in r["pairs"]):
+    st.subheader("Runs as vectors")
+    st.markdown("With Δ = θ_run − θ_base: the **cosine** of two runs' updates (1: the same direction, 0: "
+                "orthogonal, −1: opposite), and the **sign agreement** on the elements both changed at τ "
+                "(0.5 by chance; the sign election of TIES merging, arXiv 2306.01708). Float64, one pass with "
+                "the counts above (docs/design.md §16).")
+    vec = pd.DataFrame([{"a": labels[p["a"]], "b": labels[p["b"]], "cosine": p["cosine"],
+                         "sign_agreement": p["sign_agreement"], "sign_agreement_random": 0.5} for p in r["pairs"]])
+    tables.show(st, vec)
+    j = st.selectbox("Pair ", range(len(names)), format_func=lambda k: names[k], key="vector_pair")
+    st.plotly_chart(plots.vectors_by_layer(r["pairs"][j]), key="vectors_by_layer")
 st.download_button("Download JSON", json.dumps(r, indent=1), "overlap.json", "application/json")

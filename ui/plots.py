@@ -299,6 +299,19 @@ def overlap_by_layer(layers: list[dict], pair_index: int) -> go.Figure:
     return _layout(fig, "Overlap o1 by layer", "layer", "o1")
 
 
+def vectors_by_layer(pair: dict) -> go.Figure:
+    """One pair of runs as update vectors, per layer: the cosine of Δ_a and Δ_b and the sign agreement on
+    the elements both changed, against its chance value 0.5 (docs/design.md §16)."""
+    rows = pair.get("by_layer") or []
+    xs = [r["layer"] for r in rows]
+    fig = go.Figure()
+    fig.add_scatter(x=xs, y=[r["cosine"] for r in rows], mode="lines+markers", name="cosine of the updates")
+    fig.add_scatter(x=xs, y=[r["sign_agreement"] for r in rows], mode="lines+markers", name="sign agreement")
+    fig.add_scatter(x=xs, y=[0.5] * len(xs), mode="lines", name="sign agreement by chance", line=dict(dash="dot"))
+    fig.update_yaxes(range=[-1.02, 1.02])
+    return _layout(fig, "Runs as vectors by layer", "layer", "cosine / agreement")
+
+
 def consensus_bar(consensus: list[int]) -> go.Figure:
     """Elements changed by exactly k of the N runs."""
     fig = go.Figure(go.Bar(x=list(range(len(consensus))), y=consensus, marker_color="#756bb1",

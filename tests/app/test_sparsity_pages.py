@@ -127,6 +127,11 @@ def test_overlap_page(family):
     consensus = traces(at.get("plotly_chart")[2].proto.spec)[0]
     assert consensus["y"] == [68_160 - 10, 5, 5]
     assert diff_checkpoints(family["base"], family["r2"]).changed_params == 7
+    vectors = traces(at.get("plotly_chart")[3].proto.spec)  # runs as vectors: the page shows the pass's values
+    by_layer = {q["layer"]: q for q in ref["by_layer"]}
+    assert vectors[0]["y"] == [by_layer[L]["cosine"] for L in vectors[0]["x"]]
+    assert vectors[1]["y"] == [by_layer[L]["sign_agreement"] for L in vectors[1]["x"]]
+    assert ref["cosine"] is not None and -1 <= ref["cosine"] <= 1 and vectors[2]["y"][0] == 0.5
 
 
 def test_overlap_page_needs_two_runs(family):
