@@ -175,6 +175,24 @@ def _fold(n: int) -> tuple[int, int]:
     return 1, n
 
 
+def _rows(base: torch.Tensor) -> tuple[int, int]:
+    """The [R, C] view the loops take: a matrix as it is, anything else as one row or folded."""
+    R, C = base.shape if base.dim() == 2 else (1, base.numel())
+    if base.dim() != 2 and C > 4096:
+        R, C = _fold(base.numel())
+    return R, C
+
+
+def _as_stored(x: torch.Tensor, R: int, C: int) -> np.ndarray:
+    """The tensor's storage as the numba loops read it: bf16 as uint16 bits, fp16 as int16, fp32 itself."""
+    x = x.detach().contiguous()
+    if x.dtype == torch.bfloat16:
+        return _np_bits16(x).reshape(R, C)
+    if x.dtype == torch.float16:
+        return x.view(torch.int16).numpy().reshape(R, C)
+    return x.numpy().reshape(R, C)
+
+
 @_torch_threads_kept
 def overlap_counts(base: torch.Tensor, tuned: list[torch.Tensor], tol: float) -> np.ndarray:
     """:func:`overlap_counts_reference`'s table in one pass over the base and the N fine-tunes when
@@ -213,21 +231,11 @@ def overlap_counts(base: torch.Tensor, tuned: list[torch.Tensor], tol: float) ->
             fast = False
     if not fast:
         return overlap_counts_reference(base, tuned, tol)
-    R, C = base.shape if base.dim() == 2 else (1, base.numel())
-    if base.dim() != 2 and C > 4096:
-        R, C = _fold(base.numel())
+    R, C = _rows(base)
     nb = max(1, min(numba.get_num_threads(), R))
     hist = np.zeros((nb, 256, 1 << N), np.int64)
 
-    def arr(x):
-        x = x.detach().contiguous()
-        if x.dtype == torch.bfloat16:
-            return _np_bits16(x).reshape(R, C)
-        if x.dtype == torch.float16:
-            return x.view(torch.int16).numpy().reshape(R, C)
-        return x.numpy().reshape(R, C)
-
-    overlap_loop(arr(base), tuple(arr(t) for t in tuned), f32_floor(tol), hist)
+    overlap_loop(_as_stored(base, R, C), tuple(_as_stored(t, R, C) for t in tuned), f32_floor(tol), hist)
     return hist.sum(0)
 
 
@@ -254,22 +262,13 @@ def vector_sums(base: torch.Tensor, tuned: list[torch.Tensor], tol: float):
             fast = False
     if not fast:
         return vector_sums_reference(base, tuned, tol)
-    R, C = base.shape if base.dim() == 2 else (1, base.numel())
-    if base.dim() != 2 and C > 4096:
-        R, C = _fold(base.numel())
+    R, C = _rows(base)
     nb = max(1, min(numba.get_num_threads(), R))
     dots, b2 = np.zeros((nb, N, N)), np.zeros(nb)
     agree, both = np.zeros((nb, N, N), np.int64), np.zeros((nb, N, N), np.int64)
 
-    def arr(x):
-        x = x.detach().contiguous()
-        if x.dtype == torch.bfloat16:
-            return _np_bits16(x).reshape(R, C)
-        if x.dtype == torch.float16:
-            return x.view(torch.int16).numpy().reshape(R, C)
-        return x.numpy().reshape(R, C)
-
-    vector_loop(arr(base), tuple(arr(t) for t in tuned), f32_floor(tol), dots, b2, agree, both)
+    stored = [_as_stored(x, R, C) for x in (base, *tuned)]
+    vector_loop(stored[0], tuple(stored[1:]), f32_floor(tol), dots, b2, agree, both)
     sym = [np.triu(m.sum(0)) + np.triu(m.sum(0), 1).T for m in (dots, agree, both)]
     return sym[0], float(b2.sum()), sym[1], sym[2]
 
